@@ -42,6 +42,7 @@ class PathsConfig(_Section):
     checkpoints: Path = Path("models/checkpoints")
     evaluation: Path = Path("reports/evaluation")
     compressed: Path = Path("models/compressed")
+    compression: Path = Path("reports/compression")
     registration: Path = Path("reports/registration")
     promotion: Path = Path("reports/promotion")
     deployment: Path = Path("reports/deployment")

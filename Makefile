@@ -1,0 +1,36 @@
+# Two commands on a fresh machine: `make run` (the whole pipeline on embedded defaults) and `make test`.
+VENV   ?= .venv
+PYTHON ?= python3
+PY     := $(VENV)/bin/python
+# CPU wheel of torch (no CUDA downloads). On a GPU machine: make install TORCH_SPEC="torch" (see README).
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install run test test-fast dvc-repro bench clean-state
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+run: install
+	$(VENV)/bin/langops run
+
+test: install
+	$(PY) -m pytest
+
+test-fast: install
+	$(PY) -m pytest -m "not slow"
+
+dvc-repro: install
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/dvc repro
+
+bench: install
+	$(PY) benchmarks/pipeline_sst2.py
+
+clean-state:
+	-$(VENV)/bin/langops stop
+	rm -rf .langops data/prepared models reports

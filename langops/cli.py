@@ -1,0 +1,159 @@
+"""``langops``: run the whole pipeline, one step (what the DVC stages call), or the model server."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from langops.config import ConfigError, Params, load_params
+
+STEPS = ("prepare", "validate", "train", "evaluate", "compress", "register", "promote", "deploy")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    _quiet_libraries()
+    try:
+        params = load_params(args.params, args.overrides)
+        use_local_state(params)
+        return args.handler(params, args)
+    except ConfigError as exc:
+        print(f"langops: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        from langops.tasks.validate import DataValidationError
+
+        if isinstance(exc, DataValidationError):
+            print(f"langops: {exc}", file=sys.stderr)
+            return 3
+        raise
+
+
+def use_local_state(params: Params) -> None:
+    """Keep Prefect's database and settings under the project's state folder unless told otherwise.
+
+    With no ``PREFECT_API_URL`` Prefect runs flows against a temporary local server whose SQLite
+    database lives in ``PREFECT_HOME``; pointing that at ``.langops/prefect`` keeps all state in one
+    folder. Must run before Prefect is imported.
+    """
+    state = params.project.state_dir
+    state.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PREFECT_HOME", str(state / "prefect"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="langops", description=__doc__)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    common.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a param for this run, e.g. --set train.epochs=2 (repeatable)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", parents=[common], help="run the whole pipeline as a Prefect flow")
+    run.set_defaults(handler=_run)
+
+    for step in STEPS:
+        stage = sub.add_parser(step, parents=[common], help=f"run the {step} step alone (what `dvc repro` calls)")
+        stage.set_defaults(handler=_step, step=step)
+
+    serve = sub.add_parser("serve", parents=[common], help="serve the champion over HTTP (foreground)")
+    serve.add_argument("--host", help="bind address (default: deploy.host, 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default: deploy.port)")
+    serve.add_argument("--alias", default="champion", help="registry alias to follow (default: champion)")
+    serve.add_argument("--model-dir", type=Path, help="serve a compressed model folder instead of the registry")
+    serve.add_argument("--num-threads", type=int, default=None, help="onnxruntime intra-op threads")
+    serve.set_defaults(handler=_serve)
+
+    stop = sub.add_parser("stop", parents=[common], help="stop the background model server started by deploy")
+    stop.set_defaults(handler=_stop)
+    return parser
+
+
+def _run(params: Params, args: argparse.Namespace) -> int:
+    from langops.flows.pipeline import training_pipeline
+
+    started = time.perf_counter()
+    summary = training_pipeline(params_path=str(Path(args.params).resolve()), overrides=list(args.overrides))
+    print(_closing_summary(params, summary, time.perf_counter() - started))
+    return 0
+
+
+def _step(params: Params, args: argparse.Namespace) -> int:
+    from langops import pipeline
+
+    getattr(pipeline, f"run_{args.step}")(params)
+    return 0
+
+
+def _serve(params: Params, args: argparse.Namespace) -> int:
+    from langops.serving.server import ServerSettings, serve
+
+    serve(
+        ServerSettings(
+            tracking_uri=params.tracking_uri(),
+            model_name=params.register.model_name,
+            alias=args.alias,
+            model_dir=args.model_dir,
+            host=args.host or params.deploy.host,
+            port=args.port or params.deploy.port,
+            poll_seconds=params.deploy.poll_seconds,
+            num_threads=args.num_threads,
+            cache_dir=params.project.state_dir / "server" / "models",
+        )
+    )
+    return 0
+
+
+def _stop(params: Params, args: argparse.Namespace) -> int:
+    from langops.tasks.deploy import stop_server
+
+    stopped = stop_server(params.project.state_dir)
+    print("model server stopped" if stopped else "no model server was running")
+    return 0
+
+
+def _closing_summary(params: Params, summary, seconds: float) -> str:
+    state = params.project.state_dir
+    lines = [
+        "",
+        f"langops pipeline finished in {seconds / 60:.1f} min",
+        f"  model            {summary.model_name} version {summary.version} "
+        f"({'promoted to champion' if summary.promoted else 'not promoted'})",
+        f"  gate             {summary.decision_reason}",
+        f"  champion         version {summary.champion_version}",
+        f"  test accuracy    {summary.test_metrics['accuracy']:.4f} torch, {summary.int8_metrics['accuracy']:.4f} int8 ONNX "
+        f"(majority-class baseline {summary.majority_baseline_accuracy:.4f})",
+        f"  test macro-F1    {summary.test_metrics['macro_f1']:.4f} torch, {summary.int8_metrics['macro_f1']:.4f} int8 ONNX",
+        f"  MLflow run       {summary.run_id}",
+    ]
+    if summary.server_url:
+        lines += [
+            f"  model server     {summary.server_url}  (try: curl -s {summary.server_url}/predict "
+            "-H 'content-type: application/json' -d '{\"text\": \"my card was charged twice\"}')",
+            "                   stop it with: langops stop",
+        ]
+    lines += [
+        f"  MLflow UI        mlflow ui --backend-store-uri {summary.tracking_uri} --port 5000",
+        f"  Prefect UI       PREFECT_HOME={state / 'prefect'} prefect server start  (then http://127.0.0.1:4200)",
+    ]
+    return "\n".join(lines)
+
+
+def _quiet_libraries() -> None:
+    for name in ("httpx", "urllib3", "alembic", "great_expectations", "mlflow.store.db.utils"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

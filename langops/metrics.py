@@ -1,0 +1,81 @@
+"""Classification metrics shared by evaluate, compress (int8 re-evaluation) and the promotion gate."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=-1, keepdims=True)
+
+
+def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray, n_bins: int = 15) -> float:
+    """Top-label ECE: |confidence - accuracy| per confidence bin, weighted by the bin's share of rows."""
+    if len(y_true) == 0:
+        return float("nan")
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == y_true
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    bins = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, n_bins - 1)
+    ece = 0.0
+    for b in range(n_bins):
+        in_bin = bins == b
+        if in_bin.any():
+            ece += in_bin.mean() * abs(confidence[in_bin].mean() - correct[in_bin].mean())
+    return float(ece)
+
+
+def classification_metrics(
+    y_true: Sequence[int] | np.ndarray,
+    probs: np.ndarray,
+    labels: Sequence[str],
+    *,
+    calibration_bins: int = 15,
+) -> dict[str, Any]:
+    """Accuracy, macro-F1, per-class precision/recall/F1, confusion matrix and calibration error.
+
+    Args:
+        y_true: gold label ids (indices into ``labels``).
+        probs: class probabilities, shape (rows, len(labels)).
+        labels: label names in id order.
+    """
+    y_true = np.asarray(y_true, dtype=int)
+    probs = np.asarray(probs, dtype=float)
+    if probs.ndim != 2 or probs.shape != (len(y_true), len(labels)):
+        raise ValueError(f"probs has shape {probs.shape}, expected ({len(y_true)}, {len(labels)})")
+    y_pred = probs.argmax(axis=1)
+    ids = list(range(len(labels)))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=ids, zero_division=0
+    )
+    majority = np.bincount(y_true, minlength=len(labels)).max() / max(len(y_true), 1)
+    return {
+        "rows": int(len(y_true)),
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "macro_f1": float(f1_score(y_true, y_pred, labels=ids, average="macro", zero_division=0)),
+        "ece": expected_calibration_error(probs, y_true, calibration_bins),
+        "majority_baseline_accuracy": float(majority),
+        "per_class": {
+            name: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
+            for i, name in enumerate(labels)
+        },
+        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=ids).tolist(),
+    }
+
+
+def headline(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """The flat scalar metrics worth logging to MLflow (per-class ones flattened as ``f1_<label>``)."""
+    flat = {f"{prefix}{k}": float(metrics[k]) for k in ("accuracy", "macro_f1", "ece")}
+    for name, row in metrics["per_class"].items():
+        flat[f"{prefix}f1_{name}"] = row["f1"]
+    return flat

@@ -1,0 +1,295 @@
+"""Stage runners: each resolves its paths from ``Params``, calls one step in ``tasks/``, records the
+outcome (summary JSON for DVC, params/metrics/artifacts for MLflow) and returns the step's result.
+
+The DVC stages (through ``langops <step>``) and the Prefect flow call these same functions, so both
+paths do exactly the same work. The MLflow run is opened by ``run_train``; later stages find its id
+in ``<trained>/train.json`` and log into the same run.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from langops.config import Params
+from langops.io import read_json, write_json
+
+log = logging.getLogger(__name__)
+
+TRAIN_SUMMARY = "train.json"
+
+
+def run_prepare(params: Params):
+    from langops.tasks.prepare import prepare
+
+    result = prepare(params.data, params.prepare, seed=params.project.seed, out_dir=params.paths.prepared)
+    log.info("prepared %s rows into %s (data version %s)", result.rows, result.out_dir, result.data_version)
+    return result
+
+
+def run_validate(params: Params):
+    """Run the expectation suite; raises ``DataValidationError`` (with the report written) on bad data."""
+    from langops.tasks.validate import validate
+
+    return validate(params.data, params.validate, prepared_dir=params.paths.prepared, report_dir=params.paths.validation)
+
+
+@dataclass(frozen=True)
+class TrainRecord:
+    run_id: str
+    lineage: dict[str, str]
+    result: Any
+
+
+def run_train(params: Params) -> TrainRecord:
+    """Open the MLflow run for this model, log params and lineage, train, and log the training curve."""
+    import mlflow
+
+    from langops.lineage import dvc_dir_md5, git_commit
+    from langops.tasks.train import train
+    from langops.tracking import configure_mlflow
+
+    configure_mlflow(params)
+    lineage = {
+        "data_version": dvc_dir_md5(params.paths.prepared),
+        "git_commit": git_commit(Path.cwd()) or "unknown",
+        "params_hash": params.section_hash(),
+        "base_model": params.train.base_model,
+        "train_method": params.train.method,
+    }
+    run_name = f"{params.train.method}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    with mlflow.start_run(run_name=run_name) as run:
+        mlflow.set_tags({f"langops.{k}": v for k, v in lineage.items()})
+        mlflow.log_params(_flatten(params.model_dump(mode="json", include={"data", "prepare", "train"})))
+        _log_if_exists(params.paths.validation, "validation")
+        result = train(
+            params.train,
+            prepared_dir=params.paths.prepared,
+            out_dir=params.paths.trained,
+            checkpoint_dir=params.paths.checkpoints,
+            seed=params.project.seed,
+            on_epoch_end=lambda metrics, epoch: mlflow.log_metrics(metrics, step=epoch),
+        )
+        summary = {"run_id": run.info.run_id, "lineage": lineage, **_jsonable(asdict(result))}
+        mlflow.log_metrics(
+            {"best_val_macro_f1": result.best_val_macro_f1, "best_epoch": result.best_epoch,
+             "train_seconds": result.seconds, "trainable_params": result.trainable_params}
+        )
+        write_json(params.paths.trained / TRAIN_SUMMARY, summary)
+        mlflow.log_dict(summary, "train/train.json")
+        if result.adapter_dir is not None:
+            mlflow.log_artifacts(str(result.adapter_dir), "train/adapter")
+    return TrainRecord(run_id=run.info.run_id, lineage=lineage, result=result)
+
+
+def train_summary(params: Params) -> dict[str, Any]:
+    path = params.paths.trained / TRAIN_SUMMARY
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run the train step first")
+    return read_json(path)
+
+
+def run_evaluate(params: Params):
+    import mlflow
+
+    from langops.metrics import headline
+    from langops.tasks.evaluate import evaluate
+    from langops.tracking import resumed_run
+
+    result = evaluate(
+        params.evaluate,
+        trained_dir=params.paths.trained,
+        prepared_dir=params.paths.prepared,
+        out_dir=params.paths.evaluation,
+        max_length=params.train.max_length,
+    )
+    with resumed_run(params, train_summary(params)["run_id"]):
+        mlflow.log_metrics(headline(result.metrics, prefix="test_"))
+        mlflow.log_metric("test_majority_baseline_accuracy", result.metrics["majority_baseline_accuracy"])
+        mlflow.log_artifacts(str(params.paths.evaluation), "evaluation")
+    return result
+
+
+def run_compress(params: Params):
+    import mlflow
+
+    from langops.metrics import headline
+    from langops.tasks.compress import compress
+    from langops.tracking import resumed_run
+
+    result = compress(
+        params.compress,
+        trained_dir=params.paths.trained,
+        prepared_dir=params.paths.prepared,
+        out_dir=params.paths.compressed,
+        max_length=params.train.max_length,
+    )
+    with resumed_run(params, train_summary(params)["run_id"]):
+        scalars = {**headline(result.metrics, prefix="int8_test_")}
+        scalars.update(_numeric(result.parity, "parity_"))
+        scalars.update(_numeric(result.sizes_mb, "size_mb_"))
+        scalars.update(_numeric(result.latency_ms, "latency_ms_"))
+        mlflow.log_metrics(scalars)
+        mlflow.log_artifact(str(params.paths.compressed / "compress.json"), "compress")
+    shutil.copyfile(params.paths.compressed / "compress.json", _parent(params.paths.compression) / "metrics.json")
+    return result
+
+
+def run_register(params: Params):
+    from langops.tasks.register import register
+
+    summary = train_summary(params)
+    result = register(
+        params.register,
+        params=params,
+        compressed_dir=params.paths.compressed,
+        run_id=summary["run_id"],
+        lineage=summary["lineage"],
+    )
+    write_json(params.paths.registration / "registration.json", _jsonable(asdict(result)))
+    return result
+
+
+def run_promote(params: Params):
+    """Gather evidence for challenger and champion on the same test rows, decide, and record it."""
+    import mlflow
+
+    from langops.tasks.promote import CHAMPION, ModelEvidence, apply_decision, decide
+    from langops.tracking import configure_mlflow, resumed_run
+
+    configure_mlflow(params)
+    registration = read_json(params.paths.registration / "registration.json")
+    compressed = read_json(params.paths.compressed / "compress.json")
+    challenger = challenger_evidence(registration["version"], compressed)
+    champion_version = current_alias_version(params.register.model_name, CHAMPION)
+    champion = None
+    if champion_version is not None and champion_version != challenger.version:
+        champion = ModelEvidence(
+            version=champion_version,
+            metrics=rescore_registered_model(params, champion_version),
+        )
+    decision = decide(challenger, champion, params.promote)
+    champion_after = apply_decision(decision, model_name=params.register.model_name)
+    out = params.paths.promotion
+    write_json(out / "decision.json", {**decision.to_dict(), "champion_after": champion_after})
+    (out / "decision.md").write_text(decision.to_markdown())
+    with resumed_run(params, registration["run_id"]):
+        mlflow.log_artifact(str(out / "decision.json"), "promotion")
+        mlflow.log_artifact(str(out / "decision.md"), "promotion")
+        mlflow.set_tag("langops.decision", "promoted" if decision.promote else "rejected")
+    return decision
+
+
+def challenger_evidence(version: str, compressed: dict[str, Any]):
+    """The shipped (compressed) model's test metrics, latency and size as the gate's evidence."""
+    from langops.tasks.promote import ModelEvidence
+
+    metrics = compressed["metrics"]
+    return ModelEvidence(
+        version=str(version),
+        metrics={k: float(metrics[k]) for k in ("accuracy", "macro_f1", "ece") if k in metrics},
+        latency_ms=compressed["latency_ms"]["int8_batch1_p50"] if compressed.get("quantized") else compressed["latency_ms"]["fp32_batch1_p50"],
+        size_mb=compressed["sizes_mb"]["int8_onnx"] if compressed.get("quantized") else compressed["sizes_mb"]["fp32_onnx"],
+        parity_passed=bool(compressed["parity"].get("passed", True)),
+    )
+
+
+def current_alias_version(model_name: str, alias: str) -> str | None:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(MlflowClient().get_model_version_by_alias(model_name, alias).version)
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+
+
+def rescore_registered_model(params: Params, version: str) -> dict[str, float]:
+    """Score a registered version's shipped model on the current test split (the same rows as the challenger)."""
+    import numpy as np
+
+    from langops.io import read_split
+    from langops.metrics import classification_metrics
+    from langops.serving.registry import download_compressed_dir
+    from langops.onnx_model import OnnxClassifier
+
+    model_dir = download_compressed_dir(params.register.model_name, version, cache_dir=params.project.state_dir / "cache")
+    classifier = OnnxClassifier.load(model_dir)
+    test = read_split(params.paths.prepared, "test")
+    unknown = sorted(set(test["label"]) - set(classifier.labels))
+    if unknown:
+        raise ValueError(f"champion version {version} cannot score labels {unknown}: its label set differs")
+    probs = classifier.predict_proba(test["text"].tolist())
+    y_true = np.array([classifier.labels.index(y) for y in test["label"]])
+    metrics = classification_metrics(y_true, probs, classifier.labels, calibration_bins=params.evaluate.calibration_bins)
+    return {k: metrics[k] for k in ("accuracy", "macro_f1", "ece")}
+
+
+def run_deploy(params: Params):
+    """Make the model server serve the current champion (start it when none is running)."""
+    from langops.tasks.deploy import deploy
+    from langops.tasks.promote import CHAMPION
+    from langops.tracking import configure_mlflow
+
+    if not params.deploy.enabled:
+        write_json(params.paths.deployment / "deployment.json", {"deployed": False, "reason": "deploy.enabled is false"})
+        return None
+    configure_mlflow(params)
+    champion = current_alias_version(params.register.model_name, CHAMPION)
+    if champion is None:
+        record = {"deployed": False, "reason": "no champion to serve: no model has passed the gate yet"}
+        write_json(params.paths.deployment / "deployment.json", record)
+        log.warning(record["reason"])
+        return None
+    result = deploy(
+        params.deploy,
+        tracking_uri=params.tracking_uri(),
+        model_name=params.register.model_name,
+        expected_version=champion,
+        state_dir=params.project.state_dir,
+    )
+    write_json(params.paths.deployment / "deployment.json", {"deployed": True, **_jsonable(asdict(result))})
+    return result
+
+
+def _parent(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+def _log_if_exists(path: Path, artifact_path: str) -> None:
+    import mlflow
+
+    if Path(path).is_dir() and any(Path(path).iterdir()):
+        mlflow.log_artifacts(str(path), artifact_path)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _numeric(values: dict[str, Any], prefix: str) -> dict[str, float]:
+    return {f"{prefix}{k}": float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value

@@ -1,0 +1,48 @@
+"""MLflow wiring: one place that points the client at the configured store and experiment."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+from langops.config import Params
+
+
+def configure_mlflow(params: Params) -> str:
+    """Point MLflow at the configured tracking store and make sure the experiment exists.
+
+    With no tracking URI configured this is an SQLite store and a local artifact folder under
+    ``project.state_dir``, created on first use. Returns the experiment id.
+    """
+    import mlflow
+
+    uri = params.tracking_uri()
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(params.tracking.experiment)
+    if experiment is None:
+        local_store = params.tracking.uri is None and uri.startswith("sqlite:")
+        artifact_location = params.artifact_root() if local_store else None
+        experiment_id = client.create_experiment(params.tracking.experiment, artifact_location=artifact_location)
+    else:
+        experiment_id = experiment.experiment_id
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+@contextlib.contextmanager
+def resumed_run(params: Params, run_id: str) -> Iterator[object]:
+    """Re-open an existing MLflow run (started by the train step) so later steps log into it."""
+    import mlflow
+
+    configure_mlflow(params)
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id == run_id:
+        yield active
+        return
+    with mlflow.start_run(run_id=run_id) as run:
+        yield run

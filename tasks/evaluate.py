@@ -1,0 +1,85 @@
+"""Score the trained (uncompressed) model on the held-out test split."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from langops.config import EvaluateConfig
+from langops.io import read_labels, read_split, write_json
+from langops.metrics import classification_metrics, softmax
+from langops.modeling import load_trained_classifier, predict_logits
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    metrics: dict[str, Any]
+    metrics_path: Path
+    confusion_png: Path
+    confusion_csv: Path
+    predictions_csv: Path
+
+
+def evaluate(cfg: EvaluateConfig, *, trained_dir: Path, prepared_dir: Path, out_dir: Path, max_length: int) -> EvaluationResult:
+    """Accuracy, macro-F1, per-class P/R/F1, confusion matrix and calibration error on the test split.
+
+    Writes ``metrics.json`` (DVC metrics), ``confusion.csv`` (actual/predicted rows: a DVC confusion
+    plot), ``confusion_matrix.png`` and ``predictions.csv`` to ``out_dir``.
+    """
+    trained_dir, out_dir = Path(trained_dir), Path(out_dir)
+    labels = read_labels(trained_dir)
+    test = read_split(prepared_dir, "test")
+    unknown = sorted(set(test["label"]) - set(labels))
+    if unknown:
+        raise ValueError(f"test split has labels the model was not trained on: {unknown}")
+    model, tokenizer = load_trained_classifier(trained_dir / "model")
+    logits = predict_logits(model, tokenizer, test["text"].tolist(), batch_size=cfg.batch_size, max_length=max_length)
+    probs = softmax(logits)
+    y_true = np.array([labels.index(y) for y in test["label"]])
+    metrics = classification_metrics(y_true, probs, labels, calibration_bins=cfg.calibration_bins)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    predicted = [labels[i] for i in probs.argmax(axis=1)]
+    pd.DataFrame({"actual": test["label"], "predicted": predicted}).to_csv(out_dir / "confusion.csv", index=False)
+    pd.DataFrame(
+        {"text": test["text"], "label": test["label"], "predicted": predicted, "confidence": probs.max(axis=1)}
+    ).to_csv(out_dir / "predictions.csv", index=False)
+    plot_confusion_matrix(np.array(metrics["confusion_matrix"]), labels, out_dir / "confusion_matrix.png")
+    write_json(out_dir / "metrics.json", metrics)
+    return EvaluationResult(
+        metrics=metrics,
+        metrics_path=out_dir / "metrics.json",
+        confusion_png=out_dir / "confusion_matrix.png",
+        confusion_csv=out_dir / "confusion.csv",
+        predictions_csv=out_dir / "predictions.csv",
+    )
+
+
+def plot_confusion_matrix(matrix: np.ndarray, labels: list[str], path: Path) -> Path:
+    """A row-normalised confusion matrix with raw counts in each cell."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    size = max(4.0, 0.7 * len(labels) + 2)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("actual")
+    for i in range(len(labels)):
+        for j in range(len(labels)):
+            ax.text(j, i, str(matrix[i, j]), ha="center", va="center", color="white" if rates[i, j] > 0.5 else "black")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of actual")
+    ax.set_title("Confusion matrix (test split)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

