@@ -1,0 +1,62 @@
+"""params.yaml loading: defaults, overrides, and errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from langops.config import ConfigError, load_params, parse_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_repository_params_load_and_paths_resolve_against_the_params_folder():
+    params = load_params(ROOT / "params.yaml")
+    assert params.paths.prepared == ROOT / "data" / "prepared"
+    assert params.project.state_dir == ROOT / ".langops"
+    assert params.tracking_uri() == f"sqlite:///{ROOT / '.langops' / 'mlflow.db'}"
+
+
+def test_overrides_parse_yaml_values():
+    params = load_params(ROOT / "params.yaml", ["train.epochs=2", "train.lora.target_modules=[query]", "deploy.enabled=false"])
+    assert params.train.epochs == 2
+    assert params.train.lora.target_modules == ("query",)
+    assert params.deploy.enabled is False
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.epochz=3", "train.epochz: Extra inputs are not permitted (unknown key)"),
+        ("train.lora.r=0", "train.lora.r: Input should be greater than or equal to 1"),
+        ("train.method=qlora", "train.method: Input should be 'lora' or 'full'"),
+        ("data.labels=[a]", "data.labels: Value error, declare at least two labels"),
+        ("validate.min_text_chars=50", "min_text_chars must not exceed max_text_chars"),
+    ],
+)
+def test_bad_values_are_rejected_with_the_key_named(override, message, tmp_path):
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text("validate:\n  max_text_chars: 10\n" if "min_text_chars" in override else "{}\n")
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_params(params_file, [override])
+
+
+def test_malformed_override_and_missing_file_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match="not of the form section.key=value"):
+        load_params(ROOT / "params.yaml", ["train.epochs"])
+    with pytest.raises(ConfigError, match="params file not found"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_environment_tracking_uri_wins(monkeypatch, tmp_path):
+    params = parse_params({}).resolved(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert params.tracking_uri() == "http://127.0.0.1:5000"
+
+
+def test_params_hash_changes_with_a_knob():
+    a = parse_params({})
+    b = parse_params({"train": {"epochs": 9}})
+    assert a.section_hash() != b.section_hash()
+    assert a.section_hash("data") == b.section_hash("data")
