@@ -56,7 +56,7 @@ def run_train(params: Params) -> TrainRecord:
     configure_mlflow(params)
     lineage = {
         "data_version": dvc_dir_md5(params.paths.prepared),
-        "git_commit": git_commit(Path.cwd()) or "unknown",
+        "git_commit": git_commit(params.paths.prepared) or "unknown",
         "params_hash": params.section_hash(),
         "base_model": params.train.base_model,
         "train_method": params.train.method,

@@ -1,0 +1,53 @@
+"""Build a small, self-contained langops project for end-to-end tests (flow and `dvc repro`)."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from langops.demo_data import generate_demo_dataset
+
+DEMO_LABELS = ["billing", "shipping", "technical", "account", "cancellation", "feedback"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def tiny_project_params(root: Path, base_model: Path, **sections: dict[str, Any]) -> dict[str, Any]:
+    """Params for a fast run: a tiny random BERT, a few hundred demo rows, gates it can pass."""
+    params: dict[str, Any] = {
+        "project": {"state_dir": str(root / ".langops"), "seed": 7},
+        "data": {"source": "demo", "labels": DEMO_LABELS, "demo_rows": 360},
+        "validate": {"min_rows_per_class": 5},
+        "train": {
+            "base_model": str(base_model), "method": "full", "epochs": 2, "batch_size": 32,
+            "learning_rate": 0.01, "max_length": 48, "num_threads": 2,
+        },
+        "compress": {"min_label_agreement": 0.5, "max_fp32_logit_diff": 0.01, "latency_runs": 5},
+        "promote": {"thresholds": {"macro_f1": 0.0, "accuracy": 0.0}, "max_latency_ms": 1000.0},
+        "deploy": {"enabled": False, "port": free_port(), "poll_seconds": 0.5},
+    }
+    for name, values in sections.items():
+        params.setdefault(name, {}).update(values)
+    return params
+
+
+def write_params(root: Path, params: dict[str, Any]) -> Path:
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def write_bad_csv(path: Path, rows: int = 360) -> Path:
+    """A demo CSV spoiled with blank texts, an unknown label and a few duplicates."""
+    frame = generate_demo_dataset(DEMO_LABELS, rows, seed=3)
+    frame.loc[0:3, "text"] = "   "
+    frame.loc[4, "label"] = "refunds"
+    frame.to_csv(path, index=False)
+    return path
