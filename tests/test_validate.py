@@ -1,0 +1,284 @@
+"""The validate step: clean splits pass; each kind of bad data gives one error naming it, and a report."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from langops.config import DataConfig, PrepareConfig, ValidateConfig
+from langops.io import read_json, split_path, write_labels
+from langops.tasks.prepare import prepare
+from langops.tasks.validate import DataValidationError, validate
+
+LABELS = ("billing", "shipping", "technical")
+DATA = DataConfig(labels=LABELS)
+CFG = ValidateConfig(
+    min_text_chars=3, max_text_chars=200, min_rows_per_class=5, max_duplicate_rate=0.1, max_examples=3
+)
+ROWS_PER_CLASS = {"train": 10, "validation": 3, "test": 3}
+
+Splits = dict[str, pd.DataFrame]
+
+
+def clean_splits() -> Splits:
+    """Unique, well-formed tickets: 30 train rows, 9 validation, 9 test."""
+    return {
+        split: pd.DataFrame(
+            [
+                {"text": f"{split} ticket number {i} about {label}", "label": label}
+                for label in LABELS
+                for i in range(n)
+            ]
+        )
+        for split, n in ROWS_PER_CLASS.items()
+    }
+
+
+def write_prepared(directory: Path, splits: Splits) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, frame in splits.items():
+        frame.to_parquet(split_path(directory, split), index=False)
+    write_labels(directory, list(LABELS))
+    return directory
+
+
+def run_validate(tmp_path: Path, splits: Splits, data: DataConfig = DATA, cfg: ValidateConfig = CFG):
+    prepared = write_prepared(tmp_path / "prepared", splits)
+    return validate(data, cfg, prepared_dir=prepared, report_dir=tmp_path / "report")
+
+
+def failing_entries(report_dir: Path) -> list[dict]:
+    return [e for e in read_json(report_dir / "validation.json")["expectations"] if not e["success"]]
+
+
+def test_clean_data_passes_and_writes_report(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing of GX's may land in the working directory
+    result = run_validate(tmp_path, clean_splits())
+
+    assert result.success and result.failed == 0
+    assert result.evaluated >= 25
+    summary = read_json(result.summary_path)
+    assert summary["success"] is True
+    assert summary["statistics"]["evaluated"] == result.evaluated
+    assert {e["split"] for e in summary["expectations"]} == {"train", "validation", "test"}
+    assert "PASSED" in result.report_path.read_text()
+    assert result.stats["rows"] == {"train": 30, "validation": 9, "test": 9}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared", "report"]
+
+
+def set_cell(split: str, row: int, column: str, value) -> Callable[[Splits], None]:
+    def mutate(splits: Splits) -> None:
+        splits[split].loc[row, column] = value
+
+    return mutate
+
+
+def drop_column(splits: Splits) -> None:
+    splits["validation"] = splits["validation"].drop(columns="label")
+
+
+def thin_class(keep: int) -> Callable[[Splits], None]:
+    def mutate(splits: Splits) -> None:
+        train = splits["train"]
+        technical = train.index[train["label"] == "technical"]
+        splits["train"] = train.drop(technical[keep:]).reset_index(drop=True)
+
+    return mutate
+
+
+def duplicate_train(splits: Splits) -> None:
+    train = splits["train"]
+    train.loc[1:4, "text"] = train.loc[0, "text"]  # 4 repeats of row 0: 13% of 30 rows
+
+
+def leak_test_into_train(splits: Splits) -> None:
+    splits["test"].loc[2, "text"] = "  " + splits["train"].loc[7, "text"].replace(" ", "   ")
+
+
+# (mutation, failing check, split, snippets that must appear in the error and the markdown report)
+BAD_DATA = {
+    "missing column": (
+        drop_column,
+        "column_present",
+        "validation",
+        ["required column 'label' missing", "columns present: ['text']"],
+    ),
+    "null text": (
+        set_cell("train", 4, "text", None),
+        "text_not_null",
+        "train",
+        ["text is null", "1 of 30 rows", "row 4: null"],
+    ),
+    "blank text": (
+        set_cell("train", 5, "text", "   "),
+        "text_not_blank",
+        "train",
+        ["text is empty or whitespace only", "1 of 30 rows", "row 5: '   '"],
+    ),
+    "unknown label": (
+        set_cell("test", 1, "label", "refunds"),
+        "label_known",
+        "test",
+        ["label not in the declared set", "1 of 9 rows", "row 1: 'refunds'"],
+    ),
+    "null label": (
+        set_cell("train", 3, "label", None),
+        "label_not_null",
+        "train",
+        ["label is null", "1 of 30 rows", "row 3: null"],
+    ),
+    "too short": (
+        set_cell("train", 6, "text", "ok"),
+        "text_length",
+        "train",
+        ["text length outside 3-200 chars", "1 of 30 rows", "row 6: 'ok' (2 chars)"],
+    ),
+    "too long": (
+        set_cell("validation", 2, "text", "y" * 250),
+        "text_length",
+        "validation",
+        ["text length outside 3-200 chars", "1 of 9 rows", "(250 chars)"],
+    ),
+    "class under minimum": (
+        thin_class(keep=2),
+        "class_min_rows",
+        "train",
+        ["classes with fewer than 5 rows", "1 of 3 classes", "'technical': 2 rows"],
+    ),
+    "declared class absent": (
+        thin_class(keep=0),
+        "class_min_rows",
+        "train",
+        ["classes with fewer than 5 rows", "'technical': 0 rows (absent)"],
+    ),
+    "too many duplicates": (
+        duplicate_train,
+        "duplicate_rate",
+        "train",
+        [
+            "duplicate texts above 10.0% of rows",
+            "4 repeated of 30 rows",
+            "'train ticket number 0 about billing' x5",
+        ],
+    ),
+    "test leaks into train": (
+        leak_test_into_train,
+        "no_train_leak",
+        "test",
+        ["text also in train", "1 of 9 rows", "row 2:"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_DATA))
+def test_each_kind_of_bad_data_is_named_counted_and_reported(tmp_path, case):
+    mutate, check, split, snippets = BAD_DATA[case]
+    splits = clean_splits()
+    mutate(splits)
+
+    with pytest.raises(DataValidationError) as err:
+        run_validate(tmp_path, splits)
+
+    message = str(err.value)
+    assert f"[{split}]" in message
+    for snippet in snippets:
+        assert snippet in message
+    result = err.value.result
+    assert result.success is False and result.failed == 1
+    (entry,) = failing_entries(result.summary_path.parent)
+    assert (entry["check"], entry["split"]) == (check, split)
+    assert entry["expectation"].startswith("expect_")
+    assert entry["examples"]
+    report = result.report_path.read_text()
+    assert "FAILED" in report
+    for snippet in snippets[:1]:
+        assert snippet in report
+    assert entry["examples"][0].replace("|", "\\|") in report
+
+
+def test_every_problem_is_listed_in_one_error(tmp_path):
+    splits = clean_splits()
+    for mutate in (
+        set_cell("train", 4, "text", None),
+        set_cell("train", 6, "text", "ok"),
+        set_cell("test", 1, "label", "refunds"),
+        thin_class(keep=0),
+        leak_test_into_train,
+        drop_column,
+    ):
+        mutate(splits)
+
+    with pytest.raises(DataValidationError) as err:
+        run_validate(tmp_path, splits)
+
+    message = str(err.value)
+    assert "6 of" in message.splitlines()[0]
+    for snippet in (
+        "text is null",
+        "text length outside",
+        "'refunds'",
+        "'technical': 0 rows (absent)",
+        "text also in train",
+        "required column 'label' missing",
+    ):
+        assert snippet in message
+    assert err.value.result.failed == 6
+    assert {e["check"] for e in failing_entries(err.value.result.summary_path.parent)} == {
+        "text_not_null",
+        "text_length",
+        "label_known",
+        "class_min_rows",
+        "no_train_leak",
+        "column_present",
+    }
+
+
+def test_blank_texts_in_train_and_test_are_blank_not_leaked(tmp_path):
+    splits = clean_splits()
+    splits["train"].loc[0, "text"] = "   "
+    splits["test"].loc[0, "text"] = "   "
+
+    with pytest.raises(DataValidationError) as err:
+        run_validate(tmp_path, splits)
+
+    failed = {(e["check"], e["split"]) for e in failing_entries(err.value.result.summary_path.parent)}
+    assert failed == {("text_not_blank", "train"), ("text_not_blank", "test")}
+
+
+def test_examples_are_capped_but_counts_are_complete(tmp_path):
+    splits = clean_splits()
+    splits["train"].loc[0:9, "text"] = None
+
+    with pytest.raises(DataValidationError) as err:
+        run_validate(tmp_path, splits)
+
+    assert "10 of 30 rows (33.33%)" in str(err.value)
+    (entry,) = failing_entries(err.value.result.summary_path.parent)
+    assert entry["unexpected_count"] == 10
+    assert len(entry["examples"]) == CFG.max_examples
+
+
+def test_undeclared_labels_come_from_labels_json(tmp_path):
+    splits = clean_splits()
+    splits["train"].loc[0, "label"] = "refunds"
+    with pytest.raises(DataValidationError, match="'refunds'"):
+        run_validate(tmp_path, splits, data=DataConfig(labels=None))
+
+
+def test_prepare_then_validate_reports_the_rows_prepare_kept(tmp_path):
+    rows = [
+        {"body": f"{label} ticket {i} needs help", "intent": label} for label in LABELS for i in range(12)
+    ]
+    rows[0]["body"] = "   "
+    source = tmp_path / "tickets.csv"
+    pd.DataFrame(rows).to_csv(source, index=False)
+    data = DataConfig(source=str(source), text_column="body", label_column="intent", labels=LABELS)
+    prepared = prepare(data, PrepareConfig(), seed=0, out_dir=tmp_path / "prepared")
+
+    with pytest.raises(DataValidationError) as err:
+        validate(data, CFG, prepared_dir=prepared.out_dir, report_dir=tmp_path / "report")
+
+    assert "text is empty or whitespace only" in str(err.value)
