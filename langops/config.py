@@ -94,10 +94,10 @@ class ValidateConfig(_Section):
 
 
 class LoraConfig(_Section):
-    r: int = Field(8, ge=1)
-    alpha: int = Field(16, ge=1)
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
     dropout: float = Field(0.1, ge=0, lt=1)
-    target_modules: tuple[str, ...] = ("query", "key", "value")
+    target_modules: tuple[str, ...] = ("query", "key", "value", "dense")
 
 
 class TrainConfig(_Section):
@@ -108,7 +108,7 @@ class TrainConfig(_Section):
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimiser steps (tests)")
     batch_size: int = Field(32, ge=1)
     eval_batch_size: int = Field(64, ge=1)
-    learning_rate: float = Field(5e-4, gt=0)
+    learning_rate: float = Field(2e-3, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     max_length: int = Field(128, ge=8)

@@ -1,0 +1,198 @@
+"""Shared pieces of the serving and deploy tests.
+
+A tiny compressed model built by the real compress step, a real MLflow SQLite registry under a temp
+folder holding good and broken versions of it, and uvicorn servers on free loopback ports. Test
+modules load the fixtures with ``pytest_plugins = ["serving_helpers"]``, so the session-scoped model
+is built once for both modules (conftest.py belongs to the whole suite).
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlparse
+
+import httpx
+import pandas as pd
+import pytest
+from conftest import LABELS
+
+from langops.serving.app import ServerSettings, create_app
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+TIMEOUT_S = 60.0
+
+
+def free_port() -> int:
+    """A port free on 127.0.0.1 right now (the OS picks it, so parallel runs do not collide)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(condition: Callable[[], bool], *, what: str, timeout: float = TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def served_version(client: httpx.Client) -> str | None:
+    return client.get("/version").json()["version"]
+
+
+def wait_for_version(client: httpx.Client, version: str) -> None:
+    wait_until(lambda: served_version(client) == version, what=f"version {version} to be served")
+
+
+@dataclass
+class LiveServer:
+    """A uvicorn server running ``create_app`` in a thread of the test process, over real HTTP."""
+
+    url: str
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=30.0, trust_env=False)
+
+
+@contextmanager
+def running_server(settings: ServerSettings) -> Iterator[LiveServer]:
+    """Serve ``settings`` on its port until the block ends; the server is stopped even on failure."""
+    import uvicorn
+
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name=f"uvicorn-{settings.port}", daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started or not thread.is_alive(), what="uvicorn to start", timeout=30)
+        assert server.started, "uvicorn did not start (see the captured log)"
+        yield LiveServer(url=f"http://{settings.host}:{settings.port}")
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def write_prepared_dir(directory: Path, rows_per_label: int = 6) -> Path:
+    """The prepare step's layout, tiny: three parquet splits with ``text``/``label`` and labels.json."""
+    from langops.io import write_labels
+
+    directory.mkdir(parents=True, exist_ok=True)
+    frame = pd.DataFrame(
+        [
+            {"text": f"{label} question number {i} about my {label}", "label": label}
+            for label in LABELS
+            for i in range(rows_per_label)
+        ]
+    )
+    for split in ("train", "validation", "test"):
+        frame.to_parquet(directory / f"{split}.parquet", index=False)
+    write_labels(directory, LABELS)
+    return directory
+
+
+def build_compressed_dir(root: Path, trained_dir: Path) -> Path:
+    """A compressed dir made by the real compress step from the tiny trained model."""
+    from langops.config import CompressConfig
+    from langops.tasks.compress import compress
+
+    # Parity is the compress tests' business; serving only needs a model that loads and answers.
+    cfg = CompressConfig(latency_runs=5, min_label_agreement=0.0, max_fp32_logit_diff=1.0)
+    out_dir = root / "compressed"
+    prepared_dir = write_prepared_dir(root / "prepared")
+    compress(cfg, trained_dir=trained_dir, prepared_dir=prepared_dir, out_dir=out_dir, max_length=32)
+    return out_dir
+
+
+@dataclass
+class Registry:
+    """A real MLflow SQLite registry under a temp folder, with one registered model."""
+
+    root: Path
+    tracking_uri: str
+    model_name: str
+
+    def register(self, compressed_dir: Path) -> str:
+        """Register ``compressed_dir`` as a new version the way the pipeline does; returns the version."""
+        import mlflow
+
+        from langops.config import parse_params
+        from langops.tasks.register import register
+        from langops.tracking import configure_mlflow
+
+        params = parse_params({"project": {"state_dir": str(self.root)}}).resolved(self.root)
+        configure_mlflow(params)
+        with mlflow.start_run() as run:
+            result = register(
+                params.register,
+                params=params,
+                compressed_dir=compressed_dir,
+                run_id=run.info.run_id,
+                lineage={"data_version": "test", "git_commit": "test", "params_hash": params.section_hash(),
+                         "base_model": "tiny-random-bert"},
+            )
+        return str(result.version)
+
+    def client(self) -> MlflowClient:
+        from mlflow import MlflowClient
+
+        return MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+
+    def set_champion(self, version: str) -> None:
+        self.client().set_registered_model_alias(self.model_name, "champion", version)
+
+    def corrupt(self, version: str) -> None:
+        """Overwrite the stored ``model.onnx`` of ``version``: the register step refuses to register a
+        broken model, so breakage in the artifact store after registration is what a server can meet."""
+        stored = self.client().get_model_version_download_uri(self.model_name, version)
+        (onnx_file,) = Path(urlparse(stored).path).rglob("model.onnx")
+        onnx_file.write_bytes(b"this is not an onnx model")
+
+    def settings(self, **overrides: object) -> ServerSettings:
+        """Server settings following this registry's champion on a fresh free port."""
+        values: dict[str, object] = {
+            "tracking_uri": self.tracking_uri,
+            "model_name": self.model_name,
+            "port": free_port(),
+            "poll_seconds": 3600.0,  # tests move the alias and /reload; the poller test sets its own
+            "cache_dir": self.root / "cache",
+        }
+        return ServerSettings(**{**values, **overrides})
+
+
+@dataclass(frozen=True)
+class RegisteredModels:
+    registry: Registry
+    good: tuple[str, str]
+    broken: str
+
+
+def make_registry(root: Path, compressed_dir: Path) -> RegisteredModels:
+    """Versions 1 and 2: the same good model, told apart by number; version 3: its stored model is garbage."""
+    from langops.config import parse_params
+
+    params = parse_params({"project": {"state_dir": str(root)}}).resolved(root)
+    registry = Registry(root=root, tracking_uri=params.tracking_uri(), model_name=params.register.model_name)
+    first, second = registry.register(compressed_dir), registry.register(compressed_dir)
+    broken = registry.register(compressed_dir)
+    registry.corrupt(broken)
+    return RegisteredModels(registry=registry, good=(first, second), broken=broken)
+
+
+@pytest.fixture(scope="session")
+def compressed_dir(tmp_path_factory: pytest.TempPathFactory, tiny_trained_dir: Path) -> Path:
+    return build_compressed_dir(tmp_path_factory.mktemp("serving-model"), tiny_trained_dir)
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory: pytest.TempPathFactory, compressed_dir: Path) -> RegisteredModels:
+    return make_registry(tmp_path_factory.mktemp("registry"), compressed_dir)

@@ -1,0 +1,125 @@
+"""The deploy step against a real detached server process and a real MLflow registry."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from langops.config import DeployConfig
+from langops.serving.app import ServerSettings
+from langops.tasks.deploy import PID_FILE, SERVER_DIR, DeploymentError, deploy, server_url, stop_server
+
+# Shared fixtures (compressed_dir, registered) live in serving_helpers; see test_serving.py.
+pytest.register_assert_rewrite("serving_helpers")
+pytest_plugins = ["serving_helpers"]
+from serving_helpers import RegisteredModels, free_port, running_server  # noqa: E402
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Iterator[Path]:
+    """A state dir whose server, if a test started one, is stopped whatever the test did."""
+    yield tmp_path
+    stop_server(tmp_path)
+
+
+def deploy_config(port: int) -> DeployConfig:
+    return DeployConfig(port=port, poll_seconds=3600, start_timeout_s=90)
+
+
+@pytest.mark.slow
+def test_deploy_starts_reloads_and_stops(registered: RegisteredModels, state_dir: Path) -> None:
+    registry, (first, second) = registered.registry, registered.good
+    cfg = deploy_config(free_port())
+    target = {"tracking_uri": registry.tracking_uri, "model_name": registry.model_name,
+              "state_dir": state_dir}
+
+    registry.set_champion(first)
+    started = deploy(cfg, expected_version=first, **target)
+    assert started.started and started.version == first and started.url == f"http://127.0.0.1:{cfg.port}"
+    assert psutil.pid_exists(started.pid)
+    assert (state_dir / SERVER_DIR / PID_FILE).read_text().strip() == str(started.pid)
+    assert (state_dir / SERVER_DIR / "server.log").is_file()
+
+    registry.set_champion(second)
+    reloaded = deploy(cfg, expected_version=second, **target)
+    assert (reloaded.started, reloaded.pid, reloaded.version) == (False, started.pid, second)
+    with httpx.Client(base_url=reloaded.url, trust_env=False) as client:
+        response = client.post("/predict", json={"text": "where is my parcel"})
+        assert response.headers["X-Model-Version"] == second
+
+    assert stop_server(state_dir) is True
+    assert not psutil.pid_exists(started.pid) or psutil.Process(started.pid).status() == psutil.STATUS_ZOMBIE
+    assert not (state_dir / SERVER_DIR / PID_FILE).exists()
+    assert stop_server(state_dir) is False
+
+
+@pytest.mark.slow
+def test_deploy_stops_a_server_that_refuses_the_version(
+    registered: RegisteredModels, state_dir: Path
+) -> None:
+    registry = registered.registry
+    registry.set_champion(registered.broken)
+    with pytest.raises(DeploymentError, match=f"refused version {registered.broken}") as failure:
+        deploy(deploy_config(free_port()), tracking_uri=registry.tracking_uri, model_name=registry.model_name,
+               expected_version=registered.broken, state_dir=state_dir)
+    assert "last lines of" in str(failure.value)
+    assert not (state_dir / SERVER_DIR / PID_FILE).exists()
+
+
+@pytest.mark.slow
+def test_deploy_fails_fast_when_the_alias_names_another_version(
+    registered: RegisteredModels, tmp_path: Path
+) -> None:
+    registry = registered.registry
+    registry.set_champion(registered.good[0])
+    with pytest.raises(DeploymentError, match="not the expected 999"):
+        deploy(deploy_config(free_port()), tracking_uri=registry.tracking_uri, model_name=registry.model_name,
+               expected_version="999", state_dir=tmp_path)
+
+
+@pytest.mark.slow
+def test_deploy_refuses_a_port_held_by_something_else(registered: RegisteredModels, tmp_path: Path) -> None:
+    registry, version = registered.registry, registered.good[0]
+    registry.set_champion(version)
+    other = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(DeploymentError, match="not a langops server"):
+            deploy(deploy_config(other.server_address[1]), tracking_uri=registry.tracking_uri,
+                   model_name=registry.model_name, expected_version=version, state_dir=tmp_path)
+    finally:
+        other.shutdown()
+        other.server_close()
+
+
+@pytest.mark.slow
+def test_deploy_refuses_a_langops_server_serving_another_model(
+    registered: RegisteredModels, compressed_dir: Path, tmp_path: Path
+) -> None:
+    registry, version = registered.registry, registered.good[0]
+    registry.set_champion(version)
+    with running_server(ServerSettings(model_dir=compressed_dir, port=free_port())) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        with pytest.raises(DeploymentError, match=f"not {registry.model_name}@champion"):
+            deploy(deploy_config(port), tracking_uri=registry.tracking_uri, model_name=registry.model_name,
+                   expected_version=version, state_dir=tmp_path)
+
+
+def test_stop_server_ignores_a_pid_that_is_not_a_server(tmp_path: Path) -> None:
+    pid_file = tmp_path / SERVER_DIR / PID_FILE
+    pid_file.parent.mkdir()
+    pid_file.write_text(f"{os.getpid()}\n")  # this test process: must survive
+    assert stop_server(tmp_path) is False
+    assert not pid_file.exists()
+
+
+def test_server_url_reaches_wildcard_binds_through_loopback() -> None:
+    assert server_url("0.0.0.0", 80) == "http://127.0.0.1:80"
+    assert server_url("::1", 80) == "http://[::1]:80"
