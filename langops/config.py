@@ -127,7 +127,7 @@ class EvaluateConfig(_Section):
 class CompressConfig(_Section):
     opset: int = Field(17, ge=14)
     quantize: bool = True
-    min_label_agreement: float = Field(0.97, ge=0, le=1)
+    min_label_agreement: float = Field(0.95, ge=0, le=1)
     max_fp32_logit_diff: float = Field(1e-3, gt=0)
     latency_runs: int = Field(50, ge=5)
     num_threads: int = Field(1, ge=1, description="onnxruntime intra-op threads when timing")

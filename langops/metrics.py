@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import numpy as np
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -44,6 +43,8 @@ def classification_metrics(
         probs: class probabilities, shape (rows, len(labels)).
         labels: label names in id order.
     """
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
     y_true = np.asarray(y_true, dtype=int)
     probs = np.asarray(probs, dtype=float)
     if probs.ndim != 2 or probs.shape != (len(y_true), len(labels)):

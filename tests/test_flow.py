@@ -54,7 +54,7 @@ def test_pipeline_registers_promotes_and_serves_then_a_tie_leaves_the_champion(p
     assert (summary.version, summary.promoted, summary.champion_version) == ("1", True, "1")
     client = _client(root)
     version = client.get_model_version_by_alias("langops-classifier", "champion")
-    assert version.version == "1"
+    assert str(version.version) == "1"
     for tag in ("data_version", "git_commit", "params_hash", "base_model"):
         assert version.tags.get(tag), f"lineage tag {tag} missing: {version.tags}"
     assert version.tags["langops.decision"] == "promoted"
@@ -76,7 +76,7 @@ def test_pipeline_registers_promotes_and_serves_then_a_tie_leaves_the_champion(p
     assert (second.version, second.promoted, second.champion_version) == ("2", False, "1")
     assert "tie" in second.decision_reason or "needs >=" in second.decision_reason
     assert client.get_model_version("langops-classifier", "2").tags["langops.decision"] == "rejected"
-    assert client.get_model_version_by_alias("langops-classifier", "champion").version == "1"
+    assert str(client.get_model_version_by_alias("langops-classifier", "champion").version) == "1"
 
 
 def test_bad_data_stops_the_flow_before_training_and_registers_nothing(prefect_server, project, tmp_path):

@@ -1,0 +1,154 @@
+"""Register: log the compressed model as a pyfunc to the training run and add it as a registry version.
+
+The version carries its lineage (data, code, params, base model) and the shipped model's test metrics
+as tags, so the registry alone answers "what is this model and where did it come from". A version is
+either complete (tagged, described, READY) or absent: any failure after it is created deletes it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib.metadata import version as installed_version
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from langops.config import Params, RegisterConfig
+from langops.io import TEXT, read_json
+from langops.metrics import headline
+from langops.onnx_model import OnnxClassifier
+
+REQUIRED_LINEAGE = ("data_version", "git_commit", "params_hash", "base_model")
+MODEL_ARTIFACT_PATH = "model"
+METRIC_TAG_PREFIX = "metric."
+READY_TIMEOUT_S = 300.0
+# What the pyfunc imports at load time, pinned to what it was verified with here. langops itself is
+# not on a package index: a process loading the model must have it installed (see langops.pyfunc).
+PYFUNC_REQUIREMENTS = ("onnxruntime", "tokenizers", "numpy", "pandas")
+INPUT_EXAMPLE = ["I was charged twice for my subscription this month.", "Where is my parcel?"]
+
+
+class RegistrationError(RuntimeError):
+    """The registry did not bring the new version to READY."""
+
+
+@dataclass(frozen=True)
+class RegistrationResult:
+    model_name: str
+    version: str
+    model_uri: str
+    run_id: str
+
+
+def register(
+    cfg: RegisterConfig, *, params: Params, compressed_dir: Path, run_id: str, lineage: Mapping[str, str]
+) -> RegistrationResult:
+    """Log ``compressed_dir`` as a pyfunc into run ``run_id`` and register it as a new version.
+
+    Args:
+        cfg: the ``register`` section (the registered model's name).
+        params: the whole configuration, for the tracking store.
+        compressed_dir: the compress step's output; logged whole as the model's artifact.
+        run_id: the MLflow run the train step opened.
+        lineage: at least ``data_version``, ``git_commit``, ``params_hash`` and ``base_model``; every
+            entry becomes a model-version tag.
+
+    Returns:
+        The new version and its ``models:/<name>/<version>`` URI.
+
+    Raises:
+        ValueError: lineage keys are missing.
+        FileNotFoundError: the compressed dir is incomplete.
+        RegistrationError: the version did not become READY (it is deleted first).
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    from langops.pyfunc import ARTIFACT_KEY, TextClassifierModel, model_signature
+    from langops.tracking import resumed_run
+
+    missing = [key for key in REQUIRED_LINEAGE if not lineage.get(key)]
+    if missing:
+        raise ValueError(f"lineage is missing {missing}; got keys {sorted(lineage)}")
+    compressed_dir = Path(compressed_dir)
+    summary = read_json(compressed_dir / "compress.json")
+    # Load before logging anything: a model that cannot load or answer must not reach the registry.
+    classifier = OnnxClassifier.load(compressed_dir)
+    classifier.predict(INPUT_EXAMPLE)
+
+    with resumed_run(params, run_id):
+        logged = mlflow.pyfunc.log_model(
+            name=MODEL_ARTIFACT_PATH,
+            python_model=TextClassifierModel(),
+            artifacts={ARTIFACT_KEY: str(compressed_dir)},
+            signature=model_signature(classifier.labels),
+            input_example=pd.DataFrame({TEXT: INPUT_EXAMPLE}),
+            pip_requirements=[f"{name}=={installed_version(name)}" for name in PYFUNC_REQUIREMENTS],
+        )
+    created = mlflow.register_model(logged.model_uri, cfg.model_name, await_registration_for=0)
+    client = MlflowClient()
+    try:
+        for key, value in version_tags(lineage, summary).items():
+            client.set_model_version_tag(cfg.model_name, created.version, key, value)
+        client.update_model_version(
+            cfg.model_name,
+            created.version,
+            description=describe_version(classifier.labels, summary, lineage, run_id),
+        )
+        await_ready(client, cfg.model_name, created.version)
+    except BaseException:
+        client.delete_model_version(cfg.model_name, created.version)
+        raise
+    return RegistrationResult(
+        model_name=cfg.model_name,
+        version=str(created.version),
+        model_uri=f"models:/{cfg.model_name}/{created.version}",
+        run_id=run_id,
+    )
+
+
+def version_tags(lineage: Mapping[str, str], summary: Mapping[str, Any]) -> dict[str, str]:
+    """Lineage as is, the shipped model's headline test metrics as ``metric.<name>``, and its precision."""
+    tags = {key: str(value) for key, value in lineage.items()}
+    tags.update(
+        {f"{METRIC_TAG_PREFIX}{name}": repr(value) for name, value in headline(summary["metrics"]).items()}
+    )
+    tags["quantized"] = str(bool(summary["quantized"])).lower()
+    return tags
+
+
+def describe_version(
+    labels: list[str], summary: Mapping[str, Any], lineage: Mapping[str, str], run_id: str
+) -> str:
+    """A one-paragraph human summary for the registry UI; the tags hold the same facts for machines."""
+    metrics = summary["metrics"]
+    precision = "int8" if summary["quantized"] else "fp32"
+    return (
+        f"{lineage['base_model']} text classifier over {len(labels)} labels ({', '.join(labels)}), "
+        f"{precision} ONNX. Test macro-F1 {metrics['macro_f1']:.4f}, accuracy {metrics['accuracy']:.4f} "
+        f"on {metrics['rows']} rows. Trained in run {run_id} on data {lineage['data_version']} "
+        f"at commit {lineage['git_commit']}."
+    )
+
+
+def await_ready(client: Any, name: str, version: str, timeout_s: float = READY_TIMEOUT_S) -> None:
+    """Poll until the version is READY (remote registries copy artifacts asynchronously).
+
+    Raises:
+        RegistrationError: the registry reports FAILED_REGISTRATION, or READY does not come in time.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        current = client.get_model_version(name, version)
+        if current.status == "READY":
+            return
+        if current.status == "FAILED_REGISTRATION":
+            raise RegistrationError(f"{name} version {version} failed to register: {current.status_message}")
+        if time.monotonic() > deadline:
+            raise RegistrationError(
+                f"{name} version {version} still {current.status} after {timeout_s:.0f} s"
+            )
+        time.sleep(1.0)

@@ -1,0 +1,148 @@
+"""The register step on a real MLflow SQLite store: tagged versions, a loadable pyfunc, no half versions."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import LABELS
+from test_compress import build_compressed_dir
+
+from langops.config import Params, parse_params
+from langops.pyfunc import predictions_frame, texts_from_input
+from langops.tasks.register import RegistrationResult, register
+from langops.tracking import configure_mlflow
+
+LINEAGE = {
+    "data_version": "0123abcd.dir",
+    "git_commit": "f00dfeed",
+    "params_hash": "a1b2c3d4e5f60718",
+    "base_model": "tiny-bert",
+    "train_method": "lora",
+}
+
+
+@pytest.fixture(scope="module")
+def compressed_dir(tmp_path_factory, tiny_trained_dir) -> Path:
+    return build_compressed_dir(tmp_path_factory.mktemp("register"), tiny_trained_dir).out_dir
+
+
+@pytest.fixture
+def params(tmp_path: Path) -> Params:
+    """A project whose MLflow store is a fresh SQLite file under tmp_path."""
+    return parse_params({"project": {"state_dir": "state"}}).resolved(tmp_path)
+
+
+@pytest.fixture
+def run_id(params: Params) -> str:
+    import mlflow
+
+    configure_mlflow(params)
+    with mlflow.start_run() as run:
+        return run.info.run_id
+
+
+def registered_versions(name: str) -> list[str]:
+    from mlflow import MlflowClient
+
+    return sorted(str(mv.version) for mv in MlflowClient().search_model_versions(f"name = '{name}'"))
+
+
+@pytest.mark.slow
+def test_register_creates_a_tagged_described_version(params, run_id, compressed_dir) -> None:
+    from mlflow import MlflowClient
+
+    result = register(
+        params.register, params=params, compressed_dir=compressed_dir, run_id=run_id, lineage=LINEAGE
+    )
+
+    name = params.register.model_name
+    assert result == RegistrationResult(
+        model_name=name, version="1", model_uri=f"models:/{name}/1", run_id=run_id
+    )
+    version = MlflowClient().get_model_version(name, "1")
+    assert version.status == "READY" and version.run_id == run_id
+    assert {k: version.tags[k] for k in LINEAGE} == LINEAGE
+    summary = json.loads((compressed_dir / "compress.json").read_text())
+    assert float(version.tags["metric.macro_f1"]) == summary["metrics"]["macro_f1"]
+    assert float(version.tags["metric.accuracy"]) == summary["metrics"]["accuracy"]
+    assert version.tags["quantized"] == "true"
+    assert "tiny-bert" in version.description and run_id in version.description
+
+
+@pytest.mark.slow
+def test_registered_model_loads_in_a_fresh_process(params, run_id, compressed_dir, tmp_path) -> None:
+    from mlflow import MlflowClient
+
+    result = register(
+        params.register, params=params, compressed_dir=compressed_dir, run_id=run_id, lineage=LINEAGE
+    )
+    MlflowClient().set_registered_model_alias(result.model_name, "champion", result.version)
+    script = (
+        "import json, mlflow, pandas as pd\n"
+        f"model = mlflow.pyfunc.load_model('models:/{result.model_name}@champion')\n"
+        "out = model.predict(pd.DataFrame({'text': ['my card was charged twice', 'where is my parcel?']}))\n"
+        "print(json.dumps({'columns': list(out.columns), 'labels': out['label'].tolist(),\n"
+        "                  'sums': out.filter(like='prob_').sum(axis=1).tolist()}))\n"
+    )
+    env = {**os.environ, "MLFLOW_TRACKING_URI": params.tracking_uri()}
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    assert answer["columns"] == ["label", "confidence", *(f"prob_{label}" for label in LABELS)]
+    assert len(answer["labels"]) == 2 and set(answer["labels"]) <= set(LABELS)
+    assert answer["sums"] == pytest.approx([1.0, 1.0])
+
+
+@pytest.mark.slow
+def test_a_failure_after_version_creation_leaves_no_version(
+    params, run_id, compressed_dir, monkeypatch
+) -> None:
+    from mlflow import MlflowClient
+
+    register(params.register, params=params, compressed_dir=compressed_dir, run_id=run_id, lineage=LINEAGE)
+
+    def refuse_tag(*args, **kwargs):
+        raise RuntimeError("tag store unavailable")
+
+    monkeypatch.setattr(MlflowClient, "set_model_version_tag", refuse_tag)
+    with pytest.raises(RuntimeError, match="tag store unavailable"):
+        register(
+            params.register, params=params, compressed_dir=compressed_dir, run_id=run_id, lineage=LINEAGE
+        )
+    assert registered_versions(params.register.model_name) == ["1"]
+
+
+def test_missing_lineage_is_refused_before_logging(params, compressed_dir) -> None:
+    lineage = {k: v for k, v in LINEAGE.items() if k != "git_commit"}
+    with pytest.raises(ValueError, match=r"lineage is missing \['git_commit'\]"):
+        register(
+            params.register, params=params, compressed_dir=compressed_dir, run_id="unused", lineage=lineage
+        )
+    assert not (params.project.state_dir / "mlflow.db").exists()
+
+
+def test_pyfunc_accepts_frames_series_and_lists() -> None:
+    texts = ["a", "b"]
+    assert texts_from_input(pd.DataFrame({"text": texts, "other": [1, 2]})) == texts
+    assert texts_from_input(pd.Series(texts)) == texts
+    assert texts_from_input(texts) == texts
+    with pytest.raises(ValueError, match="needs a 'text' column"):
+        texts_from_input(pd.DataFrame({"body": texts}))
+    with pytest.raises(TypeError):
+        texts_from_input("a")
+
+
+def test_predictions_frame_columns() -> None:
+    frame = predictions_frame(np.array([[0.2, 0.5, 0.3], [0.6, 0.1, 0.3]]), LABELS)
+    assert list(frame.columns) == ["label", "confidence", *(f"prob_{label}" for label in LABELS)]
+    assert frame["label"].tolist() == ["shipping", "billing"]
+    assert frame["confidence"].tolist() == [0.5, 0.6]
