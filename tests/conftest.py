@@ -59,6 +59,12 @@ def tiny_trained_dir(tmp_path_factory, tiny_base_model) -> Path:
     return out
 
 
+def pytest_configure(config):
+    """Before any Prefect server starts: no telemetry from test servers (the network is closed anyway)."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch):
     """Tests never reach a model hub, and MLflow/Prefect settings never leak in from the shell."""

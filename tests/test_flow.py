@@ -31,12 +31,16 @@ def project(tmp_path_factory, tiny_base_model):
 
 
 def _artifacts(flow_run_id):
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+    """The flow run's artifacts by key, read back over the Prefect REST API."""
+    from prefect.settings import PREFECT_API_URL
 
-    with get_client(sync_client=True) as client:
-        found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
-    return {a.key: a for a in found}
+    reply = httpx.post(
+        f"{PREFECT_API_URL.value()}/artifacts/filter",
+        json={"artifacts": {"flow_run_id": {"any_": [str(flow_run_id)]}}},
+        timeout=30,
+    )
+    reply.raise_for_status()
+    return {a["key"]: a for a in reply.json()}
 
 
 def _client(root) -> MlflowClient:
@@ -69,7 +73,7 @@ def test_pipeline_registers_promotes_and_serves_then_a_tie_leaves_the_champion(p
     reply = httpx.post(f"{summary.server_url}/predict", json={"texts": ["I was charged twice for my order"]}, timeout=30)
     assert reply.status_code == 200, reply.text
     assert reply.json()["predictions"][0]["label"] in params["data"]["labels"]
-    assert str(reply.json()["model_version"]) == "1"
+    assert str(reply.json()["version"]) == "1" == reply.headers["x-model-version"]
 
     # Same data, same seed: an identical challenger ties, so the gate refuses and the champion stays.
     second = training_pipeline(params_path=str(root / "params.yaml"))
@@ -100,4 +104,4 @@ def test_bad_data_stops_the_flow_before_training_and_registers_nothing(prefect_s
     assert {v.version for v in client.search_model_versions("name='langops-classifier'")} == versions_before
     assert client.get_model_version_by_alias("langops-classifier", "champion").version == champion_before
     report = _artifacts(state.state_details.flow_run_id)["validation-report"]
-    assert "refunds" in report.data
+    assert "refunds" in report["data"]
