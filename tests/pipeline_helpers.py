@@ -10,6 +10,7 @@ import yaml
 
 from langops.demo_data import generate_demo_dataset
 
+REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 DEMO_LABELS = ["billing", "shipping", "technical", "account", "cancellation", "feedback"]
 
 
@@ -20,8 +21,10 @@ def free_port() -> int:
 
 
 def tiny_project_params(root: Path, base_model: Path, **sections: dict[str, Any]) -> dict[str, Any]:
-    """Params for a fast run: a tiny random BERT, a few hundred demo rows, gates it can pass."""
-    params: dict[str, Any] = {
+    """The repository's params with a fast run laid over: a tiny random BERT, a few hundred demo rows,
+    and gates such a model can pass."""
+    params: dict[str, Any] = yaml.safe_load(REPO_PARAMS.read_text())
+    tiny: dict[str, Any] = {
         "project": {"state_dir": str(root / ".langops"), "seed": 7},
         "data": {"source": "demo", "labels": DEMO_LABELS, "demo_rows": 360},
         "validate": {"min_rows_per_class": 5},
@@ -33,8 +36,9 @@ def tiny_project_params(root: Path, base_model: Path, **sections: dict[str, Any]
         "promote": {"thresholds": {"macro_f1": 0.0, "accuracy": 0.0}, "max_latency_ms": 1000.0},
         "deploy": {"enabled": False, "port": free_port(), "poll_seconds": 0.5},
     }
-    for name, values in sections.items():
-        params.setdefault(name, {}).update(values)
+    for overlay in (tiny, sections):
+        for name, values in overlay.items():
+            params.setdefault(name, {}).update(values)
     return params
 
 
