@@ -6,6 +6,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import yaml
 
 from langops.demo_data import generate_demo_dataset
@@ -48,10 +49,31 @@ def write_params(root: Path, params: dict[str, Any]) -> Path:
     return path
 
 
-def write_bad_csv(path: Path, rows: int = 360) -> Path:
-    """A demo CSV spoiled with blank texts, an unknown label and a few duplicates."""
-    frame = generate_demo_dataset(DEMO_LABELS, rows, seed=3)
-    frame.loc[0:3, "text"] = "   "
-    frame.loc[4, "label"] = "refunds"
-    frame.to_csv(path, index=False)
+def spoil(frame: pd.DataFrame, defect: str) -> pd.DataFrame:
+    """The demo frame with one kind of bad data that validation (or prepare) must stop."""
+    frame = frame.copy()
+    if defect == "blank_text":
+        frame.loc[0:3, "text"] = "   "
+    elif defect == "null_text":
+        frame.loc[0:3, "text"] = None
+    elif defect == "unknown_label":
+        frame.loc[0:5, "label"] = "refunds"
+    elif defect == "text_too_short":
+        frame.loc[0:5, "text"] = "ok"
+    elif defect == "text_too_long":
+        frame.loc[0:5, "text"] = "my order never arrived " * 100
+    elif defect == "class_too_small":
+        feedback = frame.index[frame["label"] == "feedback"]
+        frame = frame.drop(feedback[3:])
+    elif defect == "duplicates":
+        frame = pd.concat([frame, frame.sample(frac=0.3, random_state=0)], ignore_index=True)
+    elif defect == "missing_column":
+        frame = frame.rename(columns={"label": "category"})
+    else:
+        raise ValueError(f"unknown defect {defect!r}")
+    return frame
+
+
+def write_bad_csv(path: Path, defect: str, rows: int = 360) -> Path:
+    spoil(generate_demo_dataset(DEMO_LABELS, rows, seed=3), defect).to_csv(path, index=False)
     return path

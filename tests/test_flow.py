@@ -43,6 +43,20 @@ def _artifacts(flow_run_id):
     return {a["key"]: a for a in reply.json()}
 
 
+def _registry_state(client: MlflowClient) -> tuple[int, set[str], str | None]:
+    """(runs, model versions, champion version): what a stopped run must leave unchanged."""
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name("langops")
+    runs = len(client.search_runs([experiment.experiment_id])) if experiment else 0
+    versions = {str(v.version) for v in client.search_model_versions("name='langops-classifier'")}
+    try:
+        champion = str(client.get_model_version_by_alias("langops-classifier", "champion").version)
+    except MlflowException:
+        champion = None
+    return runs, versions, champion
+
+
 def _client(root) -> MlflowClient:
     return MlflowClient(tracking_uri=f"sqlite:///{root / '.langops' / 'mlflow.db'}")
 
@@ -83,25 +97,39 @@ def test_pipeline_registers_promotes_and_serves_then_a_tie_leaves_the_champion(p
     assert str(client.get_model_version_by_alias("langops-classifier", "champion").version) == "1"
 
 
-def test_bad_data_stops_the_flow_before_training_and_registers_nothing(prefect_server, project, tmp_path):
+BAD_DATA = {  # defect -> what the error must name (the failed GX expectation, or the missing column)
+    "blank_text": "expect_column_values_to_match_regex",
+    "null_text": "expect_column_values_to_not_be_null",
+    "unknown_label": "refunds",
+    "text_too_short": "expect_column_value_lengths_to_be_between",
+    "text_too_long": "expect_column_value_lengths_to_be_between",
+    "class_too_small": "'feedback'",
+    "duplicates": "expect_column_proportion_of_unique_values_to_be_between",
+    "missing_column": "'label'",
+}
+
+
+@pytest.mark.parametrize("defect", sorted(BAD_DATA))
+def test_bad_data_stops_the_flow_before_training_and_registers_nothing(prefect_server, project, tmp_path, defect):
     from langops.flows.pipeline import training_pipeline
+    from langops.tasks.prepare import PrepareError
     from langops.tasks.validate import DataValidationError
 
-    root, params = project
+    root, _ = project
     client = _client(root)
-    versions_before = {v.version for v in client.search_model_versions("name='langops-classifier'")}
-    champion_before = client.get_model_version_by_alias("langops-classifier", "champion").version
-    bad = write_bad_csv(tmp_path / "bad.csv")
+    before = _registry_state(client)
+    bad = write_bad_csv(tmp_path / "bad.csv", defect)
 
     state = training_pipeline(
         params_path=str(root / "params.yaml"), overrides=[f"data.source={bad}"], return_state=True
     )
     assert state.is_failed()
-    with pytest.raises(DataValidationError) as err:
+    with pytest.raises((DataValidationError, PrepareError)) as err:
         state.result()
-    assert "refunds" in str(err.value)
+    assert BAD_DATA[defect] in str(err.value)
 
-    assert {v.version for v in client.search_model_versions("name='langops-classifier'")} == versions_before
-    assert client.get_model_version_by_alias("langops-classifier", "champion").version == champion_before
-    report = _artifacts(state.state_details.flow_run_id)["validation-report"]
-    assert "refunds" in report["data"]
+    # Nothing downstream happened: no new MLflow run, no new model version, the same champion.
+    assert _registry_state(client) == before
+    if isinstance(err.value, DataValidationError):
+        report = _artifacts(state.state_details.flow_run_id)["validation-report"]
+        assert BAD_DATA[defect] in report["data"]
