@@ -16,6 +16,7 @@ DEMO_LABELS = ["billing", "shipping", "technical", "account", "cancellation", "f
 
 
 def free_port() -> int:
+    """A port free on 127.0.0.1 right now (the OS picks it, so parallel runs do not collide)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

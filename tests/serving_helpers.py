@@ -8,7 +8,6 @@ is built once for both modules (conftest.py belongs to the whole suite).
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,9 +18,9 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 import httpx
-import pandas as pd
 import pytest
-from conftest import LABELS
+from conftest import write_prepared
+from pipeline_helpers import free_port
 
 from langops.serving.app import ServerSettings, create_app
 
@@ -29,13 +28,6 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 TIMEOUT_S = 60.0
-
-
-def free_port() -> int:
-    """A port free on 127.0.0.1 right now (the OS picks it, so parallel runs do not collide)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_until(condition: Callable[[], bool], *, what: str, timeout: float = TIMEOUT_S) -> None:
@@ -82,24 +74,6 @@ def running_server(settings: ServerSettings) -> Iterator[LiveServer]:
         thread.join(30)
 
 
-def write_prepared_dir(directory: Path, rows_per_label: int = 6) -> Path:
-    """The prepare step's layout, tiny: three parquet splits with ``text``/``label`` and labels.json."""
-    from langops.io import write_labels
-
-    directory.mkdir(parents=True, exist_ok=True)
-    frame = pd.DataFrame(
-        [
-            {"text": f"{label} question number {i} about my {label}", "label": label}
-            for label in LABELS
-            for i in range(rows_per_label)
-        ]
-    )
-    for split in ("train", "validation", "test"):
-        frame.to_parquet(directory / f"{split}.parquet", index=False)
-    write_labels(directory, LABELS)
-    return directory
-
-
 def build_compressed_dir(root: Path, trained_dir: Path) -> Path:
     """A compressed dir made by the real compress step from the tiny trained model."""
     from langops.config import CompressConfig
@@ -108,7 +82,7 @@ def build_compressed_dir(root: Path, trained_dir: Path) -> Path:
     # Parity is the compress tests' business; serving only needs a model that loads and answers.
     cfg = CompressConfig(latency_runs=5, min_label_agreement=0.0, max_fp32_logit_diff=1.0)
     out_dir = root / "compressed"
-    prepared_dir = write_prepared_dir(root / "prepared")
+    prepared_dir = write_prepared(root / "prepared")
     compress(cfg, trained_dir=trained_dir, prepared_dir=prepared_dir, out_dir=out_dir, max_length=32)
     return out_dir
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import LABELS
+from conftest import LABELS, write_prepared
 
 from langops.config import CompressConfig
-from langops.io import read_split, write_labels
+from langops.io import read_split
 from langops.metrics import classification_metrics
 from langops.onnx_model import FP32_MODEL_FILE, MODEL_FILE, OnnxClassifier
 from langops.tasks.compress import CompressionResult, ParityError, check_parity, compress
@@ -22,22 +22,6 @@ MAX_LENGTH = 32
 TEST_CONFIG = CompressConfig(latency_runs=5, min_label_agreement=0.0)
 
 
-def write_prepared_dir(directory: Path, rows_per_label: int = 10) -> Path:
-    """The prepare step's layout with texts of varied lengths, the same rows in every split."""
-    directory.mkdir(parents=True, exist_ok=True)
-    frame = pd.DataFrame(
-        [
-            {"text": f"my {label} question number {i} " + "with more words " * (i % 5), "label": label}
-            for label in LABELS
-            for i in range(rows_per_label)
-        ]
-    )
-    for split in ("train", "validation", "test"):
-        frame.to_parquet(directory / f"{split}.parquet", index=False)
-    write_labels(directory, LABELS)
-    return directory
-
-
 def build_compressed_dir(
     root: Path, trained_dir: Path, cfg: CompressConfig = TEST_CONFIG
 ) -> CompressionResult:
@@ -45,7 +29,7 @@ def build_compressed_dir(
     return compress(
         cfg,
         trained_dir=trained_dir,
-        prepared_dir=write_prepared_dir(root / "prepared"),
+        prepared_dir=write_prepared(root / "prepared"),
         out_dir=root / "compressed",
         max_length=MAX_LENGTH,
     )
@@ -202,7 +186,7 @@ def test_parity_failure_raises_and_keeps_the_previous_out_dir(
 
 
 def test_unknown_test_label_is_refused_before_any_work(tmp_path: Path, tiny_trained_dir: Path) -> None:
-    prepared = write_prepared_dir(tmp_path / "prepared")
+    prepared = write_prepared(tmp_path / "prepared")
     pd.DataFrame({"text": ["where is my refund"], "label": ["refunds"]}).to_parquet(prepared / "test.parquet")
     with pytest.raises(ValueError, match=r"labels the model does not know: \['refunds'\]"):
         compress(

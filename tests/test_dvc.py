@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from pipeline_helpers import tiny_project_params, write_params
 
 pytestmark = pytest.mark.slow

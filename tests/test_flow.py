@@ -5,7 +5,6 @@ from __future__ import annotations
 import httpx
 import pytest
 from mlflow import MlflowClient
-
 from pipeline_helpers import tiny_project_params, write_bad_csv, write_params
 
 pytestmark = pytest.mark.slow
