@@ -64,10 +64,11 @@ def _write_project(root: Path, args: argparse.Namespace):
     from langops.config import load_params
 
     train = pd.read_csv(args.data_dir / "train.csv")
-    rows = min(args.train_rows, len(train))
-    sample = train.groupby("label", group_keys=False).apply(
-        lambda g: g.sample(n=round(rows * len(g) / len(train)), random_state=0)
-    )
+    from sklearn.model_selection import train_test_split
+
+    sample = train
+    if args.train_rows < len(train):
+        sample, _ = train_test_split(train, train_size=args.train_rows, stratify=train["label"], random_state=0)
     source = root / "sst2_train_sample.csv"
     sample.to_csv(source, index=False)
     overrides = {

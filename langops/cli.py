@@ -143,9 +143,11 @@ def _closing_summary(params: Params, summary, seconds: float) -> str:
             "-H 'content-type: application/json' -d '{\"text\": \"my card was charged twice\"}')",
             "                   stop it with: langops stop",
         ]
+    bin_dir = Path(sys.executable).parent
     lines += [
-        f"  MLflow UI        mlflow ui --backend-store-uri {summary.tracking_uri} --port 5000",
-        f"  Prefect UI       PREFECT_HOME={state / 'prefect'} prefect server start  (then http://127.0.0.1:4200)",
+        f"  MLflow UI        {bin_dir / 'mlflow'} ui --backend-store-uri {summary.tracking_uri} --port 5000",
+        f"  Prefect UI       PREFECT_HOME={state / 'prefect'} {bin_dir / 'prefect'} server start"
+        "  (then http://127.0.0.1:4200)",
     ]
     return "\n".join(lines)
 
