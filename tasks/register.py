@@ -88,11 +88,12 @@ def register(
             input_example=pd.DataFrame({TEXT: INPUT_EXAMPLE}),
             pip_requirements=[f"{name}=={installed_version(name)}" for name in PYFUNC_REQUIREMENTS],
         )
-    created = mlflow.register_model(logged.model_uri, cfg.model_name, await_registration_for=0)
+    # Lineage tags are written with the version itself, so no version ever exists without them.
+    created = mlflow.register_model(
+        logged.model_uri, cfg.model_name, await_registration_for=0, tags=version_tags(lineage, summary)
+    )
     client = MlflowClient()
     try:
-        for key, value in version_tags(lineage, summary).items():
-            client.set_model_version_tag(cfg.model_name, created.version, key, value)
         client.update_model_version(
             cfg.model_name,
             created.version,

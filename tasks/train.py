@@ -24,8 +24,8 @@ from sklearn.metrics import f1_score
 from tqdm.auto import tqdm
 
 from langops.config import TrainConfig
-from langops.io import read_split, write_json, write_labels
-from langops.modeling import Device, pad_batch, predict_logits, resolve_base_model, select_device, tokenize
+from langops.io import read_split, write_labels
+from langops.modeling import pad_batch, predict_logits, resolve_base_model, select_device, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,11 @@ def train(
     Args:
         on_epoch_end: called with the epoch's metrics and the epoch number (e.g. ``mlflow.log_metrics``).
     """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        get_linear_schedule_with_warmup,
+    )
 
     started = time.perf_counter()
     prepared_dir, out_dir, checkpoint_dir = Path(prepared_dir), Path(out_dir), Path(checkpoint_dir)

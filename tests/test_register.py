@@ -110,11 +110,11 @@ def test_a_failure_after_version_creation_leaves_no_version(
 
     register(params.register, params=params, compressed_dir=compressed_dir, run_id=run_id, lineage=LINEAGE)
 
-    def refuse_tag(*args, **kwargs):
-        raise RuntimeError("tag store unavailable")
+    def refuse_update(*args, **kwargs):
+        raise RuntimeError("registry unavailable")
 
-    monkeypatch.setattr(MlflowClient, "set_model_version_tag", refuse_tag)
-    with pytest.raises(RuntimeError, match="tag store unavailable"):
+    monkeypatch.setattr(MlflowClient, "update_model_version", refuse_update)
+    with pytest.raises(RuntimeError, match="registry unavailable"):
         register(
             params.register, params=params, compressed_dir=compressed_dir, run_id=run_id, lineage=LINEAGE
         )
