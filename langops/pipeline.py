@@ -66,14 +66,23 @@ def run_train(params: Params) -> TrainRecord:
         mlflow.set_tags({f"langops.{k}": v for k, v in lineage.items()})
         mlflow.log_params(_flatten(params.model_dump(mode="json", include={"data", "prepare", "train"})))
         _log_if_exists(params.paths.validation, "validation")
+        logged_epochs: set[int] = set()
+
+        def log_epoch(metrics: dict[str, float], epoch: int) -> None:
+            mlflow.log_metrics(metrics, step=epoch)
+            logged_epochs.add(epoch)
+
         result = train(
             params.train,
             prepared_dir=params.paths.prepared,
             out_dir=params.paths.trained,
             checkpoint_dir=params.paths.checkpoints,
             seed=params.project.seed,
-            on_epoch_end=lambda metrics, epoch: mlflow.log_metrics(metrics, step=epoch),
+            on_epoch_end=log_epoch,
         )
+        for row in result.history:  # epochs restored from a checkpoint were not logged live
+            if row["epoch"] not in logged_epochs:
+                mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
         summary = {"run_id": run.info.run_id, "lineage": lineage, **_jsonable(asdict(result))}
         mlflow.log_metrics(
             {"best_val_macro_f1": result.best_val_macro_f1, "best_epoch": result.best_epoch,
@@ -216,8 +225,8 @@ def rescore_registered_model(params: Params, version: str) -> dict[str, float]:
 
     from langops.io import read_split
     from langops.metrics import classification_metrics
-    from langops.serving.registry import download_compressed_dir
     from langops.onnx_model import OnnxClassifier
+    from langops.serving.registry import download_compressed_dir
 
     model_dir = download_compressed_dir(params.register.model_name, version, cache_dir=params.project.state_dir / "cache")
     classifier = OnnxClassifier.load(model_dir)

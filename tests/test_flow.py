@@ -93,6 +93,8 @@ def test_pipeline_registers_promotes_and_serves_then_a_tie_leaves_the_champion(p
     assert (second.version, second.promoted, second.champion_version) == ("2", False, "1")
     assert "tie" in second.decision_reason or "needs >=" in second.decision_reason
     assert client.get_model_version("langops-classifier", "2").tags["langops.decision"] == "rejected"
+    # The second run resumed from the first's finished checkpoints, yet its MLflow run has the full curve.
+    assert [m.step for m in client.get_metric_history(second.run_id, "val_macro_f1")] == [1, 2]
     assert str(client.get_model_version_by_alias("langops-classifier", "champion").version) == "1"
 
 
