@@ -59,11 +59,14 @@ def test_dvc_repro_runs_every_stage_then_nothing_then_only_what_a_param_change_t
 
     shown = _run(["dvc", "metrics", "show", "--json"], dvc_project)
     assert "macro_f1" in shown.stdout
+    plots = json.loads(_run(["dvc", "plots", "show", "--json"], dvc_project).stdout)
+    assert {"reports/evaluation/confusion.csv", "reports/evaluation/confusion_matrix.png"} <= set(plots["data"])
+    pushed = _run(["dvc", "push"], dvc_project)
+    assert "pushed" in pushed.stdout and any((dvc_project / ".langops" / "dvc-remote").rglob("*"))
 
     second = _run(["dvc", "repro"], dvc_project)
     assert "Running stage" not in second.stdout, second.stdout
     assert "up to date" in second.stdout.lower()
-
 
     # A train knob changes: the data stages are skipped, train and everything after it re-run.
     params = yaml.safe_load((dvc_project / "params.yaml").read_text())
