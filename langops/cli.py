@@ -66,6 +66,11 @@ def _parser() -> argparse.ArgumentParser:
     for step in STEPS:
         stage = sub.add_parser(step, parents=[common], help=f"run the {step} step alone (what `dvc repro` calls)")
         stage.set_defaults(handler=_step, step=step)
+        if step == "promote":
+            stage.add_argument(
+                "--force", metavar="REASON", dest="force_reason",
+                help="promote even if the gate refuses; the reason is recorded with the decision",
+            )
 
     serve = sub.add_parser("serve", parents=[common], help="serve the champion over HTTP (foreground)")
     serve.add_argument("--host", help="bind address (default: deploy.host, 127.0.0.1)")
@@ -77,6 +82,15 @@ def _parser() -> argparse.ArgumentParser:
 
     stop = sub.add_parser("stop", parents=[common], help="stop the background model server started by deploy")
     stop.set_defaults(handler=_stop)
+
+    history = sub.add_parser("history", parents=[common], help="list the champion's promotions and rollbacks")
+    history.add_argument("--limit", type=int, default=20, help="newest events to show (default: 20)")
+    history.set_defaults(handler=_history)
+
+    rollback = sub.add_parser("rollback", parents=[common], help="serve previous_champion again (recorded)")
+    rollback.add_argument("--reason", required=True, help="why; kept in the promotion log")
+    rollback.add_argument("--actor", default=os.environ.get("USER") or "cli", help="who (default: $USER or cli)")
+    rollback.set_defaults(handler=_rollback)
     return parser
 
 
@@ -92,7 +106,12 @@ def _run(params: Params, args: argparse.Namespace) -> int:
 def _step(params: Params, args: argparse.Namespace) -> int:
     from langops import pipeline
 
-    getattr(pipeline, f"run_{args.step}")(params)
+    runner = getattr(pipeline, f"run_{args.step}")
+    if args.step == "promote":
+        decision = runner(params, force_reason=args.force_reason)
+        print(decision.to_markdown())
+    else:
+        runner(params)
     return 0
 
 
@@ -120,6 +139,46 @@ def _stop(params: Params, args: argparse.Namespace) -> int:
 
     stopped = stop_server(params.project.state_dir)
     print("model server stopped" if stopped else "no model server was running")
+    return 0
+
+
+def _history(params: Params, args: argparse.Namespace) -> int:
+    from langops.promotions import read_history
+
+    model = params.register.model_name
+    if args.limit < 1:
+        print(f"langops: --limit must be at least 1, got {args.limit}", file=sys.stderr)
+        return 2
+    events = read_history(params, model, limit=args.limit)
+    if not events:
+        print(f"no promotion events recorded for {model}")
+        return 0
+    rows = [("when", "event", "from → to", "actor", "reason")]
+    rows += [(e.at, e.event, f"{e.from_version or '-'} → {e.to_version}", e.actor, e.reason) for e in events]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    print(f"promotion history of {model}, newest first")
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[4])
+    return 0
+
+
+def _rollback(params: Params, args: argparse.Namespace) -> int:
+    from langops.promotions import PromotionError, rollback
+
+    model = params.register.model_name
+    try:
+        event = rollback(params, model_name=model, reason=args.reason, actor=args.actor)
+    except PromotionError as exc:
+        print(f"langops: {exc}", file=sys.stderr)
+        return 1
+    url = f"http://{params.deploy.host}:{params.deploy.port}"
+    print(
+        f"rolled back {model}: champion is now version {event.to_version} (was {event.from_version}); "
+        f"previous_champion is now version {event.from_version}\n"
+        f"recorded as {event.record_id} by {event.actor} at {event.at}\n"
+        f"a running model server switches on its next poll (every {params.deploy.poll_seconds:g}s), "
+        f"or now with: curl -X POST {url}/reload"
+    )
     return 0
 
 

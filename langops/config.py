@@ -145,11 +145,34 @@ class RegisterConfig(_Section):
 
 
 class PromoteConfig(_Section):
+    """The promotion gate. Names follow MLflow's ``MetricThreshold`` where they mean the same thing."""
+
     primary_metric: Literal["macro_f1", "accuracy"] = "macro_f1"
-    min_improvement: float = Field(0.005, ge=0)
+    min_absolute_change: float = Field(
+        0.005, ge=0, description="the lower confidence bound of challenger - champion must reach this"
+    )
+    min_relative_change: float = Field(0.0, ge=0, description="... and this share of the champion's value")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="two-sided level of the bootstrap interval")
+    bootstrap_samples: int = Field(2000, ge=100)
+    mcnemar_alpha: float = Field(0.05, gt=0, lt=1, description="for accuracy: McNemar's test must reject at this level")
     thresholds: dict[str, float] = Field(default_factory=lambda: {"macro_f1": 0.5, "accuracy": 0.5})
-    max_latency_ms: float = Field(100.0, gt=0)
+    guards: dict[str, float] = Field(
+        default_factory=lambda: {"ece": 0.03, "recall_*": 0.10},
+        description="metric -> largest regression allowed vs the champion; recall_* means every class",
+    )
+    max_latency_ms: dict[str, float] = Field(
+        default_factory=lambda: {"batch1_p50": 50.0, "batch1_p95": 100.0, "batch32_p50": 2000.0, "batch32_p95": 4000.0}
+    )
     max_size_mb: float = Field(200.0, gt=0)
+
+    @field_validator("max_latency_ms")
+    @classmethod
+    def _latency_keys(cls, budgets: dict[str, float]) -> dict[str, float]:
+        allowed = {"batch1_p50", "batch1_p95", "batch32_p50", "batch32_p95"}
+        unknown = sorted(set(budgets) - allowed)
+        if unknown:
+            raise ValueError(f"unknown latency budgets {unknown}; use {sorted(allowed)}")
+        return budgets
 
 
 class DeployConfig(_Section):

@@ -163,25 +163,25 @@ def run_register(params: Params):
     return result
 
 
-def run_promote(params: Params):
-    """Gather evidence for challenger and champion on the same test rows, decide, and record it."""
+def run_promote(params: Params, *, force_reason: str | None = None):
+    """Gather evidence for challenger and champion on the same test rows, decide, and record it.
+
+    Both are judged as they ship: the challenger's compressed model and the champion's registered one,
+    each scored here on the current test split, so the comparison is paired row by row.
+    """
     import mlflow
 
-    from langops.tasks.promote import CHAMPION, ModelEvidence, apply_decision, decide
+    from langops.tasks.promote import CHAMPION, apply_decision, decide
     from langops.tracking import configure_mlflow, resumed_run
 
     configure_mlflow(params)
     registration = read_json(params.paths.registration / "registration.json")
-    compressed = read_json(params.paths.compressed / "compress.json")
-    challenger = challenger_evidence(registration["version"], compressed)
+    challenger = challenger_evidence(params, str(registration["version"]))
     champion_version = current_alias_version(params.register.model_name, CHAMPION)
     champion = None
     if champion_version is not None and champion_version != challenger.version:
-        champion = ModelEvidence(
-            version=champion_version,
-            metrics=rescore_registered_model(params, champion_version),
-        )
-    decision = decide(challenger, champion, params.promote)
+        champion = shipped_model_evidence(params, _registered_model_dir(params, champion_version), champion_version)
+    decision = decide(challenger, champion, params.promote, force_reason=force_reason)
     champion_after = apply_decision(decision, model_name=params.register.model_name)
     out = params.paths.promotion
     write_json(out / "decision.json", {**decision.to_dict(), "champion_after": champion_after})
@@ -193,18 +193,40 @@ def run_promote(params: Params):
     return decision
 
 
-def challenger_evidence(version: str, compressed: dict[str, Any]):
-    """The shipped (compressed) model's test metrics, latency and size as the gate's evidence."""
-    from langops.tasks.promote import ModelEvidence
-
-    metrics = compressed["metrics"]
-    return ModelEvidence(
-        version=str(version),
-        metrics={k: float(metrics[k]) for k in ("accuracy", "macro_f1", "ece") if k in metrics},
-        latency_ms=compressed["latency_ms"]["int8_batch1_p50"] if compressed.get("quantized") else compressed["latency_ms"]["fp32_batch1_p50"],
-        size_mb=compressed["sizes_mb"]["int8_onnx"] if compressed.get("quantized") else compressed["sizes_mb"]["fp32_onnx"],
+def challenger_evidence(params: Params, version: str):
+    """The compressed model about to ship: its per-row test predictions, latency, size and parity."""
+    compressed = read_json(params.paths.compressed / "compress.json")
+    shipped = "int8" if compressed.get("quantized") else "fp32"
+    return shipped_model_evidence(
+        params,
+        params.paths.compressed,
+        version,
+        latency_ms={
+            key.removeprefix(f"{shipped}_"): float(value)
+            for key, value in compressed["latency_ms"].items()
+            if key.startswith(f"{shipped}_")
+        },
+        size_mb=compressed["sizes_mb"][f"{shipped}_onnx"],
         parity_passed=bool(compressed["parity"].get("passed", True)),
     )
+
+
+def shipped_model_evidence(params: Params, model_dir: Path, version: str, **extra: Any):
+    """Score a compressed model on the current test split and wrap the per-row result as gate evidence."""
+    import numpy as np
+
+    from langops.io import read_split
+    from langops.onnx_model import OnnxClassifier
+    from langops.tasks.promote import ModelEvidence
+
+    classifier = OnnxClassifier.load(model_dir)
+    test = read_split(params.paths.prepared, "test")
+    unknown = sorted(set(test["label"]) - set(classifier.labels))
+    if unknown:
+        raise ValueError(f"version {version} cannot score labels {unknown}: its label set differs")
+    y_true = np.array([classifier.labels.index(y) for y in test["label"]])
+    probs = classifier.predict_proba(test["text"].tolist())
+    return ModelEvidence.from_probabilities(version, classifier.labels, y_true, probs, **extra)
 
 
 def current_alias_version(model_name: str, alias: str) -> str | None:
@@ -219,25 +241,10 @@ def current_alias_version(model_name: str, alias: str) -> str | None:
         raise
 
 
-def rescore_registered_model(params: Params, version: str) -> dict[str, float]:
-    """Score a registered version's shipped model on the current test split (the same rows as the challenger)."""
-    import numpy as np
-
-    from langops.io import read_split
-    from langops.metrics import classification_metrics
-    from langops.onnx_model import OnnxClassifier
+def _registered_model_dir(params: Params, version: str) -> Path:
     from langops.serving.registry import download_compressed_dir
 
-    model_dir = download_compressed_dir(params.register.model_name, version, cache_dir=params.project.state_dir / "cache")
-    classifier = OnnxClassifier.load(model_dir)
-    test = read_split(params.paths.prepared, "test")
-    unknown = sorted(set(test["label"]) - set(classifier.labels))
-    if unknown:
-        raise ValueError(f"champion version {version} cannot score labels {unknown}: its label set differs")
-    probs = classifier.predict_proba(test["text"].tolist())
-    y_true = np.array([classifier.labels.index(y) for y in test["label"]])
-    metrics = classification_metrics(y_true, probs, classifier.labels, calibration_bins=params.evaluate.calibration_bins)
-    return {k: metrics[k] for k in ("accuracy", "macro_f1", "ece")}
+    return download_compressed_dir(params.register.model_name, version, cache_dir=params.project.state_dir / "cache")
 
 
 def run_deploy(params: Params):

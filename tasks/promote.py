@@ -1,32 +1,73 @@
 """The promotion gate: a pure ``decide`` and a small step that writes its outcome to the registry.
 
-``decide`` sees only evidence (metrics of the shipped int8 model on one test split, latency, size)
-and the policy from ``params.yaml``; it never touches MLflow, so every case is a plain unit test.
-``apply_decision`` is the only place that moves the ``champion`` alias.
+``decide`` sees only evidence — the per-row predictions of the shipped (int8) model and of the
+champion on the same test rows, latency and size — and the policy from ``params.yaml``. It never
+touches MLflow, so every case is a plain unit test. ``apply_decision`` is the only place that moves
+the ``champion`` alias.
+
+Point values are not enough to replace a model: on a few hundred rows a one-point gain in macro-F1 is
+often noise. The primary metric is therefore judged by a paired bootstrap interval of the difference
+on the same rows (and, for accuracy, McNemar's exact test), and promoted only when the interval's
+lower bound clears the margin.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
+
+import numpy as np
 
 from langops.config import PromoteConfig
 
 CHAMPION = "champion"
 PREVIOUS_CHAMPION = "previous_champion"
+BOOTSTRAP_SEED = 20240601  # fixed: the same evidence always gives the same decision
+LOWER_IS_BETTER = frozenset({"ece"})
+
+
+def greater_is_better(metric: str) -> bool:
+    return metric not in LOWER_IS_BETTER
 
 
 @dataclass(frozen=True)
 class ModelEvidence:
-    """What the gate knows about one model, measured on the challenger's test split."""
+    """What the gate knows about one model, measured on the challenger's test rows.
+
+    ``y_true``/``y_pred`` are label ids in ``labels`` order, row by row; they are what the paired
+    interval resamples. A champion without them ("no evaluation") cannot be compared and says so.
+    """
 
     version: str | None
-    metrics: dict[str, float]
-    latency_ms: float | None = None
+    labels: tuple[str, ...] = ()
+    y_true: tuple[int, ...] | None = None
+    y_pred: tuple[int, ...] | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    latency_ms: dict[str, float] = field(default_factory=dict)
     size_mb: float | None = None
     parity_passed: bool = True
+
+    @classmethod
+    def from_probabilities(
+        cls, version: str | None, labels: Sequence[str], y_true: Sequence[int], probs: np.ndarray, **extra: Any
+    ) -> ModelEvidence:
+        """Evidence from a model's class probabilities on the test rows (metrics computed here)."""
+        from langops.metrics import classification_metrics
+
+        metrics = classification_metrics(np.asarray(y_true), probs, labels)
+        flat = {k: float(metrics[k]) for k in ("accuracy", "macro_f1", "ece")}
+        flat |= {f"recall_{name}": row["recall"] for name, row in metrics["per_class"].items()}
+        return cls(
+            version=version, labels=tuple(labels), y_true=tuple(int(y) for y in y_true),
+            y_pred=tuple(int(p) for p in np.asarray(probs).argmax(axis=1)), metrics=flat, **extra,
+        )
+
+    @property
+    def evaluated(self) -> bool:
+        return self.y_true is not None and self.y_pred is not None
 
 
 @dataclass(frozen=True)
@@ -34,6 +75,9 @@ class Check:
     name: str
     passed: bool
     detail: str
+    value: float | None = None
+    reference: float | None = None
+    interval: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -44,6 +88,8 @@ class Decision:
     champion_version: str | None
     primary_metric: str
     checks: tuple[Check, ...]
+    forced: bool = False
+    force_reason: str | None = None
     decided_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     @property
@@ -55,6 +101,8 @@ class Decision:
 
     def to_markdown(self) -> str:
         verdict = "PROMOTED" if self.promote else "NOT PROMOTED"
+        if self.forced:
+            verdict += " (FORCED)"
         lines = [
             f"# Promotion decision: {verdict}",
             "",
@@ -63,65 +111,190 @@ class Decision:
             f"- primary metric: `{self.primary_metric}`",
             f"- reason: {self.reason}",
             f"- decided at: {self.decided_at}",
-            "",
-            "| check | result | detail |",
-            "|---|---|---|",
         ]
+        if self.forced:
+            lines.append(f"- forced because: {self.force_reason}")
+        lines += ["", "| check | result | detail |", "|---|---|---|"]
         lines += [f"| {c.name} | {'pass' if c.passed else 'FAIL'} | {c.detail} |" for c in self.checks]
         return "\n".join(lines) + "\n"
 
 
-def decide(challenger: ModelEvidence, champion: ModelEvidence | None, policy: PromoteConfig) -> Decision:
-    """Promote only if every absolute check passes and, when a champion exists, the challenger beats it
-    on the primary metric by at least ``policy.min_improvement`` on the same test rows."""
-    checks: list[Check] = [Check("parity", challenger.parity_passed, "compressed model matches the torch model" if challenger.parity_passed else "compressed model disagrees with the torch model")]
-    for metric, threshold in sorted(policy.thresholds.items()):
-        value = challenger.metrics.get(metric)
-        if value is None or math.isnan(value):
-            checks.append(Check(f"threshold:{metric}", False, f"{metric} is absent from the challenger's evaluation"))
-        else:
-            checks.append(Check(f"threshold:{metric}", value >= threshold, f"{value:.4f} >= {threshold:.4f}"))
-    checks.append(_budget("latency_ms", challenger.latency_ms, policy.max_latency_ms))
-    checks.append(_budget("size_mb", challenger.size_mb, policy.max_size_mb))
+def decide(
+    challenger: ModelEvidence,
+    champion: ModelEvidence | None,
+    policy: PromoteConfig,
+    *,
+    force_reason: str | None = None,
+) -> Decision:
+    """Judge the challenger; every check is spelled out in the decision, passed or not.
 
-    primary = policy.primary_metric
+    Absolute checks (any model): parity with the torch model, ``thresholds``, latency and size budgets.
+    Against a champion (on the same rows): the primary metric's paired bootstrap interval must clear
+    ``min_absolute_change`` and ``min_relative_change`` (for accuracy McNemar's test must also reject),
+    and every guard metric must not regress by more than its margin.
+
+    Args:
+        force_reason: promote whatever the checks say; the reason is mandatory and recorded.
+
+    Raises:
+        ValueError: ``force_reason`` is given but blank.
+    """
+    if force_reason is not None and not force_reason.strip():
+        raise ValueError("forcing a promotion needs a reason")
+    checks = [_parity(challenger), *_thresholds(challenger, policy), *_budgets(challenger, policy)]
     if champion is not None:
-        checks.append(_beats_champion(challenger, champion, primary, policy.min_improvement))
+        checks += _against_champion(challenger, champion, policy)
 
     failed = [c for c in checks if not c.passed]
+    primary = policy.primary_metric
     if failed:
         reason = "; ".join(f"{c.name}: {c.detail}" for c in failed)
     elif champion is None:
         reason = "no champion yet and every absolute check passes"
     else:
-        reason = f"beats champion version {champion.version} on {primary} by at least {policy.min_improvement}"
+        reason = f"beats champion version {champion.version} on {primary} beyond noise and the margin; guards hold"
+    if force_reason is not None:
+        reason = f"forced ({force_reason.strip()})" + (f" despite: {reason}" if failed else "")
     return Decision(
-        promote=not failed,
+        promote=not failed or force_reason is not None,
         reason=reason,
         challenger_version=challenger.version,
         champion_version=champion.version if champion else None,
         primary_metric=primary,
         checks=tuple(checks),
+        forced=force_reason is not None,
+        force_reason=force_reason.strip() if force_reason else None,
     )
 
 
-def _budget(name: str, value: float | None, limit: float) -> Check:
-    if value is None:
-        return Check(f"budget:{name}", False, f"{name} was not measured")
-    return Check(f"budget:{name}", value <= limit, f"{value:.2f} <= {limit:.2f}")
+def _parity(challenger: ModelEvidence) -> Check:
+    detail = "shipped model matches the torch model" if challenger.parity_passed else "shipped model disagrees with the torch model"
+    return Check("parity", challenger.parity_passed, detail)
 
 
-def _beats_champion(challenger: ModelEvidence, champion: ModelEvidence, metric: str, margin: float) -> Check:
+def _thresholds(challenger: ModelEvidence, policy: PromoteConfig) -> list[Check]:
+    checks = []
+    for metric, threshold in sorted(policy.thresholds.items()):
+        value = challenger.metrics.get(metric)
+        name = f"threshold:{metric}"
+        if value is None or math.isnan(value):
+            checks.append(Check(name, False, f"{metric} is absent from the challenger's evaluation"))
+        elif greater_is_better(metric):
+            checks.append(Check(name, value >= threshold, f"{value:.4f} >= {threshold:.4f}", value, threshold))
+        else:
+            checks.append(Check(name, value <= threshold, f"{value:.4f} <= {threshold:.4f}", value, threshold))
+    return checks
+
+
+def _budgets(challenger: ModelEvidence, policy: PromoteConfig) -> list[Check]:
+    budgets = [(f"latency_ms:{key}", challenger.latency_ms.get(key), limit) for key, limit in sorted(policy.max_latency_ms.items())]
+    budgets.append(("size_mb", challenger.size_mb, policy.max_size_mb))
+    checks = []
+    for name, value, limit in budgets:
+        if value is None:
+            checks.append(Check(f"budget:{name}", False, f"{name} was not measured"))
+        else:
+            checks.append(Check(f"budget:{name}", value <= limit, f"{value:.2f} <= {limit:.2f}", value, limit))
+    return checks
+
+
+def _against_champion(challenger: ModelEvidence, champion: ModelEvidence, policy: PromoteConfig) -> list[Check]:
+    if not champion.evaluated:
+        return [Check("champion_evaluated", False, f"champion version {champion.version} has no evaluation on these rows")]
+    if not challenger.evaluated:
+        return [Check("challenger_evaluated", False, "the challenger has no per-row predictions")]
+    if champion.y_true != challenger.y_true or tuple(champion.labels) != tuple(challenger.labels):
+        return [Check("same_rows", False, "champion and challenger were scored on different rows or label sets")]
+    checks = [_primary(challenger, champion, policy)]
+    if policy.primary_metric == "accuracy":
+        checks.append(_mcnemar(challenger, champion, policy.mcnemar_alpha))
+    checks += _guards(challenger, champion, policy)
+    return checks
+
+
+def _primary(challenger: ModelEvidence, champion: ModelEvidence, policy: PromoteConfig) -> Check:
+    metric = policy.primary_metric
     name = f"beats_champion:{metric}"
-    ours, theirs = challenger.metrics.get(metric), champion.metrics.get(metric)
-    if ours is None:
-        return Check(name, False, f"{metric} is absent from the challenger's evaluation")
-    if theirs is None:
-        return Check(name, False, f"champion version {champion.version} has no {metric} on this test split")
-    delta = ours - theirs
-    if abs(delta) < 1e-12:
-        return Check(name, False, f"tie: both {ours:.4f}; a tie never replaces the champion")
-    return Check(name, delta >= margin, f"{ours:.4f} - {theirs:.4f} = {delta:+.4f} (needs >= {margin:+.4f})")
+    y_true = np.asarray(challenger.y_true)
+    ours, theirs = np.asarray(challenger.y_pred), np.asarray(champion.y_pred)
+    k = len(challenger.labels)
+    point_ours, point_theirs = _metric(metric, y_true, ours, k), _metric(metric, y_true, theirs, k)
+    if np.array_equal(ours, theirs):
+        return Check(name, False, f"tie: identical predictions ({point_ours:.4f}); a tie never replaces the champion",
+                     point_ours, point_theirs, (0.0, 0.0))
+    low, high = paired_bootstrap_interval(
+        metric, y_true, ours, theirs, k, samples=policy.bootstrap_samples, confidence=policy.confidence
+    )
+    required = max(policy.min_absolute_change, policy.min_relative_change * point_theirs)
+    delta = point_ours - point_theirs
+    detail = (
+        f"{point_ours:.4f} vs {point_theirs:.4f}: difference {delta:+.4f}, {policy.confidence:.0%} interval "
+        f"[{low:+.4f}, {high:+.4f}] (lower bound needs >= {required:+.4f})"
+    )
+    return Check(name, low >= required and delta > 0, detail, point_ours, point_theirs, (low, high))
+
+
+def _mcnemar(challenger: ModelEvidence, champion: ModelEvidence, alpha: float) -> Check:
+    from scipy.stats import binomtest
+
+    y_true = np.asarray(challenger.y_true)
+    ours_right = np.asarray(challenger.y_pred) == y_true
+    theirs_right = np.asarray(champion.y_pred) == y_true
+    wins, losses = int(np.sum(ours_right & ~theirs_right)), int(np.sum(~ours_right & theirs_right))
+    p_value = binomtest(min(wins, losses), wins + losses, 0.5).pvalue if wins + losses else 1.0
+    detail = f"challenger right where champion wrong on {wins} rows, the reverse on {losses}: p = {p_value:.4f} (needs < {alpha})"
+    return Check("mcnemar:accuracy", wins > losses and p_value < alpha, detail, float(p_value), alpha)
+
+
+def _guards(challenger: ModelEvidence, champion: ModelEvidence, policy: PromoteConfig) -> list[Check]:
+    checks = []
+    for pattern, margin in sorted(policy.guards.items()):
+        metrics = [f"{pattern[:-1]}{label}" for label in challenger.labels] if pattern.endswith("*") else [pattern]
+        for metric in metrics:
+            ours, theirs = challenger.metrics.get(metric), champion.metrics.get(metric)
+            name = f"guard:{metric}"
+            if ours is None or theirs is None:
+                missing = "challenger" if ours is None else f"champion version {champion.version}"
+                checks.append(Check(name, False, f"{metric} is absent for the {missing}"))
+                continue
+            regression = (theirs - ours) if greater_is_better(metric) else (ours - theirs)
+            checks.append(Check(
+                name, regression <= margin + 1e-12,
+                f"{ours:.4f} vs champion {theirs:.4f}: regression {regression:+.4f} (allowed <= {margin:.4f})",
+                ours, theirs,
+            ))
+    return checks
+
+
+def paired_bootstrap_interval(
+    metric: str, y_true: np.ndarray, ours: np.ndarray, theirs: np.ndarray, n_labels: int, *, samples: int, confidence: float
+) -> tuple[float, float]:
+    """Percentile interval of metric(ours) - metric(theirs), resampling the same rows for both models."""
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    rows = rng.integers(0, len(y_true), size=(samples, len(y_true)))
+    diffs = _metric_batch(metric, y_true[rows], ours[rows], n_labels) - _metric_batch(metric, y_true[rows], theirs[rows], n_labels)
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(diffs, [tail, 1 - tail])
+    return float(low), float(high)
+
+
+def _metric(metric: str, y_true: np.ndarray, y_pred: np.ndarray, n_labels: int) -> float:
+    return float(_metric_batch(metric, y_true[None, :], y_pred[None, :], n_labels)[0])
+
+
+def _metric_batch(metric: str, y_true: np.ndarray, y_pred: np.ndarray, n_labels: int) -> np.ndarray:
+    """Accuracy or macro-F1 for each row of (samples, rows) label-id matrices, vectorised."""
+    if metric == "accuracy":
+        return (y_true == y_pred).mean(axis=1)
+    if metric != "macro_f1":
+        raise ValueError(f"no resampled form for metric {metric!r}")
+    samples = y_true.shape[0]
+    cell = (np.arange(samples)[:, None] * n_labels + y_true) * n_labels + y_pred
+    confusion = np.bincount(cell.ravel(), minlength=samples * n_labels * n_labels).reshape(samples, n_labels, n_labels)
+    tp = np.diagonal(confusion, axis1=1, axis2=2)
+    denominator = confusion.sum(axis=2) + confusion.sum(axis=1)  # (tp + fn) + (tp + fp)
+    f1 = np.divide(2 * tp, denominator, out=np.zeros(tp.shape, dtype=float), where=denominator > 0)
+    return f1.mean(axis=1)
 
 
 def apply_decision(decision: Decision, *, model_name: str) -> str | None:

@@ -35,7 +35,10 @@ def tiny_project_params(root: Path, base_model: Path, **sections: dict[str, Any]
             "learning_rate": 0.01, "max_length": 48, "num_threads": 2,
         },
         "compress": {"min_label_agreement": 0.5, "max_fp32_logit_diff": 0.01, "latency_runs": 5},
-        "promote": {"thresholds": {"macro_f1": 0.0, "accuracy": 0.0}, "max_latency_ms": 1000.0},
+        "promote": {
+            "thresholds": {"macro_f1": 0.0, "accuracy": 0.0},
+            "max_latency_ms": {"batch1_p50": 1000.0, "batch1_p95": 2000.0, "batch32_p50": 20000.0, "batch32_p95": 40000.0},
+        },
         "deploy": {"enabled": False, "port": free_port(), "poll_seconds": 0.5},
     }
     for overlay in (tiny, sections):

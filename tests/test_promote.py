@@ -1,102 +1,193 @@
-"""The promotion gate's pure decision: every case spelled out."""
+"""The promotion gate's pure decision: significance on paired rows, guards, budgets and every edge case."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from langops.config import PromoteConfig
-from langops.tasks.promote import ModelEvidence, decide
+from langops.tasks.promote import ModelEvidence, decide, paired_bootstrap_interval
 
+LABELS = ("billing", "shipping", "technical")
 POLICY = PromoteConfig(
-    primary_metric="macro_f1", min_improvement=0.01, thresholds={"macro_f1": 0.7, "accuracy": 0.7},
-    max_latency_ms=20.0, max_size_mb=50.0,
+    primary_metric="macro_f1",
+    min_absolute_change=0.01,
+    thresholds={"macro_f1": 0.5, "accuracy": 0.5},
+    guards={"ece": 0.05, "recall_*": 0.15},
+    max_latency_ms={"batch1_p50": 20.0, "batch32_p95": 500.0},
+    max_size_mb=50.0,
+    bootstrap_samples=1000,
 )
+FAST = {"latency_ms": {"batch1_p50": 5.0, "batch32_p95": 200.0}, "size_mb": 20.0}
 
 
-def evidence(version="2", macro_f1=0.85, accuracy=0.86, latency_ms=5.0, size_mb=20.0, parity=True) -> ModelEvidence:
-    metrics = {k: v for k, v in {"macro_f1": macro_f1, "accuracy": accuracy}.items() if v is not None}
-    return ModelEvidence(version=version, metrics=metrics, latency_ms=latency_ms, size_mb=size_mb, parity_passed=parity)
+def gold(rows: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, len(LABELS), rows)
 
 
-def test_first_model_passing_every_threshold_becomes_champion():
-    decision = decide(evidence(), None, POLICY)
+def predictions(y_true: np.ndarray, accuracy: float, seed: int) -> np.ndarray:
+    """Predictions right on a chosen share of rows, wrong (next class) on the rest."""
+    wrong = np.random.default_rng(seed).permutation(len(y_true))[: round((1 - accuracy) * len(y_true))]
+    y_pred = y_true.copy()
+    y_pred[wrong] = (y_pred[wrong] + 1) % len(LABELS)
+    return y_pred
+
+
+def evidence(version, y_true, y_pred, *, confidence=None, **extra) -> ModelEvidence:
+    """Evidence from hard predictions, with ``confidence`` on the predicted class (default: calibrated)."""
+    if confidence is None:
+        confidence = max(float(np.mean(y_true == y_pred)), 0.34)
+    probs = np.full((len(y_true), len(LABELS)), (1 - confidence) / (len(LABELS) - 1))
+    probs[np.arange(len(y_true)), y_pred] = confidence
+    return ModelEvidence.from_probabilities(version, LABELS, y_true, probs, **{**FAST, **extra})
+
+
+def test_first_model_passing_every_absolute_check_becomes_champion():
+    y = gold(300)
+    decision = decide(evidence("1", y, predictions(y, 0.8, 1)), None, POLICY)
     assert decision.promote
-    assert decision.champion_version is None
-    assert "no champion yet" in decision.reason
-    assert not any(c.name.startswith("beats_champion") for c in decision.checks)
+    assert decision.reason == "no champion yet and every absolute check passes"
+    assert not any(c.name.startswith(("beats_champion", "guard")) for c in decision.checks)
 
 
-def test_first_model_below_a_threshold_is_not_promoted_and_the_reason_names_the_metric():
-    decision = decide(evidence(accuracy=0.5), None, POLICY)
+def test_first_model_below_a_threshold_is_refused_with_the_metric_named():
+    y = gold(300)
+    decision = decide(evidence("1", y, predictions(y, 0.4, 1)), None, POLICY)
     assert not decision.promote
-    assert [c.name for c in decision.failed] == ["threshold:accuracy"]
-    assert "0.5000 >= 0.7000" in decision.reason
+    assert {c.name for c in decision.failed} == {"threshold:accuracy", "threshold:macro_f1"}
 
 
-def test_challenger_clearly_better_than_champion_is_promoted():
-    decision = decide(evidence(macro_f1=0.90), evidence(version="1", macro_f1=0.85), POLICY)
-    assert decision.promote
-    assert decision.champion_version == "1"
-    assert "beats champion version 1" in decision.reason
+def test_clear_improvement_on_many_rows_is_promoted_with_its_interval():
+    y = gold(3000)
+    decision = decide(evidence("2", y, predictions(y, 0.90, 1)), evidence("1", y, predictions(y, 0.80, 2)), POLICY)
+    assert decision.promote, decision.reason
+    primary = next(c for c in decision.checks if c.name == "beats_champion:macro_f1")
+    low, high = primary.interval
+    assert 0.01 < low < primary.value - primary.reference < high
 
 
-def test_improvement_smaller_than_the_margin_is_not_promoted():
-    decision = decide(evidence(macro_f1=0.855), evidence(version="1", macro_f1=0.85), POLICY)
+def test_higher_point_metric_is_not_promoted_when_the_interval_is_too_wide():
+    y = gold(60)
+    champion_pred = predictions(y, 0.80, 2)
+    challenger_pred = champion_pred.copy()
+    fixed = np.flatnonzero(champion_pred != y)[:2]  # the challenger gets two more rows right
+    challenger_pred[fixed] = y[fixed]
+    decision = decide(evidence("2", y, challenger_pred), evidence("1", y, champion_pred), POLICY)
+
+    primary = next(c for c in decision.checks if c.name == "beats_champion:macro_f1")
+    assert primary.value > primary.reference + POLICY.min_absolute_change  # better on points, beyond the margin
+    assert primary.interval[0] < POLICY.min_absolute_change  # but not beyond noise
+    assert not decision.promote and "interval" in decision.reason
+
+
+def test_better_in_float_but_worse_after_int8_is_refused_because_the_gate_judges_what_ships():
+    y = gold(2000)
+    champion = evidence("1", y, predictions(y, 0.85, 2))
+    torch_better = evidence("2", y, predictions(y, 0.92, 3))  # the uncompressed challenger
+    int8_worse = evidence("2", y, predictions(y, 0.83, 4))  # the same challenger after quantisation
+    assert decide(torch_better, champion, POLICY).promote
+    decision = decide(int8_worse, champion, POLICY)
     assert not decision.promote
-    assert "+0.0050 (needs >= +0.0100)" in decision.reason
+    assert decision.failed[0].name == "beats_champion:macro_f1"
 
 
-def test_worse_challenger_leaves_champion():
-    decision = decide(evidence(macro_f1=0.80), evidence(version="1", macro_f1=0.85), POLICY)
-    assert not decision.promote and decision.failed[0].name == "beats_champion:macro_f1"
+def test_identical_predictions_are_a_tie_and_never_promote():
+    y = gold(500)
+    same = predictions(y, 0.8, 1)
+    decision = decide(evidence("2", y, same), evidence("1", y, same), POLICY.model_copy(update={"min_absolute_change": 0.0}))
+    assert not decision.promote and "tie" in decision.reason
 
 
-def test_a_tie_never_replaces_the_champion_even_with_zero_margin():
-    policy = POLICY.model_copy(update={"min_improvement": 0.0})
-    decision = decide(evidence(macro_f1=0.85), evidence(version="1", macro_f1=0.85), policy)
+def test_guard_metric_regression_blocks_an_otherwise_better_model():
+    y = gold(3000)
+    champion = evidence("1", y, predictions(y, 0.80, 2))
+    overconfident = evidence("2", y, predictions(y, 0.90, 1), confidence=0.999)
+    decision = decide(overconfident, champion, POLICY)
     assert not decision.promote
-    assert "tie" in decision.reason
+    assert [c.name for c in decision.failed] == ["guard:ece"]
+
+
+def test_one_class_recall_collapsing_is_caught_by_the_per_class_guard():
+    y = gold(3000)
+    champion_pred = predictions(y, 0.70, 2)
+    challenger_pred = y.copy()
+    shipping = np.flatnonzero(y == 1)
+    challenger_pred[shipping[: len(shipping) // 2]] = 0  # half of shipping now called billing
+    decision = decide(evidence("2", y, challenger_pred), evidence("1", y, champion_pred), POLICY)
+    assert not decision.promote
+    assert [c.name for c in decision.failed] == ["guard:recall_shipping"]
+
+
+def test_accuracy_as_primary_also_needs_mcnemar_to_reject():
+    policy = POLICY.model_copy(update={"primary_metric": "accuracy", "min_absolute_change": 0.0})
+    y = gold(3000)
+    decision = decide(evidence("2", y, predictions(y, 0.90, 1)), evidence("1", y, predictions(y, 0.80, 2)), policy)
+    mcnemar = next(c for c in decision.checks if c.name == "mcnemar:accuracy")
+    assert mcnemar.passed and mcnemar.value < 1e-6 and decision.promote
+
+
+def test_champion_without_an_evaluation_is_an_explicit_failure():
+    y = gold(300)
+    decision = decide(evidence("2", y, predictions(y, 0.9, 1)), ModelEvidence(version="1"), POLICY)
+    assert not decision.promote
+    assert "champion version 1 has no evaluation" in decision.reason
+
+
+def test_models_scored_on_different_rows_are_not_compared():
+    y = gold(300)
+    other = gold(300, seed=5)
+    decision = decide(evidence("2", y, predictions(y, 0.9, 1)), evidence("1", other, predictions(other, 0.5, 2)), POLICY)
+    assert not decision.promote and decision.failed[0].name == "same_rows"
 
 
 def test_absent_metric_fails_its_check_instead_of_passing_silently():
-    decision = decide(evidence(accuracy=None), None, POLICY)
-    assert not decision.promote
-    assert "accuracy is absent" in decision.reason
-
-
-def test_champion_without_the_primary_metric_is_an_explicit_failure():
-    champion = ModelEvidence(version="1", metrics={"accuracy": 0.9})
-    decision = decide(evidence(), champion, POLICY)
-    assert not decision.promote
-    assert "champion version 1 has no macro_f1" in decision.reason
+    policy = POLICY.model_copy(update={"thresholds": {"weighted_f1": 0.5}})
+    y = gold(300)
+    decision = decide(evidence("1", y, predictions(y, 0.9, 1)), None, policy)
+    assert not decision.promote and "weighted_f1 is absent" in decision.reason
 
 
 @pytest.mark.parametrize(
-    ("field", "value", "check"),
-    [("latency_ms", 25.0, "budget:latency_ms"), ("size_mb", 80.0, "budget:size_mb"), ("latency_ms", None, "budget:latency_ms")],
+    ("extra", "check"),
+    [
+        ({"latency_ms": {"batch1_p50": 25.0, "batch32_p95": 200.0}}, "budget:latency_ms:batch1_p50"),
+        ({"latency_ms": {"batch1_p50": 5.0, "batch32_p95": 900.0}}, "budget:latency_ms:batch32_p95"),
+        ({"latency_ms": {"batch1_p50": 5.0}}, "budget:latency_ms:batch32_p95"),
+        ({"size_mb": 80.0}, "budget:size_mb"),
+        ({"parity_passed": False}, "parity"),
+    ],
 )
-def test_budgets_on_the_shipped_model_are_enforced(field, value, check):
-    decision = decide(evidence(**{field: value}), None, POLICY)
+def test_budgets_and_parity_of_the_shipped_model_are_enforced(extra, check):
+    y = gold(300)
+    decision = decide(evidence("1", y, predictions(y, 0.9, 1), **extra), None, POLICY)
     assert not decision.promote
     assert [c.name for c in decision.failed] == [check]
 
 
-def test_failed_parity_blocks_promotion():
-    decision = decide(evidence(parity=False), None, POLICY)
-    assert not decision.promote and decision.failed[0].name == "parity"
+def test_force_promotes_with_a_recorded_reason_and_refuses_a_blank_one():
+    y = gold(300)
+    worse = evidence("2", y, predictions(y, 0.6, 1))
+    champion = evidence("1", y, predictions(y, 0.9, 2))
+    decision = decide(worse, champion, POLICY, force_reason="hotfix for a legal label change")
+    assert decision.promote and decision.forced
+    assert decision.reason.startswith("forced (hotfix for a legal label change) despite:")
+    assert decision.failed  # the failed checks stay on record
+    with pytest.raises(ValueError, match="needs a reason"):
+        decide(worse, champion, POLICY, force_reason="  ")
 
 
-def test_every_failed_check_is_listed_in_one_reason():
-    decision = decide(evidence(macro_f1=0.5, accuracy=0.5, latency_ms=99.0), evidence(version="1"), POLICY)
-    names = {c.name for c in decision.failed}
-    assert names == {"threshold:macro_f1", "threshold:accuracy", "budget:latency_ms", "beats_champion:macro_f1"}
-    for name in names:
-        assert name in decision.reason
+def test_bootstrap_interval_is_deterministic_and_centred_on_the_difference():
+    y = gold(1000)
+    ours, theirs = predictions(y, 0.9, 1), predictions(y, 0.8, 2)
+    first = paired_bootstrap_interval("accuracy", y, ours, theirs, 3, samples=500, confidence=0.95)
+    assert first == paired_bootstrap_interval("accuracy", y, ours, theirs, 3, samples=500, confidence=0.95)
+    assert first[0] < 0.1 < first[1]
 
 
 def test_decision_serialises_for_the_record():
-    decision = decide(evidence(), None, POLICY)
+    y = gold(300)
+    decision = decide(evidence("1", y, predictions(y, 0.9, 1)), None, POLICY)
     record = decision.to_dict()
-    assert record["promote"] is True and record["challenger_version"] == "2"
-    assert {c["name"] for c in record["checks"]} >= {"parity", "threshold:macro_f1"}
+    assert record["promote"] is True and record["challenger_version"] == "1" and record["forced"] is False
+    assert {c["name"] for c in record["checks"]} >= {"parity", "threshold:macro_f1", "budget:size_mb"}
     assert "| threshold:macro_f1 | pass |" in decision.to_markdown()

@@ -1,0 +1,420 @@
+"""Every move of the ``champion`` alias, serialised and written down.
+
+The model server follows ``champion``; ``previous_champion`` is what a rollback restores. Both aliases
+change only through ``move_champion`` (and ``rollback``, which is a ``move_champion`` whose target is
+read under the same lock), so two promotions started at the same moment cannot interleave their
+read-champion / write-aliases steps and leave ``previous_champion`` pointing at the wrong version.
+
+Each move is also appended to a promotion log kept in MLflow itself, one run per event in the
+experiment ``<tracking.experiment>-promotions``. Keeping the log in the tracking store (not a local
+file) means it is shared by everyone who shares the registry, on the embedded SQLite store and on a
+tracking server alike, and it is browsable in the MLflow UI next to the models it describes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, Literal, get_args
+from urllib.parse import urlparse
+
+from langops.config import Params
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+log = logging.getLogger(__name__)
+
+EventKind = Literal["promote", "rollback", "force"]
+EVENTS: tuple[str, ...] = get_args(EventKind)
+
+LOCK_TIMEOUT_S = 120.0
+"""How long a promotion waits for another one to finish. Holding the lock takes a few registry calls
+(well under a second on SQLite), so a wait this long means a holder is stuck, not busy."""
+
+EVIDENCE_FILE = "evidence.json"
+_LOCAL_SCHEMES = {"", "file", "sqlite"}
+_MAX_TAG_CHARS = 5000
+
+
+class PromotionError(RuntimeError):
+    """A promotion or rollback was refused; the aliases were left as they were."""
+
+
+class ChampionLockTimeout(PromotionError, TimeoutError):
+    """Another promotion held the champion lock for longer than we were willing to wait."""
+
+
+@dataclass(frozen=True)
+class PromotionEvent:
+    """One entry of the promotion log: who moved ``champion`` from which version to which, and why."""
+
+    event: str
+    model_name: str
+    from_version: str | None
+    to_version: str
+    reason: str
+    actor: str
+    at: str
+    record_id: str
+
+    @property
+    def changed(self) -> bool:
+        """False for a no-op event (the target already was the champion)."""
+        return self.from_version != self.to_version
+
+
+def promotions_experiment_name(params: Params) -> str:
+    return f"{params.tracking.experiment}-promotions"
+
+
+def lock_name(params: Params, model_name: str | None = None) -> str:
+    """Where the champion lock of a model lives: a lock file path, or a Prefect concurrency limit name."""
+    name = model_name or params.register.model_name
+    if _uses_local_store(params):
+        return str(params.project.state_dir / "locks" / f"{name}.lock")
+    return f"langops-champion-{name}"
+
+
+@contextlib.contextmanager
+def champion_lock(
+    params: Params, model_name: str | None = None, *, timeout_s: float = LOCK_TIMEOUT_S
+) -> Iterator[str]:
+    """Hold the lock that serialises every change of one registered model's champion aliases.
+
+    Why two kinds of lock: the lock must be visible to every process that can write the aliases.
+
+    - Embedded store (``sqlite:`` or a file store): every writer runs on this machine against the same
+      ``project.state_dir``, so an OS file lock (``filelock``, ``flock`` underneath) under
+      ``state_dir/locks/<model>.lock`` is enough. The OS releases it when its holder dies, so a crashed
+      promotion never leaves a stale lock behind.
+    - Tracking server (http, https, databricks, postgres ...): writers may be on different machines, so
+      a local file proves nothing. A Prefect global concurrency limit with one slot, on the Prefect
+      server the team already shares (``PREFECT_API_URL``), is the cross-machine mutex. The limit is
+      created (limit 1, active) when missing and acquired with ``strict=True``: Prefect silently skips
+      acquisition of a limit that does not exist, which would be no lock at all. Its slot is a lease
+      (300 s, renewed while held), so a holder that dies frees it when the lease expires.
+      Without ``PREFECT_API_URL`` Prefect would start a temporary server private to this process,
+      which excludes nobody else; that is refused with an error rather than pretending to lock.
+
+    Args:
+        params: resolved params; the tracking URI chooses the kind of lock.
+        model_name: the registered model (default ``register.model_name``).
+        timeout_s: how long to wait for another holder.
+
+    Yields:
+        The lock's name (file path or concurrency limit name), for messages.
+
+    Raises:
+        ChampionLockTimeout: the lock was not acquired within ``timeout_s``; the message names it.
+        PromotionError: a remote store is configured but no Prefect server is.
+    """
+    name = lock_name(params, model_name)
+    if _uses_local_store(params):
+        with _file_lock(name, timeout_s):
+            yield name
+    else:
+        with _prefect_lock(name, timeout_s):
+            yield name
+
+
+def move_champion(
+    params: Params,
+    *,
+    model_name: str,
+    new_champion: str,
+    event: str,
+    reason: str,
+    actor: str,
+    evidence: dict[str, Any] | None = None,
+) -> PromotionEvent:
+    """Make ``new_champion`` the champion, keep the old one as ``previous_champion``, and log the event.
+
+    The current champion is read inside the lock: a value read before it may already be stale.
+    Promoting the version that already is champion changes no alias but is still recorded, so the log
+    holds every request that was made.
+
+    The log record is written first (an MLflow run left RUNNING), then the aliases move, then the run is
+    marked FINISHED; ``read_history`` lists finished records only. A failure while moving marks the
+    record FAILED, so the log never claims a move that did not happen.
+
+    Args:
+        params: resolved params (tracking store, experiment, state folder).
+        model_name: the registered model.
+        new_champion: the model version to serve.
+        event: ``promote`` (the gate passed), ``rollback`` or ``force`` (a person overrode the gate).
+        reason: why, in words; kept in the log.
+        actor: who or what asked (a user name, ``pipeline``).
+        evidence: anything worth keeping beside the event (gate checks, metrics), logged as JSON.
+
+    Returns:
+        The recorded event.
+
+    Raises:
+        PromotionError: unknown event, blank reason or actor, or no such model version.
+        ChampionLockTimeout: another promotion held the lock too long.
+    """
+    event = _check_request(event=event, reason=reason, actor=actor)
+    new_champion = str(new_champion)
+    client = _client(params)
+    with champion_lock(params, model_name):
+        return _move_locked(
+            client, params, model_name=model_name, new_champion=new_champion, event=event,
+            reason=reason, actor=actor, evidence=evidence or {},
+        )
+
+
+def rollback(params: Params, *, model_name: str, reason: str, actor: str) -> PromotionEvent:
+    """Serve ``previous_champion`` again; the version rolled back from becomes ``previous_champion``.
+
+    So a second rollback undoes the first. Both aliases are read inside the lock, like any promotion.
+
+    Raises:
+        PromotionError: there is no ``previous_champion``, or it already is the champion; nothing changes.
+    """
+    from langops.pipeline import current_alias_version
+    from langops.tasks.promote import CHAMPION, PREVIOUS_CHAMPION
+
+    _check_request(event="rollback", reason=reason, actor=actor)
+    client = _client(params)
+    with champion_lock(params, model_name):
+        champion = current_alias_version(model_name, CHAMPION)
+        previous = current_alias_version(model_name, PREVIOUS_CHAMPION)
+        if previous is None:
+            raise PromotionError(
+                f"cannot roll back {model_name}: it has no {PREVIOUS_CHAMPION!r} alias "
+                f"(champion is {_show(champion)}); nothing was changed"
+            )
+        if previous == champion:
+            raise PromotionError(
+                f"cannot roll back {model_name}: {PREVIOUS_CHAMPION!r} and {CHAMPION!r} are both version "
+                f"{champion}; nothing was changed"
+            )
+        return _move_locked(
+            client, params, model_name=model_name, new_champion=previous, event="rollback",
+            reason=reason, actor=actor, evidence={"rolled_back_from": champion, "restored": previous},
+        )
+
+
+def read_history(params: Params, model_name: str, limit: int = 50) -> list[PromotionEvent]:
+    """The model's promotion events, newest first (at most ``limit``); empty when none was recorded."""
+    client = _client(params)
+    experiment = client.get_experiment_by_name(promotions_experiment_name(params))
+    if experiment is None:
+        return []
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.`langops.model_name` = '{model_name}' and attributes.status = 'FINISHED'",
+        max_results=limit,
+        order_by=["attributes.start_time DESC"],
+    )
+    return [_event_from_run(run) for run in runs]
+
+
+def read_evidence(params: Params, record_id: str) -> dict[str, Any]:
+    """The evidence logged with one event (``PromotionEvent.record_id``)."""
+    import mlflow
+
+    _client(params)
+    return mlflow.artifacts.load_dict(f"runs:/{record_id}/{EVIDENCE_FILE}")
+
+
+def _move_locked(
+    client: MlflowClient,
+    params: Params,
+    *,
+    model_name: str,
+    new_champion: str,
+    event: str,
+    reason: str,
+    actor: str,
+    evidence: dict[str, Any],
+) -> PromotionEvent:
+    """The body of a move; the caller holds the champion lock."""
+    from mlflow.exceptions import MlflowException
+
+    from langops.pipeline import current_alias_version
+    from langops.tasks.promote import CHAMPION, PREVIOUS_CHAMPION
+
+    try:
+        client.get_model_version(model_name, new_champion)
+    except MlflowException as exc:
+        raise PromotionError(f"{model_name} has no version {new_champion!r} to make champion: {exc.message}") from None
+    old = current_alias_version(model_name, CHAMPION)
+    experiment_id = _promotions_experiment(client, params)
+    started_ms = _next_start_ms(client, experiment_id)
+    at = datetime.fromtimestamp(started_ms / 1000, timezone.utc).isoformat(timespec="milliseconds")
+    record = client.create_run(
+        experiment_id,
+        start_time=started_ms,
+        run_name=f"{event}-{model_name}-v{new_champion}",
+        tags={
+            "langops.event": event,
+            "langops.model_name": model_name,
+            "langops.from_version": old or "",
+            "langops.to_version": new_champion,
+            "langops.actor": actor[:_MAX_TAG_CHARS],
+            "langops.reason": reason[:_MAX_TAG_CHARS],
+        },
+    )
+    run_id = record.info.run_id
+    try:
+        client.log_dict(run_id, {"event": event, "from_version": old, "to_version": new_champion, **evidence},
+                        EVIDENCE_FILE)
+        if old is not None and old != new_champion:
+            client.set_registered_model_alias(model_name, PREVIOUS_CHAMPION, old)
+        client.set_registered_model_alias(model_name, CHAMPION, new_champion)
+        client.set_model_version_tag(model_name, new_champion, "langops.champion_since", at)
+        client.set_model_version_tag(model_name, new_champion, "langops.last_event", f"{event} {run_id}")
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    client.set_terminated(run_id, status="FINISHED")
+    log.info("%s: champion of %s %s -> %s by %s (%s)", event, model_name, _show(old), new_champion, actor, reason)
+    return PromotionEvent(
+        event=event, model_name=model_name, from_version=old, to_version=new_champion,
+        reason=reason, actor=actor, at=at, record_id=run_id,
+    )
+
+
+def _check_request(*, event: str, reason: str, actor: str) -> str:
+    if event not in EVENTS:
+        raise PromotionError(f"unknown promotion event {event!r}: expected one of {', '.join(EVENTS)}")
+    if not reason or not reason.strip():
+        raise PromotionError(f"a {event} needs a reason: the promotion log keeps why the champion moved")
+    if not actor or not actor.strip():
+        raise PromotionError(f"a {event} needs an actor: the promotion log keeps who moved the champion")
+    return event
+
+
+def _client(params: Params) -> MlflowClient:
+    from mlflow import MlflowClient
+
+    from langops.tracking import configure_mlflow
+
+    configure_mlflow(params)
+    return MlflowClient()
+
+
+def _promotions_experiment(client: MlflowClient, params: Params) -> str:
+    """The log's experiment id, created on first use with the artifact rules of ``configure_mlflow``.
+
+    On the embedded store its artifacts go to ``<artifact root>/promotions``, beside the model runs'
+    artifacts but apart from them; on a tracking server the server decides.
+    """
+    from mlflow.exceptions import MlflowException
+
+    name = promotions_experiment_name(params)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    uri = params.tracking_uri()
+    local_store = params.tracking.uri is None and uri.startswith("sqlite:")
+    location = f"{params.artifact_root()}/promotions" if local_store else None
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException as exc:  # created by a promotion of another model since we looked
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise PromotionError(f"cannot create the promotion log experiment {name!r}: {exc.message}") from exc
+        return experiment.experiment_id
+
+
+def _next_start_ms(client: MlflowClient, experiment_id: str) -> int:
+    """Now in ms, but strictly after the newest record: ordering by start time is the log's order,
+    and two events within one millisecond would otherwise tie."""
+    now = int(datetime.now(timezone.utc).timestamp() * 1000)
+    newest = client.search_runs([experiment_id], max_results=1, order_by=["attributes.start_time DESC"])
+    if newest:
+        now = max(now, newest[0].info.start_time + 1)
+    return now
+
+
+def _event_from_run(run: Any) -> PromotionEvent:
+    tags = run.data.tags
+    return PromotionEvent(
+        event=tags["langops.event"],
+        model_name=tags["langops.model_name"],
+        from_version=tags.get("langops.from_version") or None,
+        to_version=tags["langops.to_version"],
+        reason=tags.get("langops.reason", ""),
+        actor=tags.get("langops.actor", ""),
+        at=datetime.fromtimestamp(run.info.start_time / 1000, timezone.utc).isoformat(timespec="milliseconds"),
+        record_id=run.info.run_id,
+    )
+
+
+def _uses_local_store(params: Params) -> bool:
+    """Embedded SQLite or file store: every writer is on this machine."""
+    return urlparse(params.tracking_uri()).scheme.lower() in _LOCAL_SCHEMES
+
+
+@contextlib.contextmanager
+def _file_lock(path: str, timeout_s: float) -> Iterator[None]:
+    from pathlib import Path
+
+    from filelock import FileLock, Timeout
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(path, timeout=timeout_s)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise ChampionLockTimeout(
+            f"could not take the champion lock {path} within {timeout_s:g}s: another promotion or "
+            "rollback of this model is still running (the lock is freed when its process exits)"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+@contextlib.contextmanager
+def _prefect_lock(name: str, timeout_s: float) -> Iterator[None]:
+    from prefect.concurrency.sync import concurrency
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        raise PromotionError(
+            f"the tracking store is remote, so the champion lock must be shared too: set PREFECT_API_URL "
+            f"to the team's Prefect server (the lock is its global concurrency limit {name!r}); without it "
+            "two promotions from different machines could interleave"
+        )
+    _ensure_single_slot_limit(name)
+    try:
+        with concurrency(name, occupy=1, timeout_seconds=timeout_s, strict=True):
+            yield
+    except TimeoutError as exc:
+        if isinstance(exc, ChampionLockTimeout):
+            raise
+        raise ChampionLockTimeout(
+            f"could not take the champion lock (Prefect global concurrency limit {name!r}) within "
+            f"{timeout_s:g}s: another promotion or rollback of this model is still running"
+        ) from exc
+
+
+def _ensure_single_slot_limit(name: str) -> None:
+    """Create the one-slot limit when missing, and re-arm it if someone widened or disabled it."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            limit = client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1, active=True))
+            except ObjectAlreadyExists:  # another process created it first
+                pass
+            return
+        if limit.limit != 1 or not limit.active:
+            client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=1, active=True))
+
+
+def _show(version: str | None) -> str:
+    return f"version {version}" if version is not None else "none"
