@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -171,12 +171,22 @@ def run_promote(params: Params, *, force_reason: str | None = None):
     """
     import mlflow
 
+    from langops.io import read_split
+    from langops.serving.infra_check import check_servable
     from langops.tasks.promote import CHAMPION, apply_decision, decide
     from langops.tracking import configure_mlflow, resumed_run
 
     configure_mlflow(params)
     registration = read_json(params.paths.registration / "registration.json")
     challenger = challenger_evidence(params, str(registration["version"]))
+    servable = check_servable(
+        tracking_uri=params.tracking_uri(),
+        model_name=params.register.model_name,
+        version=challenger.version,
+        texts=read_split(params.paths.prepared, "test")["text"].head(32).tolist(),
+        cache_dir=params.project.state_dir / "cache",
+    )
+    challenger = replace(challenger, servable=servable.ok, servable_detail=servable.detail)
     champion_version = current_alias_version(params.register.model_name, CHAMPION)
     champion = None
     if champion_version is not None and champion_version != challenger.version:

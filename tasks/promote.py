@@ -49,6 +49,8 @@ class ModelEvidence:
     latency_ms: dict[str, float] = field(default_factory=dict)
     size_mb: float | None = None
     parity_passed: bool = True
+    servable: bool | None = None
+    servable_detail: str = "not checked"
 
     @classmethod
     def from_probabilities(
@@ -128,7 +130,8 @@ def decide(
 ) -> Decision:
     """Judge the challenger; every check is spelled out in the decision, passed or not.
 
-    Absolute checks (any model): parity with the torch model, ``thresholds``, latency and size budgets.
+    Absolute checks (any model): parity with the torch model, servable (loaded and answered in a fresh
+    process, as the server loads it), ``thresholds``, latency and size budgets.
     Against a champion (on the same rows): the primary metric's paired bootstrap interval must clear
     ``min_absolute_change`` and ``min_relative_change`` (for accuracy McNemar's test must also reject),
     and every guard metric must not regress by more than its margin.
@@ -141,7 +144,12 @@ def decide(
     """
     if force_reason is not None and not force_reason.strip():
         raise ValueError("forcing a promotion needs a reason")
-    checks = [_parity(challenger), *_thresholds(challenger, policy), *_budgets(challenger, policy)]
+    checks = [
+        _parity(challenger),
+        Check("servable", challenger.servable is True, challenger.servable_detail),
+        *_thresholds(challenger, policy),
+        *_budgets(challenger, policy),
+    ]
     if champion is not None:
         checks += _against_champion(challenger, champion, policy)
 

@@ -123,3 +123,20 @@ def test_stop_server_ignores_a_pid_that_is_not_a_server(tmp_path: Path) -> None:
 def test_server_url_reaches_wildcard_binds_through_loopback() -> None:
     assert server_url("0.0.0.0", 80) == "http://127.0.0.1:80"
     assert server_url("::1", 80) == "http://[::1]:80"
+
+
+@pytest.mark.slow
+def test_servable_check_loads_each_version_in_a_fresh_process(registered: RegisteredModels, tmp_path: Path) -> None:
+    from langops.serving.infra_check import check_servable
+
+    registry = registered.registry
+    common = {"tracking_uri": registry.tracking_uri, "model_name": registry.model_name, "cache_dir": tmp_path}
+    good = check_servable(version=registered.good[0], texts=["where is my parcel", "refund please"], **common)
+    assert good.ok, good.detail
+    assert good.detail == "loaded in a fresh process and answered 2 texts"
+
+    broken = check_servable(version=registered.broken, texts=["where is my parcel"], **common)
+    assert not broken.ok
+    assert broken.detail.startswith("fresh process failed:")
+    missing = check_servable(version="999", texts=["hi"], **common)
+    assert not missing.ok and "999" in missing.detail

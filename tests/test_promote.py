@@ -18,7 +18,12 @@ POLICY = PromoteConfig(
     max_size_mb=50.0,
     bootstrap_samples=1000,
 )
-FAST = {"latency_ms": {"batch1_p50": 5.0, "batch32_p95": 200.0}, "size_mb": 20.0}
+FAST = {
+    "latency_ms": {"batch1_p50": 5.0, "batch32_p95": 200.0},
+    "size_mb": 20.0,
+    "servable": True,
+    "servable_detail": "loaded in a fresh process and answered 32 texts",
+}
 
 
 def gold(rows: int, seed: int = 0) -> np.ndarray:
@@ -155,6 +160,8 @@ def test_absent_metric_fails_its_check_instead_of_passing_silently():
         ({"latency_ms": {"batch1_p50": 5.0}}, "budget:latency_ms:batch32_p95"),
         ({"size_mb": 80.0}, "budget:size_mb"),
         ({"parity_passed": False}, "parity"),
+        ({"servable": False, "servable_detail": "fresh process failed: no model.onnx"}, "servable"),
+        ({"servable": None}, "servable"),
     ],
 )
 def test_budgets_and_parity_of_the_shipped_model_are_enforced(extra, check):
