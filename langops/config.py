@@ -144,6 +144,21 @@ class RegisterConfig(_Section):
         return name
 
 
+class SliceConfig(_Section):
+    """Text-length slices of the test rows, judged on accuracy against the champion."""
+
+    length_edges: tuple[int, ...] = (60, 120, 200)
+    min_rows: int = Field(30, ge=1, description="below this a slice is reported but not gated")
+    max_regression: float = Field(0.05, ge=0)
+
+    @field_validator("length_edges")
+    @classmethod
+    def _increasing(cls, edges: tuple[int, ...]) -> tuple[int, ...]:
+        if list(edges) != sorted(set(edges)) or any(e <= 0 for e in edges):
+            raise ValueError(f"length_edges must be positive and strictly increasing, got {list(edges)}")
+        return edges
+
+
 class PromoteConfig(_Section):
     """The promotion gate. Names follow MLflow's ``MetricThreshold`` where they mean the same thing."""
 
@@ -164,6 +179,7 @@ class PromoteConfig(_Section):
         default_factory=lambda: {"batch1_p50": 50.0, "batch1_p95": 100.0, "batch32_p50": 2000.0, "batch32_p95": 4000.0}
     )
     max_size_mb: float = Field(200.0, gt=0)
+    slices: SliceConfig = SliceConfig()
 
     @field_validator("max_latency_ms")
     @classmethod

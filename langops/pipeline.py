@@ -236,7 +236,8 @@ def shipped_model_evidence(params: Params, model_dir: Path, version: str, **extr
         raise ValueError(f"version {version} cannot score labels {unknown}: its label set differs")
     y_true = np.array([classifier.labels.index(y) for y in test["label"]])
     probs = classifier.predict_proba(test["text"].tolist())
-    return ModelEvidence.from_probabilities(version, classifier.labels, y_true, probs, **extra)
+    lengths = tuple(len(t) for t in test["text"])
+    return ModelEvidence.from_probabilities(version, classifier.labels, y_true, probs, text_lengths=lengths, **extra)
 
 
 def current_alias_version(model_name: str, alias: str) -> str | None:

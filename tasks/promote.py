@@ -51,6 +51,7 @@ class ModelEvidence:
     parity_passed: bool = True
     servable: bool | None = None
     servable_detail: str = "not checked"
+    text_lengths: tuple[int, ...] | None = None
 
     @classmethod
     def from_probabilities(
@@ -217,6 +218,7 @@ def _against_champion(challenger: ModelEvidence, champion: ModelEvidence, policy
     if policy.primary_metric == "accuracy":
         checks.append(_mcnemar(challenger, champion, policy.mcnemar_alpha))
     checks += _guards(challenger, champion, policy)
+    checks += _slices(challenger, champion, policy)
     return checks
 
 
@@ -271,6 +273,35 @@ def _guards(challenger: ModelEvidence, champion: ModelEvidence, policy: PromoteC
                 f"{ours:.4f} vs champion {theirs:.4f}: regression {regression:+.4f} (allowed <= {margin:.4f})",
                 ours, theirs,
             ))
+    return checks
+
+
+def _slices(challenger: ModelEvidence, champion: ModelEvidence, policy: PromoteConfig) -> list[Check]:
+    """Accuracy per text-length bucket; a slice smaller than ``min_rows`` is reported, never gated."""
+    if challenger.text_lengths is None:
+        return []
+    cfg = policy.slices
+    lengths = np.asarray(challenger.text_lengths)
+    bucket = np.digitize(lengths, cfg.length_edges)
+    bounds = [0, *cfg.length_edges, None]
+    y_true = np.asarray(challenger.y_true)
+    ours_right = np.asarray(challenger.y_pred) == y_true
+    theirs_right = np.asarray(champion.y_pred) == y_true
+    checks = []
+    for b in range(len(bounds) - 1):
+        rows = bucket == b
+        low, high = bounds[b], bounds[b + 1]
+        name = f"slice:length_{low}_{high - 1}" if high is not None else f"slice:length_{low}_up"
+        n = int(rows.sum())
+        if n == 0:
+            continue
+        ours, theirs = float(ours_right[rows].mean()), float(theirs_right[rows].mean())
+        regression = theirs - ours
+        detail = f"accuracy {ours:.4f} vs champion {theirs:.4f} on {n} rows: regression {regression:+.4f}"
+        if n < cfg.min_rows:
+            checks.append(Check(name, True, f"{detail} (reported, not gated: fewer than {cfg.min_rows} rows)", ours, theirs))
+        else:
+            checks.append(Check(name, regression <= cfg.max_regression + 1e-12, f"{detail} (allowed <= {cfg.max_regression:.4f})", ours, theirs))
     return checks
 
 

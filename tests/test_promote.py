@@ -198,3 +198,23 @@ def test_decision_serialises_for_the_record():
     assert record["promote"] is True and record["challenger_version"] == "1" and record["forced"] is False
     assert {c["name"] for c in record["checks"]} >= {"parity", "threshold:macro_f1", "budget:size_mb"}
     assert "| threshold:macro_f1 | pass |" in decision.to_markdown()
+
+
+def test_a_length_slice_that_regresses_blocks_promotion_and_a_small_one_is_only_reported():
+    y = gold(3000)
+    lengths = np.where(np.arange(3000) < 2000, 40, 150)  # 2000 short texts, 1000 long ones
+    lengths[:10] = 500  # a tiny slice of very long texts
+    champion_pred = predictions(y, 0.80, 2)
+    challenger_pred = y.copy()  # perfect on short texts ...
+    long_rows = np.flatnonzero(lengths == 150)
+    challenger_pred[long_rows] = champion_pred[long_rows]
+    worse = long_rows[np.flatnonzero(champion_pred[long_rows] == y[long_rows])[:150]]
+    challenger_pred[worse] = (y[worse] + 1) % 3  # ... but 15 points worse on long ones
+    challenger_pred[:10] = (y[:10] + 1) % 3  # and wrong on every tiny-slice row
+
+    decision = decide(evidence("2", y, challenger_pred, text_lengths=tuple(lengths)),
+                      evidence("1", y, champion_pred), POLICY)
+    assert not decision.promote
+    assert [c.name for c in decision.failed] == ["slice:length_120_199"]
+    tiny = next(c for c in decision.checks if c.name == "slice:length_200_up")
+    assert tiny.passed and "reported, not gated" in tiny.detail
