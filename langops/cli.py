@@ -108,7 +108,8 @@ def _step(params: Params, args: argparse.Namespace) -> int:
 
     runner = getattr(pipeline, f"run_{args.step}")
     if args.step == "promote":
-        decision = runner(params, force_reason=args.force_reason)
+        actor = os.environ.get("USER", "cli") if args.force_reason else "pipeline"
+        decision = runner(params, force_reason=args.force_reason, actor=actor)
         print(decision.to_markdown())
     else:
         runner(params)

@@ -163,7 +163,7 @@ def run_register(params: Params):
     return result
 
 
-def run_promote(params: Params, *, force_reason: str | None = None):
+def run_promote(params: Params, *, force_reason: str | None = None, actor: str = "pipeline"):
     """Gather evidence for challenger and champion on the same test rows, decide, and record it.
 
     Both are judged as they ship: the challenger's compressed model and the champion's registered one,
@@ -192,7 +192,7 @@ def run_promote(params: Params, *, force_reason: str | None = None):
     if champion_version is not None and champion_version != challenger.version:
         champion = shipped_model_evidence(params, _registered_model_dir(params, champion_version), champion_version)
     decision = decide(challenger, champion, params.promote, force_reason=force_reason)
-    champion_after = apply_decision(decision, model_name=params.register.model_name)
+    champion_after = apply_decision(decision, params=params, actor=actor)
     out = params.paths.promotion
     write_json(out / "decision.json", {**decision.to_dict(), "champion_after": champion_after})
     (out / "decision.md").write_text(decision.to_markdown())

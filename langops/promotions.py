@@ -14,6 +14,7 @@ tracking server alike, and it is browsable in the MLflow UI next to the models i
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,12 +37,17 @@ LOCK_TIMEOUT_S = 120.0
 (well under a second on SQLite), so a wait this long means a holder is stuck, not busy."""
 
 EVIDENCE_FILE = "evidence.json"
+ANY_CHAMPION = object()  # move_champion's default: move whatever the champion is now
 _LOCAL_SCHEMES = {"", "file", "sqlite"}
 _MAX_TAG_CHARS = 5000
 
 
 class PromotionError(RuntimeError):
     """A promotion or rollback was refused; the aliases were left as they were."""
+
+
+class StaleDecision(PromotionError):
+    """The champion moved between the gate's decision and the alias change."""
 
 
 class ChampionLockTimeout(PromotionError, TimeoutError):
@@ -130,6 +136,7 @@ def move_champion(
     reason: str,
     actor: str,
     evidence: dict[str, Any] | None = None,
+    expected_champion: str | None | object = ANY_CHAMPION,
 ) -> PromotionEvent:
     """Make ``new_champion`` the champion, keep the old one as ``previous_champion``, and log the event.
 
@@ -149,12 +156,15 @@ def move_champion(
         reason: why, in words; kept in the log.
         actor: who or what asked (a user name, ``pipeline``).
         evidence: anything worth keeping beside the event (gate checks, metrics), logged as JSON.
+        expected_champion: the champion the caller's decision was made against (None: no champion).
+            If another promotion moved the alias since, nothing changes and ``StaleDecision`` is raised.
 
     Returns:
         The recorded event.
 
     Raises:
         PromotionError: unknown event, blank reason or actor, or no such model version.
+        StaleDecision: the champion is no longer ``expected_champion``.
         ChampionLockTimeout: another promotion held the lock too long.
     """
     event = _check_request(event=event, reason=reason, actor=actor)
@@ -163,7 +173,7 @@ def move_champion(
     with champion_lock(params, model_name):
         return _move_locked(
             client, params, model_name=model_name, new_champion=new_champion, event=event,
-            reason=reason, actor=actor, evidence=evidence or {},
+            reason=reason, actor=actor, evidence=evidence or {}, expected_champion=expected_champion,
         )
 
 
@@ -232,6 +242,7 @@ def _move_locked(
     reason: str,
     actor: str,
     evidence: dict[str, Any],
+    expected_champion: str | None | object = ANY_CHAMPION,
 ) -> PromotionEvent:
     """The body of a move; the caller holds the champion lock."""
     from mlflow.exceptions import MlflowException
@@ -244,6 +255,11 @@ def _move_locked(
     except MlflowException as exc:
         raise PromotionError(f"{model_name} has no version {new_champion!r} to make champion: {exc.message}") from None
     old = current_alias_version(model_name, CHAMPION)
+    if expected_champion is not ANY_CHAMPION and old != expected_champion:
+        raise StaleDecision(
+            f"the champion of {model_name} is now {_show(old)}, but the decision was made against "
+            f"{_show(expected_champion)}: nothing was changed; run the gate again"
+        )
     experiment_id = _promotions_experiment(client, params)
     started_ms = _next_start_ms(client, experiment_id)
     at = datetime.fromtimestamp(started_ms / 1000, timezone.utc).isoformat(timespec="milliseconds")
@@ -262,8 +278,8 @@ def _move_locked(
     )
     run_id = record.info.run_id
     try:
-        client.log_dict(run_id, {"event": event, "from_version": old, "to_version": new_champion, **evidence},
-                        EVIDENCE_FILE)
+        record_evidence = {"event": event, "from_version": old, "to_version": new_champion, **evidence}
+        client.log_dict(run_id, _jsonable(record_evidence), EVIDENCE_FILE)
         if old is not None and old != new_champion:
             client.set_registered_model_alias(model_name, PREVIOUS_CHAMPION, old)
         client.set_registered_model_alias(model_name, CHAMPION, new_champion)
@@ -347,6 +363,16 @@ def _event_from_run(run: Any) -> PromotionEvent:
     )
 
 
+def _jsonable(evidence: dict[str, Any]) -> dict[str, Any]:
+    """Evidence as plain JSON: numpy values become numbers and lists, anything else unknown its
+    ``str``, so a gate's evidence never fails the promotion it documents."""
+
+    def fallback(value: Any) -> Any:
+        return value.tolist() if hasattr(value, "tolist") else str(value)
+
+    return json.loads(json.dumps(evidence, default=fallback))
+
+
 def _uses_local_store(params: Params) -> bool:
     """Embedded SQLite or file store: every writer is on this machine."""
     return urlparse(params.tracking_uri()).scheme.lower() in _LOCAL_SCHEMES
@@ -375,26 +401,34 @@ def _file_lock(path: str, timeout_s: float) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _prefect_lock(name: str, timeout_s: float) -> Iterator[None]:
+    import httpx
+    from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
     from prefect.concurrency.sync import concurrency
     from prefect.settings import PREFECT_API_URL
 
-    if not PREFECT_API_URL.value():
+    api_url = PREFECT_API_URL.value()
+    if not api_url:
         raise PromotionError(
             f"the tracking store is remote, so the champion lock must be shared too: set PREFECT_API_URL "
             f"to the team's Prefect server (the lock is its global concurrency limit {name!r}); without it "
             "two promotions from different machines could interleave"
         )
-    _ensure_single_slot_limit(name)
-    try:
-        with concurrency(name, occupy=1, timeout_seconds=timeout_s, strict=True):
-            yield
+    held = contextlib.ExitStack()
+    try:  # only acquisition is translated: a TimeoutError raised while holding the lock is the caller's
+        _ensure_single_slot_limit(name)
+        held.enter_context(concurrency(name, occupy=1, timeout_seconds=timeout_s, strict=True))
     except TimeoutError as exc:
-        if isinstance(exc, ChampionLockTimeout):
-            raise
         raise ChampionLockTimeout(
             f"could not take the champion lock (Prefect global concurrency limit {name!r}) within "
             f"{timeout_s:g}s: another promotion or rollback of this model is still running"
         ) from exc
+    except (ConcurrencySlotAcquisitionError, httpx.HTTPError, OSError) as exc:
+        raise PromotionError(
+            f"could not take the champion lock (Prefect global concurrency limit {name!r}) on the Prefect "
+            f"server at {api_url}: {exc}"
+        ) from exc
+    with held:
+        yield
 
 
 def _ensure_single_slot_limit(name: str) -> None:

@@ -2,8 +2,8 @@
 
 ``decide`` sees only evidence — the per-row predictions of the shipped (int8) model and of the
 champion on the same test rows, latency and size — and the policy from ``params.yaml``. It never
-touches MLflow, so every case is a plain unit test. ``apply_decision`` is the only place that moves
-the ``champion`` alias.
+touches MLflow, so every case is a plain unit test. ``apply_decision`` writes the outcome; it moves the
+``champion`` alias only through ``langops.promotions`` (locked and logged, like ``langops rollback``).
 
 Point values are not enough to replace a model: on a few hundred rows a one-point gain in macro-F1 is
 often noise. The primary metric is therefore judged by a paired bootstrap interval of the difference
@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from langops.config import PromoteConfig
+from langops.config import Params, PromoteConfig
 
 CHAMPION = "champion"
 PREVIOUS_CHAMPION = "previous_champion"
@@ -336,24 +336,36 @@ def _metric_batch(metric: str, y_true: np.ndarray, y_pred: np.ndarray, n_labels:
     return f1.mean(axis=1)
 
 
-def apply_decision(decision: Decision, *, model_name: str) -> str | None:
-    """Record the decision on the challenger's model version and, if it passed, move the aliases.
+def apply_decision(decision: Decision, *, params: Params, actor: str = "pipeline") -> str | None:
+    """Record the decision on the challenger's model version and, if it passed, make it champion.
 
-    Returns the version that is champion afterwards. A failed gate writes tags only: the champion
-    alias is untouched.
+    The alias moves through ``langops.promotions.move_champion``: under the champion lock, logged in the
+    promotion history, and only if the champion is still the one the decision compared against (a
+    promotion that raced this one makes the decision stale, and nothing moves). A failed gate writes
+    tags only. Returns the version that is champion afterwards.
     """
     from mlflow import MlflowClient
 
-    client = MlflowClient()
+    from langops.promotions import move_champion
+
+    model_name = params.register.model_name
     version = decision.challenger_version
     if version is None:
         raise ValueError("the decision names no challenger version")
+    client = MlflowClient()
     client.set_model_version_tag(model_name, version, "langops.decision", "promoted" if decision.promote else "rejected")
     client.set_model_version_tag(model_name, version, "langops.decision_reason", decision.reason[:5000])
     client.set_model_version_tag(model_name, version, "langops.decided_at", decision.decided_at)
     if not decision.promote:
         return decision.champion_version
-    if decision.champion_version is not None:
-        client.set_registered_model_alias(model_name, PREVIOUS_CHAMPION, decision.champion_version)
-    client.set_registered_model_alias(model_name, CHAMPION, version)
+    move_champion(
+        params,
+        model_name=model_name,
+        new_champion=version,
+        event="force" if decision.forced else "promote",
+        reason=decision.reason,
+        actor=actor,
+        evidence=decision.to_dict(),
+        expected_champion=decision.champion_version,
+    )
     return version

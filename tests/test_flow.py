@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
+import threading
+import time
+
 import httpx
 import pytest
 from mlflow import MlflowClient
 from pipeline_helpers import tiny_project_params, write_bad_csv, write_params
+
+from langops.config import load_params
+from langops.promotions import read_history
 
 pytestmark = pytest.mark.slow
 
@@ -96,6 +103,85 @@ def test_pipeline_registers_promotes_and_serves_then_a_tie_leaves_the_champion(p
     # The second run resumed from the first's finished checkpoints, yet its MLflow run has the full curve.
     assert [m.step for m in client.get_metric_history(second.run_id, "val_macro_f1")] == [1, 2]
     assert str(client.get_model_version_by_alias("langops-classifier", "champion").version) == "1"
+    assert "tie" in client.get_model_version("langops-classifier", "2").tags["langops.decision_reason"]
+    history = read_history(load_params(root / "params.yaml"), "langops-classifier")
+    assert [(e.event, e.from_version, e.to_version, e.actor) for e in history] == [("promote", None, "1", "pipeline")]
+
+
+def test_forced_promotion_and_rollback_are_recorded_and_served_without_a_failed_request(prefect_server, project):
+    """Continues the registry the first test left: champion 1, version 2 refused by the gate."""
+    from langops.pipeline import run_promote
+    from langops.promotions import rollback
+
+    root, _ = project
+    params = load_params(root / "params.yaml")
+    client = _client(root)
+    url = f"http://127.0.0.1:{params.deploy.port}"
+    with RequestLoop(url) as requests:
+        decision = run_promote(params, force_reason="ship the retrained model tonight", actor="alice")
+        assert decision.forced and decision.promote and decision.failed  # the refused checks stay on record
+        wait_for_version(url, "2")
+        assert (_alias(client, "champion"), _alias(client, "previous_champion")) == ("2", "1")
+
+        event = rollback(params, model_name="langops-classifier", reason="complaints from support", actor="bob")
+        assert (event.from_version, event.to_version) == ("2", "1")
+        wait_for_version(url, "1")
+        assert (_alias(client, "champion"), _alias(client, "previous_champion")) == ("1", "2")
+
+    assert requests.failures == [], requests.failures[:5]
+    assert requests.versions <= {"1", "2"} and {"1", "2"} <= requests.versions
+    history = read_history(params, "langops-classifier")
+    assert [(e.event, e.from_version, e.to_version, e.actor) for e in history] == [
+        ("rollback", "2", "1", "bob"), ("force", "1", "2", "alice"), ("promote", None, "1", "pipeline"),
+    ]
+    assert client.get_model_version("langops-classifier", "1").tags["langops.last_event"].startswith("rollback")
+
+
+def _alias(client: MlflowClient, alias: str) -> str:
+    return str(client.get_model_version_by_alias("langops-classifier", alias).version)
+
+
+def wait_for_version(url: str, version: str, timeout_s: float = 60.0) -> None:
+    """The deployed server follows the alias by polling; wait until it serves ``version``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if httpx.get(f"{url}/version", timeout=5).json().get("version") == version:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"server at {url} never served version {version}")
+
+
+class RequestLoop:
+    """A client thread posting predictions until the block ends; it keeps every failure and version."""
+
+    def __init__(self, url: str) -> None:
+        self.url, self.failures, self.versions = url, [], set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=30) as http:
+            for i in itertools.count():
+                if self._stop.is_set() or i >= 20_000:
+                    return
+                try:
+                    reply = http.post(f"{self.url}/predict", json={"text": f"my parcel {i} has not arrived"})
+                except httpx.HTTPError as exc:
+                    self.failures.append(repr(exc))
+                    continue
+                if reply.status_code != 200:
+                    self.failures.append(f"{reply.status_code}: {reply.text[:200]}")
+                else:
+                    self.versions.add(reply.headers["x-model-version"])
+
+    def __enter__(self) -> RequestLoop:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        time.sleep(0.5)
+        self._stop.set()
+        self._thread.join(timeout=60)
 
 
 BAD_DATA = {  # defect -> what the error must name (the failed GX expectation, or the missing column)
