@@ -13,6 +13,8 @@ from typing import Any
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.flow_runs import pause_flow_run
+from prefect.input import RunInput
 
 from langops import pipeline
 from langops.config import Params, load_params
@@ -26,7 +28,8 @@ train = task(pipeline.run_train, name="train", cache_policy=NO_CACHE)
 evaluate = task(pipeline.run_evaluate, name="evaluate", cache_policy=NO_CACHE)
 compress = task(pipeline.run_compress, name="compress", cache_policy=NO_CACHE)
 register = task(pipeline.run_register, name="register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
-promote = task(pipeline.run_promote, name="promote", cache_policy=NO_CACHE)
+decide_promotion = task(pipeline.decide_promotion, name="promote-decide", cache_policy=NO_CACHE)
+record_promotion = task(pipeline.record_promotion, name="promote-record", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
 deploy = task(pipeline.run_deploy, name="deploy", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
 
 
@@ -55,7 +58,7 @@ def training_pipeline(params_path: str = "params.yaml", overrides: list[str] | N
     evaluation = evaluate(params)
     compression = compress(params)
     registration = register(params)
-    decision = promote(params)
+    decision = _promote(params)
     deployment = deploy(params) if params.deploy.enabled else None
 
     _publish_metrics(evaluation.metrics, compression)
@@ -75,6 +78,37 @@ def training_pipeline(params_path: str = "params.yaml", overrides: list[str] | N
     )
     create_markdown_artifact(summary_markdown(summary), key="pipeline-summary", description="What this run produced")
     return summary
+
+
+class PromotionApproval(RunInput):
+    """What a reviewer answers in the Prefect UI when ``promote.require_approval`` is set."""
+
+    approve: bool
+    reviewer: str
+    comment: str = ""
+
+
+def _promote(params: Params):
+    """The gate, then (when params ask for it) a person, then the record; the flow pauses in between."""
+    from langops.tasks.promote import with_approval
+
+    decision = decide_promotion(params)
+    if params.promote.require_approval and decision.promote and not decision.forced:
+        create_markdown_artifact(
+            decision.to_markdown(), key="promotion-awaiting-approval", description="The gate passed: approve or reject"
+        )
+        answer = pause_flow_run(
+            wait_for_input=PromotionApproval.with_initial_data(
+                description=f"Approve version {decision.challenger_version}? The evidence is in the "
+                "'promotion-awaiting-approval' artifact.",
+                reviewer="",
+            ),
+            timeout=params.promote.approval_timeout_s,
+            poll_interval=2,
+            key="promotion-approval",
+        )
+        decision = with_approval(decision, approved=answer.approve, reviewer=answer.reviewer, comment=answer.comment)
+    return record_promotion(params, decision)
 
 
 def _validate_or_stop(params: Params) -> None:

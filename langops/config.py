@@ -180,6 +180,8 @@ class PromoteConfig(_Section):
     )
     max_size_mb: float = Field(200.0, gt=0)
     slices: SliceConfig = SliceConfig()
+    require_approval: bool = Field(False, description="a person approves a passing challenger before it ships")
+    approval_timeout_s: int = Field(3600, ge=10)
 
     @field_validator("max_latency_ms")
     @classmethod

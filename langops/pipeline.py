@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -163,18 +164,46 @@ def run_register(params: Params):
     return result
 
 
-def run_promote(params: Params, *, force_reason: str | None = None, actor: str = "pipeline"):
-    """Gather evidence for challenger and champion on the same test rows, decide, and record it.
+NO_APPROVER = "nobody"
+
+
+def run_promote(
+    params: Params,
+    *,
+    force_reason: str | None = None,
+    actor: str = "pipeline",
+    approve: Callable[[Any], tuple[bool, str, str]] | None = None,
+):
+    """Decide on the latest registered version and record the outcome (see ``decide_promotion``).
+
+    When ``promote.require_approval`` is set, a passing, unforced challenger also needs a person:
+    ``approve(decision)`` returns ``(approved, reviewer, comment)``. Without an ``approve`` (the DVC stage,
+    the CLI) nobody can be asked, so the challenger is not promoted and the record says why.
+    """
+    from langops.tasks.promote import with_approval
+
+    decision = decide_promotion(params, force_reason=force_reason)
+    if params.promote.require_approval and decision.promote and not decision.forced:
+        if approve is None:
+            decision = with_approval(decision, approved=False, reviewer=NO_APPROVER,
+                                     comment="promote.require_approval is set and this run cannot ask; use the Prefect flow")
+        else:
+            approved, reviewer, comment = approve(decision)
+            decision = with_approval(decision, approved=approved, reviewer=reviewer, comment=comment)
+    return record_promotion(params, decision, actor=actor)
+
+
+def decide_promotion(params: Params, *, force_reason: str | None = None):
+    """Gather evidence for challenger and champion on the same test rows and run the gate.
 
     Both are judged as they ship: the challenger's compressed model and the champion's registered one,
-    each scored here on the current test split, so the comparison is paired row by row.
+    each scored here on the current test split, so the comparison is paired row by row. The challenger
+    must also load and answer in a fresh process, the way the server will load it.
     """
-    import mlflow
-
     from langops.io import read_split
     from langops.serving.infra_check import check_servable
-    from langops.tasks.promote import CHAMPION, apply_decision, decide
-    from langops.tracking import configure_mlflow, resumed_run
+    from langops.tasks.promote import CHAMPION, decide
+    from langops.tracking import configure_mlflow
 
     configure_mlflow(params)
     registration = read_json(params.paths.registration / "registration.json")
@@ -191,7 +220,18 @@ def run_promote(params: Params, *, force_reason: str | None = None, actor: str =
     champion = None
     if champion_version is not None and champion_version != challenger.version:
         champion = shipped_model_evidence(params, _registered_model_dir(params, champion_version), champion_version)
-    decision = decide(challenger, champion, params.promote, force_reason=force_reason)
+    return decide(challenger, champion, params.promote, force_reason=force_reason)
+
+
+def record_promotion(params: Params, decision, *, actor: str = "pipeline"):
+    """Apply the decision (tags; the alias only if it passed) and keep it: files, MLflow run, tags."""
+    import mlflow
+
+    from langops.tasks.promote import apply_decision
+    from langops.tracking import configure_mlflow, resumed_run
+
+    configure_mlflow(params)
+    registration = read_json(params.paths.registration / "registration.json")
     champion_after = apply_decision(decision, params=params, actor=actor)
     out = params.paths.promotion
     write_json(out / "decision.json", {**decision.to_dict(), "champion_after": champion_after})

@@ -93,6 +93,7 @@ class Decision:
     checks: tuple[Check, ...]
     forced: bool = False
     force_reason: str | None = None
+    approval: dict[str, Any] | None = None
     decided_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     @property
@@ -173,6 +174,20 @@ def decide(
         checks=tuple(checks),
         forced=force_reason is not None,
         force_reason=force_reason.strip() if force_reason else None,
+    )
+
+
+def with_approval(decision: Decision, *, approved: bool, reviewer: str, comment: str = "") -> Decision:
+    """The decision after a person's review: a rejection stops a passing challenger, and is recorded."""
+    from dataclasses import replace
+
+    detail = f"{'approved' if approved else 'rejected'} by {reviewer}" + (f": {comment}" if comment else "")
+    return replace(
+        decision,
+        promote=decision.promote and approved,
+        reason=decision.reason if approved else f"{detail} (gate: {decision.reason})",
+        checks=(*decision.checks, Check("approval", approved, detail)),
+        approval={"approved": approved, "reviewer": reviewer, "comment": comment},
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import threading
 import time
 
@@ -64,7 +65,8 @@ def _registry_state(client: MlflowClient) -> tuple[int, set[str], str | None]:
 
 
 def _client(root) -> MlflowClient:
-    return MlflowClient(tracking_uri=f"sqlite:///{root / '.langops' / 'mlflow.db'}")
+    uri = f"sqlite:///{root / '.langops' / 'mlflow.db'}"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)  # not the process-wide registry URI
 
 
 def test_pipeline_registers_promotes_and_serves_then_a_tie_leaves_the_champion(prefect_server, project):
@@ -135,6 +137,64 @@ def test_forced_promotion_and_rollback_are_recorded_and_served_without_a_failed_
         ("rollback", "2", "1", "bob"), ("force", "1", "2", "alice"), ("promote", None, "1", "pipeline"),
     ]
     assert client.get_model_version("langops-classifier", "1").tags["langops.last_event"].startswith("rollback")
+
+
+def test_with_approval_required_the_flow_pauses_and_a_reviewer_decides(prefect_server, tmp_path, tiny_base_model):
+
+    from langops.flows.pipeline import training_pipeline
+
+    params = tiny_project_params(tmp_path, tiny_base_model, promote={"require_approval": True})
+    write_params(tmp_path, params)
+    client = _client(tmp_path)
+    for approve, reviewer, comment in [(False, "carol", "not before the freeze"), (True, "dave", "ship it")]:
+        runs_before = set(_flow_run_ids())
+        answer = {"approve": approve, "reviewer": reviewer, "comment": comment}
+        reviewer_thread = threading.Thread(target=_resume_when_paused, args=(runs_before, answer), daemon=True)
+        reviewer_thread.start()
+        summary = training_pipeline(params_path=str(tmp_path / "params.yaml"))
+        reviewer_thread.join(timeout=60)
+
+        assert summary.promoted is approve
+        version = client.get_model_version("langops-classifier", summary.version)
+        assert version.tags["langops.decision"] == ("promoted" if approve else "rejected")
+        if not approve:
+            assert version.tags["langops.decision_reason"].startswith("rejected by carol: not before the freeze")
+        decision = json.loads((tmp_path / "reports" / "promotion" / "decision.json").read_text())
+        assert decision["approval"] == {"approved": approve, "reviewer": reviewer, "comment": comment}
+
+    assert _alias(client, "champion") == summary.version  # the approved one, not the rejected one
+
+    # Outside the flow (the DVC stage, the CLI) nobody can be asked: a passing model is not promoted.
+    from langops.pipeline import run_promote
+
+    unattended = run_promote(load_params(tmp_path / "params.yaml"))
+    assert not unattended.promote and unattended.approval["reviewer"] == "nobody"
+    assert [(e.event, e.actor) for e in read_history(load_params(tmp_path / "params.yaml"), "langops-classifier")] == [
+        ("promote", "pipeline")
+    ]
+
+
+def _flow_run_ids() -> list[str]:
+    from prefect.settings import PREFECT_API_URL
+
+    reply = httpx.post(f"{PREFECT_API_URL.value()}/flow_runs/filter", json={}, timeout=30)
+    reply.raise_for_status()
+    return [run["id"] for run in reply.json()]
+
+
+def _resume_when_paused(known: set[str], answer: dict) -> None:
+    """Play the reviewer: wait for a new flow run to pause, then resume it with ``answer``."""
+    from prefect.flow_runs import resume_flow_run
+    from prefect.settings import PREFECT_API_URL
+
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        reply = httpx.post(f"{PREFECT_API_URL.value()}/flow_runs/filter", json={}, timeout=30).json()
+        paused = [r["id"] for r in reply if r["id"] not in known and r["state"] and r["state"]["type"] == "PAUSED"]
+        if paused:
+            resume_flow_run(paused[0], run_input=answer)
+            return
+        time.sleep(0.5)
 
 
 def _alias(client: MlflowClient, alias: str) -> str:

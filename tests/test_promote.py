@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from langops.config import PromoteConfig
-from langops.tasks.promote import ModelEvidence, decide, paired_bootstrap_interval
+from langops.tasks.promote import ModelEvidence, decide, paired_bootstrap_interval, with_approval
 
 LABELS = ("billing", "shipping", "technical")
 POLICY = PromoteConfig(
@@ -218,3 +218,17 @@ def test_a_length_slice_that_regresses_blocks_promotion_and_a_small_one_is_only_
     assert [c.name for c in decision.failed] == ["slice:length_120_199"]
     tiny = next(c for c in decision.checks if c.name == "slice:length_200_up")
     assert tiny.passed and "reported, not gated" in tiny.detail
+
+
+def test_a_reviewer_can_stop_a_passing_challenger_and_the_answer_is_recorded():
+    y = gold(300)
+    passing = decide(evidence("1", y, predictions(y, 0.9, 1)), None, POLICY)
+
+    rejected = with_approval(passing, approved=False, reviewer="carol", comment="wait for the holiday freeze")
+    assert not rejected.promote
+    assert rejected.reason.startswith("rejected by carol: wait for the holiday freeze")
+    assert rejected.failed[-1].name == "approval"
+    assert rejected.to_dict()["approval"] == {"approved": False, "reviewer": "carol", "comment": "wait for the holiday freeze"}
+
+    approved = with_approval(passing, approved=True, reviewer="carol")
+    assert approved.promote and approved.checks[-1].passed and approved.reason == passing.reason
