@@ -24,6 +24,7 @@ import numpy as np
 from langops.config import Params, PromoteConfig
 
 CHAMPION = "champion"
+CHALLENGER = "challenger"
 PREVIOUS_CHAMPION = "previous_champion"
 BOOTSTRAP_SEED = 20240601  # fixed: the same evidence always gives the same decision
 LOWER_IS_BETTER = frozenset({"ece"})
@@ -368,6 +369,7 @@ def apply_decision(decision: Decision, *, params: Params, actor: str = "pipeline
     if version is None:
         raise ValueError("the decision names no challenger version")
     client = MlflowClient()
+    client.set_registered_model_alias(model_name, CHALLENGER, version)  # the latest version the gate judged
     client.set_model_version_tag(model_name, version, "langops.decision", "promoted" if decision.promote else "rejected")
     client.set_model_version_tag(model_name, version, "langops.decision_reason", decision.reason[:5000])
     client.set_model_version_tag(model_name, version, "langops.decided_at", decision.decided_at)

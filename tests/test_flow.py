@@ -138,6 +138,15 @@ def test_forced_promotion_and_rollback_are_recorded_and_served_without_a_failed_
     ]
     assert client.get_model_version("langops-classifier", "1").tags["langops.last_event"].startswith("rollback")
 
+    # A barely trained challenger is refused on the evidence; the rolled-back champion stays.
+    from langops.flows.pipeline import training_pipeline
+
+    worse = training_pipeline(params_path=str(root / "params.yaml"), overrides=["train.learning_rate=1e-9"])
+    assert (worse.version, worse.promoted, worse.champion_version) == ("3", False, "1")
+    assert "beats_champion:macro_f1" in worse.decision_reason
+    assert (_alias(client, "challenger"), _alias(client, "champion"), _alias(client, "previous_champion")) == ("3", "1", "2")
+    assert len(read_history(params, "langops-classifier")) == 3
+
 
 def test_with_approval_required_the_flow_pauses_and_a_reviewer_decides(prefect_server, tmp_path, tiny_base_model):
 
