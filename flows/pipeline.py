@@ -20,8 +20,10 @@ from langops import pipeline
 from langops.config import Params, load_params
 
 # Steps that write files or the registry are not cached by input here: their outputs live on disk and in
-# MLflow, and DVC is the layer that skips unchanged work. Registry and server calls are retried: they are
-# idempotent (a failed registration deletes its half-made version before raising).
+# MLflow, and DVC is the layer that skips unchanged work. Only calls that are safe to repeat are retried:
+# registration (a failed one deletes its half-made version before raising) and deployment (reload or
+# start a server for the current champion). Recording a promotion is not: a retry after the alias moved
+# would find its decision stale.
 prepare = task(pipeline.run_prepare, name="prepare", cache_policy=NO_CACHE)
 validate = task(pipeline.run_validate, name="validate", cache_policy=NO_CACHE)
 train = task(pipeline.run_train, name="train", cache_policy=NO_CACHE)
@@ -29,7 +31,7 @@ evaluate = task(pipeline.run_evaluate, name="evaluate", cache_policy=NO_CACHE)
 compress = task(pipeline.run_compress, name="compress", cache_policy=NO_CACHE)
 register = task(pipeline.run_register, name="register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
 decide_promotion = task(pipeline.decide_promotion, name="promote-decide", cache_policy=NO_CACHE)
-record_promotion = task(pipeline.record_promotion, name="promote-record", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
+record_promotion = task(pipeline.record_promotion, name="promote-record", cache_policy=NO_CACHE)
 deploy = task(pipeline.run_deploy, name="deploy", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
 
 
