@@ -32,6 +32,19 @@ def write_json(path: Path, payload: Any) -> Path:
     return path
 
 
+def jsonable(value: Any) -> Any:
+    """``value`` as plain JSON types: paths and unknown objects become strings, numpy values numbers/lists.
+
+    For writers that take no ``default=`` hook (``mlflow.log_dict``) and for records that must never fail
+    to serialise.
+    """
+
+    def fallback(item: Any) -> Any:
+        return item.tolist() if hasattr(item, "tolist") else str(item)
+
+    return json.loads(json.dumps(value, default=fallback))
+
+
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 

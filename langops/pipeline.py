@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from langops.config import Params
-from langops.io import read_json, write_json
+from langops.io import jsonable, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def run_train(params: Params) -> TrainRecord:
         for row in result.history:  # epochs restored from a checkpoint were not logged live
             if row["epoch"] not in logged_epochs:
                 mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
-        summary = {"run_id": run.info.run_id, "lineage": lineage, **_jsonable(asdict(result))}
+        summary = {"run_id": run.info.run_id, "lineage": lineage, **jsonable(asdict(result))}
         mlflow.log_metrics(
             {"best_val_macro_f1": result.best_val_macro_f1, "best_epoch": result.best_epoch,
              "train_seconds": result.seconds, "trainable_params": result.trainable_params}
@@ -160,7 +160,7 @@ def run_register(params: Params):
         run_id=summary["run_id"],
         lineage=summary["lineage"],
     )
-    write_json(params.paths.registration / "registration.json", _jsonable(asdict(result)))
+    write_json(params.paths.registration / "registration.json", jsonable(asdict(result)))
     return result
 
 
@@ -321,7 +321,7 @@ def run_deploy(params: Params):
         expected_version=champion,
         state_dir=params.project.state_dir,
     )
-    write_json(params.paths.deployment / "deployment.json", {"deployed": True, **_jsonable(asdict(result))})
+    write_json(params.paths.deployment / "deployment.json", {"deployed": True, **jsonable(asdict(result))})
     return result
 
 
@@ -350,13 +350,3 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _numeric(values: dict[str, Any], prefix: str) -> dict[str, float]:
     return {f"{prefix}{k}": float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value

@@ -14,7 +14,6 @@ tracking server alike, and it is browsable in the MLflow UI next to the models i
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 from urllib.parse import urlparse
 
 from langops.config import Params
+from langops.io import jsonable
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -279,7 +279,7 @@ def _move_locked(
     run_id = record.info.run_id
     try:
         record_evidence = {"event": event, "from_version": old, "to_version": new_champion, **evidence}
-        client.log_dict(run_id, _jsonable(record_evidence), EVIDENCE_FILE)
+        client.log_dict(run_id, jsonable(record_evidence), EVIDENCE_FILE)
         if old is not None and old != new_champion:
             client.set_registered_model_alias(model_name, PREVIOUS_CHAMPION, old)
         client.set_registered_model_alias(model_name, CHAMPION, new_champion)
@@ -362,15 +362,6 @@ def _event_from_run(run: Any) -> PromotionEvent:
         record_id=run.info.run_id,
     )
 
-
-def _jsonable(evidence: dict[str, Any]) -> dict[str, Any]:
-    """Evidence as plain JSON: numpy values become numbers and lists, anything else unknown its
-    ``str``, so a gate's evidence never fails the promotion it documents."""
-
-    def fallback(value: Any) -> Any:
-        return value.tolist() if hasattr(value, "tolist") else str(value)
-
-    return json.loads(json.dumps(evidence, default=fallback))
 
 
 def _uses_local_store(params: Params) -> bool:

@@ -11,6 +11,7 @@ import httpx
 import pytest
 from mlflow import MlflowClient
 from pipeline_helpers import tiny_project_params, write_bad_csv, write_params
+from serving_helpers import wait_for_version
 
 from langops.config import load_params
 from langops.promotions import read_history
@@ -119,15 +120,15 @@ def test_forced_promotion_and_rollback_are_recorded_and_served_without_a_failed_
     params = load_params(root / "params.yaml")
     client = _client(root)
     url = f"http://127.0.0.1:{params.deploy.port}"
-    with RequestLoop(url) as requests:
+    with RequestLoop(url) as requests, httpx.Client(base_url=url, timeout=30) as server:
         decision = run_promote(params, force_reason="ship the retrained model tonight", actor="alice")
         assert decision.forced and decision.promote and decision.failed  # the refused checks stay on record
-        wait_for_version(url, "2")
+        wait_for_version(server, "2")
         assert (_alias(client, "champion"), _alias(client, "previous_champion")) == ("2", "1")
 
         event = rollback(params, model_name="langops-classifier", reason="complaints from support", actor="bob")
         assert (event.from_version, event.to_version) == ("2", "1")
-        wait_for_version(url, "1")
+        wait_for_version(server, "1")
         assert (_alias(client, "champion"), _alias(client, "previous_champion")) == ("1", "2")
 
     assert requests.failures == [], requests.failures[:5]
@@ -208,16 +209,6 @@ def _resume_when_paused(known: set[str], answer: dict) -> None:
 
 def _alias(client: MlflowClient, alias: str) -> str:
     return str(client.get_model_version_by_alias("langops-classifier", alias).version)
-
-
-def wait_for_version(url: str, version: str, timeout_s: float = 60.0) -> None:
-    """The deployed server follows the alias by polling; wait until it serves ``version``."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if httpx.get(f"{url}/version", timeout=5).json().get("version") == version:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"server at {url} never served version {version}")
 
 
 class RequestLoop:
