@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 SPLITS = ("train", "validation", "test")
@@ -61,6 +63,22 @@ def read_split(prepared_dir: Path, split: str) -> pd.DataFrame:
     if not path.is_file():
         raise FileNotFoundError(f"prepared split missing: {path} (run the prepare step first)")
     return pd.read_parquet(path)
+
+
+def read_test_rows(prepared_dir: Path, labels: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    """Test texts and their label ids; a label the model was not trained on is an error, not a miss.
+
+    Raises:
+        ValueError: the test split holds labels outside ``labels``, or is empty.
+    """
+    test = read_split(prepared_dir, "test")
+    unknown = sorted(set(test[LABEL]) - set(labels))
+    if unknown:
+        raise ValueError(f"test split holds labels the model does not know: {unknown}")
+    if test.empty:
+        raise ValueError(f"test split in {prepared_dir} is empty: nothing to score")
+    index = {label: i for i, label in enumerate(labels)}
+    return test[TEXT].tolist(), test[LABEL].map(index).to_numpy(dtype=int)
 
 
 def write_labels(directory: Path, labels: list[str]) -> Path:

@@ -263,20 +263,17 @@ def challenger_evidence(params: Params, version: str):
 
 def shipped_model_evidence(params: Params, model_dir: Path, version: str, **extra: Any):
     """Score a compressed model on the current test split and wrap the per-row result as gate evidence."""
-    import numpy as np
-
-    from langops.io import read_split
+    from langops.io import read_test_rows
     from langops.onnx_model import OnnxClassifier
     from langops.tasks.promote import ModelEvidence
 
     classifier = OnnxClassifier.load(model_dir)
-    test = read_split(params.paths.prepared, "test")
-    unknown = sorted(set(test["label"]) - set(classifier.labels))
-    if unknown:
-        raise ValueError(f"version {version} cannot score labels {unknown}: its label set differs")
-    y_true = np.array([classifier.labels.index(y) for y in test["label"]])
-    probs = classifier.predict_proba(test["text"].tolist())
-    lengths = tuple(len(t) for t in test["text"])
+    try:
+        texts, y_true = read_test_rows(params.paths.prepared, classifier.labels)
+    except ValueError as exc:
+        raise ValueError(f"version {version} cannot be scored: {exc}") from exc
+    probs = classifier.predict_proba(texts)
+    lengths = tuple(len(t) for t in texts)
     return ModelEvidence.from_probabilities(version, classifier.labels, y_true, probs, text_lengths=lengths, **extra)
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from langops.config import CompressConfig
-from langops.io import read_labels, read_split, write_json, write_labels
+from langops.io import read_labels, read_test_rows, write_json, write_labels
 from langops.metrics import classification_metrics, softmax
 from langops.onnx_model import FP32_MODEL_FILE, MODEL_FILE, SERVING_FILE, TOKENIZER_FILE, OnnxClassifier
 
@@ -151,22 +151,6 @@ def compress(
         latency_ms=latency,
         metrics=metrics,
     )
-
-
-def read_test_rows(prepared_dir: Path, labels: Sequence[str]) -> tuple[list[str], np.ndarray]:
-    """Test texts and their label ids; a label the model was not trained on is an error, not a miss.
-
-    Raises:
-        ValueError: the test split holds labels outside ``labels``, or is empty.
-    """
-    test = read_split(prepared_dir, "test")
-    unknown = sorted(set(test["label"]) - set(labels))
-    if unknown:
-        raise ValueError(f"test split holds labels the model does not know: {unknown}")
-    if test.empty:
-        raise ValueError(f"test split in {prepared_dir} is empty: nothing to prove parity on")
-    index = {label: i for i, label in enumerate(labels)}
-    return test["text"].tolist(), test["label"].map(index).to_numpy(dtype=int)
 
 
 def check_label_map(id2label: dict[int, str], labels: Sequence[str]) -> None:

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from langops.config import EvaluateConfig
-from langops.io import read_labels, read_split, write_json
+from langops.io import read_labels, read_test_rows, write_json
 from langops.metrics import classification_metrics, softmax
 from langops.modeling import load_trained_classifier, predict_logits
 
@@ -32,21 +32,17 @@ def evaluate(cfg: EvaluateConfig, *, trained_dir: Path, prepared_dir: Path, out_
     """
     trained_dir, out_dir = Path(trained_dir), Path(out_dir)
     labels = read_labels(trained_dir)
-    test = read_split(prepared_dir, "test")
-    unknown = sorted(set(test["label"]) - set(labels))
-    if unknown:
-        raise ValueError(f"test split has labels the model was not trained on: {unknown}")
+    texts, y_true = read_test_rows(prepared_dir, labels)
     model, tokenizer = load_trained_classifier(trained_dir / "model")
-    logits = predict_logits(model, tokenizer, test["text"].tolist(), batch_size=cfg.batch_size, max_length=max_length)
-    probs = softmax(logits)
-    y_true = np.array([labels.index(y) for y in test["label"]])
+    probs = softmax(predict_logits(model, tokenizer, texts, batch_size=cfg.batch_size, max_length=max_length))
     metrics = classification_metrics(y_true, probs, labels, calibration_bins=cfg.calibration_bins)
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    actual = [labels[i] for i in y_true]
     predicted = [labels[i] for i in probs.argmax(axis=1)]
-    pd.DataFrame({"actual": test["label"], "predicted": predicted}).to_csv(out_dir / "confusion.csv", index=False)
+    pd.DataFrame({"actual": actual, "predicted": predicted}).to_csv(out_dir / "confusion.csv", index=False)
     pd.DataFrame(
-        {"text": test["text"], "label": test["label"], "predicted": predicted, "confidence": probs.max(axis=1)}
+        {"text": texts, "label": actual, "predicted": predicted, "confidence": probs.max(axis=1)}
     ).to_csv(out_dir / "predictions.csv", index=False)
     plot_confusion_matrix(np.array(metrics["confusion_matrix"]), labels, out_dir / "confusion_matrix.png")
     write_json(out_dir / "metrics.json", metrics)
