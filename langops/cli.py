@@ -12,6 +12,9 @@ from pathlib import Path
 from langops.config import ConfigError, Params, load_params
 
 STEPS = ("prepare", "validate", "train", "evaluate", "compress", "register", "promote", "deploy")
+# `langops deploy` applies the Prefect deployments (prefect.yaml); the pipeline's deploy step, which starts or
+# reloads the model server for the champion, is `langops deploy-model`.
+STEP_COMMANDS = {step: "deploy-model" if step == "deploy" else step for step in STEPS}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,8 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", parents=[common], help="run the whole pipeline as a Prefect flow")
     run.set_defaults(handler=_run)
 
-    for step in STEPS:
-        stage = sub.add_parser(step, parents=[common], help=f"run the {step} step alone (what `dvc repro` calls)")
+    for step, command in STEP_COMMANDS.items():
+        stage = sub.add_parser(command, parents=[common], help=f"run the {step} step alone (what `dvc repro` calls)")
         stage.set_defaults(handler=_step, step=step)
         if step == "promote":
             stage.add_argument(
