@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # CPU wheel of torch (no CUDA downloads). On a GPU machine: make install TORCH_SPEC="torch" (see README).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install run test test-fast dvc-repro bench clean-state
+.PHONY: install run test test-fast dvc-repro bench bench-serving clean-state
 
 install: $(VENV)/.installed
 
@@ -30,6 +30,9 @@ dvc-repro: install
 
 bench: install
 	$(PY) benchmarks/pipeline_sst2.py
+
+bench-serving: install
+	$(PY) benchmarks/serving.py
 
 clean-state:
 	-$(VENV)/bin/langops stop

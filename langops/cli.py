@@ -51,6 +51,10 @@ def use_local_state(params: Params) -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # While `langops up` runs the local servers, use them (PREFECT_API_URL, MLFLOW_TRACKING_URI) unless set.
+    from langops.services import apply_endpoints
+
+    apply_endpoints(params)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,6 +70,11 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", parents=[common], help="run the whole pipeline as a Prefect flow")
     run.set_defaults(handler=_run)
 
+    sweep = sub.add_parser(
+        "sweep", parents=[common], help="train the sweep's trials in parallel on Dask (sweep: in params), ship the best"
+    )
+    sweep.set_defaults(handler=_sweep)
+
     for step, command in STEP_COMMANDS.items():
         stage = sub.add_parser(command, parents=[common], help=f"run the {step} step alone (what `dvc repro` calls)")
         stage.set_defaults(handler=_step, step=step)
@@ -78,12 +87,26 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", parents=[common], help="serve the champion over HTTP (foreground)")
     serve.add_argument("--host", help="bind address (default: deploy.host, 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default: deploy.port)")
+    serve.add_argument("--workers", type=int, help="uvicorn worker processes (default: deploy.workers)")
+    serve.add_argument("--model-uri", help="models:/NAME@ALIAS, models:/NAME/VERSION or a compressed model folder "
+                       "(default: models:/<register.model_name>@champion)")
     serve.add_argument("--alias", default="champion", help="registry alias to follow (default: champion)")
     serve.add_argument("--model-dir", type=Path, help="serve a compressed model folder instead of the registry")
-    serve.add_argument("--num-threads", type=int, default=None, help="onnxruntime intra-op threads")
+    serve.add_argument("--num-threads", type=int, default=None,
+                       help="onnxruntime intra-op threads per worker (default: deploy.num_threads, else cores / workers)")
     serve.set_defaults(handler=_serve)
 
-    stop = sub.add_parser("stop", parents=[common], help="stop the background model server started by deploy")
+    up = sub.add_parser("up", parents=[common], help="start the local Prefect server + worker, MLflow server, model server")
+    up.set_defaults(handler=_up)
+    down = sub.add_parser("down", parents=[common], help="stop everything `langops up` started")
+    down.set_defaults(handler=_down)
+    status = sub.add_parser("status", parents=[common], help="what runs where, healthy or not, and what to export")
+    status.set_defaults(handler=_status)
+    deploy = sub.add_parser("deploy", parents=[common], help="apply the Prefect deployments in prefect.yaml")
+    deploy.add_argument("--prefect-file", type=Path, help="default: the project's prefect.yaml, else langops' own")
+    deploy.set_defaults(handler=_deploy)
+
+    stop = sub.add_parser("stop", parents=[common], help="stop the background model server started by deploy-model")
     stop.set_defaults(handler=_stop)
 
     history = sub.add_parser("history", parents=[common], help="list the champion's promotions and rollbacks")
@@ -106,6 +129,20 @@ def _run(params: Params, args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(params: Params, args: argparse.Namespace) -> int:
+    """Run the sweep flow; the trials are checked here first, so a bad ``sweep:`` starts nothing."""
+    from langops.sweep import expand_trials
+
+    expand_trials(params)
+    from langops.flows.sweep import summary_markdown, sweep_pipeline
+
+    started = time.perf_counter()
+    summary = sweep_pipeline(params_path=str(Path(args.params).resolve()), overrides=list(args.overrides))
+    print(summary_markdown(summary))
+    print(f"sweep finished in {time.perf_counter() - started:.0f}s")
+    return 0
+
+
 def _step(params: Params, args: argparse.Namespace) -> int:
     from langops import pipeline
 
@@ -120,21 +157,32 @@ def _step(params: Params, args: argparse.Namespace) -> int:
 
 
 def _serve(params: Params, args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from langops.serving.app import deploy_tuning, parse_model_uri
     from langops.serving.server import ServerSettings, serve
 
-    serve(
-        ServerSettings(
-            tracking_uri=params.tracking_uri(),
-            model_name=params.register.model_name,
-            alias=args.alias,
-            model_dir=args.model_dir,
-            host=args.host or params.deploy.host,
-            port=args.port or params.deploy.port,
-            poll_seconds=params.deploy.poll_seconds,
-            num_threads=args.num_threads,
-            cache_dir=params.project.state_dir / "server" / "models",
-        )
-    )
+    server_dir = params.project.state_dir / "server"
+    values = {
+        **deploy_tuning(params.deploy, server_dir=server_dir),
+        "tracking_uri": params.tracking_uri(),
+        "model_name": params.register.model_name,
+        "alias": args.alias,
+        "model_dir": args.model_dir,
+        "host": args.host or params.deploy.host,
+        "port": args.port or params.deploy.port,
+        "poll_seconds": params.deploy.poll_seconds,
+        "cache_dir": server_dir / "models",
+    }
+    values.update({k: v for k, v in {"workers": args.workers, "num_threads": args.num_threads}.items() if v})
+    try:
+        if args.model_uri:
+            values.update(parse_model_uri(args.model_uri))
+        settings = ServerSettings(**values)
+    except (ValidationError, ValueError) as exc:
+        print(f"langops serve: {exc}", file=sys.stderr)
+        return 2
+    serve(settings)
     return 0
 
 
@@ -143,6 +191,81 @@ def _stop(params: Params, args: argparse.Namespace) -> int:
 
     stopped = stop_server(params.project.state_dir)
     print("model server stopped" if stopped else "no model server was running")
+    return 0
+
+
+def _up(params: Params, args: argparse.Namespace) -> int:
+    from langops.services import ServiceError, start_services
+
+    try:
+        result = start_services(params)
+    except ServiceError as exc:
+        print(f"langops: {exc}", file=sys.stderr)
+        return 1
+    _print_status(params, result.statuses, started=set(result.started))
+    for note in result.notes:
+        print(note)
+    return 0 if _core_services_healthy(result.statuses) else 1
+
+
+def _down(params: Params, args: argparse.Namespace) -> int:
+    from langops.services import stop_services
+
+    for result in stop_services(params):
+        if result.stopped:
+            how = "killed after the SIGTERM grace period" if result.killed else "stopped"
+            print(f"{result.name:<15} {how} (pid {result.pid})")
+        else:
+            print(f"{result.name:<15} was not running")
+    return 0
+
+
+def _status(params: Params, args: argparse.Namespace) -> int:
+    from langops.services import service_status
+
+    statuses = service_status(params)
+    _print_status(params, statuses)
+    return 0 if _core_services_healthy(statuses) else 1
+
+
+def _core_services_healthy(statuses) -> bool:
+    """Prefect, MLflow and the worker; the model server may rightly be down (no champion yet)."""
+    from langops.services import MODEL_SERVER
+
+    return all(s.healthy for s in statuses if s.name != MODEL_SERVER)
+
+
+def _print_status(params: Params, statuses, *, started: set[str] | None = None) -> None:
+    """One line per service; after ``up`` (``started`` given) also whether this call started it."""
+    from langops.services import exports, read_endpoints
+
+    for s in statuses:
+        state = "healthy" if s.healthy else ("UNHEALTHY" if s.pid else "down")
+        note = ""
+        if started is not None and s.pid:
+            note = "  [started]" if s.name in started else "  [already running]"
+        print(f"{s.name:<15} {state:<9} pid {s.pid or '-'!s:<8} {s.url or '-':<24} {s.detail}{note}")
+    endpoints = read_endpoints(params.project.state_dir)
+    if endpoints is not None:
+        print(f"\nPrefect UI: {endpoints.prefect_ui_url}   MLflow UI: {endpoints.mlflow_tracking_uri}")
+        print("langops commands in this project use these servers; other tools need:")
+        for key, value in exports(endpoints).items():
+            print(f"  export {key}={value}")
+    print(f"logs and pid files: {params.project.state_dir / 'services'}")
+
+
+def _deploy(params: Params, args: argparse.Namespace) -> int:
+    from langops.services import ServiceError, apply_deployments
+
+    try:
+        applied = apply_deployments(params, project_dir=Path(args.params).resolve().parent, prefect_file=args.prefect_file)
+    except ServiceError as exc:
+        print(f"langops: {exc}", file=sys.stderr)
+        return 1
+    for d in applied:
+        print(f"{d.flow_name}/{d.name}  entrypoint {d.entrypoint}  pool {d.work_pool}  "
+              f"schedule {', '.join(d.schedules) or 'none (run on demand)'}")
+        print(f"  run now: prefect deployment run '{d.flow_name}/{d.name}'")
     return 0
 
 
@@ -206,12 +329,20 @@ def _closing_summary(params: Params, summary, seconds: float) -> str:
             "-H 'content-type: application/json' -d '{\"text\": \"my card was charged twice\"}')",
             "                   stop it with: langops stop",
         ]
-    bin_dir = Path(sys.executable).parent
-    lines += [
-        f"  MLflow UI        {bin_dir / 'mlflow'} ui --backend-store-uri {summary.tracking_uri} --port 5000",
-        f"  Prefect UI       PREFECT_HOME={state / 'prefect'} {bin_dir / 'prefect'} server start"
-        "  (then http://127.0.0.1:4200)",
-    ]
+    from langops.services import read_endpoints
+
+    endpoints = read_endpoints(state)
+    if endpoints is not None:
+        lines += [
+            f"  Prefect UI       {endpoints.prefect_ui_url}",
+            f"  MLflow UI        {endpoints.mlflow_tracking_uri}",
+        ]
+    else:
+        services = params.services
+        lines += [
+            f"  UIs              langops up  (Prefect on http://{services.host}:{services.prefect_port}, "
+            f"MLflow on http://{services.host}:{services.mlflow_port}; this run shows in both)",
+        ]
     return "\n".join(lines)
 
 

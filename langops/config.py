@@ -17,6 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from langops.serving import defaults as serving_defaults
+
 
 class ConfigError(ValueError):
     """``params.yaml`` (or an override) is missing, malformed or holds a bad value."""
@@ -46,6 +48,7 @@ class PathsConfig(_Section):
     registration: Path = Path("reports/registration")
     promotion: Path = Path("reports/promotion")
     deployment: Path = Path("reports/deployment")
+    sweep: Path = Path("models/sweep")  # one folder per sweep trial: <sweep>/<trial>/{trained,checkpoints}
 
 
 class DataConfig(_Section):
@@ -117,6 +120,16 @@ class TrainConfig(_Section):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     num_threads: int | None = Field(None, ge=1)
     resume: bool = True
+    devices: int | Literal["auto"] = Field(
+        1, description="processes of data-parallel training (torchrun); auto = every visible GPU, 1 without CUDA"
+    )
+
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, devices: int | str) -> int | str:
+        if devices != "auto" and devices < 1:
+            raise ValueError(f"devices must be at least 1 or 'auto', got {devices}")
+        return devices
 
 
 class EvaluateConfig(_Section):
@@ -199,6 +212,102 @@ class DeployConfig(_Section):
     port: int = Field(8765, ge=1, le=65535)
     poll_seconds: float = Field(5.0, gt=0, description="how often the server checks the champion alias")
     start_timeout_s: float = Field(120.0, gt=0)
+    # Server tuning and limits; defaults shared with the server's settings (langops/serving/defaults.py).
+    workers: int = Field(serving_defaults.WORKERS, ge=1)
+    num_threads: int | None = Field(None, ge=1, description="onnxruntime threads per worker; null: cores / workers")
+    max_batch_size: int = Field(serving_defaults.MAX_BATCH_SIZE, ge=1)
+    max_wait_ms: float = Field(serving_defaults.MAX_WAIT_MS, ge=0)
+    max_queue: int = Field(serving_defaults.MAX_QUEUE, ge=1)
+    max_request_texts: int = Field(serving_defaults.MAX_REQUEST_TEXTS, ge=1)
+    max_text_chars: int = Field(serving_defaults.MAX_TEXT_CHARS, ge=1)
+    max_body_bytes: int = Field(serving_defaults.MAX_BODY_BYTES, ge=1)
+    auth_token_env: str = Field(serving_defaults.AUTH_TOKEN_ENV, min_length=1)
+    prediction_log: bool = Field(True, description="write the prediction log under <state_dir>/server/predictions")
+    prediction_log_sample_rate: float = Field(serving_defaults.PREDICTION_LOG_SAMPLE_RATE, ge=0, le=1)
+    prediction_log_hash_texts: bool = serving_defaults.PREDICTION_LOG_HASH_TEXTS
+    prediction_log_max_bytes: int = Field(serving_defaults.PREDICTION_LOG_MAX_BYTES, ge=1024)
+    prediction_log_backups: int = Field(serving_defaults.PREDICTION_LOG_BACKUPS, ge=1)
+
+
+class ServicesConfig(_Section):
+    """The local services ``langops up`` starts: Prefect server + worker, MLflow server (see docs/local-services.md)."""
+
+    host: str = "127.0.0.1"
+    prefect_port: int = Field(4200, ge=1, le=65535)
+    mlflow_port: int = Field(5000, ge=1, le=65535)
+    work_pool: str = Field("langops", min_length=1, description="process work pool the worker polls")
+    start_timeout_s: float = Field(90.0, gt=0)
+    stop_timeout_s: float = Field(15.0, gt=0, description="SIGTERM grace period before SIGKILL")
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> ServicesConfig:
+        if self.prefect_port == self.mlflow_port:
+            raise ValueError(f"prefect_port and mlflow_port must differ, both are {self.prefect_port}")
+        return self
+
+
+SWEEP_ENGINE_ADDRESS_ENV = "LANGOPS_DASK_ADDRESS"
+
+
+class SweepConfig(_Section):
+    """``langops sweep``: training configurations tried in parallel on Dask; the best on validation ships.
+
+    Trials vary training only (``train.*`` and ``project.seed``): the data is prepared and validated once.
+    """
+
+    grid: dict[str, tuple[Any, ...]] = Field(
+        default_factory=dict, description="dotted key -> values; every combination is a trial, the first key varies slowest"
+    )
+    trials: tuple[dict[str, Any], ...] = Field((), description="explicit override sets, tried after the grid's")
+    metric: Literal["val_macro_f1", "val_accuracy", "val_loss"] = "val_macro_f1"
+    greater_is_better: bool = True
+    max_trials: int = Field(16, ge=1)
+    task_runner: Literal["dask"] = "dask"
+    dask_address: str | None = Field(
+        None, description=f"scheduler of an existing cluster; null starts a local one (${SWEEP_ENGINE_ADDRESS_ENV} wins)"
+    )
+    n_workers: int = Field(2, ge=1, description="processes of the local cluster, one trial at a time each")
+
+    @field_validator("grid")
+    @classmethod
+    def _grid(cls, grid: dict[str, tuple[Any, ...]]) -> dict[str, tuple[Any, ...]]:
+        for key, values in grid.items():
+            _check_sweep_key(key)
+            if not values:
+                raise ValueError(f"sweep key {key!r} has no values")
+        return grid
+
+    @field_validator("trials")
+    @classmethod
+    def _trials(cls, trials: tuple[dict[str, Any], ...]) -> tuple[dict[str, Any], ...]:
+        for overrides in trials:
+            for key in overrides:
+                _check_sweep_key(key)
+        return trials
+
+    @model_validator(mode="after")
+    def _direction(self) -> SweepConfig:
+        if self.metric == "val_loss" and self.greater_is_better:
+            raise ValueError("metric val_loss is better when lower: set greater_is_better: false")
+        return self
+
+
+def _check_sweep_key(key: str) -> None:
+    """A sweep key must name a training setting of the params model (so a typo fails before any training)."""
+    if key == "project.seed":
+        return
+    section, _, rest = key.partition(".")
+    if section != "train" or not rest:
+        raise ValueError(
+            f"sweep key {key!r}: a sweep varies training only (train.* or project.seed); data is prepared once"
+        )
+    node: Any = TrainConfig
+    parts = rest.split(".")
+    for depth, part in enumerate(parts):
+        owner = ".".join(["train", *parts[:depth]])
+        if not (isinstance(node, type) and issubclass(node, BaseModel)) or part not in node.model_fields:
+            raise ValueError(f"sweep key {key!r}: {owner} has no setting {part!r}")
+        node = node.model_fields[part].annotation
 
 
 class TrackingConfig(_Section):
@@ -224,7 +333,9 @@ with warnings.catch_warnings():
         register: RegisterConfig = RegisterConfig()
         promote: PromoteConfig = PromoteConfig()
         deploy: DeployConfig = DeployConfig()
+        services: ServicesConfig = ServicesConfig()
         tracking: TrackingConfig = TrackingConfig()
+        sweep: SweepConfig = SweepConfig()
 
         def resolved(self, root: Path) -> Params:
             """Make every relative path absolute against ``root`` (the folder holding params.yaml)."""
@@ -252,11 +363,20 @@ with warnings.catch_warnings():
             return (self.project.state_dir / "mlartifacts").resolve().as_uri()
 
         def section_hash(self, *sections: str) -> str:
-            """A short stable hash of the named sections (all when none are named): the params lineage tag."""
+            """A short stable hash of the named sections: the params lineage tag.
+
+            With none named it covers what shapes the model (the seed and ``MODEL_SECTIONS``), not where
+            files go, which servers run, or how a sweep or the gate is set up.
+            """
             dumped = self.model_dump(mode="json")
-            chosen = {name: dumped[name] for name in (sections or tuple(dumped))}
+            chosen: dict[str, Any] = {name: dumped[name] for name in (sections or MODEL_SECTIONS)}
+            if not sections:
+                chosen["project.seed"] = self.project.seed
             blob = json.dumps(chosen, sort_keys=True).encode()
             return hashlib.sha256(blob).hexdigest()[:16]
+
+
+MODEL_SECTIONS = ("data", "prepare", "validate", "train", "evaluate", "compress")
 
 
 def _absolute(root: Path, path: Path) -> Path:

@@ -47,13 +47,25 @@ class TrainRecord:
 
 
 def run_train(params: Params) -> TrainRecord:
-    """Open the MLflow run for this model, log params and lineage, train, and log the training curve."""
+    """Open the MLflow run for this model, log params and lineage, train, and log the training curve.
+
+    With ``train.devices`` > 1 a plain process re-launches this step under torchrun, one process per
+    device, waits, and returns what rank 0 recorded. Under torchrun only rank 0 opens the MLflow run and
+    writes ``train.json``; the other ranks train and return their result with no run id.
+    """
     import mlflow
 
     from langops.lineage import dvc_dir_md5, git_commit
-    from langops.tasks.train import train
+    from langops.tasks.train import rank_info, resolve_devices, train
     from langops.tracking import configure_mlflow
 
+    ranks = rank_info()
+    if not ranks.launched and (devices := resolve_devices(params.train)) > 1:
+        return _run_train_with_torchrun(params, devices)
+    if not ranks.is_main:
+        result = train(params.train, prepared_dir=params.paths.prepared, out_dir=params.paths.trained,
+                       checkpoint_dir=params.paths.checkpoints, seed=params.project.seed)
+        return TrainRecord(run_id="", lineage={}, result=result)
     configure_mlflow(params)
     lineage = {
         "data_version": dvc_dir_md5(params.paths.prepared),
@@ -89,11 +101,28 @@ def run_train(params: Params) -> TrainRecord:
             {"best_val_macro_f1": result.best_val_macro_f1, "best_epoch": result.best_epoch,
              "train_seconds": result.seconds, "trainable_params": result.trainable_params}
         )
+        mlflow.log_params({"train.world_size": result.world_size, "train.effective_batch_size": result.effective_batch_size})
         write_json(params.paths.trained / TRAIN_SUMMARY, summary)
         mlflow.log_dict(summary, "train/train.json")
         if result.adapter_dir is not None:
             mlflow.log_artifacts(str(result.adapter_dir), "train/adapter")
     return TrainRecord(run_id=run.info.run_id, lineage=lineage, result=result)
+
+
+def _run_train_with_torchrun(params: Params, devices: int) -> TrainRecord:
+    """``langops train`` under torchrun with exactly these (resolved) params; rank 0's train.json is the record."""
+    import tempfile
+
+    import yaml
+
+    from langops.tasks.train import TrainResult, launch_torchrun
+
+    with tempfile.TemporaryDirectory(prefix="langops-train-") as tmp:
+        resolved = Path(tmp) / "params.yaml"  # every path in it is absolute: the ranks read the same folders
+        resolved.write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
+        launch_torchrun(devices, ["-m", "langops.cli", "train", "--params", str(resolved)])
+    summary = train_summary(params)
+    return TrainRecord(run_id=summary["run_id"], lineage=summary["lineage"], result=TrainResult.from_summary(summary))
 
 
 def train_summary(params: Params) -> dict[str, Any]:
@@ -202,11 +231,14 @@ def decide_promotion(params: Params, *, force_reason: str | None = None):
     """
     from langops.io import read_split
     from langops.serving.infra_check import check_servable
-    from langops.tasks.promote import CHAMPION, decide
+    from langops.tasks.promote import CHAMPION, already_champion, decide
     from langops.tracking import configure_mlflow
 
     configure_mlflow(params)
     registration = read_json(params.paths.registration / "registration.json")
+    champion_version = current_alias_version(params.register.model_name, CHAMPION)
+    if champion_version == str(registration["version"]):
+        return already_champion(champion_version, params.promote)
     challenger = challenger_evidence(params, str(registration["version"]))
     servable = check_servable(
         tracking_uri=params.tracking_uri(),
@@ -216,9 +248,8 @@ def decide_promotion(params: Params, *, force_reason: str | None = None):
         cache_dir=params.project.state_dir / "cache",
     )
     challenger = replace(challenger, servable=servable.ok, servable_detail=servable.detail)
-    champion_version = current_alias_version(params.register.model_name, CHAMPION)
     champion = None
-    if champion_version is not None and champion_version != challenger.version:
+    if champion_version is not None:
         champion = shipped_model_evidence(params, _registered_model_dir(params, champion_version), champion_version)
     return decide(challenger, champion, params.promote, force_reason=force_reason)
 
@@ -236,6 +267,8 @@ def record_promotion(params: Params, decision, *, actor: str = "pipeline"):
     out = params.paths.promotion
     write_json(out / "decision.json", {**decision.to_dict(), "champion_after": champion_after})
     (out / "decision.md").write_text(decision.to_markdown())
+    if decision.challenger_version == decision.champion_version:
+        return decision  # already champion: the run keeps the record of the decision that promoted it
     with resumed_run(params, registration["run_id"]):
         mlflow.log_artifact(str(out / "decision.json"), "promotion")
         mlflow.log_artifact(str(out / "decision.md"), "promotion")

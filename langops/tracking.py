@@ -46,3 +46,21 @@ def resumed_run(params: Params, run_id: str) -> Iterator[object]:
         return
     with mlflow.start_run(run_id=run_id) as run:
         yield run
+
+
+def ui_links(tracking_uri: str, *, run_id: str, model_name: str, version: str) -> dict[str, str]:
+    """Links to the run and the model version in the MLflow UI, when the store is an MLflow server.
+
+    A file or SQLite store has no UI of its own (``mlflow ui`` or ``langops up`` serves one), so there
+    are no links to give and this returns an empty dict.
+    """
+    from mlflow import MlflowClient
+
+    if not tracking_uri.startswith(("http://", "https://")):
+        return {}
+    base = tracking_uri.rstrip("/")
+    experiment_id = MlflowClient(tracking_uri=tracking_uri).get_run(run_id).info.experiment_id
+    return {
+        "mlflow-run": f"{base}/#/experiments/{experiment_id}/runs/{run_id}",
+        "model-version": f"{base}/#/models/{model_name}/versions/{version}",
+    }

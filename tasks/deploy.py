@@ -67,7 +67,7 @@ def deploy(
     _check_alias(source, expected_version)
     url = server_url(cfg.host, cfg.port)
     deadline = time.monotonic() + cfg.start_timeout_s
-    with httpx.Client(base_url=url, timeout=5.0, trust_env=False) as client:
+    with httpx.Client(base_url=url, timeout=5.0, trust_env=False, headers=auth_headers(cfg)) as client:
         if not _langops_server_answers(client):
             return _start_and_wait(cfg, source, client, url, expected_version, server_dir, deadline)
         _check_follows_champion(client, model_name)
@@ -190,6 +190,7 @@ def _start_and_wait(
         "--port", str(cfg.port),
         "--poll-seconds", str(cfg.poll_seconds),
         "--cache-dir", str(source.cache_dir),
+        *server_options(cfg, server_dir),
     ]
     with log_path.open("w") as log_file:
         process = subprocess.Popen(
@@ -208,6 +209,26 @@ def _start_and_wait(
         pid_file.unlink(missing_ok=True)
         raise
     return DeploymentResult(url=url, version=expected_version, pid=process.pid, started=True)
+
+
+def auth_headers(cfg: DeployConfig) -> dict[str, str]:
+    """The bearer token the server will require when ``cfg.auth_token_env`` is set (it inherits the variable)."""
+    token = os.environ.get(cfg.auth_token_env)
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def server_options(cfg: DeployConfig, server_dir: Path) -> list[str]:
+    """The ``deploy:`` tuning (batching, limits, auth, prediction log) as server command-line options."""
+    from langops.serving.app import deploy_tuning
+
+    options: list[str] = []
+    for name, value in deploy_tuning(cfg, server_dir=server_dir).items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            options.append(flag if value else flag.replace("--", "--no-", 1))
+        elif value is not None:
+            options += [flag, str(value)]
+    return options
 
 
 def _wait_for_version(

@@ -178,6 +178,19 @@ def decide(
     )
 
 
+def already_champion(version: str, policy: PromoteConfig) -> Decision:
+    """The decision when the registered version is the champion already (a rerun that reused a cached
+    model, or ``promote`` run twice): nothing to judge and nothing moves."""
+    return Decision(
+        promote=False,
+        reason=f"version {version} is already the champion; nothing to decide",
+        challenger_version=version,
+        champion_version=version,
+        primary_metric=policy.primary_metric,
+        checks=(Check("already_champion", True, f"the champion alias names version {version}"),),
+    )
+
+
 def with_approval(decision: Decision, *, approved: bool, reviewer: str, comment: str = "") -> Decision:
     """The decision after a person's review: a rejection stops a passing challenger, and is recorded."""
     from dataclasses import replace
@@ -368,6 +381,8 @@ def apply_decision(decision: Decision, *, params: Params, actor: str = "pipeline
     version = decision.challenger_version
     if version is None:
         raise ValueError("the decision names no challenger version")
+    if version == decision.champion_version:
+        return version  # already champion: its aliases and its own decision's tags stay as they are
     client = MlflowClient()
     client.set_registered_model_alias(model_name, CHALLENGER, version)  # the latest version the gate judged
     client.set_model_version_tag(model_name, version, "langops.decision", "promoted" if decision.promote else "rejected")

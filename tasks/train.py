@@ -3,20 +3,35 @@
 A plain training loop rather than ``transformers.Trainer``: every behaviour the pipeline relies on
 (length-grouped dynamic padding, early stopping on validation macro-F1, a resumable checkpoint per
 epoch, bf16 autocast on GPUs) is visible here and pinned by tests.
+
+Launched by ``torchrun`` (``WORLD_SIZE`` > 1) the same loop trains data-parallel: one process per device
+(NCCL on GPUs, gloo on CPU), the model wrapped in ``DistributedDataParallel``, each optimiser step's
+length-grouped global batch of ``batch_size × world_size`` rows split across the ranks. Rank 0 evaluates,
+decides on early stopping for everyone, and is the only one to write checkpoints and the model.
+``launch_torchrun`` starts such a run from a plain process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import random
+import shlex
 import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,7 +40,7 @@ from tqdm.auto import tqdm
 
 from langops.config import TrainConfig
 from langops.io import read_split, write_labels
-from langops.modeling import pad_batch, predict_logits, resolve_base_model, select_device, tokenize
+from langops.modeling import Device, pad_batch, predict_logits, resolve_base_model, select_device, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +63,70 @@ class TrainResult:
     trainable_params: int
     total_params: int
     seconds: float
+    world_size: int  # data-parallel processes (1: no process group)
+    effective_batch_size: int  # rows per optimiser step: batch_size × world_size
     history: tuple[dict[str, float], ...] = field(default=())
+
+    @classmethod
+    def from_summary(cls, summary: dict[str, Any]) -> TrainResult:
+        """Rebuild the result from its JSON form (``train.json``), as a launcher reads back its ranks' work."""
+        values = {f.name: summary[f.name] for f in fields(cls) if f.name in summary}
+        for name in ("out_dir", "model_dir", "adapter_dir"):
+            values[name] = None if values.get(name) is None else Path(values[name])
+        values["history"] = tuple(values.get("history", ()))
+        return cls(**values)
+
+
+class DistributedTrainingError(RuntimeError):
+    """A torchrun launch failed; the message carries torchrun's failure summary (which rank, and why)."""
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """This process's place in a torchrun launch; rank 0 of 1 for a plain process."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    launched: bool = False  # started by torchrun (or another launcher that sets WORLD_SIZE)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def rank_info() -> RankInfo:
+    """Read the ranks torchrun sets in the environment."""
+    if "WORLD_SIZE" not in os.environ:
+        return RankInfo()
+    return RankInfo(
+        rank=int(os.environ.get("RANK", "0")),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        world_size=int(os.environ["WORLD_SIZE"]),
+        launched=True,
+    )
+
+
+def resolve_devices(cfg: TrainConfig) -> int:
+    """How many data-parallel processes ``train.devices`` asks for on this machine.
+
+    ``auto`` is every visible GPU when training on CUDA and 1 otherwise. A number is taken as given
+    (on CPU it starts that many gloo processes, which is how the distributed path is tested), but a
+    CUDA run cannot ask for more processes than there are GPUs.
+
+    Raises:
+        ValueError: ``train.devices`` names more GPUs than are visible.
+    """
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if cfg.devices == "auto":
+        return max(torch.cuda.device_count(), 1) if cuda else 1
+    if cuda and cfg.devices > torch.cuda.device_count():
+        raise ValueError(f"train.devices is {cfg.devices} but only {torch.cuda.device_count()} CUDA devices are visible")
+    return cfg.devices
 
 
 def train(
@@ -66,9 +144,35 @@ def train(
     ``out_dir/adapter`` (the LoRA adapter and its config, LoRA only) and ``out_dir/labels.json``. A checkpoint per epoch goes to ``checkpoint_dir``; with ``cfg.resume`` a run
     with the same config and data continues from the last one.
 
+    Under torchrun with ``WORLD_SIZE`` > 1 every rank calls this; it joins the process group, trains
+    data-parallel with an effective batch of ``cfg.batch_size × WORLD_SIZE`` rows per step, and leaves
+    the group when done or failed. Only rank 0 writes files and calls ``on_epoch_end``; every rank
+    returns the same result.
+
     Args:
         on_epoch_end: called with the epoch's metrics and the epoch number (e.g. ``mlflow.log_metrics``).
     """
+    ranks = rank_info()
+    if not ranks.distributed:
+        device = select_device(cfg.device, cfg.precision)
+        return _train(cfg, prepared_dir=prepared_dir, out_dir=out_dir, checkpoint_dir=checkpoint_dir, seed=seed,
+                      on_epoch_end=on_epoch_end, ranks=ranks, device=device)
+    with _process_group(cfg, ranks) as device:
+        return _train(cfg, prepared_dir=prepared_dir, out_dir=out_dir, checkpoint_dir=checkpoint_dir, seed=seed,
+                      on_epoch_end=on_epoch_end, ranks=ranks, device=device)
+
+
+def _train(
+    cfg: TrainConfig,
+    *,
+    prepared_dir: Path,
+    out_dir: Path,
+    checkpoint_dir: Path,
+    seed: int,
+    on_epoch_end: MetricsCallback | None,
+    ranks: RankInfo,
+    device: Device,
+) -> TrainResult:
     from transformers import (
         AutoModelForSequenceClassification,
         AutoTokenizer,
@@ -84,7 +188,6 @@ def train(
     seed_everything(seed)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    device = select_device(cfg.device, cfg.precision)
     base = resolve_base_model(cfg.base_model)
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForSequenceClassification.from_pretrained(
@@ -100,35 +203,48 @@ def train(
 
     train_ids = tokenize(tokenizer, train_df["text"].tolist(), cfg.max_length)
     train_y = np.array([label_ids[y] for y in train_df["label"]])
-    steps_per_epoch = -(-len(train_ids) // cfg.batch_size)
+    effective_batch_size = cfg.batch_size * ranks.world_size
+    steps_per_epoch = -(-len(train_ids) // effective_batch_size)
     total_steps = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
 
     state = _LoopState()
-    fingerprint = _fingerprint(cfg, prepared_dir, seed)
+    fingerprint = _fingerprint(cfg, prepared_dir, seed, ranks.world_size)
     resumed_from = None
     if cfg.resume:
         checkpoint = _latest_checkpoint(checkpoint_dir, fingerprint)
         if checkpoint is not None:
             state = _restore(checkpoint, model, optimizer, scheduler)
             resumed_from = state.epoch
-            log.info("resuming from %s (epoch %d done)", checkpoint, state.epoch)
-    else:
+            if ranks.is_main:
+                log.info("resuming from %s (epoch %d done)", checkpoint, state.epoch)
+    elif ranks.is_main:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    net = model
+    if ranks.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Frozen (non-LoRA) weights get no gradient hooks; every trainable weight is used in each forward.
+        net = DistributedDataParallel(model, device_ids=[device.torch_device.index] if device.name == "cuda" else None)
+        if ranks.is_main:
+            log.info("data-parallel on %d %s processes: %d rows per device, %d per optimiser step",
+                     ranks.world_size, device.name, cfg.batch_size, effective_batch_size)
 
     while state.epoch < cfg.epochs and not state.finished:
         epoch = state.epoch + 1
-        model.train()
+        net.train()
         rng = np.random.default_rng(seed + epoch)
-        batches = list(length_grouped_batches([len(x) for x in train_ids], cfg.batch_size, rng))
+        batches = rank_batches([len(x) for x in train_ids], cfg.batch_size, rng, rank=ranks.rank,
+                               world_size=ranks.world_size)
         losses = []
-        bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", mininterval=1.0, leave=False, disable=None)
+        bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", mininterval=1.0, leave=False,
+                   disable=None if ranks.is_main else True)
         for batch in bar:
             inputs = {k: v.to(device.torch_device) for k, v in pad_batch(tokenizer, [train_ids[i] for i in batch]).items()}
             target = torch.as_tensor(train_y[batch], device=device.torch_device)
             with torch.autocast(device.name, dtype=device.autocast_dtype, enabled=device.autocast_dtype is not None):
-                logits = model(**inputs).logits
+                logits = net(**inputs).logits
             loss = torch.nn.functional.cross_entropy(logits.float(), target)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -142,35 +258,50 @@ def train(
                 break
         bar.close()
 
-        val_logits = predict_logits(
-            model, tokenizer, val_df["text"].tolist(), batch_size=cfg.eval_batch_size,
-            max_length=cfg.max_length, device=device,
-        )
-        val_y = np.array([label_ids[y] for y in val_df["label"]])
-        val_pred = val_logits.argmax(axis=1)
-        metrics = {
-            "train_loss": float(np.mean(losses)) if losses else float("nan"),
-            "val_loss": float(torch.nn.functional.cross_entropy(torch.from_numpy(val_logits), torch.from_numpy(val_y)).item()),
-            "val_accuracy": float((val_pred == val_y).mean()),
-            "val_macro_f1": float(f1_score(val_y, val_pred, average="macro", labels=list(range(len(labels))), zero_division=0)),
-            "learning_rate": float(scheduler.get_last_lr()[0]),
-        }
+        train_loss = _mean_over_ranks(losses, ranks, device)
+        metrics: dict[str, float] | None = None
+        if ranks.is_main:
+            val_logits = predict_logits(
+                model, tokenizer, val_df["text"].tolist(), batch_size=cfg.eval_batch_size,
+                max_length=cfg.max_length, device=device,
+            )
+            val_y = np.array([label_ids[y] for y in val_df["label"]])
+            val_pred = val_logits.argmax(axis=1)
+            metrics = {
+                "train_loss": train_loss,
+                "val_loss": float(torch.nn.functional.cross_entropy(torch.from_numpy(val_logits), torch.from_numpy(val_y)).item()),
+                "val_accuracy": float((val_pred == val_y).mean()),
+                "val_macro_f1": float(f1_score(val_y, val_pred, average="macro", labels=list(range(len(labels))), zero_division=0)),
+                "learning_rate": float(scheduler.get_last_lr()[0]),
+            }
+        if ranks.distributed:  # rank 0's evaluation is every rank's: one early-stopping decision for all
+            shared = [metrics]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            metrics = shared[0]
         state.epoch = epoch
         state.history.append({"epoch": epoch, **metrics})
         if metrics["val_macro_f1"] > state.best_f1:
             state.best_f1, state.best_epoch, state.bad_epochs = metrics["val_macro_f1"], epoch, 0
-            state.best_weights = _trainable_state(model)
+            if ranks.is_main:
+                state.best_weights = _trainable_state(model)
         else:
             state.bad_epochs += 1
         state.stopped_early = state.bad_epochs >= cfg.early_stopping_patience
         state.finished = state.stopped_early or state.steps >= total_steps or epoch >= cfg.epochs
-        log.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in metrics.items()})
-        _save_checkpoint(checkpoint_dir, fingerprint, state, model, optimizer, scheduler)
-        if on_epoch_end is not None:
-            on_epoch_end(metrics, epoch)
+        if ranks.is_main:
+            log.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in metrics.items()})
+            _save_checkpoint(checkpoint_dir, fingerprint, state, model, optimizer, scheduler)
+            if on_epoch_end is not None:
+                on_epoch_end(metrics, epoch)
 
-    model.load_state_dict(state.best_weights, strict=False)
-    model_dir, adapter_dir = _save_outputs(model, tokenizer, labels, cfg, out_dir)
+    model_dir, adapter_dir = out_dir / "model", (out_dir / "adapter" if cfg.method == "lora" else None)
+    trainable_params = sum(p.numel() for p in trainable)
+    total_params = sum(p.numel() for p in model.parameters())
+    if ranks.is_main:
+        model.load_state_dict(state.best_weights, strict=False)
+        model_dir, adapter_dir = _save_outputs(model, tokenizer, labels, cfg, out_dir)
+    if ranks.distributed:
+        torch.distributed.barrier()  # every rank returns once the model is on disk
     return TrainResult(
         out_dir=out_dir,
         model_dir=model_dir,
@@ -183,10 +314,12 @@ def train(
         resumed_from_epoch=resumed_from,
         device=device.name,
         precision=device.precision,
-        trainable_params=sum(p.numel() for p in trainable),
-        total_params=sum(p.numel() for p in model.parameters()),
+        trainable_params=trainable_params,
+        total_params=total_params,
         seconds=time.perf_counter() - started,
         history=tuple(state.history),
+        world_size=ranks.world_size,
+        effective_batch_size=effective_batch_size,
     )
 
 
@@ -196,6 +329,137 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     torch.cuda.manual_seed_all(seed)
     os.environ.setdefault("PYTHONHASHSEED", str(seed))
+
+
+def rank_batches(
+    lengths: list[int], batch_size: int, rng: np.random.Generator, *, rank: int = 0, world_size: int = 1
+) -> list[list[int]]:
+    """This rank's share of one epoch: a list of batches, one per optimiser step.
+
+    Every rank draws the same length-grouped global batches of ``batch_size × world_size`` rows from
+    the same ``rng`` state and keeps every ``world_size``-th row of each, starting at its rank. So the
+    ranks' rows are disjoint, together they are the whole epoch, and every rank takes the same number
+    of steps (a rank short of batches would leave the others waiting in a collective). Only a last
+    global batch with fewer rows than ranks is topped up by repeating its own rows. With one rank
+    this is ``length_grouped_batches`` unchanged.
+    """
+    if world_size == 1:
+        return list(length_grouped_batches(lengths, batch_size, rng))
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside a world of {world_size}")
+    shards = []
+    for batch in length_grouped_batches(lengths, batch_size * world_size, rng):
+        if len(batch) < world_size:
+            batch = [batch[i % len(batch)] for i in range(world_size)]
+        shards.append(batch[rank::world_size])
+    return shards
+
+
+def launch_torchrun(nproc: int, command: list[str]) -> None:
+    """Run ``torchrun --standalone --nproc-per-node nproc <command>`` and wait for it.
+
+    The ranks' output is passed through to stderr as it comes. torchrun stops every rank as soon as
+    one fails, so a crash never leaves the others hanging in a collective.
+
+    Raises:
+        DistributedTrainingError: a rank failed; the message holds torchrun's summary naming the
+            rank, its exit code and (for ranks running ``train``) its traceback.
+    """
+    tail: deque[str] = deque(maxlen=400)
+    # torchrun keeps the ranks' error files in its log dir and never removes it: give it one that goes.
+    with tempfile.TemporaryDirectory(prefix="langops-torchrun-") as log_dir:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               f"--log-dir={log_dir}", *command]
+        log.info("launching %d processes: %s", nproc, shlex.join(cmd))
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                sys.stderr.write(line)
+                tail.append(line)
+            returncode = proc.wait()
+        except BaseException:
+            proc.terminate()  # torchrun passes the signal on to its ranks
+            proc.wait()
+            raise
+    if returncode != 0:
+        raise DistributedTrainingError(
+            f"torchrun with {nproc} processes exited with code {returncode}:\n{_failure_summary(list(tail))}"
+        )
+
+
+def _failure_summary(lines: list[str]) -> str:
+    """torchrun's closing failure report (first failed rank up front) when there is one, else the last lines."""
+    starts = [i for i, line in enumerate(lines) if "Failures:" in line]
+    if not starts:
+        return "".join(lines[-60:]).rstrip()
+    report = lines[max(starts[-1] - 2, 0):]
+    root = [i for i, line in enumerate(report) if line.startswith("Root Cause")]
+    ranks = [line.split(":", 1)[1].strip() for line in report[root[-1]:] if line.strip().startswith("rank ")] if root else []
+    first = f"first failure: rank {ranks[0]}\n" if ranks else ""
+    return first + "".join(report).rstrip()
+
+
+@contextlib.contextmanager
+def _process_group(cfg: TrainConfig, ranks: RankInfo) -> Iterator[Device]:
+    """Join the torchrun process group on this rank's device; always leave it, and record a failure."""
+    import torch.distributed as dist
+    from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+    device = select_device(cfg.device, cfg.precision)
+    if device.name == "cuda":
+        if ranks.local_rank >= torch.cuda.device_count():
+            raise ValueError(
+                f"local rank {ranks.local_rank} has no GPU: {torch.cuda.device_count()} visible for {ranks.world_size} ranks"
+            )
+        device = Device(torch.device("cuda", ranks.local_rank), device.autocast_dtype)
+        torch.cuda.set_device(device.torch_device)
+    backend = "nccl" if device.name == "cuda" else "gloo"
+    on_sigterm = _StopOnSigterm() if threading.current_thread() is threading.main_thread() else None
+    previous_handler = signal.signal(signal.SIGTERM, on_sigterm) if on_sigterm else None
+    failed = False
+    try:
+        dist.init_process_group(backend, rank=ranks.rank, world_size=ranks.world_size,
+                                device_id=device.torch_device if device.name == "cuda" else None)
+        yield device
+    except BaseException as exc:
+        failed = True
+        if on_sigterm:
+            on_sigterm.unwinding = True
+        if isinstance(exc, Exception):
+            # torchrun reads this file to name the failing rank and show its traceback in its summary.
+            ErrorHandler().record_exception(exc)
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        if on_sigterm and not failed:
+            signal.signal(signal.SIGTERM, previous_handler)
+
+
+class _StopOnSigterm:
+    """SIGTERM handler for a rank: torchrun sends SIGTERM to every rank once one fails.
+
+    The first one raises ``SystemExit`` so the rank unwinds (rank 0 closes its MLflow run as failed)
+    instead of dying mid-write; once the rank is unwinding a failure, further ones are ignored, so the
+    handler stays in place after a failure. torchrun still kills a rank that hangs after its grace period.
+    """
+
+    unwinding = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        if not self.unwinding:
+            self.unwinding = True
+            raise SystemExit(f"rank stopped by signal {signum}: another rank failed or the launch was cancelled")
+
+
+def _mean_over_ranks(losses: list[float], ranks: RankInfo, device: Device) -> float:
+    """The epoch's mean training loss over every rank's steps (this rank's alone without a group)."""
+    if not ranks.distributed:
+        return float(np.mean(losses)) if losses else float("nan")
+    totals = torch.tensor([sum(losses), len(losses)], dtype=torch.float64, device=device.torch_device)
+    torch.distributed.all_reduce(totals)
+    return float(totals[0] / totals[1]) if totals[1] else float("nan")
 
 
 def length_grouped_batches(lengths: list[int], batch_size: int, rng: np.random.Generator) -> Iterator[list[int]]:
@@ -268,10 +532,12 @@ def _trainable_state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in names}
 
 
-def _fingerprint(cfg: TrainConfig, prepared_dir: Path, seed: int) -> str:
-    """Checkpoints are resumed only by a run with the same config, seed and data."""
-    digest = hashlib.sha256(cfg.model_dump_json(exclude={"resume", "num_threads"}).encode())
+def _fingerprint(cfg: TrainConfig, prepared_dir: Path, seed: int, world_size: int = 1) -> str:
+    """Checkpoints are resumed only by a run with the same config, seed, data and number of ranks."""
+    digest = hashlib.sha256(cfg.model_dump_json(exclude={"resume", "num_threads", "devices"}).encode())
     digest.update(str(seed).encode())
+    if world_size > 1:  # other ranks, other shards and steps; one process keeps its fingerprint as before
+        digest.update(f"world_size={world_size}".encode())
     for split in ("train", "validation", "labels"):
         path = prepared_dir / (f"{split}.json" if split == "labels" else f"{split}.parquet")
         digest.update(hashlib.md5(path.read_bytes()).digest())

@@ -60,3 +60,11 @@ def test_params_hash_changes_with_a_knob():
     b = parse_params({"train": {"epochs": 9}})
     assert a.section_hash() != b.section_hash()
     assert a.section_hash("data") == b.section_hash("data")
+
+
+def test_params_hash_ignores_servers_paths_and_the_gate():
+    a = parse_params({})
+    b = parse_params({"services": {"mlflow_port": 5111}, "deploy": {"port": 9000}, "paths": {"trained": "elsewhere"},
+                      "promote": {"min_absolute_change": 0.02}})
+    assert a.section_hash() == b.section_hash()
+    assert a.section_hash() != parse_params({"project": {"seed": 7}}).section_hash()

@@ -1,4 +1,5 @@
-"""`dvc repro` in a fresh git repository runs every stage, records metrics, and re-runs nothing the second time."""
+"""`dvc repro` in a fresh git repository runs every stage, records metrics, re-runs nothing the second time,
+and `dvc exp run -S` re-runs only what a param touches."""
 
 from __future__ import annotations
 
@@ -68,10 +69,23 @@ def test_dvc_repro_runs_every_stage_then_nothing_then_only_what_a_param_change_t
     assert "Running stage" not in second.stdout, second.stdout
     assert "up to date" in second.stdout.lower()
 
-    # A train knob changes: the data stages are skipped, train and everything after it re-run.
-    params = yaml.safe_load((dvc_project / "params.yaml").read_text())
-    params["train"]["learning_rate"] = 0.02
-    write_params(dvc_project, params)
-    third = _run(["dvc", "repro"], dvc_project)
-    assert "Running stage 'prepare'" not in third.stdout and "Running stage 'validate'" not in third.stdout
-    assert "Running stage 'train'" in third.stdout and "Running stage 'register'" in third.stdout
+    # The model version carries the hash DVC recorded for the data it was trained on.
+    from mlflow import MlflowClient
+
+    store = f"sqlite:///{dvc_project / '.langops' / 'mlflow.db'}"
+    version = MlflowClient(tracking_uri=store, registry_uri=store).get_model_version("langops-classifier", "1")
+    prepared_md5 = next(out["md5"] for out in lock["stages"]["prepare"]["outs"])
+    assert version.tags["data_version"] == prepared_md5
+
+    # An experiment on a train knob, against the committed baseline: the data stages are skipped, train and
+    # everything after it re-run, and metrics diff compares the two.
+    _run(["git", "add", "-A"], dvc_project)
+    _run(["git", "-c", "user.email=t@example.invalid", "-c", "user.name=t", "commit", "-qm", "baseline"], dvc_project)
+    experiment = _run(["dvc", "exp", "run", "-S", "train.learning_rate=0.02"], dvc_project)
+    assert "Running stage 'prepare'" not in experiment.stdout and "Running stage 'validate'" not in experiment.stdout
+    assert "Running stage 'train'" in experiment.stdout and "Running stage 'register'" in experiment.stdout
+    diff = json.loads(_run(["dvc", "metrics", "diff", "--json"], dvc_project).stdout)
+    evaluation = diff["reports/evaluation/metrics.json"]
+    assert {"old", "new"} <= set(evaluation["accuracy"]) and "diff" in evaluation["accuracy"]
+    shown = json.loads(_run(["dvc", "exp", "show", "--json"], dvc_project).stdout)
+    assert "0.02" in json.dumps(shown) and "train.learning_rate" in json.dumps(shown)

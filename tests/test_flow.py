@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 import threading
 import time
 
@@ -77,6 +78,7 @@ def test_pipeline_registers_promotes_and_serves_then_a_tie_leaves_the_champion(p
     state = training_pipeline(params_path=str(root / "params.yaml"), return_state=True)
     assert state.is_completed(), state
     summary = state.result()
+    assert set(_task_run_states(state.state_details.flow_run_id).values()) == {"Completed"}
 
     assert (summary.version, summary.promoted, summary.champion_version) == ("1", True, "1")
     client = _client(root)
@@ -98,17 +100,52 @@ def test_pipeline_registers_promotes_and_serves_then_a_tie_leaves_the_champion(p
     assert reply.json()["predictions"][0]["label"] in params["data"]["labels"]
     assert str(reply.json()["version"]) == "1" == reply.headers["x-model-version"]
 
-    # Same data, same seed: an identical challenger ties, so the gate refuses and the champion stays.
-    second = training_pipeline(params_path=str(root / "params.yaml"))
+    # Nothing changed: the steps that only depend on their inputs come from Prefect's cache, so no new
+    # MLflow run and no new version; the gate sees the champion itself and moves nothing.
+    runs_before = _registry_state(client)[0]
+    rerun = training_pipeline(params_path=str(root / "params.yaml"), return_state=True)
+    assert (rerun.result().version, rerun.result().promoted, rerun.result().champion_version) == ("1", False, "1")
+    assert "already the champion" in rerun.result().decision_reason
+    states = _task_run_states(rerun.state_details.flow_run_id)
+    assert {step: states[step] for step in CACHED_STEPS} == dict.fromkeys(CACHED_STEPS, "Cached"), states
+    assert states["promote-decide"] == "Completed"
+    assert _registry_state(client)[0] == runs_before
+    assert client.get_model_version("langops-classifier", "1").tags["langops.decision"] == "promoted"
+
+    # A deleted output is rebuilt: train runs again (resuming from the finished checkpoints) and the steps
+    # after it see a new model, so an identical version 2 is registered; it ties, and the champion stays.
+    shutil.rmtree(root / "models" / "trained")
+    second_state = training_pipeline(params_path=str(root / "params.yaml"), return_state=True)
+    states = _task_run_states(second_state.state_details.flow_run_id)
+    assert (states["prepare"], states["validate"], states["train"], states["register"]) == (
+        "Cached", "Cached", "Completed", "Completed"
+    ), states
+    second = second_state.result()
     assert (second.version, second.promoted, second.champion_version) == ("2", False, "1")
     assert "tie" in second.decision_reason or "needs >=" in second.decision_reason
     assert client.get_model_version("langops-classifier", "2").tags["langops.decision"] == "rejected"
-    # The second run resumed from the first's finished checkpoints, yet its MLflow run has the full curve.
+    # The retrain resumed from the first's finished checkpoints, yet its MLflow run has the full curve.
     assert [m.step for m in client.get_metric_history(second.run_id, "val_macro_f1")] == [1, 2]
     assert str(client.get_model_version_by_alias("langops-classifier", "champion").version) == "1"
     assert "tie" in client.get_model_version("langops-classifier", "2").tags["langops.decision_reason"]
     history = read_history(load_params(root / "params.yaml"), "langops-classifier")
     assert [(e.event, e.from_version, e.to_version, e.actor) for e in history] == [("promote", None, "1", "pipeline")]
+
+
+CACHED_STEPS = ("prepare", "validate", "train", "evaluate", "compress", "register")
+
+
+def _task_run_states(flow_run_id) -> dict[str, str]:
+    """Each task run's final state name (``Cached``, ``Completed``...) by task name, over the REST API."""
+    from prefect.settings import PREFECT_API_URL
+
+    reply = httpx.post(
+        f"{PREFECT_API_URL.value()}/task_runs/filter",
+        json={"task_runs": {"flow_run_id": {"any_": [str(flow_run_id)]}}},
+        timeout=30,
+    )
+    reply.raise_for_status()
+    return {run["name"].rsplit("-", 1)[0]: run["state"]["name"] for run in reply.json()}
 
 
 def test_forced_promotion_and_rollback_are_recorded_and_served_without_a_failed_request(prefect_server, project):

@@ -19,8 +19,8 @@ from langops.serving.registry import LocalModelSource, ModelSourceError, find_co
 # rewriting before importing it keeps pytest's detailed assert messages there, and silences a warning.
 pytest.register_assert_rewrite("serving_helpers")
 pytest_plugins = ["serving_helpers"]
-from conftest import LABELS  # noqa: E402
-from serving_helpers import (  # noqa: E402
+from conftest import LABELS
+from serving_helpers import (
     LiveServer,
     RegisteredModels,
     free_port,
@@ -33,7 +33,7 @@ from serving_helpers import (  # noqa: E402
 
 @pytest.fixture(scope="module")
 def local_server(compressed_dir: Path) -> Iterator[LiveServer]:
-    settings = ServerSettings(model_dir=compressed_dir, port=free_port(), max_batch=8, max_text_chars=200)
+    settings = ServerSettings(model_dir=compressed_dir, port=free_port(), max_request_texts=8, max_text_chars=200)
     with running_server(settings) as server, server.client() as client:
         wait_for_version(client, "local")
         yield server
@@ -118,8 +118,8 @@ def test_settings_need_a_model() -> None:
 
 
 def test_command_line_passes_only_given_options(tmp_path: Path) -> None:
-    settings = parse_settings(["--model-dir", str(tmp_path), "--port", "9000", "--max-batch", "3"])
-    assert (settings.model_dir, settings.port, settings.max_batch) == (tmp_path, 9000, 3)
+    settings = parse_settings(["--model-dir", str(tmp_path), "--port", "9000", "--max-request-texts", "3"])
+    assert (settings.model_dir, settings.port, settings.max_request_texts) == (tmp_path, 9000, 3)
     assert settings.host == ServerSettings.model_fields["host"].default
 
 

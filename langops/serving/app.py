@@ -4,41 +4,62 @@ The live model is a single reference. A background poller (and ``POST /reload``)
 beside it, checks it answers a smoke prediction, and only then replaces the reference; each request
 keeps the model it started with. So a swap never fails a request, and a version that cannot load or
 answer is refused while the old one keeps serving.
+
+Requests are scored through a micro-batcher (``batching``): concurrent texts share one onnxruntime
+call, the queue of waiting texts is bounded (503 with ``Retry-After`` beyond it), and on shutdown
+queued batches are scored before the process exits.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import math
+import os
 import tempfile
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from fastapi import FastAPI, Request, Response
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, model_validator
 from starlette.concurrency import run_in_threadpool
 
-from langops.serving.registry import LocalModelSource, ModelSource, ModelSourceError, Source
+from langops.serving import defaults
+from langops.serving.batching import MicroBatcher, Overloaded, ShuttingDown
+from langops.serving.metrics import ServerMetrics
+from langops.serving.middleware import VERSION_HEADER, ServingMiddleware, error_body
+from langops.serving.registry import (
+    LocalModelSource,
+    ModelSource,
+    ModelSourceError,
+    PinnedModelSource,
+    Source,
+)
 
 if TYPE_CHECKING:
+    from langops.config import DeployConfig
     from langops.onnx_model import OnnxClassifier
+    from langops.serving.prediction_log import PredictionLog
 
 logger = logging.getLogger(__name__)
 
 SERVICE = "langops-serving"
-VERSION_HEADER = "X-Model-Version"
 SMOKE_TEXT = "smoke test: is this model able to answer?"
+SETTINGS_ENV = "LANGOPS_SERVER_SETTINGS"  # JSON settings handed to uvicorn worker processes
+INLINE_PARSE_BYTES = 32_768  # bigger /invocations bodies are parsed on a thread, off the event loop
+__all__ = ["SERVICE", "VERSION_HEADER", "ServerSettings", "app_from_env", "create_app"]
 
 
 class ServerSettings(BaseModel):
-    """What to serve and how: a registered model and its alias, or a compressed dir (``model_dir``).
+    """What to serve and how: a registered model (its alias, or a pinned ``version``) or a compressed dir.
 
     With ``model_dir`` the registry settings are ignored and ``model_name`` only labels the responses.
     """
@@ -48,13 +69,42 @@ class ServerSettings(BaseModel):
     tracking_uri: str | None = Field(None, description="MLflow tracking and registry URI")
     model_name: str | None = Field(None, description="registered model to serve")
     alias: str = Field("champion", description="registry alias to follow")
+    version: str | None = Field(None, description="serve this registered version instead of following the alias")
     model_dir: Path | None = Field(None, description="serve this compressed dir instead of the registry")
     host: str = Field("127.0.0.1", description="interface to bind")
     port: int = Field(8765, ge=1, le=65535, description="port to bind")
+    workers: int = Field(defaults.WORKERS, ge=1, description="uvicorn worker processes")
     poll_seconds: float = Field(5.0, gt=0, description="how often the alias is checked for a new version")
-    num_threads: int | None = Field(None, ge=1, description="onnxruntime intra-op threads per model")
-    max_batch: int = Field(64, ge=1, description="most texts accepted in one /predict request")
-    max_text_chars: int = Field(5000, ge=1, description="longest text accepted, in characters")
+    num_threads: int | None = Field(
+        None, ge=1, description="onnxruntime intra-op threads per worker (default: physical cores / workers)"
+    )
+    max_batch_size: int = Field(defaults.MAX_BATCH_SIZE, ge=1, description="most texts in one onnxruntime call")
+    max_wait_ms: float = Field(defaults.MAX_WAIT_MS, ge=0, description="how long a batch waits to fill, in ms")
+    max_queue: int = Field(defaults.MAX_QUEUE, ge=1, description="texts waiting for inference before 503")
+    max_request_texts: int = Field(defaults.MAX_REQUEST_TEXTS, ge=1, description="most texts in one request")
+    max_text_chars: int = Field(defaults.MAX_TEXT_CHARS, ge=1, description="longest text accepted, in characters")
+    max_body_bytes: int = Field(defaults.MAX_BODY_BYTES, ge=1, description="largest request body, in bytes")
+    retry_after_s: int = Field(defaults.RETRY_AFTER_S, ge=0, description="Retry-After sent with a 503 under overload")
+    shutdown_timeout_s: float = Field(
+        defaults.SHUTDOWN_TIMEOUT_S, gt=0, description="how long SIGTERM waits for requests in flight"
+    )
+    auth_token_env: str = Field(
+        defaults.AUTH_TOKEN_ENV, description="environment variable holding the bearer token (unset: no auth)"
+    )
+    prediction_log_dir: Path | None = Field(None, description="write the prediction log here (unset: no log)")
+    prediction_log_sample_rate: float = Field(
+        defaults.PREDICTION_LOG_SAMPLE_RATE, ge=0, le=1, description="share of requests logged"
+    )
+    prediction_log_hash_texts: bool = Field(
+        defaults.PREDICTION_LOG_HASH_TEXTS, description="log sha256 of each text instead of the text"
+    )
+    prediction_log_max_bytes: int = Field(
+        defaults.PREDICTION_LOG_MAX_BYTES, ge=1024, description="size of one log file before it rotates"
+    )
+    prediction_log_backups: int = Field(defaults.PREDICTION_LOG_BACKUPS, ge=1, description="rotated log files kept")
+    prediction_log_queue: int = Field(
+        defaults.PREDICTION_LOG_QUEUE, ge=1, description="records waiting for the writer before drops"
+    )
     cache_dir: Path | None = Field(None, description="where registry downloads are kept (default: temp dir)")
 
     @model_validator(mode="after")
@@ -69,7 +119,53 @@ class ServerSettings(BaseModel):
             return LocalModelSource(self.model_dir, model_name=self.model_name)
         assert self.tracking_uri and self.model_name  # guaranteed by _one_source
         cache_dir = self.cache_dir or Path(tempfile.gettempdir()) / SERVICE
+        if self.version is not None:
+            return PinnedModelSource(self.tracking_uri, self.model_name, self.version, cache_dir=cache_dir)
         return ModelSource(self.tracking_uri, self.model_name, alias=self.alias, cache_dir=cache_dir)
+
+    def onnx_threads(self) -> int:
+        """Intra-op threads per worker: as set, else the physical cores shared among the workers."""
+        if self.num_threads is not None:
+            return self.num_threads
+        import psutil
+
+        cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+        return max(1, cores // self.workers)
+
+
+DEPLOY_TUNING = (
+    "workers", "num_threads", "max_batch_size", "max_wait_ms", "max_queue", "max_request_texts",
+    "max_text_chars", "max_body_bytes", "auth_token_env", "prediction_log_sample_rate",
+    "prediction_log_hash_texts", "prediction_log_max_bytes", "prediction_log_backups",
+)
+PREDICTION_LOG_DIR = "predictions"  # under <state_dir>/server
+
+
+def deploy_tuning(deploy: DeployConfig, *, server_dir: Path) -> dict[str, Any]:
+    """The server settings the pipeline's ``deploy:`` section holds (same names in both places)."""
+    values = {name: getattr(deploy, name) for name in DEPLOY_TUNING}
+    values["prediction_log_dir"] = server_dir / PREDICTION_LOG_DIR if deploy.prediction_log else None
+    return values
+
+
+def parse_model_uri(uri: str) -> dict[str, Any]:
+    """Settings for ``models:/name@alias``, ``models:/name/<version>`` or a compressed dir's path.
+
+    Raises:
+        ValueError: a ``models:/`` URI of another shape (``latest``, stages, no name).
+    """
+    if not uri.startswith("models:/"):
+        return {"model_dir": Path(uri.removeprefix("file://"))}
+    rest = uri.removeprefix("models:/").strip("/")
+    if "@" in rest:
+        name, _, alias = rest.partition("@")
+        if name and alias and "/" not in name:
+            return {"model_name": name, "alias": alias}
+    else:
+        name, _, version = rest.partition("/")
+        if name and version.isdigit():
+            return {"model_name": name, "version": version}
+    raise ValueError(f"model URI {uri!r}: expected models:/<name>@<alias>, models:/<name>/<version> or a folder")
 
 
 class ModelRejected(RuntimeError):
@@ -108,7 +204,7 @@ class ModelHolder:
     ``_current`` and ``_refused`` wholesale, so readers (requests, /version) never wait or see half an update.
     """
 
-    def __init__(self, source: Source, *, num_threads: int | None = None) -> None:
+    def __init__(self, source: Source, *, num_threads: int) -> None:
         self.source = source
         self.num_threads = num_threads
         self._current: LoadedModel | None = None
@@ -147,7 +243,7 @@ class ModelHolder:
                 return Refresh(old, old, target, refused=self._refused[target])
             try:
                 candidate = self._load(target)
-            except Exception as exc:  # noqa: BLE001 - whatever breaks a candidate, the live model stays
+            except Exception as exc:  # whatever breaks a candidate, the live model stays
                 reason = f"{type(exc).__name__}: {exc}"
                 self._refused = {**self._refused, target: reason}
                 self._last_error = f"version {target} refused: {reason}"
@@ -161,9 +257,7 @@ class ModelHolder:
             return Refresh(old, target, target)
 
     def _load(self, version: str) -> LoadedModel:
-        from langops.onnx_model import OnnxClassifier
-
-        classifier = OnnxClassifier.load(self.source.fetch(version), num_threads=self.num_threads)
+        classifier = load_serving_classifier(self.source.fetch(version), num_threads=self.num_threads)
         check_smoke_prediction(classifier)
         return LoadedModel(
             classifier=classifier,
@@ -171,6 +265,31 @@ class ModelHolder:
             version=version,
             loaded_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
+
+
+def load_serving_classifier(directory: Path, *, num_threads: int) -> OnnxClassifier:
+    """The compressed model with an onnxruntime session tuned for a server.
+
+    ``OnnxClassifier.load`` checks the folder, graph and labels; the session is then rebuilt with
+    spinning off: idle intra-op threads that spin between batches take the cores the event loop needs
+    to read the next requests, which on a small machine costs more than waking the threads does.
+
+    Raises:
+        FileNotFoundError, ValueError: as ``OnnxClassifier.load``.
+    """
+    import onnxruntime as ort
+
+    from langops.onnx_model import MODEL_FILE, SERVING_FILE, TOKENIZER_FILE, OnnxClassifier, load_tokenizer
+
+    checked = OnnxClassifier.load(directory, num_threads=1)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = num_threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(Path(directory) / MODEL_FILE), options, providers=["CPUExecutionProvider"])
+    pad_token = json.loads((Path(directory) / SERVING_FILE).read_text())["pad_token"]
+    tokenizer = load_tokenizer(Path(directory) / TOKENIZER_FILE, max_length=checked.max_length, pad_token=pad_token)
+    return OnnxClassifier(session, tokenizer, checked.labels, checked.max_length)
 
 
 def check_smoke_prediction(classifier: OnnxClassifier) -> None:
@@ -216,7 +335,7 @@ class AliasPoller:
                 self.holder.refresh(retry_refused=False)
             except ModelSourceError as exc:
                 logger.warning("alias check failed, keeping the current model: %s", exc)
-            except Exception:  # noqa: BLE001 - an unexpected error must not end the poller for good
+            except Exception:  # an unexpected error must not end the poller for good
                 logger.exception("alias check crashed, keeping the current model")
             if self._stop.wait(self.poll_seconds):
                 return
@@ -225,10 +344,14 @@ class AliasPoller:
 class PredictRequest(BaseModel):
     """Either one ``text`` or a list of ``texts``; unknown fields are refused so typos are not ignored."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"texts": ["I was charged twice this month", "where is my parcel?"]},
+                                        {"text": "the app crashes when I log in"}]},
+    )
 
-    texts: list[StrictStr] | None = None
-    text: StrictStr | None = None
+    texts: list[StrictStr] | None = Field(None, description="texts to classify")
+    text: StrictStr | None = Field(None, description="one text to classify")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> PredictRequest:
@@ -246,65 +369,184 @@ class PredictRequest(BaseModel):
 
 
 class Prediction(BaseModel):
-    label: str
-    probabilities: dict[str, float]
+    label: str = Field(description="the most probable label")
+    confidence: float = Field(description="probability of that label")
+    probabilities: dict[str, float] = Field(description="probability of every label")
 
 
 class PredictResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "model_name": "langops-classifier", "version": "3",
+        "predictions": [{"label": "billing", "confidence": 0.91,
+                         "probabilities": {"billing": 0.91, "shipping": 0.05, "other": 0.04}}]}]})
+
     model_name: str
-    version: str
-    predictions: list[Prediction]
+    version: str = Field(description="the model version that answered (also in X-Model-Version)")
+    predictions: list[Prediction] = Field(description="one per text, in request order")
+
+
+class InvocationsResponse(BaseModel):
+    """What ``mlflow models serve`` answers for the registered pyfunc: one row per text."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"predictions": [
+        {"label": "billing", "confidence": 0.91, "prob_billing": 0.91, "prob_other": 0.04,
+         "prob_shipping": 0.05}]}]})
+
+    predictions: list[dict[str, str | float]] = Field(
+        description="rows with label, confidence and one prob_<label> column per class"
+    )
+
+
+class ErrorResponse(BaseModel):
+    detail: str = Field(description="what was wrong")
+
+
+class MlflowErrorResponse(BaseModel):
+    error_code: str
+    message: str
+
+
+class HealthResponse(BaseModel):
+    status: str
+    service: str
+
+
+class ReadyResponse(BaseModel):
+    ready: bool
+    version: str | None = None
+    detail: str | None = None
+
+
+class VersionResponse(BaseModel):
+    model_name: str
+    version: str | None
+    alias: str | None
+    source: str
+    loaded_at: str | None
+    refused: dict[str, str]
+
+
+class RequestRefused(Exception):
+    """A request answered with an error before or instead of scoring (status, message, extra headers)."""
+
+    def __init__(self, status_code: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+        self.headers = headers or {}
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "body is not UTF-8 JSON"},
+    401: {"model": ErrorResponse, "description": "bearer token missing or wrong (when auth is on)"},
+    413: {"model": ErrorResponse, "description": "body, text count or text length over the limit"},
+    422: {"model": ErrorResponse, "description": "JSON of the wrong shape; the message names the field"},
+    503: {"model": ErrorResponse, "description": "no model yet, overloaded (with Retry-After), or shutting down"},
+}
 
 
 def create_app(settings: ServerSettings) -> FastAPI:
-    """Build the server for ``settings``; the model loads in the background once the app starts."""
-    holder = ModelHolder(settings.build_source(), num_threads=settings.num_threads)
+    """Build the server for ``settings``; the model loads in the background once the app starts.
+
+    The bearer token is read from the environment variable ``settings.auth_token_env`` here, once.
+    """
+    holder = ModelHolder(settings.build_source(), num_threads=settings.onnx_threads())
+    metrics = ServerMetrics()
+    batcher = MicroBatcher(
+        max_batch_size=settings.max_batch_size,
+        max_wait_ms=settings.max_wait_ms,
+        max_queue=settings.max_queue,
+        on_batch=metrics.batch_size.observe,
+        on_queue=metrics.queue_depth.set,
+    )
+    prediction_log: list[PredictionLog] = []  # filled while the app runs
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        batcher.start()
+        if settings.prediction_log_dir is not None:
+            prediction_log.append(_open_prediction_log(settings, metrics))
         poller = AliasPoller(holder, settings.poll_seconds)
         poller.start()
         try:
             yield
         finally:
+            await batcher.close()  # requests still queued are scored before the process exits
             poller.stop()
+            for log in prediction_log:
+                log.close()
 
-    app = FastAPI(title="langops text classifier", lifespan=lifespan)
+    app = FastAPI(
+        title="langops text classifier",
+        description="Scores texts with the served langops model (int8 ONNX). `/invocations` speaks MLflow's "
+        "scoring protocol; `/predict` is the compact native form. When the server runs with a token, "
+        "every endpoint but `/health` needs `Authorization: Bearer <token>`.",
+        lifespan=lifespan,
+    )
+    app.add_middleware(
+        ServingMiddleware,
+        metrics=metrics,
+        live_version=lambda: holder.current.version if holder.current else None,
+        token=os.environ.get(settings.auth_token_env) or None,
+        max_body_bytes=settings.max_body_bytes,
+    )
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        invalid_json = [error for error in errors if error["type"] == "json_invalid"]
-        if invalid_json:
-            reason = invalid_json[0].get("ctx", {}).get("error", "")
-            return _error(400, f"request body is not valid JSON: {reason}")
-        return _error(422, "; ".join(_describe(error) for error in errors))
+    @app.exception_handler(RequestRefused)
+    async def _refused(request: Request, exc: RequestRefused) -> Response:
+        return Response(error_body(request.url.path, exc.message, exc.status_code), exc.status_code,
+                        headers=exc.headers, media_type="application/json")
 
-    @app.middleware("http")
-    async def _version_header(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        response = await call_next(request)
-        live = holder.current
-        if VERSION_HEADER not in response.headers and live is not None:
-            response.headers[VERSION_HEADER] = live.version
-        return response
+    async def score(texts: list[str], endpoint: str) -> tuple[LoadedModel, np.ndarray]:
+        """Probabilities from the live model through the batcher; refusals become RequestRefused."""
+        if len(texts) > settings.max_request_texts:
+            raise RequestRefused(413, f"{len(texts)} texts in one request; the limit is {settings.max_request_texts}")
+        for index, text in enumerate(texts):
+            if len(text) > settings.max_text_chars:
+                raise RequestRefused(
+                    413, f"text {index} has {len(text)} characters; the limit is {settings.max_text_chars}"
+                )
+            if not text.isascii():
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as exc:  # a lone surrogate escaped in JSON ("\ud800")
+                    raise RequestRefused(400, f"text {index} is not valid Unicode: {exc.reason} at {exc.start}") from exc
+        live = holder.current  # this request keeps this model even if a swap happens meanwhile
+        if live is None:
+            raise RequestRefused(503, holder.last_error or "no model loaded yet")
+        try:
+            probs = await batcher.predict_proba(live.classifier, texts)
+        except Overloaded as exc:
+            raise RequestRefused(503, str(exc), {"Retry-After": str(settings.retry_after_s)}) from exc
+        except ShuttingDown as exc:
+            raise RequestRefused(503, str(exc), {"Connection": "close"}) from exc
+        metrics.texts.labels(endpoint).inc(len(texts))
+        for log in prediction_log:
+            log.record(endpoint=endpoint, model_name=live.name, version=live.version, texts=texts,
+                       labels=live.classifier.labels, probs=probs)
+        return live, probs
 
-    @app.get("/health")
+    @app.get("/health", response_model=HealthResponse)
     async def health() -> dict[str, str]:
-        """The process is up; says nothing about the model (see /ready)."""
+        """The process is up; says nothing about the model (see /ready). Never needs a token."""
         return {"status": "ok", "service": SERVICE}
 
-    @app.get("/ready")
+    @app.get("/ping", response_model=HealthResponse)
+    async def ping() -> dict[str, str]:
+        """``/health`` under the name MLflow clients poll (``mlflow models serve`` answers both)."""
+        return {"status": "ok", "service": SERVICE}
+
+    @app.get("/ready", response_model=ReadyResponse, responses={503: {"model": ReadyResponse}})
     async def ready() -> JSONResponse:
+        """200 once a model is loaded and has answered a smoke prediction, else 503 with the reason."""
         live = holder.current
         if live is None:
             detail = holder.last_error or "no model loaded yet"
             return JSONResponse({"ready": False, "detail": detail}, status_code=503)
         return JSONResponse({"ready": True, "version": live.version})
 
-    @app.get("/version")
+    @app.get("/version", response_model=VersionResponse)
     async def version() -> dict[str, Any]:
+        """The model being served, where it comes from, when it loaded, and versions refused."""
         live = holder.current
         return {
             "model_name": holder.source.model_name,
@@ -315,26 +557,64 @@ def create_app(settings: ServerSettings) -> FastAPI:
             "refused": dict(holder.refused),
         }
 
-    @app.post("/predict", response_model=PredictResponse)
-    async def predict(body: PredictRequest, response: Response) -> PredictResponse | JSONResponse:
-        texts = body.all_texts()
-        if len(texts) > settings.max_batch:
-            return _error(413, f"{len(texts)} texts in one request; the limit is {settings.max_batch}")
-        for index, text in enumerate(texts):
-            if len(text) > settings.max_text_chars:
-                return _error(
-                    413, f"text {index} has {len(text)} characters; the limit is {settings.max_text_chars}"
-                )
-        live = holder.current  # this request keeps this model even if a swap happens meanwhile
+    @app.get("/metrics", response_class=Response,
+             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
+    async def prometheus_metrics() -> Response:
+        """Requests, errors, latency, batch sizes, queue depth and the live model, for Prometheus."""
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        live = holder.current
+        if live is not None:
+            metrics.set_model(live.name, live.version)
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post(
+        "/predict",
+        response_model=PredictResponse,
+        responses=_ERRORS,
+        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+            "schema": PredictRequest.model_json_schema()}}}},
+    )
+    async def predict(request: Request) -> Response:
+        """Label and per-class probabilities for each text, and the version that answered."""
+        body = _parse_predict_request(await request.body())
+        live, probs = await score(body.all_texts(), "/predict")
+        labels = live.classifier.labels
+        predictions = [
+            {"label": labels[int(row.argmax())], "confidence": float(row.max()),
+             "probabilities": {label: float(p) for label, p in zip(labels, row, strict=True)}}
+            for row in probs
+        ]
+        content = {"model_name": live.name, "version": live.version, "predictions": predictions}
+        return JSONResponse(content, headers={VERSION_HEADER: live.version})
+
+    @app.post(
+        "/invocations",
+        response_model=InvocationsResponse,
+        responses={400: {"model": MlflowErrorResponse}, 413: {"model": MlflowErrorResponse},
+                   415: {"description": "unsupported content type (text/plain, as MLflow)"},
+                   503: {"model": MlflowErrorResponse}},
+        openapi_extra=_invocations_openapi(),
+    )
+    async def invocations(request: Request) -> Response:
+        """MLflow's scoring protocol: the same formats and answers as ``mlflow models serve``."""
+        from langops.serving.invocations import InvocationError, parse_invocation, predictions_json
+
+        raw = await request.body()
+        live = holder.current
         if live is None:
-            return _error(503, holder.last_error or "no model loaded yet")
-        answers = await run_in_threadpool(live.classifier.predict, texts)
-        response.headers[VERSION_HEADER] = live.version
-        return PredictResponse(
-            model_name=live.name,
-            version=live.version,
-            predictions=[Prediction(label=a["label"], probabilities=a["probabilities"]) for a in answers],
-        )
+            raise RequestRefused(503, holder.last_error or "no model loaded yet")
+        content_type = request.headers.get("content-type")
+        try:
+            if len(raw) > INLINE_PARSE_BYTES:
+                parsed = await asyncio.to_thread(parse_invocation, raw, content_type, live.classifier.labels)
+            else:
+                parsed = parse_invocation(raw, content_type, live.classifier.labels)
+        except InvocationError as exc:
+            return Response(exc.body, exc.status_code, media_type=exc.media_type)
+        live, probs = await score(parsed.texts, "/invocations")
+        return Response(predictions_json(probs, live.classifier.labels), media_type="application/json",
+                        headers={VERSION_HEADER: live.version})
 
     @app.post("/reload")
     async def reload() -> JSONResponse:
@@ -342,7 +622,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         try:
             outcome = await run_in_threadpool(holder.refresh, retry_refused=True)
         except ModelSourceError as exc:
-            return _error(502, str(exc))
+            return JSONResponse({"detail": str(exc)}, status_code=502)
         body = {
             "old_version": outcome.old_version,
             "new_version": outcome.new_version,
@@ -358,18 +638,66 @@ def create_app(settings: ServerSettings) -> FastAPI:
     return app
 
 
-def _error(status_code: int, detail: str) -> JSONResponse:
-    return JSONResponse({"detail": detail}, status_code=status_code)
+def app_from_env() -> FastAPI:
+    """The app factory uvicorn workers call (``--workers N``): settings come as JSON in ``SETTINGS_ENV``."""
+    raw = os.environ.get(SETTINGS_ENV)
+    if not raw:
+        raise RuntimeError(f"{SETTINGS_ENV} is not set: start workers through langops.serving.server.serve")
+    return create_app(ServerSettings.model_validate_json(raw))
 
 
-def _describe(error: dict[str, Any]) -> str:
-    """One pydantic error as ``field: message``, without FastAPI's ``body`` prefix."""
-    field = ".".join(str(part) for part in error["loc"][1:]) or "request body"
+def _parse_predict_request(raw: bytes) -> PredictRequest:
+    """Decode, parse and validate a /predict body, saying exactly what is wrong.
+
+    Raises:
+        RequestRefused: 400 for bytes that are not UTF-8 JSON, 422 for JSON of the wrong shape.
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RequestRefused(400, f"request body is not valid UTF-8: byte {exc.start} is {raw[exc.start:exc.start + 1]!r}") from exc
+    if not text.strip():
+        raise RequestRefused(422, 'request body: missing: send JSON like {"texts": ["..."]}')
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RequestRefused(400, f"request body is not valid JSON: {exc}") from exc
+    try:
+        return PredictRequest.model_validate(data)
+    except ValidationError as exc:
+        raise RequestRefused(422, "; ".join(_describe(error) for error in exc.errors())) from exc
+
+
+def _open_prediction_log(settings: ServerSettings, metrics: ServerMetrics) -> PredictionLog:
+    from langops.serving.prediction_log import LOG_FILE, PredictionLog, PredictionLogConfig
+
+    assert settings.prediction_log_dir is not None
+    config = PredictionLogConfig(
+        directory=settings.prediction_log_dir,
+        sample_rate=settings.prediction_log_sample_rate,
+        hash_texts=settings.prediction_log_hash_texts,
+        max_bytes=settings.prediction_log_max_bytes,
+        backups=settings.prediction_log_backups,
+        queue_size=settings.prediction_log_queue,
+        # Worker processes each rotate their own file: rotation is not safe across processes.
+        file_name=LOG_FILE if settings.workers == 1 else f"predictions-{os.getpid()}.jsonl",
+    )
+    return PredictionLog(config, on_dropped=metrics.prediction_log_dropped.inc,
+                         on_written=metrics.prediction_log_written.inc)
+
+
+def _invocations_openapi() -> dict[str, Any]:
+    from langops.serving.invocations import INVOCATIONS_OPENAPI
+
+    return INVOCATIONS_OPENAPI
+
+
+def _describe(error: Any) -> str:
+    """One pydantic error as ``field: message``."""
+    field = ".".join(str(part) for part in error["loc"]) or "request body"
     message = str(error["msg"]).removeprefix("Value error, ")
-    if field == "request body" and error["type"] == "missing":
-        message = 'missing: send JSON like {"texts": ["..."]}'
-    elif field == "request body" and error["type"] == "model_attributes_type":
-        message = 'must be a JSON object like {"texts": ["..."]}, sent as application/json'
+    if field == "request body" and error["type"] == "model_type":
+        message = 'must be a JSON object like {"texts": ["..."]}'
     elif error["type"] == "extra_forbidden":
         message = 'unknown field: send "text" or "texts"'
     return f"{field}: {message}"

@@ -36,7 +36,7 @@ def check_servable(
     ]
     try:
         done = subprocess.run(
-            command, input=json.dumps(texts), capture_output=True, text=True, timeout=timeout_s
+            command, input=json.dumps(texts), capture_output=True, text=True, timeout=timeout_s, check=False
         )
     except subprocess.TimeoutExpired:
         return ServableResult(False, f"no answer within {timeout_s:.0f} s", time.perf_counter() - started)

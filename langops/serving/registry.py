@@ -93,6 +93,34 @@ class ModelSource:
         )
 
 
+class PinnedModelSource(ModelSource):
+    """One registered version served as is (``models:/name/3``): the poller never moves it."""
+
+    def __init__(self, tracking_uri: str, model_name: str, version: str, *, cache_dir: Path) -> None:
+        super().__init__(tracking_uri, model_name, alias="", cache_dir=cache_dir)
+        self.version = str(version)
+
+    @property
+    def alias(self) -> str | None:  # type: ignore[override]
+        return None
+
+    def current_version(self) -> str:
+        """The pinned version, once the registry confirms it exists.
+
+        Raises:
+            ModelSourceError: the version is not registered, or the registry cannot be reached.
+        """
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self._client().get_model_version(self.model_name, self.version)
+        except MlflowException as exc:
+            raise ModelSourceError(
+                f"cannot find {self.model_name} version {self.version} in {self.tracking_uri}: {exc.message}"
+            ) from exc
+        return self.version
+
+
 class LocalModelSource:
     """A compressed dir served as is (``--model-dir``): no registry, the version is always ``local``."""
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 
-from langops.serving.app import ServerSettings, create_app
+from langops.serving.app import SETTINGS_ENV, ServerSettings, create_app
 
 __all__ = ["ServerSettings", "serve"]
 
@@ -12,15 +13,23 @@ __all__ = ["ServerSettings", "serve"]
 def serve(settings: ServerSettings) -> None:
     """Serve in the foreground until SIGINT/SIGTERM (what ``langops serve`` and ``python -m`` call).
 
-    Shutdown waits up to 10 s for requests in flight, then stops the alias poller.
+    On SIGTERM the socket stops accepting, requests in flight (and batches already queued) finish
+    within ``shutdown_timeout_s``, then the alias poller and prediction log stop. With ``workers > 1``
+    uvicorn starts that many processes, each building the app from the JSON settings it inherits in
+    ``LANGOPS_SERVER_SETTINGS`` (an import string is the only way to hand an app to its workers).
     """
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level="info",
-        timeout_graceful_shutdown=10,
-    )
+    common = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": "info",
+        "access_log": False,  # one log line per request would cost more than scoring a short text
+        "timeout_graceful_shutdown": settings.shutdown_timeout_s,
+    }
+    if settings.workers == 1:
+        uvicorn.run(create_app(settings), **common)
+        return
+    os.environ[SETTINGS_ENV] = settings.model_dump_json()
+    uvicorn.run("langops.serving.app:app_from_env", factory=True, workers=settings.workers, **common)

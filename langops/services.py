@@ -1,0 +1,780 @@
+"""Local services for one project: a Prefect server and worker, an MLflow server, and the model server.
+
+``langops up`` starts them detached on ``services.host`` (pid files and logs under
+``<state_dir>/services/``) over the project's own state: Prefect's database in ``PREFECT_HOME``
+(``<state_dir>/prefect``) and MLflow's SQLite store and artifact folder, the same ones the pipeline
+uses without servers, so runs made before ``up`` show in both UIs. It records the URLs in
+``<state_dir>/services/endpoints.json``; while the servers live, every ``langops`` command reads that
+file (``apply_endpoints``) and talks to them, unless ``PREFECT_API_URL`` / ``MLFLOW_TRACKING_URI`` are
+already set or ``tracking.uri`` names another MLflow.
+
+``langops deploy`` applies the deployments declared in ``prefect.yaml`` (``apply_deployments``).
+Nothing here imports Prefect or MLflow at module level: ``apply_endpoints`` runs before Prefect is
+imported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from langops.config import Params
+
+SERVICES_DIR = "services"
+ENDPOINTS_FILE = "endpoints.json"
+PREFECT_SERVER = "prefect-server"
+MLFLOW_SERVER = "mlflow-server"
+PREFECT_WORKER = "prefect-worker"
+MODEL_SERVER = "model-server"
+LOG_TAIL_LINES = 30
+POLL_INTERVAL_S = 0.5
+# The deployments' entrypoints name flow files relative to the project (`flows/<name>.py:<flow>`); a
+# project without its own flows/ runs the same files installed as the package `langops.flows`.
+FLOWS_FOLDER = "flows"
+INSTALLED_FLOWS_PACKAGE = "langops.flows"
+SOURCE_ROOT = Path(__file__).resolve().parents[1]
+PLACEHOLDER = re.compile(r"\{\{\s*\$?(\w+)\s*\}\}")
+
+
+class ServiceError(RuntimeError):
+    """A service could not be started, stopped or reached; the message says which and why."""
+
+
+class PortInUseError(ServiceError):
+    """A port a service needs is taken by something that is not this project's service."""
+
+
+@dataclass(frozen=True)
+class ServiceStatus:
+    name: str
+    pid: int | None
+    url: str | None
+    healthy: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """What ``up`` wrote and ``apply_endpoints`` reads: the servers' URLs and pids."""
+
+    prefect_api_url: str
+    prefect_ui_url: str
+    mlflow_tracking_uri: str
+    prefect_pid: int
+    mlflow_pid: int
+    worker_pid: int
+    work_pool: str
+    worker_name: str
+
+
+@dataclass(frozen=True)
+class StopResult:
+    name: str
+    pid: int | None
+    stopped: bool
+    killed: bool
+
+
+@dataclass(frozen=True)
+class UpResult:
+    statuses: list[ServiceStatus]
+    started: list[str]
+    notes: list[str]
+
+
+@dataclass(frozen=True)
+class DeploymentApplied:
+    """A deployment as the Prefect server holds it after ``apply_deployments``."""
+
+    name: str
+    flow_name: str
+    entrypoint: str
+    work_pool: str
+    schedules: list[str]
+
+
+@dataclass(frozen=True)
+class _Service:
+    """One detached server process this module manages by pid file."""
+
+    name: str
+    port: int | None
+    command: list[str]
+    env: dict[str, str]
+
+
+# ----------------------------------------------------------------------------------------------- paths
+
+
+def services_dir(params: Params) -> Path:
+    return params.project.state_dir / SERVICES_DIR
+
+
+def embedded_tracking_uri(params: Params) -> str:
+    """The SQLite store the pipeline uses when no MLflow server is configured (``Params.tracking_uri``)."""
+    return f"sqlite:///{(params.project.state_dir / 'mlflow.db').resolve()}"
+
+
+def prefect_url(params: Params) -> str:
+    return f"http://{_client_host(params.services.host)}:{params.services.prefect_port}"
+
+
+def mlflow_url(params: Params) -> str:
+    return f"http://{_client_host(params.services.host)}:{params.services.mlflow_port}"
+
+
+def worker_name(params: Params) -> str:
+    return f"{params.services.work_pool}-worker"
+
+
+# ------------------------------------------------------------------------------------------ endpoints
+
+
+def read_endpoints(state_dir: Path) -> Endpoints | None:
+    """The endpoints ``up`` recorded, or None when there are none or the servers are gone."""
+    path = Path(state_dir) / SERVICES_DIR / ENDPOINTS_FILE
+    try:
+        endpoints = Endpoints(**json.loads(path.read_text()))
+    except (FileNotFoundError, ValueError, TypeError):
+        return None
+    if not (_is_process(endpoints.prefect_pid, "prefect") and _is_process(endpoints.mlflow_pid, "mlflow")):
+        return None
+    return endpoints
+
+
+def apply_endpoints(params: Params) -> Endpoints | None:
+    """Point this process at the running services: ``PREFECT_API_URL`` and ``MLFLOW_TRACKING_URI``.
+
+    A variable the user already set wins, and ``MLFLOW_TRACKING_URI`` is only set when the project uses
+    the embedded store (``tracking.uri: null``): the local MLflow server serves exactly that store.
+    Cheap (one small file, two pid checks), so every command can call it before importing Prefect.
+    """
+    endpoints = read_endpoints(params.project.state_dir)
+    if endpoints is None:
+        return None
+    os.environ.setdefault("PREFECT_API_URL", endpoints.prefect_api_url)
+    if params.tracking.uri is None:
+        os.environ.setdefault("MLFLOW_TRACKING_URI", endpoints.mlflow_tracking_uri)
+    return endpoints
+
+
+# ------------------------------------------------------------------------------------------------- up
+
+
+def start_services(params: Params) -> UpResult:
+    """Start whatever of the Prefect server, MLflow server, worker and model server is not running.
+
+    Services already running are left alone (``up`` twice is harmless). Ports are checked before
+    anything starts; if a service then fails to become healthy, the services this call started are
+    stopped again, so nothing is left half up.
+
+    Returns:
+        The status of every service after the call, the ones this call started, and notes (why the
+        model server did not start).
+
+    Raises:
+        PortInUseError: a port is held by another process (the port, service and param are named).
+        ServiceError: a service exited or did not become healthy within ``services.start_timeout_s``
+            (with the tail of its log).
+    """
+    cfg = params.services
+    folder = services_dir(params)
+    folder.mkdir(parents=True, exist_ok=True)
+    (params.project.state_dir / "prefect").mkdir(parents=True, exist_ok=True)
+    servers = [_prefect_server(params), _mlflow_server(params)]
+    _check_ports(params, [s for s in servers if _running_pid(folder, s.name) is None])
+
+    started: list[str] = []
+    deadline = time.monotonic() + cfg.start_timeout_s
+    try:
+        for service in servers:
+            if _running_pid(folder, service.name) is None:
+                _spawn(folder, service)
+                started.append(service.name)
+        _wait_healthy(folder, PREFECT_SERVER, lambda: _prefect_healthy(params), deadline)
+        _wait_healthy(folder, MLFLOW_SERVER, lambda: _mlflow_healthy(params), deadline)
+        ensure_work_pool(f"{prefect_url(params)}/api", cfg.work_pool)
+        if _running_pid(folder, PREFECT_WORKER) is None:
+            _spawn(folder, _prefect_worker(params))
+            started.append(PREFECT_WORKER)
+        _wait_healthy(folder, PREFECT_WORKER, lambda: _worker_online(params), deadline)
+    except BaseException:
+        for name in reversed(started):
+            _stop_service(folder, name, cfg.stop_timeout_s)
+        raise
+    _write_endpoints(params)
+    model_started, notes = _start_model_server(params)
+    if model_started:
+        started.append(MODEL_SERVER)
+    return UpResult(statuses=service_status(params), started=started, notes=notes)
+
+
+def ensure_work_pool(api_url: str, name: str) -> bool:
+    """Create the ``process`` work pool ``name`` if missing; True when created.
+
+    Raises:
+        ServiceError: a pool of that name exists with another type (a process worker cannot serve it).
+    """
+    from prefect.workers.process import ProcessWorker
+
+    with httpx.Client(base_url=api_url, timeout=30, trust_env=False) as client:
+        existing = client.get(f"/work_pools/{name}")
+        if existing.status_code == 200:
+            if existing.json()["type"] != "process":
+                raise ServiceError(
+                    f"work pool {name!r} exists with type {existing.json()['type']!r}, not 'process'; "
+                    "set services.work_pool to another name"
+                )
+            return False
+        reply = client.post(
+            "/work_pools/",
+            json={"name": name, "type": "process", "base_job_template": ProcessWorker.get_default_base_job_template(),
+                  "description": "langops flows, run as local processes by `langops up`'s worker"},
+        )
+        if reply.status_code not in (200, 201):
+            raise ServiceError(f"could not create work pool {name!r}: {reply.status_code} {reply.text[:300]}")
+    return True
+
+
+def _prefect_server(params: Params) -> _Service:
+    cfg = params.services
+    return _Service(
+        name=PREFECT_SERVER,
+        port=cfg.prefect_port,
+        command=[sys.executable, "-m", "prefect", "server", "start", "--host", cfg.host,
+                 "--port", str(cfg.prefect_port), "--analytics-off"],
+        # The UI (a browser app) calls the API at PREFECT_UI_API_URL, which defaults to port 4200.
+        env={**_prefect_env(params, api_url=f"{prefect_url(params)}/api"),
+             "PREFECT_UI_API_URL": f"{prefect_url(params)}/api", "PREFECT_UI_URL": prefect_url(params)},
+    )
+
+
+def _mlflow_server(params: Params) -> _Service:
+    cfg = params.services
+    return _Service(
+        name=MLFLOW_SERVER,
+        port=cfg.mlflow_port,
+        command=[sys.executable, "-m", "mlflow", "server",
+                 "--backend-store-uri", embedded_tracking_uri(params),
+                 # New experiments get the same local artifact folder as the embedded store; clients on
+                 # this machine read and write it directly, and the UI reads it through the server.
+                 "--default-artifact-root", params.artifact_root(), "--no-serve-artifacts",
+                 "--host", cfg.host, "--port", str(cfg.mlflow_port), "--workers", "1"],
+        # No job runner: it serves GenAI jobs langops does not use, and adds processes to every start.
+        env={**{k: v for k, v in _base_env().items() if not k.startswith("MLFLOW_")},
+             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+    )
+
+
+def _prefect_worker(params: Params) -> _Service:
+    env = _prefect_env(params, api_url=f"{prefect_url(params)}/api")
+    # Flow runs are children of the worker and inherit this: they track to the local MLflow server
+    # unless params.yaml names another one (tracking.uri wins over nothing but the env var).
+    if params.tracking.uri is None:
+        env["MLFLOW_TRACKING_URI"] = mlflow_url(params)
+    return _Service(
+        name=PREFECT_WORKER,
+        port=None,
+        command=[sys.executable, "-m", "prefect", "worker", "start", "--pool", params.services.work_pool,
+                 "--type", "process", "--name", worker_name(params)],
+        env=env,
+    )
+
+
+def _prefect_env(params: Params, *, api_url: str | None) -> dict[str, str]:
+    env = {k: v for k, v in _base_env().items() if k not in ("PREFECT_API_URL", "PREFECT_API_KEY")}
+    env["PREFECT_HOME"] = str((params.project.state_dir / "prefect").resolve())
+    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
+    return env
+
+
+def _base_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("GX_ANALYTICS_ENABLED", "False")
+    env.setdefault("DO_NOT_TRACK", "1")
+    return env
+
+
+def _check_ports(params: Params, services: list[_Service]) -> None:
+    """Fail before anything starts when a port is taken, naming the port, the service and the param."""
+    keys = {PREFECT_SERVER: "services.prefect_port", MLFLOW_SERVER: "services.mlflow_port"}
+    problems = [
+        f"port {s.port} on {params.services.host} ({s.name}, {keys[s.name]}) is already in use"
+        f"{_holder(s.port)}"
+        for s in services
+        if s.port is not None and not _port_free(params.services.host, s.port)
+    ]
+    if params.deploy.port in (params.services.prefect_port, params.services.mlflow_port):
+        problems.append(f"deploy.port {params.deploy.port} is also a services port")
+    if problems:
+        raise PortInUseError(
+            "cannot start the local services, nothing was started:\n  " + "\n  ".join(problems)
+            + "\nstop what holds the port or choose another one in params.yaml (or --set KEY=PORT)"
+        )
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _holder(port: int) -> str:
+    """`` by pid N (cmd)`` for the process listening on ``port``, when the OS tells us."""
+    import psutil
+
+    try:
+        for conn in psutil.net_connections("inet"):
+            if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN and conn.pid:
+                return f" by pid {conn.pid} ({' '.join(psutil.Process(conn.pid).cmdline())[:120]})"
+    except (psutil.Error, OSError):
+        pass
+    return ""
+
+
+def _spawn(folder: Path, service: _Service) -> int:
+    """Start ``service`` in its own session (it outlives this command), with its pid file and log."""
+    log_path = folder / f"{service.name}.log"
+    with log_path.open("w") as log_file:
+        process = subprocess.Popen(
+            service.command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+            env=service.env, start_new_session=True,
+        )
+    _write_atomic(folder / f"{service.name}.pid", f"{process.pid}\n")
+    return process.pid
+
+
+def _wait_healthy(folder: Path, name: str, check, deadline: float) -> None:
+    last = "no answer yet"
+    while time.monotonic() < deadline:
+        if _running_pid(folder, name) is None:
+            raise ServiceError(f"{name} exited while starting{_log_tail(folder, name)}")
+        healthy, last = check()
+        if healthy:
+            return
+        time.sleep(POLL_INTERVAL_S)
+    raise ServiceError(
+        f"{name} did not become healthy in time (services.start_timeout_s); last check: {last}"
+        f"{_log_tail(folder, name)}"
+    )
+
+
+def _write_endpoints(params: Params) -> None:
+    folder = services_dir(params)
+    endpoints = Endpoints(
+        prefect_api_url=f"{prefect_url(params)}/api",
+        prefect_ui_url=prefect_url(params),
+        mlflow_tracking_uri=mlflow_url(params),
+        prefect_pid=_running_pid(folder, PREFECT_SERVER) or 0,
+        mlflow_pid=_running_pid(folder, MLFLOW_SERVER) or 0,
+        worker_pid=_running_pid(folder, PREFECT_WORKER) or 0,
+        work_pool=params.services.work_pool,
+        worker_name=worker_name(params),
+    )
+    _write_atomic(folder / ENDPOINTS_FILE, json.dumps(asdict(endpoints), indent=2) + "\n")
+
+
+def _start_model_server(params: Params) -> tuple[bool, list[str]]:
+    """Serve the champion if there is one and no server answers yet: (started now, why not).
+
+    A model server problem (no champion yet, its port taken) does not undo the other services: they
+    are useful without it, and the pipeline's deploy step starts the server once a model is promoted.
+    """
+    from langops.serving.registry import ModelSource, ModelSourceError
+    from langops.tasks.deploy import SERVER_DIR, DeploymentError, deploy
+
+    if not params.deploy.enabled:
+        return False, ["model server not started: deploy.enabled is false"]
+    if _model_server_ready(params)[0]:
+        return False, []
+    tracking_uri = params.tracking.uri or mlflow_url(params)
+    model = params.register.model_name
+    source = ModelSource(tracking_uri, model, cache_dir=params.project.state_dir / SERVER_DIR)
+    try:
+        champion = source.current_version()
+    except ModelSourceError:
+        return False, [f"model server not started: {model} has no champion yet (the pipeline's deploy step starts it)"]
+    try:
+        result = deploy(params.deploy, tracking_uri=tracking_uri, model_name=model, expected_version=champion,
+                        state_dir=params.project.state_dir)
+    except DeploymentError as exc:
+        return False, [f"model server not started: {exc}"]
+    return result.started, []
+
+
+# --------------------------------------------------------------------------------------------- status
+
+
+def service_status(params: Params) -> list[ServiceStatus]:
+    """Each service: its pid, URL, and whether it answers its health check right now."""
+    folder = services_dir(params)
+    checks = {
+        PREFECT_SERVER: (prefect_url(params), lambda: _prefect_healthy(params)),
+        MLFLOW_SERVER: (mlflow_url(params), lambda: _mlflow_healthy(params)),
+        PREFECT_WORKER: (None, lambda: _worker_online(params)),
+    }
+    statuses = []
+    for name, (url, check) in checks.items():
+        pid = _running_pid(folder, name)
+        if pid is None:
+            statuses.append(ServiceStatus(name, None, url, False, "not running"))
+            continue
+        healthy, detail = check()
+        statuses.append(ServiceStatus(name, pid, url, healthy, detail))
+    statuses.append(_model_server_status(params))
+    return statuses
+
+
+def _prefect_healthy(params: Params) -> tuple[bool, str]:
+    return _http_ok(f"{prefect_url(params)}/api/health", "API and UI answer")
+
+
+def _mlflow_healthy(params: Params) -> tuple[bool, str]:
+    return _http_ok(f"{mlflow_url(params)}/health", f"tracking and registry on {embedded_tracking_uri(params)}")
+
+
+def _worker_online(params: Params) -> tuple[bool, str]:
+    """The worker is healthy when the Prefect server lists it ONLINE in its pool (it heartbeats)."""
+    pool = params.services.work_pool
+    try:
+        reply = httpx.post(f"{prefect_url(params)}/api/work_pools/{pool}/workers/filter", json={}, timeout=5,
+                           trust_env=False)
+    except httpx.HTTPError as exc:
+        return False, f"Prefect server unreachable: {exc!r}"
+    if reply.status_code != 200:
+        return False, f"work pool {pool!r}: {reply.status_code} {reply.text[:200]}"
+    workers = {w["name"]: w.get("status") for w in reply.json()}
+    status = workers.get(worker_name(params))
+    if status == "ONLINE":
+        return True, f"polling work pool {pool!r} as {worker_name(params)!r}"
+    return False, f"{worker_name(params)!r} is {status or 'not registered yet'} in work pool {pool!r}"
+
+
+def _model_server_status(params: Params) -> ServiceStatus:
+    from langops.tasks.deploy import server_url
+
+    url = server_url(params.deploy.host, params.deploy.port)
+    pid = _model_server_pid(params)
+    if not params.deploy.enabled:
+        return ServiceStatus(MODEL_SERVER, pid, url, False, "deploy.enabled is false: not started by up")
+    ready, detail = _model_server_ready(params)
+    if pid is None and not ready:
+        detail = "not running: `langops up` or the pipeline's deploy step starts it when there is a champion"
+    return ServiceStatus(MODEL_SERVER, pid, url, ready, detail)
+
+
+def _model_server_ready(params: Params) -> tuple[bool, str]:
+    from langops.tasks.deploy import auth_headers, server_url
+
+    url = server_url(params.deploy.host, params.deploy.port)
+    headers = auth_headers(params.deploy)  # the server requires the token on /ready and /version when it is set
+    try:
+        ready = httpx.get(f"{url}/ready", headers=headers, timeout=5, trust_env=False)
+        version = (
+            httpx.get(f"{url}/version", headers=headers, timeout=5, trust_env=False).json()
+            if ready.status_code == 200 else {}
+        )
+    except (httpx.HTTPError, ValueError) as exc:
+        return False, f"no answer: {type(exc).__name__}"
+    if ready.status_code != 200:
+        return False, f"/ready answered {ready.status_code}"
+    return True, f"serving {version.get('model_name')} version {version.get('version')} ({version.get('alias')})"
+
+
+def _model_server_pid(params: Params) -> int | None:
+    from langops.tasks.deploy import PID_FILE, SERVER_DIR
+
+    return _pid_from_file(params.project.state_dir / SERVER_DIR / PID_FILE, "langops.serving")
+
+
+def _http_ok(url: str, detail: str) -> tuple[bool, str]:
+    try:
+        reply = httpx.get(url, timeout=5, trust_env=False)
+    except httpx.HTTPError as exc:
+        return False, f"no answer at {url}: {type(exc).__name__}"
+    return (True, detail) if reply.status_code == 200 else (False, f"{url} answered {reply.status_code}")
+
+
+# ----------------------------------------------------------------------------------------------- down
+
+
+def stop_services(params: Params) -> list[StopResult]:
+    """Stop the worker, the model server, MLflow and Prefect (that order): SIGTERM, then SIGKILL.
+
+    Each service is stopped with its whole process tree (servers spawn workers; the worker spawns
+    flow runs). Pid files and the endpoints file are removed, so commands stop using the servers.
+    """
+    from langops.tasks.deploy import stop_server
+
+    folder = services_dir(params)
+    timeout = params.services.stop_timeout_s
+    (folder / ENDPOINTS_FILE).unlink(missing_ok=True)
+    results = [_stop_service(folder, PREFECT_WORKER, timeout)]
+    pid = _model_server_pid(params)
+    results.append(StopResult(MODEL_SERVER, pid, stop_server(params.project.state_dir, timeout_s=timeout), False))
+    results += [_stop_service(folder, name, timeout) for name in (MLFLOW_SERVER, PREFECT_SERVER)]
+    return results
+
+
+def _stop_service(folder: Path, name: str, timeout_s: float) -> StopResult:
+    import psutil
+
+    pid_file = folder / f"{name}.pid"
+    pid = _running_pid(folder, name)
+    if pid is None:
+        pid_file.unlink(missing_ok=True)
+        return StopResult(name, None, False, False)
+    try:
+        root = psutil.Process(pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        pid_file.unlink(missing_ok=True)
+        return StopResult(name, pid, False, False)
+    # The service first (it shuts its own workers down: uvicorn, flow runs), then whatever it left behind.
+    _signal(root, signal.SIGTERM)
+    psutil.wait_procs([root], timeout=timeout_s)
+    leftovers = [p for p in tree if _running(p)]
+    for process in leftovers:
+        _signal(process, signal.SIGTERM)
+    _, alive = psutil.wait_procs(leftovers, timeout=min(timeout_s, 5.0))
+    for process in alive:
+        _signal(process, signal.SIGKILL)
+    psutil.wait_procs(alive, timeout=5)
+    pid_file.unlink(missing_ok=True)
+    return StopResult(name, pid, True, bool(alive))
+
+
+def _running(process) -> bool:
+    import psutil
+
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _signal(process, signum: int) -> None:
+    import psutil
+
+    try:
+        process.send_signal(signum)
+    except psutil.NoSuchProcess:
+        pass
+
+
+# ---------------------------------------------------------------------------------------- deployments
+
+
+def apply_deployments(params: Params, *, project_dir: Path, prefect_file: Path | None = None) -> list[DeploymentApplied]:
+    """Create or update the deployments declared in ``prefect.yaml`` on the running Prefect server.
+
+    ``prefect_file`` defaults to the project's own ``prefect.yaml``, else the one beside the langops
+    sources. Its ``{{ $LANGOPS_PROJECT_DIR }}`` (the pull step's working directory: the folder holding
+    ``params.yaml``) and ``{{ $LANGOPS_WORK_POOL }}`` (``services.work_pool``) are filled in, and an
+    entrypoint ``flows/<name>.py:<flow>`` whose file the project lacks becomes the installed module
+    ``langops.flows.<name>.<flow>``. Each deployment is then upserted through Prefect's client with the
+    flow's parameter schema, as ``prefect deploy`` would (whose 3.8 release fails after the first
+    deployment of a file when the work pool has a worker: it reads the pool's workers with a request
+    the server rejects).
+
+    Raises:
+        ServiceError: no Prefect server answers, the prefect file, a flow or a placeholder value is
+            missing, or a schedule is neither ``cron`` nor ``interval``.
+    """
+    project_dir = Path(project_dir).resolve()
+    api_url = (os.environ.get("PREFECT_API_URL") or "").rstrip("/")
+    if not api_url:
+        raise ServiceError("no Prefect server to deploy to: start one with `langops up` (or set PREFECT_API_URL)")
+    healthy, detail = _http_ok(f"{api_url}/health", "")
+    if not healthy:
+        raise ServiceError(f"the Prefect server at {api_url} does not answer ({detail}); is `langops up` running?")
+    source = prefect_file or next(
+        (p for p in (project_dir / "prefect.yaml", SOURCE_ROOT / "prefect.yaml") if p.is_file()), None
+    )
+    if source is None or not Path(source).is_file():
+        raise ServiceError(f"no prefect.yaml found (looked for {prefect_file or project_dir / 'prefect.yaml'})")
+    raw = yaml.safe_load(Path(source).read_text()) or {}
+    config = _fill_placeholders(
+        raw, {"LANGOPS_PROJECT_DIR": str(project_dir), "LANGOPS_WORK_POOL": params.services.work_pool}, source
+    )
+    deployments = config.get("deployments") or []
+    if not deployments:
+        raise ServiceError(f"{source} declares no deployments")
+    ensure_work_pool(api_url, params.services.work_pool)
+    for spec in deployments:
+        _apply_deployment(api_url, spec, pull_steps=spec.get("pull", config.get("pull")) or [],
+                          project_dir=project_dir, source=Path(source))
+    return read_deployments(api_url, [d["name"] for d in deployments])
+
+
+def _apply_deployment(api_url: str, spec: dict[str, Any], *, pull_steps: list[dict[str, Any]], project_dir: Path,
+                      source: Path) -> None:
+    """Upsert one deployment: the flow (loaded for its name and parameter schema), pool, schedules."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import DeploymentScheduleCreate
+    from prefect.client.schemas.schedules import CronSchedule, IntervalSchedule
+    from prefect.flows import load_flow_from_entrypoint
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.utilities.callables import parameter_schema
+
+    name = spec.get("name")
+    if not name or not spec.get("entrypoint"):
+        raise ServiceError(f"{source}: every deployment needs a name and an entrypoint, got {spec}")
+    entrypoint = resolve_entrypoint(spec["entrypoint"], project_dir)
+    loadable = str(project_dir / entrypoint) if ":" in entrypoint else entrypoint
+    flow = load_flow_from_entrypoint(loadable, use_placeholder_flow=False)
+    schedules = []
+    for item in spec.get("schedules") or []:
+        if "cron" in item:
+            schedule = CronSchedule(cron=item["cron"], timezone=item.get("timezone") or "UTC")
+        elif "interval" in item:
+            schedule = IntervalSchedule(interval=item["interval"], timezone=item.get("timezone") or "UTC")
+        else:
+            raise ServiceError(f"{source}: deployment {name!r} has a schedule that is neither cron nor interval: {item}")
+        schedules.append(DeploymentScheduleCreate(schedule=schedule, active=item.get("active", True)))
+    pool = spec.get("work_pool") or {}
+    with temporary_settings(updates={PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        client.create_deployment(
+            flow_id=client.create_flow_from_name(flow.name),
+            name=name,
+            entrypoint=entrypoint,
+            work_pool_name=pool.get("name"),
+            work_queue_name=pool.get("work_queue_name"),
+            job_variables=pool.get("job_variables") or {},
+            parameters=spec.get("parameters") or {},
+            parameter_openapi_schema=parameter_schema(flow).model_dump_for_openapi(),
+            enforce_parameter_schema=spec.get("enforce_parameter_schema", True),
+            description=spec.get("description") or flow.description,
+            tags=spec.get("tags") or [],
+            schedules=schedules,
+            pull_steps=pull_steps,
+            paused=spec.get("paused", False),
+        )
+
+
+def _fill_placeholders(value: Any, values: dict[str, str], source: Path) -> Any:
+    """``{{ $NAME }}`` replaced from ``values``; any other ``{{ ... }}`` is an error that names it."""
+    if isinstance(value, dict):
+        return {k: _fill_placeholders(v, values, source) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fill_placeholders(v, values, source) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def fill(match: re.Match[str]) -> str:
+        key = match.group(1)
+        if key not in values:
+            raise ServiceError(f"{source}: unknown placeholder {match.group(0)!r}; known: {sorted(values)}")
+        return values[key]
+
+    return PLACEHOLDER.sub(fill, value)
+
+
+def read_deployments(api_url: str, names: list[str]) -> list[DeploymentApplied]:
+    """The named deployments as the Prefect server has them (flow, entrypoint, pool, schedules)."""
+    with httpx.Client(base_url=api_url, timeout=30, trust_env=False) as client:
+        reply = client.post("/deployments/filter", json={"deployments": {"name": {"any_": names}}})
+        reply.raise_for_status()
+        applied = []
+        for deployment in sorted(reply.json(), key=lambda d: names.index(d["name"])):
+            flow = client.get(f"/flows/{deployment['flow_id']}").json()
+            schedules = [
+                f"cron {s['schedule']['cron']} {s['schedule'].get('timezone') or 'UTC'}"
+                + ("" if s.get("active", True) else " (paused)")
+                if "cron" in s["schedule"] else json.dumps(s["schedule"])
+                for s in deployment.get("schedules", [])
+            ]
+            applied.append(DeploymentApplied(deployment["name"], flow["name"], deployment["entrypoint"],
+                                             deployment["work_pool_name"], schedules))
+    return applied
+
+
+def resolve_entrypoint(entrypoint: str, project_dir: Path) -> str:
+    """``flows/x.py:f`` as is when the project has that file, else the installed ``langops.flows.x.f``.
+
+    Raises:
+        ServiceError: neither the project nor the installed package has the flow file.
+    """
+    import importlib.util
+
+    path, sep, func = entrypoint.rpartition(":")
+    if not sep or (project_dir / path).is_file():
+        return entrypoint
+    relative = Path(path)
+    if relative.parent == Path(FLOWS_FOLDER) and relative.suffix == ".py":
+        module = f"{INSTALLED_FLOWS_PACKAGE}.{relative.stem}"
+        if importlib.util.find_spec(module) is not None:
+            return f"{module}.{func}"
+    raise ServiceError(f"entrypoint {entrypoint!r}: {project_dir / path} does not exist and langops has no such flow")
+
+
+# -------------------------------------------------------------------------------------------- helpers
+
+
+def _running_pid(folder: Path, name: str) -> int | None:
+    return _pid_from_file(folder / f"{name}.pid", "prefect" if name != MLFLOW_SERVER else "mlflow")
+
+
+def _pid_from_file(pid_file: Path, command_marker: str) -> int | None:
+    """The live process named by ``pid_file`` whose command line mentions ``command_marker``, else None.
+
+    The marker check keeps a stale pid file from naming an unrelated process that reused the pid.
+    """
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+    return pid if _is_process(pid, command_marker) else None
+
+
+def _is_process(pid: int, command_marker: str) -> bool:
+    """Whether ``pid`` is a live process whose command line mentions ``command_marker`` (not a reused pid)."""
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        return process.status() != psutil.STATUS_ZOMBIE and any(command_marker in part for part in process.cmdline())
+    except (psutil.Error, ValueError):
+        return False
+
+
+def _client_host(host: str) -> str:
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    return f"[{host}]" if ":" in host else host
+
+
+def _log_tail(folder: Path, name: str) -> str:
+    path = folder / f"{name}.log"
+    if not path.is_file():
+        return ""
+    lines = path.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+    return f"\nlast lines of {path}:\n" + "\n".join(lines)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def exports(endpoints: Endpoints) -> dict[str, Any]:
+    """The variables a shell (or another tool) exports to use the running services."""
+    return {"PREFECT_API_URL": endpoints.prefect_api_url, "MLFLOW_TRACKING_URI": endpoints.mlflow_tracking_uri}

@@ -1,0 +1,212 @@
+"""Dynamic micro-batching: concurrent requests share one onnxruntime call.
+
+Requests put their texts on a bounded queue and await a future. One collector coroutine takes the
+oldest request, lets others join it until the batch holds ``max_batch_size`` texts or the oldest has
+waited ``max_wait_ms``, and hands the batch to a single inference thread, which tokenises (padding to
+the longest text of each call) and scores it. Texts of very different lengths are scored in separate
+calls (see ``_score``) so short ones are not padded to a long one. While that thread works, the next
+batch gathers in the queue, so under load batches fill without waiting at all.
+
+A request is never split across batches except into chunks of ``max_batch_size`` texts, which is
+how the MLflow pyfunc scores too (64 at a time), so a request alone in its batch gets exactly the
+pyfunc's numbers. Riding with others can move its probabilities slightly: the int8 graph quantises
+activations dynamically, with scales computed over the whole batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+PADDING_WASTE = 1.5  # most padded characters per real character in one onnxruntime call
+
+
+class Scorer(Protocol):
+    """What the batcher scores with: the live model's classifier."""
+
+    def predict_proba(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray: ...
+
+
+class Overloaded(RuntimeError):
+    """Too many texts are already waiting: the request is shed rather than queued without bound."""
+
+
+class ShuttingDown(RuntimeError):
+    """The server is stopping and takes no new work."""
+
+
+@dataclass
+class _Job:
+    scorer: Scorer
+    texts: list[str]
+    future: asyncio.Future[np.ndarray]
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class MicroBatcher:
+    """Groups concurrent scoring requests into batches for one inference thread.
+
+    ``on_batch(size)`` is called for each batch formed and ``on_queue(depth)`` whenever the number of
+    waiting texts changes (both from the event loop), so metrics stay outside this class.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_batch_size: int,
+        max_wait_ms: float,
+        max_queue: int,
+        on_batch: Callable[[int], None] = lambda size: None,
+        on_queue: Callable[[int], None] = lambda depth: None,
+    ) -> None:
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.max_queue = max_queue
+        self._on_batch = on_batch
+        self._on_queue = on_queue
+        self._jobs: deque[_Job] = deque()
+        self._queued_texts = 0
+        self._wakeup: asyncio.Event | None = None
+        self._collector: asyncio.Task[None] | None = None
+        self._closing = False
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="langops-inference")
+
+    @property
+    def queued_texts(self) -> int:
+        return self._queued_texts
+
+    def start(self) -> None:
+        """Start the collector on the running event loop."""
+        self._wakeup = asyncio.Event()
+        self._collector = asyncio.get_running_loop().create_task(self._collect(), name="langops-batcher")
+
+    async def close(self) -> None:
+        """Refuse new work, score everything already queued, then stop the inference thread."""
+        self._closing = True
+        if self._wakeup is not None:
+            self._wakeup.set()
+        if self._collector is not None:
+            await self._collector
+        self._executor.shutdown(wait=True)
+
+    async def predict_proba(self, scorer: Scorer, texts: Sequence[str]) -> np.ndarray:
+        """Probabilities for ``texts`` (rows in input order), scored in shared batches.
+
+        Raises:
+            ShuttingDown: the server is stopping.
+            Overloaded: accepting the texts would put more than ``max_queue`` in the queue.
+        """
+        if self._closing or self._wakeup is None:
+            raise ShuttingDown("the server is shutting down and takes no new requests")
+        texts = list(texts)
+        if self._queued_texts + len(texts) > self.max_queue:
+            raise Overloaded(
+                f"server is overloaded: {self._queued_texts} texts are waiting and this request adds "
+                f"{len(texts)} (queue limit {self.max_queue}); retry later"
+            )
+        loop = asyncio.get_running_loop()
+        futures = []
+        for start in range(0, len(texts), self.max_batch_size):
+            job = _Job(scorer, texts[start : start + self.max_batch_size], loop.create_future())
+            self._jobs.append(job)
+            futures.append(job.future)
+        self._queued_texts += len(texts)
+        self._on_queue(self._queued_texts)
+        self._wakeup.set()
+        parts = await asyncio.gather(*futures)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    async def _collect(self) -> None:
+        assert self._wakeup is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._jobs:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            # Wait for company only until the oldest job has waited max_wait: under load the queue
+            # filled while the previous batch ran, and the deadline has long passed.
+            deadline = self._jobs[0].enqueued + self.max_wait_s
+            while self._queued_texts < self.max_batch_size and not self._closing:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+                except TimeoutError:
+                    break
+            batch = self._take_batch()
+            size = sum(len(job.texts) for job in batch)
+            self._queued_texts -= size
+            self._on_queue(self._queued_texts)
+            try:
+                results, call_sizes = await loop.run_in_executor(self._executor, _score, batch)
+            except Exception as exc:  # the failure belongs to this batch's requests only
+                logger.exception("inference failed for a batch of %d texts", size)
+                for job in batch:
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+                continue
+            for call_size in call_sizes:
+                self._on_batch(call_size)
+            for job, probs in zip(batch, results, strict=True):
+                if not job.future.done():
+                    job.future.set_result(probs)
+
+    def _take_batch(self) -> list[_Job]:
+        """The oldest jobs that fit in one batch and share the oldest one's model (a swap splits batches)."""
+        first = self._jobs.popleft()
+        batch, size = [first], len(first.texts)
+        while self._jobs:
+            job = self._jobs[0]
+            if job.scorer is not first.scorer or size + len(job.texts) > self.max_batch_size:
+                break
+            batch.append(self._jobs.popleft())
+            size += len(job.texts)
+        return batch
+
+
+def _score(batch: list[_Job]) -> tuple[list[np.ndarray], list[int]]:
+    """Runs on the inference thread: probabilities per job, and the size of each onnxruntime call.
+
+    A batch is padded to its longest text, so one long sentence among short ones multiplies the work.
+    Jobs are therefore sorted by length and cut into runs whose padded size stays within
+    ``PADDING_WASTE`` times their real size; each run is one tokenisation and one onnxruntime call.
+    A job is never split, so a request alone is scored exactly as the pyfunc scores it.
+    """
+    lengths = [max(len(text) for text in job.texts) for job in batch]
+    order = sorted(range(len(batch)), key=lengths.__getitem__)
+    runs: list[list[int]] = [[]]
+    texts_in_run = chars_in_run = 0
+    for index in order:
+        job = batch[index]
+        padded = lengths[index] * (texts_in_run + len(job.texts))  # sorted: this job's length is the longest
+        real = chars_in_run + sum(len(text) for text in job.texts)
+        if runs[-1] and padded > PADDING_WASTE * real:
+            runs.append([])
+            texts_in_run = chars_in_run = 0
+        runs[-1].append(index)
+        texts_in_run += len(job.texts)
+        chars_in_run += sum(len(text) for text in job.texts)
+    results: list[Any] = [None] * len(batch)
+    for run in runs:
+        texts = [text for index in run for text in batch[index].texts]
+        probs = batch[run[0]].scorer.predict_proba(texts, batch_size=len(texts))
+        start = 0
+        for index in run:
+            end = start + len(batch[index].texts)
+            results[index] = probs[start:end]
+            start = end
+    return results, [sum(len(batch[index].texts) for index in run) for run in runs]

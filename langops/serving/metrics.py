@@ -1,0 +1,66 @@
+"""Prometheus metrics of one server app, kept in the app's own registry.
+
+A registry per app (not prometheus_client's global one) lets a process build many apps, as the tests
+do, and keeps ``/metrics`` to what this server did. With ``--workers N`` each worker process has its
+own registry, so a scrape sees the worker that answered it.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class ServerMetrics:
+    """Requests by endpoint and status, errors, latency, batch sizes, queue depth and the live version."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "langops_requests", "HTTP requests answered, by endpoint and status code",
+            ["endpoint", "status"], registry=self.registry,
+        )
+        self.errors = Counter(
+            "langops_errors", "requests answered with an error, by endpoint and kind",
+            ["endpoint", "kind"], registry=self.registry,
+        )
+        self.latency = Histogram(
+            "langops_request_latency_seconds", "time from request to response, by endpoint",
+            ["endpoint"], buckets=LATENCY_BUCKETS_S, registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "langops_batch_size", "texts per onnxruntime call (formed by the micro-batcher)",
+            buckets=BATCH_BUCKETS, registry=self.registry,
+        )
+        self.queue_depth = Gauge(
+            "langops_queue_depth", "texts waiting for inference", registry=self.registry,
+        )
+        self.texts = Counter(
+            "langops_texts_scored", "texts scored, by endpoint", ["endpoint"], registry=self.registry,
+        )
+        self.model_info = Gauge(
+            "langops_model_info", "1 for the model version being served", ["model_name", "version"],
+            registry=self.registry,
+        )
+        self.prediction_log_dropped = Counter(
+            "langops_prediction_log_dropped", "prediction log records dropped because the writer lagged",
+            registry=self.registry,
+        )
+        self.prediction_log_written = Counter(
+            "langops_prediction_log_written", "prediction log records written", registry=self.registry,
+        )
+        self._live: tuple[str, str] | None = None
+
+    def set_model(self, model_name: str, version: str) -> None:
+        """Point the info gauge at the live version (only one series is 1 at a time)."""
+        if self._live == (model_name, version):
+            return
+        if self._live is not None:
+            self.model_info.remove(*self._live)
+        self.model_info.labels(model_name, version).set(1)
+        self._live = (model_name, version)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

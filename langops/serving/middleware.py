@@ -1,0 +1,155 @@
+"""The ASGI layer every request passes first: bearer auth, body size limit, metrics, version header.
+
+It is plain ASGI rather than Starlette's ``BaseHTTPMiddleware``, which costs a task per request. The
+body is read here, counting bytes as they stream in, so a client that lies in ``Content-Length`` or
+sends chunks is stopped at the limit, and the app only ever sees a complete body within it.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from langops.serving.metrics import ServerMetrics
+
+VERSION_HEADER = "X-Model-Version"
+ENDPOINTS = frozenset(
+    {"/health", "/ready", "/version", "/metrics", "/predict", "/invocations", "/reload", "/openapi.json",
+     "/docs", "/ping"}
+)
+PUBLIC_PATHS = frozenset({"/health", "/ping"})  # liveness; /ping is the name MLflow clients poll
+INVOCATIONS = "/invocations"
+
+
+class ServingMiddleware:
+    """Wraps the app; ``live_version()`` names the version for the ``X-Model-Version`` header."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        metrics: ServerMetrics,
+        live_version: Callable[[], str | None],
+        token: str | None,
+        max_body_bytes: int,
+    ) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.live_version = live_version
+        self._expected = f"Bearer {token}".encode() if token else None
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        path = scope["path"]
+        endpoint = path if path in ENDPOINTS else "other"
+        status = 500
+
+        async def send_with_version(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = MutableHeaders(scope=message)
+                version = self.live_version()
+                if VERSION_HEADER not in headers and version is not None:
+                    headers.append(VERSION_HEADER, version)
+            await send(message)
+
+        try:
+            if self._expected is not None and path not in PUBLIC_PATHS and not self._authorized(scope):
+                await _reply(send_with_version, 401, path, "missing or wrong bearer token: send "
+                             "'Authorization: Bearer <token>'", {"WWW-Authenticate": "Bearer"})
+                return
+            if scope["method"] in ("POST", "PUT", "PATCH"):
+                body = await self._read_body(scope, receive, send_with_version)
+                if body is None:
+                    return
+                receive = _replay(body, receive)
+            await self.app(scope, receive, send_with_version)
+        finally:
+            elapsed = time.perf_counter() - started
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+            self.metrics.latency.labels(endpoint).observe(elapsed)
+            if status >= 400:
+                self.metrics.errors.labels(endpoint, _error_kind(status)).inc()
+
+    def _authorized(self, scope: Scope) -> bool:
+        assert self._expected is not None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                return hmac.compare_digest(value, self._expected)
+        return False
+
+    async def _read_body(self, scope: Scope, receive: Receive, send: Send) -> bytes | None:
+        """The whole body, or None after answering 413 (declared or streamed size over the limit)."""
+        limit, path = self.max_body_bytes, scope["path"]
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    await _reply(send, 400, path, f"Content-Length is not a number: {value[:40]!r}")
+                    return None
+                if declared > limit:
+                    await _reply(send, 413, path, f"request body is {declared} bytes; the limit is {limit} "
+                                 "bytes (max_body_bytes)", {"Connection": "close"})
+                    return None
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                await _reply(send, 413, path, f"request body is over the limit of {limit} bytes "
+                             "(max_body_bytes)", {"Connection": "close"})
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+
+def error_body(path: str, message: str, status: int) -> bytes:
+    """``{"detail": ...}``, or MLflow's ``{"error_code", "message"}`` on ``/invocations``."""
+    if path == INVOCATIONS:
+        code = {401: "UNAUTHENTICATED", 413: "RESOURCE_LIMIT_EXCEEDED", 503: "TEMPORARILY_UNAVAILABLE"}
+        return json.dumps({"error_code": code.get(status, "BAD_REQUEST"), "message": message}).encode()
+    return json.dumps({"detail": message}).encode()
+
+
+async def _reply(send: Send, status: int, path: str, message: str, headers: dict[str, str] | None = None) -> None:
+    body = error_body(path, message, status)
+    raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that hands the app the buffered body once, then listens to the client again."""
+    sent = False
+
+    async def replay() -> Any:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+def _error_kind(status: int) -> str:
+    return {401: "unauthorized", 413: "too_large", 429: "overloaded", 503: "unavailable"}.get(
+        status, "client_error" if status < 500 else "server_error"
+    )
