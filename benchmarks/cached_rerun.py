@@ -6,15 +6,15 @@
 Both runs are `langops run` in a fresh process, as a user types it: each starts Prefect's temporary
 server (no `langops up`), so the rerun pays for that start-up, the imports and hashing the models' bytes
 for the cache keys, and only differs from the first run by what the task cache skips. Prints both wall
-times, the ratio, and the rerun's task states as the flow logged them.
+times, the ratio, and the rerun's task states from the Prefect database.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -51,14 +51,24 @@ def main() -> None:
             sys.exit(f"{label} failed:\n{outputs[-1][-3000:]}")
 
     first, rerun = timings
-    states = re.findall(r"Task run '([\w-]+)-\w+' - Finished in state (\w+)", outputs[1])
+    states = _last_flow_run_task_states(project / ".langops" / "prefect" / "prefect.db")
     print(f"first run   {first:8.1f} s")
     print(f"rerun       {rerun:8.1f} s   ({rerun / first:.1%} of the first run)")
-    print("rerun task states: " + ", ".join(f"{name}={state}" for name, state in states))
+    print("rerun task states: " + ", ".join(f"{name.rsplit('-', 1)[0]}={state}" for name, state in states))
     if args.keep:
         print(f"project kept in {project}")
     else:
         shutil.rmtree(project, ignore_errors=True)
+
+
+def _last_flow_run_task_states(prefect_db: Path) -> list[tuple[str, str]]:
+    """(task run name, final state name) of the newest flow run, read from the temporary server's database."""
+    with sqlite3.connect(prefect_db) as db:
+        (flow_run_id,) = db.execute("SELECT id FROM flow_run ORDER BY created DESC LIMIT 1").fetchone()
+        rows = db.execute(
+            "SELECT name, state_name FROM task_run WHERE flow_run_id = ? ORDER BY start_time", (flow_run_id,)
+        )
+        return [(name, state) for name, state in rows]
 
 
 if __name__ == "__main__":
