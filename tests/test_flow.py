@@ -209,13 +209,15 @@ def test_with_approval_required_the_flow_pauses_and_a_reviewer_decides(prefect_s
         decision = json.loads((tmp_path / "reports" / "promotion" / "decision.json").read_text())
         assert decision["approval"] == {"approved": approve, "reviewer": reviewer, "comment": comment}
 
-    assert _alias(client, "champion") == summary.version  # the approved one, not the rejected one
+        if not approve:
+            # Outside the flow (the DVC stage, the CLI) nobody can be asked: the passing model stays out.
+            from langops.pipeline import run_promote
 
-    # Outside the flow (the DVC stage, the CLI) nobody can be asked: a passing model is not promoted.
-    from langops.pipeline import run_promote
+            unattended = run_promote(load_params(tmp_path / "params.yaml"))
+            assert not unattended.promote and unattended.approval["reviewer"] == "nobody"
 
-    unattended = run_promote(load_params(tmp_path / "params.yaml"))
-    assert not unattended.promote and unattended.approval["reviewer"] == "nobody"
+    # The rerun reused the cached model: the version carol rejected is the one dave approved.
+    assert _alias(client, "champion") == summary.version == "1"
     assert [(e.event, e.actor) for e in read_history(load_params(tmp_path / "params.yaml"), "langops-classifier")] == [
         ("promote", "pipeline")
     ]
