@@ -97,9 +97,21 @@ def stage_key(stage: str, params: Params) -> str:
         "code": {module: file_md5(Path(importlib.import_module(module).__file__ or "")) for module in spec.code},
     }
     if spec.uses_tracking:
-        material["tracking_uri"] = params.tracking_uri()
+        material["tracking_store"] = tracking_store(params)
     blob = json.dumps(material, sort_keys=True, default=str).encode()
     return f"langops-{stage}-{hashlib.sha256(blob).hexdigest()[:32]}"
+
+
+def tracking_store(params: Params) -> str:
+    """Which MLflow store the runs go to: the URI, except that the MLflow server of ``langops up`` counts
+    as the project's own SQLite store, which it serves, so starting the services keeps the cache warm."""
+    from langops.services import embedded_tracking_uri, read_endpoints
+
+    uri = params.tracking_uri()
+    endpoints = read_endpoints(params.project.state_dir)
+    if endpoints is not None and uri == endpoints.mlflow_tracking_uri:
+        return embedded_tracking_uri(params)
+    return uri
 
 
 def outputs_intact(stage: str, params: Params, key: str, *, still_exists: Callable[[str], bool] | None = None) -> bool:
