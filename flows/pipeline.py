@@ -71,7 +71,8 @@ def run_cached(step: Task, stage: str, params: Params) -> Any:
     if not os.environ.get("PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"):
         options["result_storage"] = params.project.state_dir / "prefect-results"
     result = step.with_options(**options)(params)
-    stage_cache.write_stamp(stage, params, key)
+    if not intact:  # an intact stamp already describes these outputs
+        stage_cache.write_stamp(stage, params, key)
     return result
 
 

@@ -354,9 +354,10 @@ with warnings.catch_warnings():
 
         def tracking_uri(self) -> str:
             """MLflow tracking URI: ``$MLFLOW_TRACKING_URI``, then ``tracking.uri``, then embedded SQLite."""
-            uri = os.environ.get("MLFLOW_TRACKING_URI") or self.tracking.uri
-            if uri:
-                return uri
+            return os.environ.get("MLFLOW_TRACKING_URI") or self.tracking.uri or self.embedded_tracking_uri()
+
+        def embedded_tracking_uri(self) -> str:
+            """The project's own SQLite store, under ``project.state_dir`` (also what ``langops up`` serves)."""
             return f"sqlite:///{(self.project.state_dir / 'mlflow.db').resolve()}"
 
         def artifact_root(self) -> str:

@@ -122,11 +122,6 @@ def services_dir(params: Params) -> Path:
     return params.project.state_dir / SERVICES_DIR
 
 
-def embedded_tracking_uri(params: Params) -> str:
-    """The SQLite store the pipeline uses when no MLflow server is configured (``Params.tracking_uri``)."""
-    return f"sqlite:///{(params.project.state_dir / 'mlflow.db').resolve()}"
-
-
 def prefect_url(params: Params) -> str:
     return f"http://{_client_host(params.services.host)}:{params.services.prefect_port}"
 
@@ -267,7 +262,7 @@ def _mlflow_server(params: Params) -> _Service:
         name=MLFLOW_SERVER,
         port=cfg.mlflow_port,
         command=[sys.executable, "-m", "mlflow", "server",
-                 "--backend-store-uri", embedded_tracking_uri(params),
+                 "--backend-store-uri", params.embedded_tracking_uri(),
                  # New experiments get the same local artifact folder as the embedded store; clients on
                  # this machine read and write it directly, and the UI reads it through the server.
                  "--default-artifact-root", params.artifact_root(), "--no-serve-artifacts",
@@ -448,7 +443,7 @@ def _prefect_healthy(params: Params) -> tuple[bool, str]:
 
 
 def _mlflow_healthy(params: Params) -> tuple[bool, str]:
-    return _http_ok(f"{mlflow_url(params)}/health", f"tracking and registry on {embedded_tracking_uri(params)}")
+    return _http_ok(f"{mlflow_url(params)}/health", f"tracking and registry on {params.embedded_tracking_uri()}")
 
 
 def _worker_online(params: Params) -> tuple[bool, str]:

@@ -105,12 +105,12 @@ def stage_key(stage: str, params: Params) -> str:
 def tracking_store(params: Params) -> str:
     """Which MLflow store the runs go to: the URI, except that the MLflow server of ``langops up`` counts
     as the project's own SQLite store, which it serves, so starting the services keeps the cache warm."""
-    from langops.services import embedded_tracking_uri, read_endpoints
+    from langops.services import read_endpoints
 
     uri = params.tracking_uri()
     endpoints = read_endpoints(params.project.state_dir)
     if endpoints is not None and uri == endpoints.mlflow_tracking_uri:
-        return embedded_tracking_uri(params)
+        return params.embedded_tracking_uri()
     return uri
 
 

@@ -15,6 +15,27 @@ REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 DEMO_LABELS = ["billing", "shipping", "technical", "account", "cancellation", "feedback"]
 
 
+def flow_run_artifacts(flow_run_id: Any, *, api_url: str | None = None) -> dict[str, dict[str, Any]]:
+    """A flow run's artifacts by key, read over the Prefect REST API (``api_url``: the current profile's).
+
+    Prefect 3.8's client ``read_artifacts`` sends nulls that the server rejects, hence plain HTTP.
+    """
+    import httpx
+
+    if api_url is None:
+        from prefect.settings import PREFECT_API_URL
+
+        api_url = PREFECT_API_URL.value()
+    reply = httpx.post(
+        f"{api_url}/artifacts/filter",
+        json={"artifacts": {"flow_run_id": {"any_": [str(flow_run_id)]}}},
+        timeout=30,
+        trust_env=False,
+    )
+    reply.raise_for_status()
+    return {artifact["key"]: artifact for artifact in reply.json()}
+
+
 def free_port() -> int:
     """A port free on 127.0.0.1 right now (the OS picks it, so parallel runs do not collide)."""
     with socket.socket() as sock:

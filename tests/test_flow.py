@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 from mlflow import MlflowClient
-from pipeline_helpers import tiny_project_params, write_bad_csv, write_params
+from pipeline_helpers import flow_run_artifacts, tiny_project_params, write_bad_csv, write_params
 from serving_helpers import wait_for_version
 
 from langops.config import load_params
@@ -37,19 +37,6 @@ def project(tmp_path_factory, tiny_base_model):
     from langops.tasks.deploy import stop_server
 
     stop_server(root / ".langops")
-
-
-def _artifacts(flow_run_id):
-    """The flow run's artifacts by key, read back over the Prefect REST API."""
-    from prefect.settings import PREFECT_API_URL
-
-    reply = httpx.post(
-        f"{PREFECT_API_URL.value()}/artifacts/filter",
-        json={"artifacts": {"flow_run_id": {"any_": [str(flow_run_id)]}}},
-        timeout=30,
-    )
-    reply.raise_for_status()
-    return {a["key"]: a for a in reply.json()}
 
 
 def _registry_state(client: MlflowClient) -> tuple[int, set[str], str | None]:
@@ -91,7 +78,7 @@ def test_pipeline_registers_promotes_and_serves_then_a_tie_leaves_the_champion(p
     assert {"test_accuracy", "test_macro_f1", "int8_test_accuracy", "val_macro_f1"} <= set(run.data.metrics)
     assert run.data.params["train.method"] == "full"
     assert {"validation-report", "test-metrics", "promotion-decision", "pipeline-summary"} <= set(
-        _artifacts(state.state_details.flow_run_id)
+        flow_run_artifacts(state.state_details.flow_run_id)
     )
 
     # The server deployed by the flow answers over real HTTP with the champion's version.
@@ -317,5 +304,5 @@ def test_bad_data_stops_the_flow_before_training_and_registers_nothing(prefect_s
     # Nothing downstream happened: no new MLflow run, no new model version, the same champion.
     assert _registry_state(client) == before
     if isinstance(err.value, DataValidationError):
-        report = _artifacts(state.state_details.flow_run_id)["validation-report"]
+        report = flow_run_artifacts(state.state_details.flow_run_id)["validation-report"]
         assert BAD_DATA[defect] in report["data"]

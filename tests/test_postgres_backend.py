@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from pipeline_helpers import DEMO_LABELS, free_port, tiny_project_params, write_params
+from pipeline_helpers import DEMO_LABELS, flow_run_artifacts, free_port, tiny_project_params, write_params
 from postgres_helpers import postgres_unavailable_reason, running_postgres, running_server_process
 
 from langops.config import load_params
@@ -200,13 +200,10 @@ def test_the_flow_run_completed_with_its_tasks_and_artifacts_on_the_prefect_serv
         assert expected <= set(states), sorted(states)
         assert {states[name] for name in expected} == {"COMPLETED"}
 
-        artifacts = http.post(
-            "/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}}
-        ).json()
-        keys = {a["key"] for a in artifacts}
+        artifacts = flow_run_artifacts(flow_run_id, api_url=api)
+        keys = set(artifacts)
         assert {"validation-report", "test-metrics", "promotion-decision", "pipeline-summary"} <= keys, keys
-        summary = next(a for a in artifacts if a["key"] == "pipeline-summary")
-        assert "version 1: promoted to champion" in summary["data"]
+        assert "version 1: promoted to champion" in artifacts["pipeline-summary"]["data"]
 
 
 def test_the_rows_are_in_postgresql(pipeline_run, postgres):

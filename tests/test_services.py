@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from pipeline_helpers import free_port, tiny_project_params, write_params
+from pipeline_helpers import flow_run_artifacts, free_port, tiny_project_params, write_params
 
 from langops.config import load_params
 
@@ -191,9 +191,7 @@ def test_the_training_deployment_runs_on_the_worker_and_registers_through_the_ml
         "prepare", "validate", "train", "evaluate", "compress", "register", "promote-decide", "promote-record", "deploy"
     }
     assert all(t["state_type"] == "COMPLETED" for t in task_runs)
-    artifacts = httpx.post(f"{api}/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [flow_run["id"]]}}},
-                           timeout=30).json()
-    assert ARTIFACT_KEYS <= {a["key"] for a in artifacts}
+    assert ARTIFACT_KEYS <= set(flow_run_artifacts(flow_run["id"], api_url=api))
 
     # The version is in the registry the MLflow server serves, with its lineage.
     version = httpx.get(f"{mlflow}/api/2.0/mlflow/model-versions/get",
@@ -220,9 +218,8 @@ def test_langops_run_in_the_project_uses_the_running_servers(completed_run):
     output = result.stdout + result.stderr
     assert "Starting temporary server" not in output  # not Prefect's throwaway server but the running one
     flow_run_id = re.search(rf"View at http://127.0.0.1:{prefect_port}/runs/flow-run/([0-9a-f-]+)", output).group(1)
-    artifacts = httpx.post(f"http://127.0.0.1:{prefect_port}/api/artifacts/filter",
-                           json={"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}}, timeout=30).json()
-    summary = next(a["data"] for a in artifacts if a["key"] == "pipeline-summary")
+    artifacts = flow_run_artifacts(flow_run_id, api_url=f"http://127.0.0.1:{prefect_port}/api")
+    summary = artifacts["pipeline-summary"]["data"]
     assert f"in `http://127.0.0.1:{mlflow_port}`" in summary  # MLflow through its server, not the SQLite file
     version = httpx.get(f"http://127.0.0.1:{mlflow_port}/api/2.0/mlflow/model-versions/get",
                         params={"name": "langops-classifier", "version": "2"}, timeout=30)

@@ -8,10 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import httpx
 import pytest
 from mlflow import MlflowClient
-from pipeline_helpers import tiny_project_params, write_bad_csv, write_params
+from pipeline_helpers import flow_run_artifacts, tiny_project_params, write_bad_csv, write_params
 
 from langops.config import ConfigError, load_params
 from langops.sweep import (
@@ -149,18 +148,6 @@ def prefect_server():
         yield
 
 
-def _artifacts(flow_run_id):
-    from prefect.settings import PREFECT_API_URL
-
-    reply = httpx.post(
-        f"{PREFECT_API_URL.value()}/artifacts/filter",
-        json={"artifacts": {"flow_run_id": {"any_": [str(flow_run_id)]}}},
-        timeout=30,
-    )
-    reply.raise_for_status()
-    return {a["key"]: a for a in reply.json()}
-
-
 def _client(root) -> MlflowClient:
     uri = f"sqlite:///{root / '.langops' / 'mlflow.db'}"
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -235,7 +222,7 @@ def test_sweep_trains_trials_on_dask_nests_their_runs_and_ships_the_best(prefect
     decision = json.loads((tmp_path / "reports" / "promotion" / "decision.json").read_text())
     assert decision["promote"] is True and decision["challenger_version"] == "1"
 
-    artifacts = _artifacts(state.state_details.flow_run_id)
+    artifacts = flow_run_artifacts(state.state_details.flow_run_id)
     assert {"validation-report", "sweep-trials", "sweep-summary", "promotion-decision", "test-metrics"} <= set(artifacts)
     rows = json.loads(artifacts["sweep-trials"]["data"])
     assert [(r["trial"], r["train.learning_rate"], r["run_id"], r["best"]) for r in rows] == [
@@ -286,6 +273,6 @@ def test_a_failed_trial_is_recorded_nested_and_never_chosen(prefect_server, tmp_
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert [(r.data.tags["langops.sweep_trial"], r.info.status) for r in children] == [("trial-01", "FAILED")]
     assert client.search_model_versions("name='langops-classifier'") == []
-    rows = json.loads(_artifacts(state.state_details.flow_run_id)["sweep-trials"]["data"])
+    rows = json.loads(flow_run_artifacts(state.state_details.flow_run_id)["sweep-trials"]["data"])
     assert [(r["trial"], r["status"], r["run_id"]) for r in rows] == [("trial-01", "failed", "")]
     assert "no-such-model" in rows[0]["error"]
