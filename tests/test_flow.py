@@ -293,9 +293,7 @@ def test_bad_data_stops_the_flow_before_training_and_registers_nothing(prefect_s
     before = _registry_state(client)
     bad = write_bad_csv(tmp_path / "bad.csv", defect)
 
-    state = training_pipeline(
-        params_path=str(root / "params.yaml"), overrides=[f"data.source={bad}"], return_state=True
-    )
+    state = training_pipeline(params_path=str(root / "params.yaml"), dataset=str(bad), return_state=True)
     assert state.is_failed()
     with pytest.raises((DataValidationError, PrepareError)) as err:
         state.result()
