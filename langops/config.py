@@ -7,6 +7,7 @@ key, so a typo in ``params.yaml`` fails before any work starts.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
@@ -51,14 +52,40 @@ class PathsConfig(_Section):
     sweep: Path = Path("models/sweep")  # one folder per sweep trial: <sweep>/<trial>/{trained,checkpoints}
 
 
-class DataConfig(_Section):
-    """The labelled dataset: where it is, which columns hold text and label, which labels exist."""
+SPLITS = ("train", "validation", "test")
+SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
+                 "val": "validation", "dev": "validation", "test": "test", "testing": "test"}
 
-    source: str = "demo"
+
+class DataConfig(_Section):
+    """The labelled dataset: where it is, which columns hold text and label, which labels exist.
+
+    ``source`` is ``demo``, one file (prepare splits it), a folder holding ``train.*`` and optionally
+    ``validation.*`` (or ``val``/``dev``) and ``test.*``, or a mapping ``{train: ..., validation: ...,
+    test: ...}``. With ``split_column`` one file says each row's split itself. Splits the user gives are
+    kept as they are; missing ones are carved from train.
+    """
+
+    source: str | dict[str, str] = "demo"
+    split_column: str | None = None
     text_column: str = "text"
     label_column: str = "label"
     labels: tuple[str, ...] | None = None
+    encoding: str = Field("utf-8", description="of CSV/TSV/JSONL files; a UTF-8 byte-order mark is always allowed")
     demo_rows: int = Field(3000, ge=60)
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, source: str | dict[str, str]) -> str | dict[str, str]:
+        if isinstance(source, dict):
+            unknown = sorted(set(source) - set(SPLITS))
+            if unknown:
+                raise ValueError(f"unknown split names {unknown} in data.source; use {list(SPLITS)}")
+            if "train" not in source:
+                raise ValueError("data.source as a mapping needs at least a train file")
+        elif not source.strip():
+            raise ValueError("data.source is empty: name a file, a folder, or demo")
+        return source
 
     @field_validator("labels")
     @classmethod
@@ -70,24 +97,87 @@ class DataConfig(_Section):
                 raise ValueError(f"labels are not unique: {list(labels)}")
         return labels
 
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, encoding: str) -> str:
+        try:
+            codecs.lookup(encoding)
+        except LookupError:
+            raise ValueError(f"unknown encoding {encoding!r} (try utf-8, cp1252 or latin-1)") from None
+        return encoding
+
+    @model_validator(mode="after")
+    def _one_way_to_split(self) -> DataConfig:
+        if self.split_column is not None and (self.is_demo or isinstance(self.source, dict)):
+            raise ValueError("data.split_column needs data.source to be one file")
+        return self
+
     @property
     def is_demo(self) -> bool:
         return self.source == "demo"
 
 
 class PrepareConfig(_Section):
+    """How prepare splits and cleans. It never makes a leak: every copy of a text lands in one split."""
+
     validation_size: float = Field(0.15, gt=0, lt=0.5)
     test_size: float = Field(0.15, gt=0, lt=0.5)
     lowercase: bool = False
-    deduplicate: bool = False
+    deduplicate: bool = Field(
+        False, description="true: keep one copy of each normalised text; false: keep every copy, all in one split"
+    )
+    label_conflicts: Literal["majority", "drop", "fail"] = Field(
+        "majority",
+        description="a text seen with different labels: keep the majority label's rows (a tie drops the text), "
+        "drop every copy, or keep them all for validate to stop the run",
+    )
+    split_overlap: Literal["fail", "drop"] = Field(
+        "fail",
+        description="texts shared by splits the user gave: keep them for validate to stop the run, or drop them "
+        "from the earlier split (train, then validation; test is never changed)",
+    )
+
+
+# Every validate check and what its failure does: `error` stops the run, `warn` is reported and the run goes
+# on. Errors are what breaks training or evaluation (or makes its figures lie); warnings are shapes of real
+# data a careful user should know about.
+DEFAULT_SEVERITY: dict[str, str] = {
+    "column_present": "error",
+    "text_not_null": "error",
+    "text_not_blank": "error",
+    "text_min_length": "warn",
+    "text_max_length": "warn",
+    "label_not_null": "error",
+    "label_known": "error",
+    "label_variants": "warn",
+    "label_conflicts": "error",
+    "class_min_rows": "error",
+    "class_in_every_split": "error",
+    "duplicate_rate": "warn",
+    "no_train_leak": "error",
+    "no_validation_leak": "error",
+}
 
 
 class ValidateConfig(_Section):
-    min_text_chars: int = Field(2, ge=1)
-    max_text_chars: int = Field(5000, ge=1)
-    min_rows_per_class: int = Field(10, ge=1)
+    min_text_chars: int = Field(3, ge=1)
+    max_text_chars: int = Field(2000, ge=1)
+    min_rows_per_class: int = Field(20, ge=1, description="rows of each class in train")
     max_duplicate_rate: float = Field(0.05, ge=0, le=1)
     max_examples: int = Field(5, ge=1, description="offending rows quoted per failed expectation")
+    severity: dict[str, Literal["error", "warn"]] = Field(
+        default_factory=lambda: dict(DEFAULT_SEVERITY), description="check -> error | warn; unnamed checks keep the default"
+    )
+
+    @field_validator("severity", mode="before")
+    @classmethod
+    def _every_check(cls, severity: Any) -> Any:
+        if not isinstance(severity, dict):
+            return severity
+        unknown = sorted(set(severity) - set(DEFAULT_SEVERITY))
+        if unknown:
+            raise ValueError(f"unknown checks {unknown}; the checks are {list(DEFAULT_SEVERITY)}")
+        return {**DEFAULT_SEVERITY, **severity}
 
     @model_validator(mode="after")
     def _bounds(self) -> ValidateConfig:
@@ -238,6 +328,9 @@ class ServicesConfig(_Section):
     work_pool: str = Field("langops", min_length=1, description="process work pool the worker polls")
     start_timeout_s: float = Field(90.0, gt=0)
     stop_timeout_s: float = Field(15.0, gt=0, description="SIGTERM grace period before SIGKILL")
+    temporary_server_timeout_s: float = Field(
+        300.0, gt=0, description="without `langops up`: how long run/sweep wait for their temporary Prefect server"
+    )
 
     @model_validator(mode="after")
     def _distinct_ports(self) -> ServicesConfig:
@@ -342,8 +435,10 @@ with warnings.catch_warnings():
             root = root.resolve()
             paths = {k: _absolute(root, v) for k, v in self.paths.model_dump().items()}
             source = self.data.source
-            if not self.data.is_demo and not Path(source).is_absolute() and "://" not in source:
-                source = str(root / source)
+            if isinstance(source, dict):
+                source = {split: str(_absolute(root, Path(path))) for split, path in source.items()}
+            elif not self.data.is_demo:
+                source = str(_absolute(root, Path(source)))
             return self.model_copy(
                 update={
                     "project": self.project.model_copy(update={"state_dir": _absolute(root, self.project.state_dir)}),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
@@ -29,6 +30,8 @@ def run_prepare(params: Params):
 
     result = prepare(params.data, params.prepare, seed=params.project.seed, out_dir=params.paths.prepared)
     log.info("prepared %s rows into %s (data version %s)", result.rows, result.out_dir, result.data_version)
+    for note in result.notes:
+        log.info("prepare: %s", note)
     return result
 
 
@@ -36,7 +39,12 @@ def run_validate(params: Params):
     """Run the expectation suite; raises ``DataValidationError`` (with the report written) on bad data."""
     from langops.tasks.validate import validate
 
-    return validate(params.data, params.validate, prepared_dir=params.paths.prepared, report_dir=params.paths.validation)
+    result = validate(params.data, params.validate, prepared_dir=params.paths.prepared, report_dir=params.paths.validation)
+    for warning in result.warnings:
+        log.warning("validate: %s", warning)
+    if result.warnings:
+        log.warning("validate: %d warnings, the run goes on; full report: %s", len(result.warnings), result.report_path)
+    return result
 
 
 @dataclass(frozen=True)
@@ -380,3 +388,28 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _numeric(values: dict[str, Any], prefix: str) -> dict[str, float]:
     return {f"{prefix}{k}": float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+STEP_RUNNERS: dict[str, tuple[Callable[..., Any], ...]] = {
+    "prepare": (run_prepare,),
+    "validate": (run_validate,),
+    "train": (run_train,),
+    "evaluate": (run_evaluate,),
+    "compress": (run_compress,),
+    "register": (run_register,),
+    "promote": (run_promote, decide_promotion, record_promotion),
+    "deploy": (run_deploy,),
+}
+
+
+def failed_step(exc: BaseException) -> str | None:
+    """The step whose runner raised ``exc`` (the innermost runner on its traceback), or None if none did.
+
+    The flow's tasks, the sweep and the DVC stages all call the runners here, so an error that comes up
+    through Prefect names its step as well as one from ``langops <step>`` does.
+    """
+    steps = {runner.__code__: step for step, runners in STEP_RUNNERS.items() for runner in runners}
+    step = None
+    for frame, _ in traceback.walk_tb(exc.__traceback__):
+        step = steps.get(frame.f_code, step)
+    return step

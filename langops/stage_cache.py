@@ -35,7 +35,7 @@ class StageSpec:
 
 
 # Mirrors the params/deps/outs of the stages in dvc.yaml (tests/test_stage_cache.py keeps the two in step).
-# "data.source" stands for the dataset file or folder itself.
+# "data.source" stands for the dataset's files themselves (one file, or the user's split files).
 STAGES: dict[str, StageSpec] = {
     "prepare": StageSpec(
         params=("project.seed", "data", "prepare"),
@@ -93,7 +93,7 @@ def stage_key(stage: str, params: Params) -> str:
     material = {
         "stage": stage,
         "params": {name: _dotted(dumped, name) for name in spec.params},
-        "inputs": {name: _content_md5(_input_path(params, name)) for name in spec.inputs},
+        "inputs": {name: _input_md5(params, name) for name in spec.inputs},
         "code": {module: file_md5(Path(importlib.import_module(module).__file__ or "")) for module in spec.code},
     }
     if spec.uses_tracking:
@@ -140,16 +140,22 @@ def _stamp_path(params: Params, stage: str) -> Path:
     return params.project.state_dir / STAMP_DIR / f"{stage}.json"
 
 
-def _input_path(params: Params, name: str) -> Path | str:
+def _input_md5(params: Params, name: str) -> str | dict[str, str]:
+    """The content hash of an input; the demo generator stands for itself.
+
+    Raises:
+        PrepareError: a dataset file named by ``data.source`` is missing or of an unknown format.
+    """
     if name == "data.source":
-        return "demo" if params.data.is_demo or "://" in params.data.source else Path(params.data.source)
-    return getattr(params.paths, name)
+        from langops.tasks.prepare import source_files
+
+        files = source_files(params.data)
+        return {split: _content_md5(path) for split, path in files.items()} if files else "demo"
+    return _content_md5(getattr(params.paths, name))
 
 
-def _content_md5(path: Path | str) -> str:
-    """DVC-style md5 of a file or folder; a non-path source (the demo generator, a URL) stands for itself."""
-    if isinstance(path, str):
-        return path
+def _content_md5(path: Path) -> str:
+    """DVC-style md5 of a file or folder."""
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: the step that writes it has not run")
     signature = (str(path.resolve()), tuple(_signatures(path)))

@@ -1,24 +1,40 @@
-"""Turn a labelled text file (or the demo generator) into normalised, stratified train/validation/test splits.
+"""Turn a labelled text file, the user's own split files, or the demo generator into train/validation/test.
 
-Prepare only reshapes data; it never judges it. Null or blank texts, unknown labels and tiny classes
-are kept so the validate step can report every one of them with counts, instead of rows quietly
-disappearing here.
+Prepare reshapes data and never judges it: null or blank texts, unknown labels and tiny classes are kept
+so the validate step can report every one of them with counts, instead of rows quietly disappearing.
+What it does change is recorded in ``summary.json`` and shown in validate's report:
+
+- every copy of a normalised text lands in one split (a grouped, stratified split), so the split itself
+  can never put a training text into validation or test;
+- a text seen with different labels is settled by ``prepare.label_conflicts``;
+- ``prepare.deduplicate`` keeps one copy of each text; otherwise every copy is kept, in one split;
+- texts shared by splits the *user* gave are a real finding: ``prepare.split_overlap`` keeps them for
+  validate to stop the run, or drops them from the earlier split. A given test split is never changed.
+
+Each prepared row keeps ``source_row`` ("train.csv:57", the line the record starts on), so a report can
+point at the user's own file.
 """
 
 from __future__ import annotations
 
+import codecs
+import csv
+import io
+import json
 import logging
+import math
 import shutil
 import unicodedata
 import uuid
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
-from sklearn.model_selection import train_test_split
 
-from langops.config import DataConfig, PrepareConfig
+from langops.config import SPLIT_ALIASES, DataConfig, PrepareConfig
 from langops.demo_data import DEMO_LABELS, generate_demo_dataset
 from langops.io import LABEL, SPLITS, TEXT, split_path, write_json, write_labels
 from langops.lineage import dvc_dir_md5, file_md5
@@ -26,18 +42,23 @@ from langops.lineage import dvc_dir_md5, file_md5
 log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "summary.json"
+SOURCE_ROW = "source_row"  # "<file>:<line>" of the record each prepared row came from
+SPLIT = "split"
 FORMATS = {
     ".csv": "csv",
     ".tsv": "tsv",
     ".jsonl": "jsonl",
-    ".json": "jsonl",
+    ".json": "json",
     ".parquet": "parquet",
     ".pq": "parquet",
 }
+MAX_EXAMPLES = 5
+MAX_EXAMPLE_CHARS = 80
+NULL_STRATUM = "\0null"
 
 
 class PrepareError(ValueError):
-    """The source cannot be read as a labelled text table: missing file, unknown format or missing column."""
+    """The source cannot be read as a labelled text table; the message names the file, line and problem."""
 
 
 @dataclass(frozen=True)
@@ -46,41 +67,60 @@ class PrepareResult:
     rows: dict[str, int]
     labels: tuple[str, ...]
     data_version: str
+    notes: tuple[str, ...] = ()
 
 
 def prepare(data: DataConfig, cfg: PrepareConfig, *, seed: int, out_dir: Path) -> PrepareResult:
-    """Read, normalise and split the dataset, then replace ``out_dir`` with the new splits in one swap.
+    """Read, normalise, settle repeats and conflicts, and split; then replace ``out_dir`` in one swap.
 
     Args:
-        data: where the data is and which columns and labels it has.
-        cfg: split sizes and normalisation switches.
+        data: where the data is (one file, split files, a folder, or the demo) and its columns and labels.
+        cfg: split sizes, normalisation and the policies for repeats, label conflicts and split overlap.
         seed: drives the demo generator and the split, so the same inputs give byte-identical outputs.
         out_dir: receives ``{train,validation,test}.parquet``, ``labels.json`` and ``summary.json``.
 
     Returns:
-        Row counts per split, the label set and ``data_version`` (DVC's md5 of ``out_dir``).
+        Row counts per split, the label set, ``data_version`` (DVC's md5 of ``out_dir``) and one line per
+        thing prepare changed.
 
     Raises:
-        PrepareError: the source file is missing, of an unsupported format, or lacks a named column.
+        PrepareError: a source file is missing, unreadable (encoding, binary, malformed line), of an
+            unsupported format, empty, or lacks a named column.
     """
+    files = source_files(data)
     if data.is_demo:
-        frame = generate_demo_dataset(data.labels or DEMO_LABELS, data.demo_rows, seed)
-        source: dict[str, Any] = {"source": "demo", "demo_rows": data.demo_rows}
+        demo = generate_demo_dataset(data.labels or DEMO_LABELS, data.demo_rows, seed)
+        given = {"all": demo.assign(**{SOURCE_ROW: [f"demo:{i + 1}" for i in range(len(demo))]})}
+        origin: dict[str, Any] = {"source": "demo", "demo_rows": data.demo_rows}
     else:
-        path = Path(data.source)
-        frame = read_source(path, text_column=data.text_column, label_column=data.label_column)
-        source = {"source": path.name, "source_md5": file_md5(path)}
-    frame = normalise_frame(frame, lowercase=cfg.lowercase)
-    duplicates = 0
-    if cfg.deduplicate:
-        frame, duplicates = drop_duplicate_texts(frame)
-    splits = split_frame(frame, validation_size=cfg.validation_size, test_size=cfg.test_size, seed=seed)
-    labels = tuple(data.labels) if data.labels is not None else tuple(sorted(frame[LABEL].dropna().unique()))
+        given = read_given_splits(data, files)
+        origin = _origin(files)
+    given = {name: normalise_frame(frame, lowercase=cfg.lowercase) for name, frame in given.items()}
+    label_whitespace = _merge_counts(frame.attrs.get("label_whitespace", {}) for frame in given.values())
+
+    conflicts: dict[str, Any] = {"policy": cfg.label_conflicts, "texts": 0, "rows_dropped": 0, "examples": []}
+    duplicates_dropped = 0
+    for name in [n for n in given if n != "test"]:  # a test split the user gave stays exactly as given
+        given[name], found = settle_label_conflicts(given[name], cfg.label_conflicts)
+        conflicts = _add_conflicts(conflicts, found)
+        if cfg.deduplicate:
+            given[name], dropped = drop_duplicate_texts(given[name])
+            duplicates_dropped += dropped
+    overlap = split_overlap(given, drop=cfg.split_overlap == "drop")
+    splits, carved = carve_missing_splits(given, cfg, seed=seed)
+
+    labels = tuple(data.labels) if data.labels is not None else infer_labels(splits.values())
     summary = {
-        **source,
+        **origin,
+        "splits_given": sorted((set(given) - {"all"}), key=SPLITS.index),
+        "carved": carved,
         "seed": seed,
         "lowercase": cfg.lowercase,
-        "duplicates_dropped": duplicates,
+        "duplicates_dropped": duplicates_dropped,
+        "repeated_texts": repeated_text_counts(splits),
+        "label_conflicts": conflicts,
+        "split_overlap": {"policy": cfg.split_overlap, **overlap},
+        "label_whitespace": label_whitespace,
         "rows": {name: len(split) for name, split in splits.items()},
         "class_counts": {name: count_labels(split) for name, split in splits.items()},
     }
@@ -90,34 +130,293 @@ def prepare(data: DataConfig, cfg: PrepareConfig, *, seed: int, out_dir: Path) -
         rows=summary["rows"],
         labels=labels,
         data_version=dvc_dir_md5(Path(out_dir)),
+        notes=tuple(describe_changes(summary)),
     )
 
 
-def read_source(path: Path, *, text_column: str, label_column: str) -> pd.DataFrame:
-    """Load a CSV, TSV, JSON-lines or Parquet file and return its two named columns as ``text``, ``label``.
+# --------------------------------------------------------------------------------------------- sources
 
-    CSV/TSV cells are read as strings and only empty cells become null, so a ticket reading "NA" or
-    "None" stays text.
+
+def source_files(data: DataConfig) -> dict[str, Path]:
+    """The files behind ``data.source``: ``{"all": file}`` for one file to split, else split -> file.
+
+    Empty for the demo. A folder is searched (not recursively) for ``train.*``, ``validation.*`` (or
+    ``val``/``valid``/``dev``) and ``test.*`` in a supported format.
+
+    Raises:
+        PrepareError: a file or folder is missing, or a folder's split files are absent or ambiguous.
     """
-    if not path.is_file():
-        raise PrepareError(f"data source not found: {path}")
+    if data.is_demo:
+        return {}
+    if isinstance(data.source, dict):
+        files = {split: Path(path) for split, path in data.source.items()}
+    else:
+        path = Path(data.source)
+        files = _split_files_in(path) if path.is_dir() else {"all": path}
+    for path in files.values():
+        if not path.exists():
+            raise PrepareError(f"data source not found: {path} (data.source)")
+        if path.is_dir():
+            raise PrepareError(f"data source {path} is a folder; name a file for each split (data.source)")
+        format_of(path)
+    return files
+
+
+def _split_files_in(folder: Path) -> dict[str, Path]:
+    found: dict[str, list[Path]] = {}
+    for path in sorted(folder.iterdir()):
+        split = SPLIT_ALIASES.get(path.stem.lower())
+        if path.is_file() and split is not None and path.suffix.lower() in FORMATS:
+            found.setdefault(split, []).append(path)
+    ambiguous = {split: [p.name for p in paths] for split, paths in found.items() if len(paths) > 1}
+    if ambiguous:
+        raise PrepareError(f"{folder} holds more than one file for a split: {ambiguous}; keep one per split")
+    if "train" not in found:
+        names = sorted(p.name for p in folder.iterdir())[:20]
+        raise PrepareError(
+            f"{folder} has no train file: a data folder needs train.<csv|tsv|jsonl|json|parquet>, and may hold "
+            f"validation (or val/dev) and test files; it holds {names}"
+        )
+    return {split: paths[0] for split, paths in sorted(found.items(), key=lambda kv: SPLITS.index(kv[0]))}
+
+
+def format_of(path: Path) -> str:
     kind = FORMATS.get(path.suffix.lower())
     if kind is None:
-        raise PrepareError(
-            f"unsupported data format {path.suffix!r} for {path}; expected one of {sorted(FORMATS)}"
-        )
-    if kind in ("csv", "tsv"):
-        sep = "," if kind == "csv" else "\t"
-        raw = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_values=[""])
-    elif kind == "jsonl":
-        raw = pd.read_json(path, lines=True, dtype=False, convert_dates=False)
+        raise PrepareError(f"unsupported data format {path.suffix!r} for {path}; expected one of {sorted(FORMATS)}")
+    return kind
+
+
+def read_given_splits(data: DataConfig, files: dict[str, Path]) -> dict[str, pd.DataFrame]:
+    """Each file as a ``text``/``label``/``source_row`` frame; a ``split_column`` file becomes its splits."""
+    frames = {
+        name: read_source(path, text_column=data.text_column, label_column=data.label_column,
+                          encoding=data.encoding, split_column=data.split_column)
+        for name, path in files.items()
+    }
+    if data.split_column is None:
+        return frames
+    (whole,) = frames.values()
+    return {split: part.drop(columns=SPLIT).reset_index(drop=True)
+            for split, part in whole.groupby(SPLIT, sort=False)}
+
+
+def _origin(files: dict[str, Path]) -> dict[str, Any]:
+    if set(files) == {"all"}:
+        return {"source": files["all"].name, "source_md5": file_md5(files["all"])}
+    return {"source": {k: p.name for k, p in files.items()}, "source_md5": {k: file_md5(p) for k, p in files.items()}}
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+def read_source(
+    path: Path, *, text_column: str, label_column: str, encoding: str = "utf-8", split_column: str | None = None
+) -> pd.DataFrame:
+    """Load a CSV, TSV, JSON-lines, JSON or Parquet file as ``text``, ``label`` and ``source_row`` columns.
+
+    Text files are decoded strictly (a UTF-8 byte-order mark is dropped); only empty cells become null, so
+    a ticket reading "NA" or "None" stays text. TSV is read literally (tabs separate, quotes are text).
+    Labels become strings: ``1``, ``1.0`` and a categorical ``"1"`` are all the label ``"1"``.
+
+    Raises:
+        PrepareError: naming the file and, where there is one, the line and the problem.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PrepareError(f"data source not found: {path} (data.source)")
+    kind = format_of(path)
+    wanted = {"data.text_column": text_column, "data.label_column": label_column}
+    if split_column is not None:
+        wanted["data.split_column"] = split_column
+    if kind == "parquet":
+        records, columns = _parquet_records(path)
     else:
-        raw = pd.read_parquet(path)
-    present = [str(c) for c in raw.columns]
-    for role, column in (("data.text_column", text_column), ("data.label_column", label_column)):
-        if column not in raw.columns:
-            raise PrepareError(f"column {column!r} ({role}) not found in {path}; columns present: {present}")
-    return pd.DataFrame({TEXT: raw[text_column], LABEL: raw[label_column]})
+        text = decode_text(path, encoding)
+        if not text.strip():
+            raise PrepareError(f"{path} is empty: no header and no rows")
+        if kind in ("csv", "tsv"):
+            records, columns = _delimited_records(path, text, delimiter="," if kind == "csv" else "\t")
+        else:
+            records, columns = _json_records(path, text)
+    for role, column in wanted.items():
+        if column not in columns:
+            raise PrepareError(f"column {column!r} ({role}) not found in {path}; columns present: {columns}")
+    rows = [(line, rec.get(text_column), rec.get(label_column), rec.get(split_column)) for line, rec in records]
+    if not rows:
+        raise PrepareError(f"{path} has a header but no data rows")
+    frame = pd.DataFrame(
+        {
+            TEXT: pd.Series([_text_value(r[1]) for r in rows], dtype=object),
+            LABEL: pd.Series([label_string(r[2]) for r in rows], dtype=object),
+            SOURCE_ROW: [f"{path.name}:{r[0]}" for r in rows],
+        }
+    )
+    if split_column is not None:
+        frame[SPLIT] = _split_names(path, split_column, [(r[0], r[3]) for r in rows])
+    if kind == "tsv":
+        _note_quoted_tsv(path, frame)
+    return frame
+
+
+def decode_text(path: Path, encoding: str) -> str:
+    """The whole file as text, or an error that says where it stops being ``encoding`` and what to do."""
+    raw = path.read_bytes()
+    if b"\x00" in raw[:65536] and not raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        offset = raw.index(b"\x00")
+        line = raw.count(b"\n", 0, offset) + 1
+        raise PrepareError(f"{path} looks binary, not a text table: NUL byte at offset {offset} (line {line})")
+    codec = "utf-8-sig" if codecs.lookup(encoding).name == "utf-8" else encoding
+    try:
+        return raw.decode(codec)
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        bad = raw[exc.start : exc.start + 4]
+        hint = ""
+        if codec == "utf-8-sig":
+            try:
+                guess = raw[exc.start : exc.end].decode("cp1252")
+                raw.decode("cp1252")
+            except UnicodeDecodeError:
+                hint = "; re-save it as UTF-8, or set data.encoding to the encoding it was written in"
+            else:
+                hint = (f"; it reads as cp1252 (Windows-1252/Latin-1), where byte 0x{bad[0]:02x} is {guess!r}: "
+                        "set data.encoding: cp1252 if that is how it was saved, or re-save the file as UTF-8")
+        raise PrepareError(
+            f"{path} is not valid {encoding}: byte offset {exc.start} (line {line}, column {column}) holds "
+            f"{bad!r}, {exc.reason}{hint}"
+        ) from None
+
+
+def _delimited_records(path: Path, text: str, *, delimiter: str) -> tuple[Iterator[tuple[int, dict]], list[str]]:
+    reader = csv.reader(
+        io.StringIO(text, newline=""), delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    )
+    try:
+        header = next(reader)
+    except csv.Error as exc:
+        raise PrepareError(f"{path} line 1: {exc}") from None
+    columns = [name.strip() for name in header]
+    duplicated = sorted({c for c in columns if columns.count(c) > 1})
+    if duplicated:
+        raise PrepareError(f"{path} header names columns {duplicated} more than once")
+
+    def records() -> Iterator[tuple[int, dict]]:
+        line = reader.line_num + 1
+        while True:
+            try:
+                fields = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                raise PrepareError(f"{path} line {line}: {exc}") from None
+            if fields and len(fields) != len(columns):
+                if not any(f.strip() for f in fields):
+                    line = reader.line_num + 1
+                    continue
+                sep = "tab" if delimiter == "\t" else "comma"
+                raise PrepareError(
+                    f"{path} line {line}: {len(fields)} fields where the header has {len(columns)} "
+                    f"(a {sep} inside a text? quote that field"
+                    + (", or save the file as CSV" if delimiter == "\t" else "") + ")"
+                )
+            if fields:
+                yield line, {c: (v if v != "" else None) for c, v in zip(columns, fields)}
+            line = reader.line_num + 1
+
+    return _eager(records()), columns
+
+
+def _json_records(path: Path, text: str) -> tuple[Iterator[tuple[int, dict]], list[str]]:
+    """JSON lines (one object per line, extra fields ignored), or one JSON array of objects."""
+    items: list[tuple[int, Any]] = []
+    if text.lstrip().startswith("["):
+        try:
+            array = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PrepareError(f"{path} line {exc.lineno}: not valid JSON ({exc.msg})") from None
+        items = [(i + 1, item) for i, item in enumerate(array)]
+    else:
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                items.append((number, json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise PrepareError(f"{path} line {number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    columns: dict[str, None] = {}
+    for number, item in items:
+        if not isinstance(item, dict):
+            raise PrepareError(f"{path} line {number}: expected a JSON object with named fields, got {type(item).__name__}")
+        columns.update(dict.fromkeys(item))
+    return iter(items), list(columns)
+
+
+def _parquet_records(path: Path) -> tuple[Iterator[tuple[int, dict]], list[str]]:
+    try:
+        frame = pd.read_parquet(path)
+    except Exception as exc:  # pyarrow raises several types for a damaged or foreign file
+        raise PrepareError(f"{path} cannot be read as Parquet: {exc}") from None
+    columns = [str(c) for c in frame.columns]
+    frame.columns = columns
+    frame = frame.astype(object).where(frame.notna(), None)
+    return ((i + 1, record) for i, record in enumerate(frame.to_dict("records"))), columns
+
+
+def _eager(records: Iterator[tuple[int, dict]]) -> Iterator[tuple[int, dict]]:
+    """Parse the whole file now, so a malformed line is reported before anything is written."""
+    return iter(list(records))
+
+
+def _text_value(value: Any) -> str | None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return value if isinstance(value, str) else str(value)
+
+
+def label_string(value: Any) -> str | None:
+    """One spelling per label: ``1``, ``1.0``, ``np.int64(1)`` and ``"1"`` all become ``"1"``; null stays null."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, bool | np.bool_):
+        return str(bool(value))
+    if isinstance(value, float | np.floating) and float(value).is_integer():
+        return str(int(value))
+    if isinstance(value, np.generic):
+        value = value.item()
+    return str(value)
+
+
+def _split_names(path: Path, column: str, values: list[tuple[int, Any]]) -> list[str]:
+    names, bad = [], []
+    for line, value in values:
+        split = SPLIT_ALIASES.get(str(value).strip().lower()) if value is not None else None
+        names.append(split)
+        if split is None:
+            bad.append((line, value))
+    if bad:
+        shown = ", ".join(f"line {line}: {value!r}" for line, value in bad[:MAX_EXAMPLES])
+        raise PrepareError(
+            f"{path}: {len(bad)} rows have no known split in column {column!r} (data.split_column); "
+            f"use train, validation (or val/dev) or test: {shown}"
+        )
+    if "train" not in names:
+        raise PrepareError(f"{path}: no row has split 'train' in column {column!r} (data.split_column)")
+    return names
+
+
+def _note_quoted_tsv(path: Path, frame: pd.DataFrame) -> None:
+    quoted = frame[TEXT].map(lambda t: isinstance(t, str) and len(t) > 1 and t[0] == t[-1] == '"', na_action="ignore")
+    count = int(quoted.fillna(False).astype(bool).sum())
+    if count:
+        log.warning(
+            "%s: %d texts start and end with a double quote; TSV is read literally, so the quotes are part of "
+            "the text. If the file was written with CSV-style quoting, save it as CSV instead.", path, count
+        )
+
+
+# ------------------------------------------------------------------------------------------- cleaning
 
 
 def normalise_text(text: str, *, lowercase: bool = False) -> str:
@@ -127,11 +426,57 @@ def normalise_text(text: str, *, lowercase: bool = False) -> str:
 
 
 def normalise_frame(frame: pd.DataFrame, *, lowercase: bool) -> pd.DataFrame:
-    """Normalise texts and make labels stripped strings; nulls stay null for validate to count."""
+    """Normalise texts and strip labels; nulls stay null for validate to count.
+
+    Labels are only stripped of surrounding whitespace (``" billing"`` is ``"billing"``), and every label so
+    changed is counted in ``attrs["label_whitespace"]`` for the report; case is never changed.
+    """
     texts = frame[TEXT].map(lambda v: normalise_text(str(v), lowercase=lowercase), na_action="ignore")
-    labels = frame[LABEL].map(lambda v: str(v).strip(), na_action="ignore")
-    normalised = pd.DataFrame({TEXT: texts, LABEL: labels}, dtype=object)
-    return normalised.where(normalised.notna(), None).reset_index(drop=True)
+    raw_labels = frame[LABEL]
+    labels = raw_labels.map(lambda v: str(v).strip(), na_action="ignore")
+    changed = raw_labels.notna() & (raw_labels != labels)
+    columns = {TEXT: texts, LABEL: labels}
+    if SOURCE_ROW in frame.columns:
+        columns[SOURCE_ROW] = frame[SOURCE_ROW]
+    normalised = pd.DataFrame(columns, dtype=object)
+    normalised = normalised.where(normalised.notna(), None).reset_index(drop=True)
+    normalised.attrs["label_whitespace"] = {
+        repr(raw): int(n) for raw, n in raw_labels[changed].value_counts().sort_index().items()
+    }
+    return normalised
+
+
+def settle_label_conflicts(frame: pd.DataFrame, policy: str) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Texts that occur with more than one label, and what ``policy`` did with them.
+
+    ``majority`` keeps the rows of a text's most frequent label (a tie drops the text), ``drop`` drops
+    every copy, ``fail`` keeps them all for validate's ``label_conflicts`` check to stop the run.
+    """
+    labelled = frame[frame[TEXT].notna() & frame[LABEL].notna()]
+    counts = labelled.groupby([TEXT, LABEL]).size()
+    per_text = counts.groupby(level=0).size()
+    conflicting = per_text.index[per_text > 1]
+    report: dict[str, Any] = {"texts": len(conflicting), "rows_dropped": 0, "examples": []}
+    if not len(conflicting):
+        return frame, report
+    drop = pd.Series(False, index=frame.index)
+    in_conflict = frame[TEXT].isin(conflicting)
+    if policy == "drop":
+        drop = in_conflict
+    elif policy == "majority":
+        keep_label: dict[str, str | None] = {}
+        for text in conflicting:
+            by_label = counts.loc[text].sort_values(ascending=False)
+            tie = len(by_label) > 1 and by_label.iloc[0] == by_label.iloc[1]
+            keep_label[text] = None if tie else str(by_label.index[0])
+        kept = frame[TEXT].map(keep_label)
+        drop = in_conflict & (kept.isna() | (frame[LABEL] != kept))
+    report["rows_dropped"] = int(drop.sum())
+    report["examples"] = [
+        {"text": _shorten(text), "labels": {str(k): int(v) for k, v in counts.loc[text].items()}}
+        for text in sorted(conflicting, key=lambda t: (-int(counts.loc[t].sum()), t))[:MAX_EXAMPLES]
+    ]
+    return frame[~drop].reset_index(drop=True), report
 
 
 def drop_duplicate_texts(frame: pd.DataFrame) -> tuple[pd.DataFrame, int]:
@@ -140,38 +485,169 @@ def drop_duplicate_texts(frame: pd.DataFrame) -> tuple[pd.DataFrame, int]:
     return frame[~repeated].reset_index(drop=True), int(repeated.sum())
 
 
-def split_frame(
-    frame: pd.DataFrame, *, validation_size: float, test_size: float, seed: int
-) -> dict[str, pd.DataFrame]:
-    """Stratified train/validation/test split; a random one (with a warning) when a class is too small.
+def split_overlap(given: dict[str, pd.DataFrame], *, drop: bool) -> dict[str, Any]:
+    """Rows of a later user-given split whose text is also in an earlier one; with ``drop``, drop them from
+    the earlier split (train, then validation) in place. A given test split is never changed."""
+    named = [name for name in SPLITS if name in given]
+    overlap: dict[str, int] = {}
+    dropped: dict[str, int] = {}
+    examples: list[str] = []
+    for later_index, later in enumerate(named):
+        later_texts = set(given[later][TEXT].dropna())
+        for earlier in named[:later_index]:
+            shared = given[earlier][TEXT].isin(later_texts)
+            rows_in_later = int(given[later][TEXT].isin(set(given[earlier][TEXT].dropna())).sum())
+            if not rows_in_later:
+                continue
+            overlap[f"{later}-{earlier}"] = rows_in_later
+            examples += [_shorten(t) for t in given[earlier][TEXT][shared].head(MAX_EXAMPLES - len(examples))]
+            if drop:
+                dropped[earlier] = dropped.get(earlier, 0) + int(shared.sum())
+                given[earlier] = given[earlier][~shared].reset_index(drop=True)
+    return {"rows": overlap, "rows_dropped": dropped, "examples": examples[:MAX_EXAMPLES]}
 
-    The fallback keeps the run going so validate can name the tiny class, rather than sklearn's error.
+
+# ------------------------------------------------------------------------------------------ splitting
+
+
+def carve_missing_splits(
+    given: dict[str, pd.DataFrame], cfg: PrepareConfig, *, seed: int
+) -> tuple[dict[str, pd.DataFrame], dict[str, str]]:
+    """The three splits: the user's where given, the rest carved from train (or from the one file)."""
+    if "all" in given:
+        parts = split_grouped(given["all"], {"validation": cfg.validation_size, "test": cfg.test_size}, seed=seed)
+        return parts, {"validation": "source", "test": "source"}
+    missing = {name: getattr(cfg, f"{name}_size") for name in ("validation", "test") if name not in given}
+    splits = dict(given)
+    carved: dict[str, str] = {}
+    if missing:
+        parts = split_grouped(given["train"], missing, seed=seed)
+        splits.update(parts)
+        carved = dict.fromkeys(missing, "train")
+    return {name: splits[name].reset_index(drop=True) for name in SPLITS}, carved
+
+
+def split_grouped(frame: pd.DataFrame, fractions: dict[str, float], *, seed: int) -> dict[str, pd.DataFrame]:
+    """Split ``frame`` into train and the splits in ``fractions``, keeping every copy of a text together.
+
+    Texts (groups of identical rows) are stratified by label: each label's texts are shuffled with ``seed``
+    and dealt out by the fractions, rounding half up. A label with three or more texts gets at least one
+    in every split; with two, one in train and one in the last split named; with one, train only (validate
+    then names the class). Null texts are groups of one. Rows keep their source order within a split.
     """
-    try:
-        return _split(frame, validation_size=validation_size, test_size=test_size, seed=seed, stratify=True)
-    except ValueError as exc:
-        log.warning(
-            "stratified split impossible (%s); using a random split, validate will flag small classes", exc
-        )
-    return _split(frame, validation_size=validation_size, test_size=test_size, seed=seed, stratify=False)
+    names = list(fractions)
+    row_keys = pd.Series([f"\0row{i}" for i in range(len(frame))], index=frame.index)
+    keys = frame[TEXT].astype(object).where(frame[TEXT].notna(), row_keys)
+    strata = frame[LABEL].astype(object).where(frame[LABEL].notna(), NULL_STRATUM)
+    pairs = pd.DataFrame({"key": keys, "stratum": strata})
+    sizes = pairs.groupby(["key", "stratum"]).size().reset_index(name="n")
+    group_label = sizes.sort_values(["key", "n", "stratum"], ascending=[True, False, True]).drop_duplicates("key")
+    rng = np.random.default_rng(seed)
+    assignment: dict[str, str] = {}
+    for _, group in group_label.groupby("stratum", sort=True):
+        shuffled = list(rng.permutation(sorted(group["key"])))
+        counts = _deal(len(shuffled), [fractions[n] for n in names])
+        start = 0
+        for name, count in zip(names, counts, strict=True):
+            assignment.update(dict.fromkeys(shuffled[start : start + count], name))
+            start += count
+        assignment.update(dict.fromkeys(shuffled[start:], "train"))
+    split_of = keys.map(assignment)
+    return {name: frame[split_of == name].reset_index(drop=True) for name in ["train", *names]}
 
 
-def _split(
-    frame: pd.DataFrame, *, validation_size: float, test_size: float, seed: int, stratify: bool
-) -> dict[str, pd.DataFrame]:
-    def strata(part: pd.DataFrame) -> pd.Series | None:
-        return part[LABEL].fillna("\0null") if stratify else None
+def _deal(n: int, fractions: list[float]) -> list[int]:
+    """How many of ``n`` texts go to each non-train split: rounded half up, one each when ``n`` allows."""
+    counts = [int(n * f + 0.5) for f in fractions]
+    if n >= len(fractions) + 1:
+        counts = [max(c, 1) for c in counts]
+    elif n > 1:
+        counts = [0] * (len(fractions) - 1) + [1]
+    else:
+        counts = [0] * len(fractions)
+    while n - sum(counts) < 1 and any(counts):
+        largest = max(range(len(counts)), key=lambda i: counts[i])
+        counts[largest] -= 1
+    return counts
 
-    rest, test = train_test_split(frame, test_size=test_size, random_state=seed, stratify=strata(frame))
-    train, validation = train_test_split(
-        rest, test_size=validation_size / (1 - test_size), random_state=seed, stratify=strata(rest)
-    )
-    parts = {"train": train, "validation": validation, "test": test}
-    return {name: parts[name].reset_index(drop=True) for name in SPLITS}
+
+# ----------------------------------------------------------------------------------------- reporting
+
+
+def infer_labels(frames: Iterable[pd.DataFrame]) -> tuple[str, ...]:
+    seen: set[str] = set()
+    for frame in frames:
+        seen.update(str(label) for label in frame[LABEL].dropna())
+    return tuple(sorted(seen))
 
 
 def count_labels(frame: pd.DataFrame) -> dict[str, int]:
     return {str(label): int(n) for label, n in frame[LABEL].value_counts().sort_index().items()}
+
+
+def repeated_text_counts(splits: dict[str, pd.DataFrame]) -> dict[str, dict[str, int]]:
+    """Per split: texts that occur more than once, and the surplus rows they add."""
+    counts = {}
+    for name, frame in splits.items():
+        sizes = frame[TEXT].dropna().value_counts()
+        repeated = sizes[sizes > 1]
+        counts[name] = {"texts": len(repeated), "surplus_rows": int((repeated - 1).sum())}
+    return counts
+
+
+def describe_changes(summary: dict[str, Any]) -> Iterator[str]:
+    """One line per thing prepare did to the user's rows (also shown at the top of validate's report)."""
+    given = summary["splits_given"]
+    if given:
+        carved = ", ".join(f"{name} carved from train" for name in summary["carved"]) or "nothing carved"
+        yield f"splits given: {', '.join(given)}; {carved}"
+    if summary["duplicates_dropped"]:
+        yield f"prepare.deduplicate: dropped {summary['duplicates_dropped']} repeated rows (one copy of each text kept)"
+    repeated = sum(c["surplus_rows"] for c in summary["repeated_texts"].values())
+    if repeated:
+        yield (f"{repeated} rows repeat another text of their split; every copy of a text is in one split, "
+               "so repeats never leak between splits")
+    conflicts = summary["label_conflicts"]
+    if conflicts["texts"]:
+        action = {"majority": "kept each text's majority label (a tie drops the text)",
+                  "drop": "dropped every copy", "fail": "kept them for validate to report"}[conflicts["policy"]]
+        yield (f"{conflicts['texts']} texts occur with different labels; prepare.label_conflicts: "
+               f"{conflicts['policy']} {action}, dropping {conflicts['rows_dropped']} rows")
+    overlap = summary["split_overlap"]
+    if overlap["rows"]:
+        pairs = ", ".join(f"{n} {pair.replace('-', ' rows also in ')}" for pair, n in overlap["rows"].items())
+        if overlap["rows_dropped"]:
+            dropped = ", ".join(f"{n} from {name}" for name, n in overlap["rows_dropped"].items())
+            yield f"the given splits share texts ({pairs}); prepare.split_overlap: drop removed {dropped}"
+        else:
+            yield f"the given splits share texts ({pairs}); prepare.split_overlap: fail leaves them for validate"
+    if summary["label_whitespace"]:
+        stripped = ", ".join(f"{raw} ({n} rows)" for raw, n in summary["label_whitespace"].items())
+        yield f"labels stripped of surrounding whitespace: {stripped}"
+
+
+def _add_conflicts(total: dict[str, Any], found: dict[str, Any]) -> dict[str, Any]:
+    return {
+        **total,
+        "texts": total["texts"] + found["texts"],
+        "rows_dropped": total["rows_dropped"] + found["rows_dropped"],
+        "examples": (total["examples"] + found["examples"])[:MAX_EXAMPLES],
+    }
+
+
+def _merge_counts(counts: Iterable[dict[str, int]]) -> dict[str, int]:
+    merged: dict[str, int] = {}
+    for part in counts:
+        for key, n in part.items():
+            merged[key] = merged.get(key, 0) + n
+    return dict(sorted(merged.items()))
+
+
+def _shorten(text: str) -> str:
+    return text if len(text) <= MAX_EXAMPLE_CHARS else text[:MAX_EXAMPLE_CHARS] + "..."
+
+
+# ------------------------------------------------------------------------------------------- writing
 
 
 def write_outputs(
@@ -183,7 +659,7 @@ def write_outputs(
     staging.mkdir(parents=True)
     try:
         for name, split in splits.items():
-            split[[TEXT, LABEL]].to_parquet(split_path(staging, name), index=False)
+            split[[TEXT, LABEL, SOURCE_ROW]].to_parquet(split_path(staging, name), index=False)
         write_labels(staging, list(labels))
         write_json(staging / SUMMARY_FILE, summary)
         replace_dir(staging, out_dir, backup=out_dir.with_name(f".{out_dir.name}.old-{token}"))

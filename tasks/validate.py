@@ -1,13 +1,16 @@
 """Gate the prepared splits with a Great Expectations suite built from ``params.yaml``.
 
 Every check is a GX expectation, so the results have GX's shape (counts, percentages, offending rows)
-and the suite can move to a GX data context unchanged. The step always writes ``validation.json`` and
-``report.md`` first, then raises one error naming every failed expectation: a person fixing the data
-sees all problems at once instead of one per run.
+and the suite can move to a GX data context unchanged. Each check has a severity
+(``validate.severity``): a failed ``error`` stops the run, a failed ``warn`` is reported and the run goes
+on. The step always writes ``validation.json`` and ``report.md`` first, then raises one error naming
+every failed error-level check, each with what to change: a person fixing the data sees all problems at
+once, and the fix, instead of one problem per run.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -18,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from langops.config import DataConfig, ValidateConfig
-from langops.io import LABEL, SPLITS, TEXT, read_labels, read_split, write_json
-from langops.tasks.prepare import normalise_text
+from langops.io import LABEL, SPLITS, TEXT, read_json, read_labels, read_split, write_json
+from langops.tasks.prepare import SOURCE_ROW, SUMMARY_FILE as PREPARE_SUMMARY, describe_changes, normalise_text
 
 if TYPE_CHECKING:
     from great_expectations.core import ExpectationSuiteValidationResult
@@ -28,20 +31,27 @@ if TYPE_CHECKING:
 SUMMARY_FILE = "validation.json"
 REPORT_FILE = "report.md"
 KEY = "text_key"  # derived column: text normalised as prepare does, compared across splits for leakage
-COUNTS_ASSET = "train_class_counts"
-LEAK_SPLITS = ("validation", "test")
+ALSO_IN = "also_in_{split}"  # derived column: whether the row's text key is also a key of that earlier split
+CLASS_COUNTS_ASSET = "class_counts"  # rows of each declared label in each split
+LABEL_SET_ASSET = "label_set"  # the labels, with the key two labels share when they differ only in case
+CONFLICTS_ASSET = "{split}_label_conflicts"  # per text of a split: how many labels it carries
 MAX_EXAMPLE_CHARS = 80
 MAX_KWARG_ITEMS = 20
 CHECKS = (  # report order within a split
     "column_present",
     "text_not_null",
     "text_not_blank",
-    "text_length",
+    "text_min_length",
+    "text_max_length",
     "label_not_null",
     "label_known",
+    "label_variants",
+    "label_conflicts",
     "class_min_rows",
+    "class_in_every_split",
     "duplicate_rate",
     "no_train_leak",
+    "no_validation_leak",
 )
 
 
@@ -52,11 +62,12 @@ class ValidationResult:
     summary_path: Path
     evaluated: int
     failed: int
+    warnings: tuple[str, ...]
     stats: dict[str, Any]
 
 
 class DataValidationError(ValueError):
-    """The prepared data failed expectations; ``result`` points at the report that lists them all."""
+    """The prepared data failed error-level checks; ``result`` points at the report that lists them all."""
 
     def __init__(self, message: str, result: ValidationResult) -> None:
         super().__init__(message)
@@ -69,6 +80,7 @@ class CheckOutcome:
 
     split: str
     check: str
+    severity: str
     description: str
     expectation: str
     column: str
@@ -78,6 +90,7 @@ class CheckOutcome:
     unexpected_count: int | None
     observed_value: Any
     examples: tuple[str, ...]
+    fix: str
     error: str | None
 
     @property
@@ -85,6 +98,22 @@ class CheckOutcome:
         if self.unexpected_count is None or not self.element_count:
             return None
         return 100.0 * self.unexpected_count / self.element_count
+
+    @property
+    def stops_run(self) -> bool:
+        return not self.success and self.severity == "error"
+
+
+@dataclass(frozen=True)
+class SuiteContext:
+    """What the fixes need to know besides the failed rows: the thresholds, the labels, how the splits
+    came to be (prepare's summary), and each class's rows per split."""
+
+    cfg: ValidateConfig
+    labels: tuple[str, ...]
+    declared: bool
+    splits_given: tuple[str, ...]
+    class_counts: pd.DataFrame
 
 
 def validate(
@@ -94,58 +123,75 @@ def validate(
 
     Args:
         data: the declared labels (when None, those in ``prepared_dir/labels.json``).
-        cfg: thresholds: text length, rows per class, duplicate rate, examples quoted.
+        cfg: thresholds, severities and how many examples to quote.
         prepared_dir: output of the prepare step.
         report_dir: receives ``validation.json`` and ``report.md``.
 
     Returns:
-        The result, when every expectation passed.
+        The result, when no error-level check failed; ``result.warnings`` lists failed warn-level checks.
 
     Raises:
-        DataValidationError: one or more expectations failed; the message lists each with split, column,
-            count, percent and examples, and ``err.result`` locates the report.
+        DataValidationError: one or more error-level checks failed; the message lists each with split,
+            column, count, examples and the fix, and ``err.result`` locates the report.
         FileNotFoundError: a split or the label map is missing (prepare has not run).
     """
     prepared_dir, report_dir = Path(prepared_dir), Path(report_dir)
-    labels = list(data.labels) if data.labels is not None else read_labels(prepared_dir)
+    labels = tuple(data.labels) if data.labels is not None else tuple(read_labels(prepared_dir))
     frames = {split: read_split(prepared_dir, split) for split in SPLITS}
-    outcomes = run_suite(frames, labels, cfg)
-    failed = [outcome for outcome in outcomes if not outcome.success]
+    prepared_summary = _read_prepare_summary(prepared_dir)
+    context = SuiteContext(
+        cfg=cfg,
+        labels=labels,
+        declared=data.labels is not None,
+        splits_given=tuple(prepared_summary.get("splits_given", ())),
+        class_counts=class_counts(frames, labels),
+    )
+    outcomes = run_suite(frames, context)
+    errors = [o for o in outcomes if o.stops_run]
+    warnings = [o for o in outcomes if not o.success and o.severity == "warn"]
     result = ValidationResult(
-        success=not failed,
+        success=not errors,
         report_path=report_dir / REPORT_FILE,
         summary_path=report_dir / SUMMARY_FILE,
         evaluated=len(outcomes),
-        failed=len(failed),
+        failed=len(errors),
+        warnings=tuple(_one_line(o) for o in warnings),
         stats=describe_data(frames, labels),
     )
-    write_report(result, outcomes, prepared_dir=prepared_dir)
-    if failed:
-        raise DataValidationError(format_failures(failed, result, cfg.max_examples), result)
+    changes = list(describe_changes(prepared_summary)) if prepared_summary else []
+    write_report(result, outcomes, prepared_dir=prepared_dir, changes=changes)
+    if errors:
+        raise DataValidationError(format_failures(errors, warnings, result, cfg.max_examples), result)
     return result
 
 
-def run_suite(
-    frames: dict[str, pd.DataFrame], labels: Sequence[str], cfg: ValidateConfig
-) -> list[CheckOutcome]:
-    """Validate each split (and train's per-class counts) with GX in an in-memory, quiet context."""
+def _read_prepare_summary(prepared_dir: Path) -> dict[str, Any]:
+    path = prepared_dir / PREPARE_SUMMARY
+    return read_json(path) if path.is_file() else {}
+
+
+def run_suite(frames: dict[str, pd.DataFrame], context: SuiteContext) -> list[CheckOutcome]:
+    """Validate each split, and frames derived from all of them, with GX in an in-memory, quiet context."""
     os.environ["GX_ANALYTICS_ENABLED"] = "False"  # validation data never leaves the machine
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
-    context = gx.get_context(mode="ephemeral")
-    context.variables.progress_bars = ProgressBarsConfig(globally=False)
-    source = context.data_sources.add_pandas("prepared")
-    train = frames["train"]
-    train_keys = text_keys(train) if TEXT in train.columns else None
+    cfg = context.cfg
+    gx_context = gx.get_context(mode="ephemeral")
+    gx_context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    source = gx_context.data_sources.add_pandas("prepared")
+    keys = {split: text_keys(frame) for split, frame in frames.items() if TEXT in frame.columns}
     batches = [
-        (split, with_text_key(frame), split_expectations(split, frame, labels, cfg, train_keys=train_keys))
+        (split, with_leak_flags(split, frame, keys), split_expectations(split, frame, context, earlier=list(keys)))
         for split, frame in frames.items()
     ]
-    if LABEL in train.columns:
-        batches.append(
-            (COUNTS_ASSET, class_counts(train, labels), [min_rows_expectation(cfg.min_rows_per_class)])
-        )
+    labelled = [split for split, frame in frames.items() if LABEL in frame.columns]
+    if "train" in labelled:  # a split without labels is reported by column_present, not as empty classes
+        batches.append((CLASS_COUNTS_ASSET, context.class_counts, class_expectations(cfg.min_rows_per_class, labelled)))
+        batches.append((LABEL_SET_ASSET, label_set(context.labels, frames), [label_variants_expectation()]))
+    for split, frame in frames.items():
+        if {TEXT, LABEL} <= set(frame.columns):
+            batches.append((CONFLICTS_ASSET.format(split=split), labels_per_text(frame), [conflict_expectation(split)]))
 
     outcomes: list[CheckOutcome] = []
     for asset_name, frame, expectations in batches:
@@ -155,49 +201,52 @@ def run_suite(
             .add_batch_definition_whole_dataframe(asset_name)
             .get_batch(batch_parameters={"dataframe": frame})
         )
-        result_format = {"result_format": "SUMMARY", "partial_unexpected_count": cfg.max_examples}
-        if asset_name == COUNTS_ASSET:
-            result_format["unexpected_index_column_names"] = [LABEL]  # name the class, not just its count
+        result_format: dict[str, Any] = {"result_format": "SUMMARY", "partial_unexpected_count": cfg.max_examples}
+        if asset_name not in SPLITS:  # derived frames: name the class or text, not a row position
+            result_format["unexpected_index_column_names"] = [_row_name_column(asset_name)]
         validation = batch.validate(suite, result_format=result_format)
-        outcomes.extend(to_outcomes(validation, frame, cfg.max_examples))
+        outcomes.extend(to_outcomes(validation, frame, context))
     check_rank = {check: i for i, check in enumerate(CHECKS)}
     split_rank = {split: i for i, split in enumerate(SPLITS)}
     return sorted(outcomes, key=lambda o: (split_rank[o.split], check_rank[o.check], o.column))
 
 
+def _row_name_column(asset_name: str) -> str:
+    return TEXT if asset_name.endswith(CONFLICTS_ASSET.format(split="")) else LABEL
+
+
+def _meta(split: str, check: str, description: str, column: str = TEXT) -> dict[str, str]:
+    return {"split": split, "check": check, "description": description, "column": column}
+
+
 def split_expectations(
-    split: str,
-    frame: pd.DataFrame,
-    labels: Sequence[str],
-    cfg: ValidateConfig,
-    *,
-    train_keys: list[str] | None,
+    split: str, frame: pd.DataFrame, context: SuiteContext, *, earlier: Sequence[str]
 ) -> list[Expectation]:
     """The expectations for one split; checks on a missing column are left out (its absence already fails)."""
     from great_expectations import expectations as gxe
 
-    def meta(check: str, description: str, column: str = TEXT) -> dict[str, str]:
-        return {"split": split, "check": check, "description": description, "column": column}
-
+    cfg = context.cfg
     expectations: list[Expectation] = [
         gxe.ExpectColumnToExist(
-            column=column, meta=meta("column_present", f"required column {column!r} missing", column)
+            column=column, meta=_meta(split, "column_present", f"required column {column!r} missing", column)
         )
         for column in (TEXT, LABEL)
     ]
     if TEXT in frame.columns:
         expectations += [
-            gxe.ExpectColumnValuesToNotBeNull(column=TEXT, meta=meta("text_not_null", "text is null")),
+            gxe.ExpectColumnValuesToNotBeNull(column=TEXT, meta=_meta(split, "text_not_null", "text is null")),
             gxe.ExpectColumnValuesToMatchRegex(
-                column=TEXT, regex=r"\S", meta=meta("text_not_blank", "text is empty or whitespace only")
+                column=TEXT, regex=r"\S", meta=_meta(split, "text_not_blank", "text is empty or whitespace only")
             ),
             gxe.ExpectColumnValueLengthsToBeBetween(
                 column=TEXT,
                 min_value=cfg.min_text_chars,
+                meta=_meta(split, "text_min_length", f"text shorter than {cfg.min_text_chars} chars"),
+            ),
+            gxe.ExpectColumnValueLengthsToBeBetween(
+                column=TEXT,
                 max_value=cfg.max_text_chars,
-                meta=meta(
-                    "text_length", f"text length outside {cfg.min_text_chars}-{cfg.max_text_chars} chars"
-                ),
+                meta=_meta(split, "text_max_length", f"text longer than {cfg.max_text_chars} chars"),
             ),
         ]
         if split == "train":
@@ -205,66 +254,105 @@ def split_expectations(
                 gxe.ExpectColumnProportionOfUniqueValuesToBeBetween(
                     column=TEXT,
                     min_value=1 - cfg.max_duplicate_rate,
-                    meta=meta(
-                        "duplicate_rate", f"duplicate texts above {cfg.max_duplicate_rate:.1%} of rows"
-                    ),
+                    meta=_meta(split, "duplicate_rate", f"duplicate texts above {cfg.max_duplicate_rate:.1%} of rows"),
                 )
             )
-        if split in LEAK_SPLITS and train_keys is not None:
-            expectations.append(
-                gxe.ExpectColumnValuesToNotBeInSet(
-                    column=KEY,
-                    value_set=train_keys,
-                    meta=meta(
-                        "no_train_leak", "text also in train (after unicode and whitespace normalisation)"
-                    ),
+        for check, earlier_split in (("no_train_leak", "train"), ("no_validation_leak", "validation")):
+            if SPLITS.index(split) > SPLITS.index(earlier_split) and earlier_split in earlier:
+                expectations.append(
+                    gxe.ExpectColumnValuesToNotBeInSet(
+                        column=ALSO_IN.format(split=earlier_split),
+                        value_set=[True],
+                        meta=_meta(split, check, f"text also in {earlier_split} (after unicode and whitespace normalisation)"),
+                    )
                 )
-            )
     if LABEL in frame.columns:
         expectations += [
-            gxe.ExpectColumnValuesToNotBeNull(
-                column=LABEL, meta=meta("label_not_null", "label is null", LABEL)
-            ),
+            gxe.ExpectColumnValuesToNotBeNull(column=LABEL, meta=_meta(split, "label_not_null", "label is null", LABEL)),
             gxe.ExpectColumnValuesToBeInSet(
                 column=LABEL,
-                value_set=list(labels),
-                meta=meta("label_known", f"label not in the declared set {list(labels)}", LABEL),
+                value_set=list(context.labels),
+                meta=_meta(split, "label_known", f"label not in the declared set {_label_list(context.labels)}", LABEL),
             ),
         ]
     return expectations
 
 
-def min_rows_expectation(min_rows: int) -> Expectation:
+def class_expectations(min_rows: int, labelled: Sequence[str]) -> list[Expectation]:
     """Over the per-class count frame, so a declared class with zero rows fails too."""
     from great_expectations import expectations as gxe
 
-    return gxe.ExpectColumnValuesToBeBetween(
-        column="rows",
-        min_value=min_rows,
-        meta={
-            "split": "train",
-            "check": "class_min_rows",
-            "description": f"classes with fewer than {min_rows} rows",
-            "column": LABEL,
-        },
+    return [
+        gxe.ExpectColumnValuesToBeBetween(
+            column="train", min_value=min_rows,
+            meta=_meta("train", "class_min_rows", f"classes with fewer than {min_rows} rows", LABEL),
+        ),
+        *(
+            gxe.ExpectColumnValuesToBeBetween(
+                column=split, min_value=1,
+                meta=_meta(split, "class_in_every_split", f"classes with no row in {split}", LABEL),
+            )
+            for split in ("validation", "test")
+            if split in labelled
+        ),
+    ]
+
+
+def label_variants_expectation() -> Expectation:
+    from great_expectations import expectations as gxe
+
+    return gxe.ExpectColumnValuesToBeUnique(
+        column="folded",
+        meta=_meta("train", "label_variants", "labels that differ only in case or spacing", LABEL),
     )
 
 
-def class_counts(frame: pd.DataFrame, labels: Sequence[str]) -> pd.DataFrame:
-    """Rows per declared label, zero included: a class missing from train is the worst imbalance."""
-    counts = frame[LABEL].value_counts()
-    return pd.DataFrame({LABEL: list(labels), "rows": [int(counts.get(label, 0)) for label in labels]})
+def conflict_expectation(split: str) -> Expectation:
+    from great_expectations import expectations as gxe
+
+    return gxe.ExpectColumnValuesToBeBetween(
+        column="labels", max_value=1, meta=_meta(split, "label_conflicts", "texts with more than one label")
+    )
 
 
-def text_keys(frame: pd.DataFrame) -> list[str]:
-    """Train's leakage keys; blank texts are left out, the blank check already reports them."""
-    return sorted({key for key in with_text_key(frame)[KEY].dropna() if key})
+def class_counts(frames: dict[str, pd.DataFrame], labels: Sequence[str]) -> pd.DataFrame:
+    """Rows per declared label in each split, zero included: a class missing from train is the worst imbalance."""
+    columns: dict[str, Any] = {LABEL: list(labels)}
+    for split, frame in frames.items():
+        counts = frame[LABEL].value_counts() if LABEL in frame.columns else pd.Series(dtype=int)
+        columns[split] = [int(counts.get(label, 0)) for label in labels]
+    return pd.DataFrame(columns)
+
+
+def label_set(labels: Sequence[str], frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Every label, declared or seen, with its case- and space-folded form: equal forms are variants."""
+    seen = [str(v) for frame in frames.values() if LABEL in frame.columns for v in frame[LABEL].dropna().unique()]
+    names = list(dict.fromkeys([*labels, *seen]))
+    return pd.DataFrame({LABEL: names, "folded": [" ".join(name.casefold().split()) for name in names]})
+
+
+def labels_per_text(frame: pd.DataFrame) -> pd.DataFrame:
+    """Each text of a split with its number of distinct labels (more than one is a conflict)."""
+    rows = frame[frame[TEXT].notna() & frame[LABEL].notna()]
+    per_text = rows.groupby(TEXT, sort=True)[LABEL].nunique()
+    derived = pd.DataFrame({TEXT: per_text.index.astype(object), "labels": per_text.to_numpy()})
+    conflicting = rows[rows[TEXT].isin(set(per_text.index[per_text > 1]))]
+    counts = {
+        text: ", ".join(f"{label!r} x{n}" for label, n in group.value_counts().sort_index().items())
+        for text, group in conflicting.groupby(TEXT)[LABEL]
+    }
+    return derived.assign(label_counts=derived[TEXT].map(counts))
+
+
+def text_keys(frame: pd.DataFrame) -> set[str]:
+    """A split's leakage keys; blank texts are left out, the blank check already reports them."""
+    return {key for key in with_text_key(frame)[KEY].dropna() if key}
 
 
 def with_text_key(frame: pd.DataFrame) -> pd.DataFrame:
     """Add the leakage key, so "Refund  please " in test matches "Refund please" in train.
 
-    Case is kept, as in prepare's ``deduplicate``: deduplicated data then never fails this check.
+    Case is kept, as in prepare's split and ``deduplicate``: prepared splits then never fail this check.
     """
     if TEXT not in frame.columns:
         return frame
@@ -272,60 +360,169 @@ def with_text_key(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.assign(**{KEY: keys})
 
 
+def with_leak_flags(split: str, frame: pd.DataFrame, keys: dict[str, set[str]]) -> pd.DataFrame:
+    """The split with its text keys and, per earlier split, whether each key is also there.
+
+    The check runs on these flags rather than on a set of every train text: GX copies an expectation's
+    arguments many times per run, and a 50,000-text set made validation take minutes.
+    """
+    keyed = with_text_key(frame)
+    if KEY not in keyed.columns:
+        return keyed
+    flags = {
+        ALSO_IN.format(split=earlier): keyed[KEY].isin(keys[earlier])
+        for earlier in SPLITS[: SPLITS.index(split)]
+        if earlier in keys
+    }
+    return keyed.assign(**flags)
+
+
 def to_outcomes(
-    validation: ExpectationSuiteValidationResult, frame: pd.DataFrame, max_examples: int
+    validation: ExpectationSuiteValidationResult, frame: pd.DataFrame, context: SuiteContext
 ) -> Iterable[CheckOutcome]:
     """Flatten GX's results; our ``meta`` says which split and check each one belongs to."""
+    cfg = context.cfg
     for item in validation.results:
         config = item.expectation_config
         if config is None:  # GX attaches it to every result of a suite run; without it nothing can be named
             raise RuntimeError(f"GX returned a result without its expectation: {item}")
-        kwargs = {k: v for k, v in config.kwargs.items() if k != "batch_id"}
+        kwargs = {k: v for k, v in config.kwargs.items() if k not in ("batch_id", "row_condition", "condition_parser")}
         result = item.result or {}
-        check = config.meta["check"]
+        check, split = config.meta["check"], config.meta["split"]
         element_count, unexpected = result.get("element_count"), result.get("unexpected_count")
         if check == "duplicate_rate":  # an aggregate: GX reports the unique proportion only
             texts = frame[TEXT].dropna()
             element_count, unexpected = len(texts), int(texts.duplicated().sum())
         raised = bool(item.exception_info and item.exception_info.get("raised_exception"))
-        examples = (
-            () if item.success else tuple(islice(examples_for(check, result, frame, kwargs), max_examples))
-        )
+        success = bool(item.success)
+        examples = () if success else tuple(islice(examples_for(check, result, frame, kwargs, context), cfg.max_examples))
         yield CheckOutcome(
-            split=config.meta["split"],
+            split=split,
             check=check,
+            severity=cfg.severity[check],
             description=config.meta["description"],
             expectation=config.type,
             column=config.meta["column"],
             kwargs=kwargs,
-            success=bool(item.success),
+            success=success,
             element_count=element_count,
             unexpected_count=unexpected,
             observed_value=result.get("observed_value"),
             examples=examples,
+            fix="" if success else fix_for(check, split, result, frame, context),
             error=item.exception_info.get("exception_message") if raised else None,
         )
 
 
 def examples_for(
-    check: str, result: dict[str, Any], frame: pd.DataFrame, kwargs: dict[str, Any]
+    check: str, result: dict[str, Any], frame: pd.DataFrame, kwargs: dict[str, Any], context: SuiteContext
 ) -> Iterable[str]:
-    """Readable offending values: row numbers into the split file, the class and its count, the repeats."""
+    """Readable offending values: the row and the line of the user's file it came from, the class and its
+    counts, the repeated texts."""
     if check == "column_present":
-        yield f"columns present: {[c for c in frame.columns if c != KEY]}"
-    elif check == "class_min_rows":
+        yield f"columns present: {[c for c in frame.columns if c in (TEXT, LABEL)]}"
+    elif check in ("class_min_rows", "class_in_every_split"):
         for row in result.get("partial_unexpected_index_list") or []:
-            yield f"{row[LABEL]!r}: {row['rows']} rows" + (" (absent)" if row["rows"] == 0 else "")
+            yield _class_line(context.class_counts, row[LABEL])
+    elif check == "label_variants":
+        folded = frame.set_index(LABEL)["folded"]
+        seen = context.class_counts.set_index(LABEL)[list(SPLITS)].sum(axis=1)
+        for key in dict.fromkeys(folded[folded.duplicated(keep=False)]):
+            variants = folded.index[folded == key]
+            yield " / ".join(f"{name!r} ({int(seen.get(name, 0))} rows)" for name in variants)
+    elif check == "label_conflicts":
+        for row in result.get("partial_unexpected_index_list") or []:
+            counts = frame.loc[frame[TEXT] == row[TEXT], "label_counts"]
+            yield f"{shorten(row[TEXT])} labelled {counts.iloc[0]}"
     elif check == "duplicate_rate":
         repeated = frame[TEXT].dropna().value_counts()
         for text, n in repeated[repeated > 1].items():
             yield f"{shorten(text)} x{n}"
     else:
-        shown = TEXT if kwargs.get("column") == KEY else kwargs.get("column")
+        shown = TEXT if str(kwargs.get("column")).startswith(ALSO_IN.format(split="")) else kwargs.get("column")
         for row in result.get("partial_unexpected_index_list") or []:
             value = frame.at[row, shown]
-            length = f" ({len(value)} chars)" if check == "text_length" and isinstance(value, str) else ""
-            yield f"row {row}: {shorten(value)}{length}"
+            length = f" ({len(value)} chars)" if check.startswith("text_m") and isinstance(value, str) else ""
+            origin = f" ({frame.at[row, SOURCE_ROW]})" if SOURCE_ROW in frame.columns else ""
+            yield f"row {row}{origin}: {shorten(value)}{length}"
+
+
+def _class_line(counts: pd.DataFrame, label: str) -> str:
+    row = counts.set_index(LABEL).loc[label]
+    total = int(sum(int(row[s]) for s in SPLITS))
+    per_split = ", ".join(f"{s} {int(row[s])}" for s in SPLITS)
+    train = int(row["train"])
+    return f"{label!r}: {train} rows" + (" (absent)" if train == 0 else "") + f" in train; {total} in all ({per_split})"
+
+
+def fix_for(check: str, split: str, result: dict[str, Any], frame: pd.DataFrame, context: SuiteContext) -> str:
+    """What to change so the check passes: a params key and a value that would pass, or what to do with the rows."""
+    cfg = context.cfg
+    given = split in context.splits_given
+    in_file = f"the {split} file you gave" if given else "the source"
+    if check == "column_present":
+        return "the prepared splits lack a column: run the prepare step again (langops prepare)"
+    if check in ("text_not_null", "text_not_blank", "label_not_null"):
+        what = "a label" if check == "label_not_null" else "a text"
+        return f"give these rows {what} in {in_file}, or remove them"
+    if check == "text_min_length":
+        lengths = frame[TEXT].dropna().map(len)
+        shortest = max(1, int(lengths[lengths > 0].min())) if (lengths > 0).any() else 1
+        return (f"short texts are kept and trained on; remove them from {in_file} if they are noise, or set "
+                f"validate.min_text_chars: {shortest} to accept them")
+    if check == "text_max_length":
+        longest = int(frame[TEXT].dropna().map(len).max())
+        return (f"the model reads only the first train.max_length tokens of a text; shorten or remove these rows, "
+                f"or set validate.max_text_chars: {longest} to accept them")
+    if check == "label_known":
+        return _fix_unknown_labels(frame, context)
+    if check == "label_variants":
+        return ("labels are never merged: these are trained as separate classes. If they are one class, "
+                "fix the labels in the source")
+    if check == "label_conflicts":
+        if given and split == "test":
+            return ("the test split you gave has texts with different labels; fix them in the test file, or set "
+                    "validate.severity.label_conflicts: warn to evaluate on it as it is")
+        return ("set prepare.label_conflicts: majority (keep each text's majority label) or drop (drop them), "
+                "or fix the labels in the source")
+    if check == "class_min_rows":
+        failing = [row[LABEL] for row in result.get("partial_unexpected_index_list") or []]
+        smallest = int(context.class_counts.set_index(LABEL).loc[failing, "train"].min()) if failing else 0
+        lower = f", or set validate.min_rows_per_class: {smallest}" if smallest > 0 else ""
+        return (f"train needs at least {cfg.min_rows_per_class} rows of every class (validate.min_rows_per_class): "
+                "add rows, merge the class into another, or remove its rows"
+                + (" and leave it out of data.labels" if context.declared else "") + lower)
+    if check == "class_in_every_split":
+        if given:
+            return (f"{in_file} has no row of these classes, so they cannot be evaluated there: add {split} rows "
+                    "of each, or merge or remove the classes")
+        return ("every class needs a row in each split (prepare needs at least 3 distinct texts of a class to "
+                "give it one): add rows, merge the class into another, or remove its rows")
+    if check == "duplicate_rate":
+        texts = frame[TEXT].dropna()
+        rate = texts.duplicated().sum() / max(len(texts), 1)
+        return (f"every copy of a text is kept in one split, so nothing leaks; set prepare.deduplicate: true to "
+                f"keep one copy of each, or validate.max_duplicate_rate: {math.ceil(rate * 100) / 100:.2f} "
+                "to accept them")
+    if check in ("no_train_leak", "no_validation_leak"):
+        earlier = "train" if check == "no_train_leak" else "validation"
+        if earlier not in context.splits_given:  # carved from train by prepare, which never splits a text
+            earlier = "train (validation is carved from it)"
+        return (f"the splits you gave share texts: set prepare.split_overlap: drop to drop them from {earlier}, "
+                f"or remove them from one of the files")
+    raise KeyError(f"no fix written for check {check!r}")
+
+
+def _fix_unknown_labels(frame: pd.DataFrame, context: SuiteContext) -> str:
+    unknown = frame[LABEL].dropna()
+    unknown = unknown[~unknown.isin(context.labels)].value_counts()
+    folded = {" ".join(label.casefold().split()): label for label in context.labels}
+    near = [f"{name!r} is {folded[key]!r} but for case or spacing" for name in unknown.index
+            if (key := " ".join(str(name).casefold().split())) in folded]
+    listed = ", ".join(f"{name!r} ({n} rows)" for name, n in unknown.head(10).items())
+    advice = (f"unknown labels {listed}: add them to data.labels, set data.labels: null to take the labels found "
+              "in the data, or remove those rows")
+    return advice + (f" ({'; '.join(near)}: fix the spelling in the source)" if near else "")
 
 
 def shorten(value: Any) -> str:
@@ -335,6 +532,11 @@ def shorten(value: Any) -> str:
     if isinstance(value, str) and len(value) > MAX_EXAMPLE_CHARS:
         value = value[:MAX_EXAMPLE_CHARS] + "..."
     return repr(value)
+
+
+def _label_list(labels: Sequence[str], limit: int = 12) -> str:
+    shown = [repr(label) for label in labels[:limit]]
+    return "[" + ", ".join(shown) + (f", ... {len(labels) - limit} more" if len(labels) > limit else "") + "]"
 
 
 def describe_data(frames: dict[str, pd.DataFrame], labels: Sequence[str]) -> dict[str, Any]:
@@ -355,6 +557,11 @@ def describe_data(frames: dict[str, pd.DataFrame], labels: Sequence[str]) -> dic
     return stats
 
 
+def _one_line(outcome: CheckOutcome) -> str:
+    examples = f"; e.g. {'; '.join(outcome.examples)}" if outcome.examples else ""
+    return f"{describe_outcome(outcome)}{examples}; fix: {outcome.fix}"
+
+
 def describe_outcome(outcome: CheckOutcome) -> str:
     """One line: where, what, how many, and the counted values."""
     line = f"[{outcome.split}] column {outcome.column!r}: {outcome.description} ({outcome.expectation})"
@@ -364,29 +571,40 @@ def describe_outcome(outcome: CheckOutcome) -> str:
         line += f": {outcome.unexpected_count} repeated of {outcome.element_count} rows"
         line += f" (unique proportion {outcome.observed_value:.3f})"
     elif outcome.unexpected_count is not None and outcome.element_count:
-        noun = "classes" if outcome.check == "class_min_rows" else "rows"
+        noun = {"class_min_rows": "classes", "class_in_every_split": "classes", "label_variants": "labels",
+                "label_conflicts": "texts"}.get(outcome.check, "rows")
         share = f"{outcome.unexpected_percent:.2f}%"
         line += f": {outcome.unexpected_count} of {outcome.element_count} {noun} ({share})"
     return line
 
 
-def format_failures(failed: Sequence[CheckOutcome], result: ValidationResult, max_examples: int) -> str:
-    """The error message: one entry per failed expectation, enough to fix the data without the report."""
+def format_failures(
+    errors: Sequence[CheckOutcome], warnings: Sequence[CheckOutcome], result: ValidationResult, max_examples: int
+) -> str:
+    """The error message: each failed error-level check with its examples and fix, then the warnings."""
     lines = [
-        f"data validation failed: {result.failed} of {result.evaluated} expectations failed"
-        " (rows are 0-based positions in <split>.parquet)"
+        f"data validation failed: {len(errors)} of {result.evaluated} expectations failed"
+        + (f" (and {len(warnings)} warnings)" if warnings else "")
+        + "; rows are 0-based positions in <split>.parquet, with the file and line they came from"
     ]
-    for outcome in failed:
+    for outcome in errors:
         lines.append(f"  - {describe_outcome(outcome)}")
         if outcome.examples:
             lines.append(f"      examples (up to {max_examples}): " + "; ".join(outcome.examples))
+        lines.append(f"      fix: {outcome.fix}")
+    if warnings:
+        lines.append("warnings (these alone would not stop the run):")
+        lines += [f"  - {describe_outcome(o)}" for o in warnings]
     lines.append(f"full report: {result.report_path}")
     return "\n".join(lines)
 
 
-def write_report(result: ValidationResult, outcomes: Sequence[CheckOutcome], *, prepared_dir: Path) -> None:
+def write_report(
+    result: ValidationResult, outcomes: Sequence[CheckOutcome], *, prepared_dir: Path, changes: Sequence[str]
+) -> None:
     """``validation.json`` for machines (DVC metrics, MLflow), ``report.md`` for people; failures first."""
-    ranked = sorted(outcomes, key=lambda o: o.success)
+    ranked = sorted(outcomes, key=lambda o: (o.success, o.severity != "error"))
+    warned = sum(1 for o in outcomes if not o.success and o.severity == "warn")
     write_json(
         result.summary_path,
         {
@@ -394,12 +612,12 @@ def write_report(result: ValidationResult, outcomes: Sequence[CheckOutcome], *, 
             "prepared_dir": str(prepared_dir),
             "statistics": {
                 "evaluated": result.evaluated,
-                "successful": result.evaluated - result.failed,
+                "successful": sum(1 for o in outcomes if o.success),
                 "failed": result.failed,
-                "success_percent": round(
-                    100.0 * (result.evaluated - result.failed) / max(result.evaluated, 1), 2
-                ),
+                "warnings": warned,
+                "success_percent": round(100.0 * sum(o.success for o in outcomes) / max(result.evaluated, 1), 2),
             },
+            "prepare_changes": list(changes),
             "stats": result.stats,
             "expectations": [
                 {**asdict(o), "kwargs": abbreviate(o.kwargs), "unexpected_percent": o.unexpected_percent}
@@ -407,7 +625,7 @@ def write_report(result: ValidationResult, outcomes: Sequence[CheckOutcome], *, 
             ],
         },
     )
-    result.report_path.write_text(render_markdown(result, ranked, prepared_dir))
+    result.report_path.write_text(render_markdown(result, ranked, prepared_dir, changes, warned))
 
 
 def abbreviate(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -420,19 +638,28 @@ def abbreviate(kwargs: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def render_markdown(result: ValidationResult, outcomes: Sequence[CheckOutcome], prepared_dir: Path) -> str:
-    """A table of every expectation, in the order given (failures first), problem and examples inline."""
+def render_markdown(
+    result: ValidationResult, outcomes: Sequence[CheckOutcome], prepared_dir: Path, changes: Sequence[str], warned: int
+) -> str:
+    """Verdict, what prepare changed, the split sizes, then every expectation (failures first) with its fix."""
     status = "PASSED" if result.success else "FAILED"
+    passed = sum(o.success for o in outcomes)
     lines = [
-        f"# Data validation {status}",
+        f"# Data validation {status}" + (f" with {warned} warnings" if warned else ""),
         "",
-        f"{result.evaluated - result.failed} of {result.evaluated} expectations passed for `{prepared_dir}`.",
+        f"{passed} of {result.evaluated} expectations passed for `{prepared_dir}`"
+        + (f"; {result.failed} errors stop the run" if result.failed else "")
+        + (f"; {warned} warnings do not" if warned else "") + ".",
         "",
+    ]
+    if changes:
+        lines += ["## What prepare did", "", *(f"- {change}" for change in changes), ""]
+    lines += [
         "| split | rows |",
         "| --- | --- |",
         *(f"| {split} | {n} |" for split, n in result.stats["rows"].items()),
         "",
-        "| result | split | check | expectation | column | unexpected | problem and examples |",
+        "| result | split | check | expectation | column | unexpected | problem, examples and fix |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for o in outcomes:
@@ -442,15 +669,8 @@ def render_markdown(result: ValidationResult, outcomes: Sequence[CheckOutcome], 
         if o.error:
             detail = f"could not be evaluated: {o.error}"
         else:
-            detail = "" if o.success else "<br>".join((f"**{o.description}**", *o.examples))
-        cells = [
-            "pass" if o.success else "FAIL",
-            o.split,
-            o.check,
-            f"`{o.expectation}`",
-            o.column,
-            unexpected,
-            detail,
-        ]
+            detail = "" if o.success else "<br>".join((f"**{o.description}**", *o.examples, f"*fix:* {o.fix}"))
+        verdict = "pass" if o.success else ("FAIL" if o.severity == "error" else "warn")
+        cells = [verdict, o.split, o.check, f"`{o.expectation}`", o.column, unexpected, detail]
         lines.append("| " + " | ".join(cell.replace("|", "\\|").replace("\n", " ") for cell in cells) + " |")
     return "\n".join(lines) + "\n"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -60,7 +59,7 @@ def test_each_format_with_custom_columns(tmp_path, suffix):
 
     assert sum(result.rows.values()) == 60
     for split in SPLITS:
-        assert list(read_split(result.out_dir, split).columns) == ["text", "label"]
+        assert list(read_split(result.out_dir, split).columns) == ["text", "label", "source_row"]
     rows = all_rows(result.out_dir)
     assert sorted(rows["text"]) == sorted(source_frame()["body"])
     assert result.labels == LABELS
@@ -168,22 +167,21 @@ def test_deduplicate_drops_exact_repeats_but_never_nulls(tmp_path):
     assert read_json(deduped.out_dir / "summary.json")["duplicates_dropped"] == 1
 
 
-def test_tiny_class_falls_back_to_random_split_with_warning(tmp_path, caplog):
-    frame = pd.concat(
-        [source_frame(), pd.DataFrame([{"ticket_id": "x", "body": "lonely ticket", "category": "rare"}])],
-        ignore_index=True,
-    )
+def test_tiny_classes_go_to_train_first_then_test(tmp_path):
+    rare = [{"ticket_id": "x", "body": "lonely ticket", "category": "rare"}]
+    pair = [{"ticket_id": f"y{i}", "body": f"paired ticket {i}", "category": "pair"} for i in range(2)]
+    frame = pd.concat([source_frame(), pd.DataFrame(rare + pair)], ignore_index=True)
     source = write_source(frame, tmp_path / "tickets.csv")
-    with caplog.at_level(logging.WARNING, logger=prepare_module.__name__):
-        result = prepare(
-            DataConfig(source=str(source), text_column="body", label_column="category"),
-            PrepareConfig(),
-            seed=0,
-            out_dir=tmp_path / "out",
-        )
-    assert "stratified split impossible" in caplog.text
-    assert "lonely ticket" in set(all_rows(result.out_dir)["text"])
-    assert result.labels == ("billing", "rare", "shipping", "technical")  # undeclared: sorted labels seen
+    result = prepare(
+        DataConfig(source=str(source), text_column="body", label_column="category"),
+        PrepareConfig(),
+        seed=0,
+        out_dir=tmp_path / "out",
+    )
+    counts = read_json(result.out_dir / "summary.json")["class_counts"]
+    assert counts["train"]["rare"] == 1 and "rare" not in counts["validation"] and "rare" not in counts["test"]
+    assert counts["train"]["pair"] == 1 and counts["test"]["pair"] == 1 and "pair" not in counts["validation"]
+    assert result.labels == ("billing", "pair", "rare", "shipping", "technical")  # undeclared: sorted labels seen
 
 
 def test_demo_source_writes_only_the_splits(tmp_path):

@@ -130,18 +130,6 @@ BAD_DATA = {
         "train",
         ["label is null", "1 of 30 rows", "row 3: null"],
     ),
-    "too short": (
-        set_cell("train", 6, "text", "ok"),
-        "text_length",
-        "train",
-        ["text length outside 3-200 chars", "1 of 30 rows", "row 6: 'ok' (2 chars)"],
-    ),
-    "too long": (
-        set_cell("validation", 2, "text", "y" * 250),
-        "text_length",
-        "validation",
-        ["text length outside 3-200 chars", "1 of 9 rows", "(250 chars)"],
-    ),
     "class under minimum": (
         thin_class(keep=2),
         "class_min_rows",
@@ -152,17 +140,26 @@ BAD_DATA = {
         thin_class(keep=0),
         "class_min_rows",
         "train",
-        ["classes with fewer than 5 rows", "'technical': 0 rows (absent)"],
+        ["classes with fewer than 5 rows", "'technical': 0 rows (absent) in train"],
     ),
-    "too many duplicates": (
-        duplicate_train,
-        "duplicate_rate",
+    "class missing from test": (
+        lambda splits: splits.update(test=splits["test"][splits["test"]["label"] != "shipping"].reset_index(drop=True)),
+        "class_in_every_split",
+        "test",
+        ["classes with no row in test", "'shipping': 10 rows in train; 13 in all (train 10, validation 3, test 0)"],
+    ),
+    "conflicting labels": (
+        set_cell("train", 10, "text", "train ticket number 0 about billing"),  # row 10 is shipping
+        "label_conflicts",
         "train",
-        [
-            "duplicate texts above 10.0% of rows",
-            "4 repeated of 30 rows",
-            "'train ticket number 0 about billing' x5",
-        ],
+        ["texts with more than one label", "'train ticket number 0 about billing' labelled 'billing' x1, 'shipping' x1"],
+    ),
+    "test leaks into validation": (
+        lambda splits: splits["test"].__setitem__("text", splits["test"]["text"].where(
+            splits["test"].index != 0, splits["validation"].loc[4, "text"])),
+        "no_validation_leak",
+        "test",
+        ["text also in validation", "1 of 9 rows", "row 0:"],
     ),
     "test leaks into train": (
         leak_test_into_train,
@@ -215,25 +212,113 @@ def test_every_problem_is_listed_in_one_error(tmp_path):
         run_validate(tmp_path, splits)
 
     message = str(err.value)
-    assert "6 of" in message.splitlines()[0]
+    assert "5 of" in message.splitlines()[0] and "(and 1 warnings)" in message.splitlines()[0]
     for snippet in (
         "text is null",
-        "text length outside",
         "'refunds'",
         "'technical': 0 rows (absent)",
         "text also in train",
         "required column 'label' missing",
     ):
         assert snippet in message
-    assert err.value.result.failed == 6
+    assert message.count("fix: ") == 5
+    warnings_part = message.split("warnings (these alone would not stop the run):")[1]
+    assert "text shorter than 3 chars" in warnings_part
+    assert err.value.result.failed == 5
     assert {e["check"] for e in failing_entries(err.value.result.summary_path.parent)} == {
         "text_not_null",
-        "text_length",
+        "text_min_length",
         "label_known",
         "class_min_rows",
         "no_train_leak",
         "column_present",
     }
+
+
+def relabel_some_billing(label: str) -> Callable[[Splits], None]:
+    """Give a billing variant enough rows in every split to be a class of its own."""
+
+    def mutate(splits: Splits) -> None:
+        splits["train"].loc[0:4, "label"] = label
+        splits["validation"].loc[0, "label"] = label
+        splits["test"].loc[0, "label"] = label
+
+    return mutate
+
+
+# (mutation, warning check, split, snippets in the warning) -- the run goes on
+WARNINGS = {
+    "too short": (
+        set_cell("train", 6, "text", "ok"),
+        "text_min_length",
+        "train",
+        ["text shorter than 3 chars", "1 of 30 rows", "row 6: 'ok' (2 chars)", "validate.min_text_chars: 2"],
+    ),
+    "too long": (
+        set_cell("validation", 2, "text", "y" * 250),
+        "text_max_length",
+        "validation",
+        ["text longer than 200 chars", "1 of 9 rows", "(250 chars)", "validate.max_text_chars: 250"],
+    ),
+    "too many duplicates": (
+        duplicate_train,  # rows 1-4 repeat row 0
+        "duplicate_rate",
+        "train",
+        [
+            "duplicate texts above 10.0% of rows",
+            "4 repeated of 30 rows",
+            "'train ticket number 0 about billing' x5",
+            "prepare.deduplicate: true",
+            "validate.max_duplicate_rate: 0.14",
+        ],
+    ),
+    "labels that differ only in case": (
+        relabel_some_billing("Billing"),
+        "label_variants",
+        "train",
+        ["labels that differ only in case or spacing", "'billing' (9 rows) / 'Billing' (7 rows)", "never merged"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(WARNINGS))
+def test_warnings_are_reported_and_the_run_goes_on(tmp_path, case):
+    mutate, check, split, snippets = WARNINGS[case]
+    splits = clean_splits()
+    mutate(splits)
+    data = DataConfig(labels=(*LABELS, "Billing")) if check == "label_variants" else DATA
+
+    result = run_validate(tmp_path, splits, data=data)
+
+    assert result.success and result.failed == 0
+    (warning,) = result.warnings
+    assert warning.startswith(f"[{split}]")
+    for snippet in snippets:
+        assert snippet in warning
+    (entry,) = failing_entries(result.summary_path.parent)
+    assert (entry["check"], entry["severity"]) == (check, "warn")
+    report = result.report_path.read_text()
+    assert "PASSED with 1 warnings" in report and "| warn |" in report
+
+
+def test_a_warning_made_an_error_stops_the_run(tmp_path):
+    splits = clean_splits()
+    set_cell("train", 6, "text", "ok")(splits)
+    strict = CFG.model_copy(update={"severity": {**CFG.severity, "text_min_length": "error"}})
+
+    with pytest.raises(DataValidationError, match="text shorter than 3 chars") as err:
+        run_validate(tmp_path, splits, cfg=strict)
+    assert "fix: short texts are kept" in str(err.value)
+
+
+def test_an_error_made_a_warning_lets_the_run_go_on(tmp_path):
+    splits = clean_splits()
+    leak_test_into_train(splits)
+    lenient = ValidateConfig(**{**CFG.model_dump(), "severity": {"no_train_leak": "warn"}})
+
+    result = run_validate(tmp_path, splits, cfg=lenient)
+
+    assert result.success and "text also in train" in result.warnings[0]
 
 
 def test_blank_texts_in_train_and_test_are_blank_not_leaked(tmp_path):
