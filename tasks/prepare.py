@@ -61,6 +61,14 @@ class PrepareError(ValueError):
     """The source cannot be read as a labelled text table; the message names the file, line and problem."""
 
 
+class SourceEncodingError(PrepareError):
+    """A text file is not in ``data.encoding``; ``reads_as_cp1252`` says whether Windows-1252 would fit."""
+
+    def __init__(self, message: str, *, reads_as_cp1252: bool) -> None:
+        super().__init__(message)
+        self.reads_as_cp1252 = reads_as_cp1252
+
+
 @dataclass(frozen=True)
 class PrepareResult:
     out_dir: Path
@@ -223,22 +231,10 @@ def read_source(
         PrepareError: naming the file and, where there is one, the line and the problem.
     """
     path = Path(path)
-    if not path.is_file():
-        raise PrepareError(f"data source not found: {path} (data.source)")
-    kind = format_of(path)
     wanted = {"data.text_column": text_column, "data.label_column": label_column}
     if split_column is not None:
         wanted["data.split_column"] = split_column
-    if kind == "parquet":
-        records, columns = _parquet_records(path)
-    else:
-        text = decode_text(path, encoding)
-        if not text.strip():
-            raise PrepareError(f"{path} is empty: no header and no rows")
-        if kind in ("csv", "tsv"):
-            records, columns = _delimited_records(path, text, delimiter="," if kind == "csv" else "\t")
-        else:
-            records, columns = _json_records(path, text)
+    records, columns = read_records(path, encoding)
     for role, column in wanted.items():
         if column not in columns:
             raise PrepareError(f"column {column!r} ({role}) not found in {path}; columns present: {columns}")
@@ -254,9 +250,31 @@ def read_source(
     )
     if split_column is not None:
         frame[SPLIT] = _split_names(path, split_column, [(r[0], r[3]) for r in rows])
-    if kind == "tsv":
+    if format_of(path) == "tsv":
         _note_quoted_tsv(path, frame)
     return frame
+
+
+def read_records(path: Path, encoding: str = "utf-8") -> tuple[list[tuple[int, dict[str, Any]]], list[str]]:
+    """Every record of a data file as (line it starts on, {column: value}), and the columns in file order.
+
+    Raises:
+        PrepareError: the file is missing, of an unknown format, undecodable, binary, empty or malformed.
+    """
+    if not path.is_file():
+        raise PrepareError(f"data source not found: {path} (data.source)")
+    kind = format_of(path)
+    if kind == "parquet":
+        records, columns = _parquet_records(path)
+    else:
+        text = decode_text(path, encoding)
+        if not text.strip():
+            raise PrepareError(f"{path} is empty: no header and no rows")
+        if kind in ("csv", "tsv"):
+            records, columns = _delimited_records(path, text, delimiter="," if kind == "csv" else "\t")
+        else:
+            records, columns = _json_records(path, text)
+    return list(records), columns
 
 
 def decode_text(path: Path, encoding: str) -> str:
@@ -273,19 +291,20 @@ def decode_text(path: Path, encoding: str) -> str:
         line = raw.count(b"\n", 0, exc.start) + 1
         column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
         bad = raw[exc.start : exc.start + 4]
-        hint = ""
-        if codec == "utf-8-sig":
-            try:
-                guess = raw[exc.start : exc.end].decode("cp1252")
-                raw.decode("cp1252")
-            except UnicodeDecodeError:
-                hint = "; re-save it as UTF-8, or set data.encoding to the encoding it was written in"
-            else:
-                hint = (f"; it reads as cp1252 (Windows-1252/Latin-1), where byte 0x{bad[0]:02x} is {guess!r}: "
-                        "set data.encoding: cp1252 if that is how it was saved, or re-save the file as UTF-8")
-        raise PrepareError(
+        try:
+            guess = raw[exc.start : exc.end].decode("cp1252")
+            raw.decode("cp1252")
+        except UnicodeDecodeError:
+            reads_as_cp1252 = False
+            hint = "; re-save it as UTF-8, or set data.encoding to the encoding it was written in"
+        else:
+            reads_as_cp1252 = True
+            hint = (f"; it reads as cp1252 (Windows-1252/Latin-1), where byte 0x{bad[0]:02x} is {guess!r}: "
+                    "set data.encoding: cp1252 if that is how it was saved, or re-save the file as UTF-8")
+        raise SourceEncodingError(
             f"{path} is not valid {encoding}: byte offset {exc.start} (line {line}, column {column}) holds "
-            f"{bad!r}, {exc.reason}{hint}"
+            f"{bad!r}, {exc.reason}{hint}",
+            reads_as_cp1252=reads_as_cp1252,
         ) from None
 
 
@@ -325,7 +344,7 @@ def _delimited_records(path: Path, text: str, *, delimiter: str) -> tuple[Iterat
                 yield line, {c: (v if v != "" else None) for c, v in zip(columns, fields)}
             line = reader.line_num + 1
 
-    return _eager(records()), columns
+    return records(), columns
 
 
 def _json_records(path: Path, text: str) -> tuple[Iterator[tuple[int, dict]], list[str]]:
@@ -362,11 +381,6 @@ def _parquet_records(path: Path) -> tuple[Iterator[tuple[int, dict]], list[str]]
     frame.columns = columns
     frame = frame.astype(object).where(frame.notna(), None)
     return ((i + 1, record) for i, record in enumerate(frame.to_dict("records"))), columns
-
-
-def _eager(records: Iterator[tuple[int, dict]]) -> Iterator[tuple[int, dict]]:
-    """Parse the whole file now, so a malformed line is reported before anything is written."""
-    return iter(list(records))
 
 
 def _text_value(value: Any) -> str | None:
