@@ -220,7 +220,8 @@ def validate_or_stop(params: Params) -> None:
 
 def publish_metrics(metrics: dict[str, Any], compression: Any) -> None:
     rows = [
-        {"class": name, **{k: round(v, 4) for k, v in row.items()}} for name, row in metrics["per_class"].items()
+        {"class": row["label"], **{k: round(v, 4) for k, v in row.items() if k != "label"}}
+        for row in metrics["per_class"].values()
     ]
     create_table_artifact(rows, key="test-metrics-per-class", description="Per-class metrics of the torch model on the test split")
     overall = [

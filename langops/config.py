@@ -149,6 +149,7 @@ DEFAULT_SEVERITY: dict[str, str] = {
     "text_max_length": "warn",
     "label_not_null": "error",
     "label_known": "error",
+    "label_form": "error",
     "label_variants": "warn",
     "label_conflicts": "error",
     "class_min_rows": "error",

@@ -6,6 +6,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from langops.label_keys import label_keys
+
 
 def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=-1, keepdims=True)
@@ -42,6 +44,9 @@ def classification_metrics(
         y_true: gold label ids (indices into ``labels``).
         probs: class probabilities, shape (rows, len(labels)).
         labels: label names in id order.
+
+    ``per_class`` is keyed by each label's safe key (``langops.label_keys``; a plain label is its own key),
+    each row holding the label itself; ``label_keys`` maps every key back to its label.
     """
     from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
@@ -55,14 +60,17 @@ def classification_metrics(
         y_true, y_pred, labels=ids, zero_division=0
     )
     majority = np.bincount(y_true, minlength=len(labels)).max() / max(len(y_true), 1)
+    keys = label_keys(labels)
     return {
         "rows": int(len(y_true)),
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "macro_f1": float(f1_score(y_true, y_pred, labels=ids, average="macro", zero_division=0)),
         "ece": expected_calibration_error(probs, y_true, calibration_bins),
         "majority_baseline_accuracy": float(majority),
+        "label_keys": {keys[name]: name for name in labels},
         "per_class": {
-            name: {
+            keys[name]: {
+                "label": name,
                 "precision": float(precision[i]),
                 "recall": float(recall[i]),
                 "f1": float(f1[i]),
@@ -75,8 +83,8 @@ def classification_metrics(
 
 
 def headline(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    """The flat scalar metrics worth logging to MLflow (per-class ones flattened as ``f1_<label>``)."""
+    """The flat scalar metrics worth logging to MLflow (per-class ones as ``f1_<label key>``)."""
     flat = {f"{prefix}{k}": float(metrics[k]) for k in ("accuracy", "macro_f1", "ece")}
-    for name, row in metrics["per_class"].items():
-        flat[f"{prefix}f1_{name}"] = row["f1"]
+    for key, row in metrics["per_class"].items():
+        flat[f"{prefix}f1_{key}"] = row["f1"]
     return flat

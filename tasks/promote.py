@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from langops.config import Params, PromoteConfig
+from langops.label_keys import label_keys
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -63,7 +64,7 @@ class ModelEvidence:
 
         metrics = classification_metrics(np.asarray(y_true), probs, labels)
         flat = {k: float(metrics[k]) for k in ("accuracy", "macro_f1", "ece")}
-        flat |= {f"recall_{name}": row["recall"] for name, row in metrics["per_class"].items()}
+        flat |= {f"recall_{key}": row["recall"] for key, row in metrics["per_class"].items()}
         return cls(
             version=version, labels=tuple(labels), y_true=tuple(int(y) for y in y_true),
             y_pred=tuple(int(p) for p in np.asarray(probs).argmax(axis=1)), metrics=flat, **extra,
@@ -288,7 +289,8 @@ def _mcnemar(challenger: ModelEvidence, champion: ModelEvidence, alpha: float) -
 def _guards(challenger: ModelEvidence, champion: ModelEvidence, policy: PromoteConfig) -> list[Check]:
     checks = []
     for pattern, margin in sorted(policy.guards.items()):
-        metrics = [f"{pattern[:-1]}{label}" for label in challenger.labels] if pattern.endswith("*") else [pattern]
+        keys = label_keys(challenger.labels).values()
+        metrics = [f"{pattern[:-1]}{key}" for key in keys] if pattern.endswith("*") else [pattern]
         for metric in metrics:
             ours, theirs = challenger.metrics.get(metric), champion.metrics.get(metric)
             name = f"guard:{metric}"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from itertools import islice
@@ -22,6 +23,7 @@ import pandas as pd
 
 from langops.config import DataConfig, ValidateConfig
 from langops.io import LABEL, SPLITS, TEXT, read_json, read_labels, read_split, write_json
+from langops.label_keys import MAX_LABEL_CHARS
 from langops.tasks.prepare import SOURCE_ROW, SUMMARY_FILE as PREPARE_SUMMARY, describe_changes, normalise_text
 
 if TYPE_CHECKING:
@@ -45,6 +47,7 @@ CHECKS = (  # report order within a split
     "text_max_length",
     "label_not_null",
     "label_known",
+    "label_form",
     "label_variants",
     "label_conflicts",
     "class_min_rows",
@@ -188,7 +191,7 @@ def run_suite(frames: dict[str, pd.DataFrame], context: SuiteContext) -> list[Ch
     labelled = [split for split, frame in frames.items() if LABEL in frame.columns]
     if "train" in labelled:  # a split without labels is reported by column_present, not as empty classes
         batches.append((CLASS_COUNTS_ASSET, context.class_counts, class_expectations(cfg.min_rows_per_class, labelled)))
-        batches.append((LABEL_SET_ASSET, label_set(context.labels, frames), [label_variants_expectation()]))
+        batches.append((LABEL_SET_ASSET, label_set(context.labels, frames), label_set_expectations()))
     for split, frame in frames.items():
         if {TEXT, LABEL} <= set(frame.columns):
             batches.append((CONFLICTS_ASSET.format(split=split), labels_per_text(frame), [conflict_expectation(split)]))
@@ -298,13 +301,19 @@ def class_expectations(min_rows: int, labelled: Sequence[str]) -> list[Expectati
     ]
 
 
-def label_variants_expectation() -> Expectation:
+def label_set_expectations() -> list[Expectation]:
     from great_expectations import expectations as gxe
 
-    return gxe.ExpectColumnValuesToBeUnique(
-        column="folded",
-        meta=_meta("train", "label_variants", "labels that differ only in case or spacing", LABEL),
-    )
+    return [
+        gxe.ExpectColumnValuesToBeInSet(
+            column="form_problem", value_set=[""],
+            meta=_meta("train", "label_form", "labels no report, metric or file name can carry", LABEL),
+        ),
+        gxe.ExpectColumnValuesToBeUnique(
+            column="folded",
+            meta=_meta("train", "label_variants", "labels that differ only in case or spacing", LABEL),
+        ),
+    ]
 
 
 def conflict_expectation(split: str) -> Expectation:
@@ -328,7 +337,22 @@ def label_set(labels: Sequence[str], frames: dict[str, pd.DataFrame]) -> pd.Data
     """Every label, declared or seen, with its case- and space-folded form: equal forms are variants."""
     seen = [str(v) for frame in frames.values() if LABEL in frame.columns for v in frame[LABEL].dropna().unique()]
     names = list(dict.fromkeys([*labels, *seen]))
-    return pd.DataFrame({LABEL: names, "folded": [" ".join(name.casefold().split()) for name in names]})
+    return pd.DataFrame({
+        LABEL: names,
+        "folded": [" ".join(name.casefold().split()) for name in names],
+        "form_problem": [label_form_problem(name) for name in names],
+    })
+
+
+def label_form_problem(label: str) -> str:
+    """Why a label cannot be carried into reports, metric names and files ("" when it can)."""
+    if not label:
+        return "empty"
+    if len(label) > MAX_LABEL_CHARS:
+        return f"{len(label)} chars, at most {MAX_LABEL_CHARS}"
+    if any(unicodedata.category(char) == "Cc" for char in label):
+        return "holds a control character (newline, tab ...)"
+    return ""
 
 
 def labels_per_text(frame: pd.DataFrame) -> pd.DataFrame:
@@ -424,6 +448,12 @@ def examples_for(
     elif check in ("class_min_rows", "class_in_every_split"):
         for row in result.get("partial_unexpected_index_list") or []:
             yield _class_line(context.class_counts, row[LABEL])
+    elif check == "label_form":
+        seen = context.class_counts.set_index(LABEL)[list(SPLITS)].sum(axis=1)
+        for row in result.get("partial_unexpected_index_list") or []:
+            name = row[LABEL]
+            problem = frame.loc[frame[LABEL] == name, "form_problem"].iloc[0]
+            yield f"{shorten(name)} ({problem}; {int(seen.get(name, 0))} rows)"
     elif check == "label_variants":
         folded = frame.set_index(LABEL)["folded"]
         seen = context.class_counts.set_index(LABEL)[list(SPLITS)].sum(axis=1)
@@ -476,6 +506,9 @@ def fix_for(check: str, split: str, result: dict[str, Any], frame: pd.DataFrame,
                 f"or set validate.max_text_chars: {longest} to accept them")
     if check == "label_known":
         return _fix_unknown_labels(frame, context)
+    if check == "label_form":
+        return (f"rename these labels in {in_file}: a label needs 1 to {MAX_LABEL_CHARS} characters and no "
+                "control characters; or remove their rows")
     if check == "label_variants":
         return ("labels are never merged: these are trained as separate classes. If they are one class, "
                 "fix the labels in the source")

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from langops.config import DataConfig, PrepareConfig, ValidateConfig
-from langops.io import read_json, split_path, write_labels
+from langops.io import SPLITS, read_json, split_path, write_labels
 from langops.tasks.prepare import prepare
 from langops.tasks.validate import DataValidationError, validate
 
@@ -367,3 +367,22 @@ def test_prepare_then_validate_reports_the_rows_prepare_kept(tmp_path):
         validate(data, CFG, prepared_dir=prepared.out_dir, report_dir=tmp_path / "report")
 
     assert "text is empty or whitespace only" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("bad_label", "problem"),
+    [("", "empty"), ("x" * 250, "250 chars, at most 200"), ("two\nlines", "holds a control character")],
+    ids=["empty", "too long", "newline"],
+)
+def test_labels_no_report_or_metric_name_can_carry_are_refused_before_training(tmp_path, bad_label, problem):
+    splits = clean_splits()
+    for split in SPLITS:
+        splits[split].loc[0:5 if split == "train" else 0, "label"] = bad_label
+    labels = (*LABELS, bad_label)
+
+    with pytest.raises(DataValidationError) as err:
+        run_validate(tmp_path, splits, data=DataConfig(labels=None) if bad_label == "" else DataConfig(labels=labels))
+
+    message = str(err.value)
+    assert "labels no report, metric or file name can carry" in message and problem in message
+    assert "fix: rename these labels in the source: a label needs 1 to 200 characters" in message
