@@ -180,7 +180,10 @@ def task_runner_for(params: Params, *, trials: int):
 
     The local cluster has ``sweep.n_workers`` processes (no more than there are trials) of one thread each:
     Dask's nanny sets ``OMP_NUM_THREADS=1`` in them, so torch uses one core per trial unless
-    ``train.num_threads`` says otherwise.
+    ``train.num_threads`` says otherwise. Its workers are told the Prefect API this flow reports to: without
+    it, under a temporary server (whose URL no setting holds) each worker started a temporary server of its
+    own, with Prefect's 20 s startup limit. They log like the command that started the sweep
+    (``langops.logs``).
     """
     from prefect_dask import DaskTaskRunner
 
@@ -193,8 +196,17 @@ def task_runner_for(params: Params, *, trials: int):
             "threads_per_worker": 1,
             "processes": True,
             "dashboard_address": ":0",  # any free port: two sweeps on one machine do not collide
+            "env": {"PREFECT_API_URL": _flow_api_url()},
+            "preload": ["langops.logs"],
         }
     )
+
+
+def _flow_api_url() -> str:
+    """The Prefect API of the running flow, a temporary server's included."""
+    from prefect.context import FlowRunContext
+
+    return str(FlowRunContext.get().client.api_url).rstrip("/")
 
 
 def _run_trials(params: Params, trials: list[Trial], sweep_run_id: str) -> list[TrialOutcome]:

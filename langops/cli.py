@@ -10,32 +10,66 @@ import time
 from pathlib import Path
 
 from langops.config import ConfigError, Params, load_params
+from langops.logs import FILE_ONLY, configure_logging
 
 STEPS = ("prepare", "validate", "train", "evaluate", "compress", "register", "promote", "deploy")
 # `langops deploy` applies the Prefect deployments (prefect.yaml); the pipeline's deploy step, which starts or
 # reloads the model server for the champion, is `langops deploy-model`.
 STEP_COMMANDS = {step: "deploy-model" if step == "deploy" else step for step in STEPS}
 
+log = logging.getLogger("langops.cli")
+
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; a failure is printed once, as one block, and its traceback goes to the log file.
+
+    Exit codes: 0 done, 1 failed, 2 bad params (or a bad value for a command), 3 the data cannot be used
+    (unreadable, or it failed validation).
+    """
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    _quiet_libraries()
+    if args.command == "init":  # it writes the params file the other commands read
+        return _init(args)
     try:
-        params = load_params(args.params, args.overrides)
+        params = load_params(args.params, _param_overrides(args))
+    except ConfigError as exc:
+        print(f"langops: {exc}", file=sys.stderr)
+        return 2
+    log_file = configure_logging(params.project.state_dir, command=args.command, verbose=args.verbose)
+    try:
         use_local_state(params)
         return args.handler(params, args)
     except ConfigError as exc:
         print(f"langops: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
-        from langops.tasks.validate import DataValidationError
+        return _report_failure(args, exc, log_file)
 
-        if isinstance(exc, DataValidationError):
-            print(f"langops: {exc}", file=sys.stderr)
-            return 3
-        raise
+
+def _param_overrides(args: argparse.Namespace) -> list[str]:
+    """``--set`` values, and ``--dataset`` as the ``data.source`` it stands for."""
+    dataset = getattr(args, "dataset", None)
+    return [*args.overrides, *([f"data.source={dataset}"] if dataset else [])]
+
+
+def _report_failure(args: argparse.Namespace, exc: Exception, log_file: Path) -> int:
+    """Print what failed, the error and where its traceback is, once; the exit code says what kind of failure.
+
+    The traceback goes to the log file (and, with ``--verbose``, to the console). The error's message is
+    printed as it is: a ``DataValidationError``'s already lists every failed check and the report.
+    """
+    from langops.pipeline import failed_step
+    from langops.tasks.prepare import PrepareError
+    from langops.tasks.validate import DataValidationError
+
+    log.error("langops %s failed", args.command, exc_info=exc, extra={FILE_ONLY: True})
+    step = None if hasattr(args, "step") else failed_step(exc)  # `langops <step>` names its step already
+    what = f"langops {args.command} failed" + (f" in step {step}" if step else "")
+    # langops's own errors say what is wrong in their message; anything else is named by its type too.
+    message = str(exc) if type(exc).__module__.startswith("langops.") else f"{type(exc).__name__}: {exc}"
+    hint = "" if args.verbose else " (the traceback is there; --verbose shows it)"
+    print(f"{what}:\n{message}\nfull log: {log_file}{hint}", file=sys.stderr)
+    return 3 if isinstance(exc, DataValidationError | PrepareError) else 1
 
 
 def use_local_state(params: Params) -> None:
@@ -65,9 +99,16 @@ def _parser() -> argparse.ArgumentParser:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a param for this run, e.g. --set train.epochs=2 (repeatable)",
     )
+    common.add_argument(
+        "--verbose", action="store_true",
+        help="show tracebacks and Prefect's failure reports on the console (the log file always has them)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", parents=[common], help="run the whole pipeline as a Prefect flow")
+    run.add_argument(
+        "--dataset", metavar="PATH", help="the labelled dataset to train on; same as --set data.source=PATH"
+    )
     run.set_defaults(handler=_run)
 
     sweep = sub.add_parser(
@@ -106,6 +147,16 @@ def _parser() -> argparse.ArgumentParser:
     deploy.add_argument("--prefect-file", type=Path, help="default: the project's prefect.yaml, else langops' own")
     deploy.set_defaults(handler=_deploy)
 
+    init = sub.add_parser(
+        "init", help="write params.yaml for your dataset (columns, labels), and show what validation would say"
+    )
+    init.add_argument("--data", required=True, type=Path, metavar="FILE",
+                      help="a CSV/TSV/JSONL/JSON/Parquet file, or a folder of train/validation/test files")
+    init.add_argument("--params", default="params.yaml", help="params file to write (default: params.yaml)")
+    init.add_argument("--text-column", help="the column holding the text (default: inferred)")
+    init.add_argument("--label-column", help="the column holding the label (default: inferred)")
+    init.add_argument("--force", action="store_true", help="replace the data: section of an existing params file")
+
     stop = sub.add_parser("stop", parents=[common], help="stop the background model server started by deploy-model")
     stop.set_defaults(handler=_stop)
 
@@ -121,22 +172,34 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(params: Params, args: argparse.Namespace) -> int:
-    from langops.flows.pipeline import training_pipeline
+    from langops.services import start_temporary_prefect_server
+    from langops.tasks.prepare import check_source
 
     started = time.perf_counter()
-    summary = training_pipeline(params_path=str(Path(args.params).resolve()), overrides=list(args.overrides))
+    check_source(params.data)  # a dataset that cannot work fails now, not after a server has started
+    start_temporary_prefect_server(params)
+    from langops.flows.pipeline import training_pipeline
+
+    summary = training_pipeline(
+        params_path=str(Path(args.params).resolve()), overrides=list(args.overrides), dataset=args.dataset
+    )
     print(_closing_summary(params, summary, time.perf_counter() - started))
     return 0
 
 
 def _sweep(params: Params, args: argparse.Namespace) -> int:
-    """Run the sweep flow; the trials are checked here first, so a bad ``sweep:`` starts nothing."""
+    """Run the sweep flow; the trials and the data files are checked here first, so a bad ``sweep:`` or a
+    missing dataset starts nothing."""
+    from langops.services import start_temporary_prefect_server
     from langops.sweep import expand_trials
+    from langops.tasks.prepare import check_source
 
     expand_trials(params)
+    check_source(params.data)
+    started = time.perf_counter()
+    start_temporary_prefect_server(params)
     from langops.flows.sweep import summary_markdown, sweep_pipeline
 
-    started = time.perf_counter()
     summary = sweep_pipeline(params_path=str(Path(args.params).resolve()), overrides=list(args.overrides))
     print(summary_markdown(summary))
     print(f"sweep finished in {time.perf_counter() - started:.0f}s")
@@ -184,6 +247,24 @@ def _serve(params: Params, args: argparse.Namespace) -> int:
         return 2
     serve(settings)
     return 0
+
+
+def _init(args: argparse.Namespace) -> int:
+    """``langops init``: exit 0 when the data would pass validation, 3 when a run would stop on it."""
+    from langops.project_init import InitError, init_project, render
+    from langops.tasks.prepare import PrepareError
+
+    try:
+        result = init_project(args.data, params_path=Path(args.params), text_column=args.text_column,
+                              label_column=args.label_column, force=args.force)
+    except InitError as exc:
+        print(f"langops init: {exc}", file=sys.stderr)
+        return 2
+    except PrepareError as exc:
+        print(f"langops init: {exc}", file=sys.stderr)
+        return 3
+    print(render(result))
+    return 3 if result.errors else 0
 
 
 def _stop(params: Params, args: argparse.Namespace) -> int:
@@ -344,11 +425,6 @@ def _closing_summary(params: Params, summary, seconds: float) -> str:
             f"MLflow on http://{services.host}:{services.mlflow_port}; this run shows in both)",
         ]
     return "\n".join(lines)
-
-
-def _quiet_libraries() -> None:
-    for name in ("httpx", "urllib3", "alembic", "great_expectations", "mlflow.store.db.utils"):
-        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 if __name__ == "__main__":

@@ -269,12 +269,16 @@ def render(result: InitResult) -> str:
         lines.append("prepare will:")
         lines += [f"  - {change}" for change in result.changes]
     if result.errors:
-        lines.append(f"\nvalidation would STOP a run on this data ({len(result.errors)} problems); fix these first:")
+        lines.append(f"\nvalidation would STOP a run on this data ({_count(len(result.errors), 'problem')}); fix these first:")
         lines += [f"  - {error}" for error in result.errors]
     else:
         lines.append("\nvalidation passes on a dry run of prepare + validate.")
     if result.warnings:
-        lines.append(f"warnings (the run goes on, {len(result.warnings)}):")
+        lines.append(f"warnings (the run goes on; {_count(len(result.warnings), 'warning')}):")
         lines += [f"  - {warning}" for warning in result.warnings]
     lines.append("next: langops run" if not result.errors else "then: langops run")
     return "\n".join(lines)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")

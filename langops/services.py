@@ -8,6 +8,9 @@ uses without servers, so runs made before ``up`` show in both UIs. It records th
 file (``apply_endpoints``) and talks to them, unless ``PREFECT_API_URL`` / ``MLFLOW_TRACKING_URI`` are
 already set or ``tracking.uri`` names another MLflow.
 
+Without them, ``langops run`` and ``langops sweep`` start a temporary Prefect server for their own
+process and wait for it (``start_temporary_prefect_server``); it stops when the command ends.
+
 ``langops deploy`` applies the deployments declared in ``prefect.yaml`` (``apply_deployments``).
 Nothing here imports Prefect or MLflow at module level: ``apply_endpoints`` runs before Prefect is
 imported.
@@ -16,12 +19,14 @@ imported.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,6 +52,8 @@ INSTALLED_FLOWS_PACKAGE = "langops.flows"
 SOURCE_ROOT = Path(__file__).resolve().parents[1]
 PLACEHOLDER = re.compile(r"\{\{\s*\$?(\w+)\s*\}\}")
 
+log = logging.getLogger(__name__)
+
 
 class ServiceError(RuntimeError):
     """A service could not be started, stopped or reached; the message says which and why."""
@@ -54,6 +61,10 @@ class ServiceError(RuntimeError):
 
 class PortInUseError(ServiceError):
     """A port a service needs is taken by something that is not this project's service."""
+
+
+class TemporaryServerError(ServiceError):
+    """A run's temporary Prefect server did not answer within ``services.temporary_server_timeout_s``."""
 
 
 @dataclass(frozen=True)
@@ -163,6 +174,72 @@ def apply_endpoints(params: Params) -> Endpoints | None:
     if params.tracking.uri is None:
         os.environ.setdefault("MLFLOW_TRACKING_URI", endpoints.mlflow_tracking_uri)
     return endpoints
+
+
+# ----------------------------------------------------------------------------------- temporary server
+
+
+def start_temporary_prefect_server(params: Params) -> str | None:
+    """Start the temporary Prefect server this process's flows will use, now, and wait for it.
+
+    With no Prefect API configured (no ``PREFECT_API_URL``, no ``langops up``) Prefect starts a temporary
+    server when a flow first needs one and gives it ``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS``
+    (20 s). A first start creates and migrates the SQLite database in ``PREFECT_HOME``, which on two busy
+    cores takes longer, so a first run could die before its first step. This starts Prefect's own server
+    object, the one instance every Prefect client in this process reuses, up front and waits
+    ``services.temporary_server_timeout_s`` for it. Prefect stops it when the process exits; so that a
+    SIGTERM (a cancelled CI job, ``timeout``, ``kill``) does not orphan it, this process answers SIGTERM
+    by exiting through ``SystemExit``, which runs the exit handlers that Python's default action skips
+    (Prefect's flow engine hands a SIGTERM on to it after marking its run crashed).
+
+    Returns:
+        The server's API URL; None when a Prefect API is configured or temporary servers are switched off
+        (``PREFECT_SERVER_EPHEMERAL_ENABLED``), and nothing was started.
+
+    Raises:
+        TemporaryServerError: the server did not answer in time; the message names the setting to raise.
+    """
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    if settings.api.url or not settings.server.ephemeral.enabled:
+        return None
+    from prefect.server.api.server import SubprocessASGIServer
+
+    timeout_s = params.services.temporary_server_timeout_s
+    default_s = type(params.services).model_fields["temporary_server_timeout_s"].default
+    log.info(
+        "starting a temporary Prefect server for this run (a first start creates its database in %s; "
+        "waiting up to %g s; `langops up` keeps one running)", settings.home, timeout_s,
+    )
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if in_main_thread and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    server = SubprocessASGIServer()
+    prefect_log = logging.getLogger("prefect")
+    level = prefect_log.level
+    prefect_log.setLevel(logging.WARNING)  # the line above replaces Prefect's "Starting temporary server"
+    started = time.perf_counter()
+    try:
+        server.start(timeout=timeout_s)
+    except BaseException as exc:
+        server.stop()  # Prefect leaves a server that missed its deadline running until this process exits
+        if isinstance(exc, RuntimeError):
+            raise TemporaryServerError(
+                f"the temporary Prefect server did not answer within {timeout_s:g} s "
+                f"(services.temporary_server_timeout_s): raise it, e.g. --set "
+                f"services.temporary_server_timeout_s={max(2 * timeout_s, default_s):g}, or keep a server "
+                f"running with `langops up`. Prefect said: {exc}"
+            ) from exc
+        raise
+    finally:
+        prefect_log.setLevel(level)
+    log.info("temporary Prefect server up at %s after %.1f s", server.api_url, time.perf_counter() - started)
+    return server.api_url
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 # ------------------------------------------------------------------------------------------------- up

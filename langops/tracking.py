@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,8 +21,9 @@ def configure_mlflow(params: Params) -> str:
     uri = params.tracking_uri()
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    with _environment_kept(TRACKING_ENV_VARS):  # MLflow exports the URI, which would then outrank params
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
     client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name(params.tracking.experiment)
     if experiment is None:
@@ -32,6 +34,28 @@ def configure_mlflow(params: Params) -> str:
         experiment_id = experiment.experiment_id
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
+
+
+TRACKING_ENV_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+@contextlib.contextmanager
+def _environment_kept(names: tuple[str, ...]):
+    """Undo what the block does to these environment variables.
+
+    ``mlflow.set_tracking_uri`` writes ``$MLFLOW_TRACKING_URI``, and ``Params.tracking_uri`` lets that
+    variable win (it is how a user points langops elsewhere), so without this the first project a process
+    touches would capture every later one (two test projects, a sweep's trials).
+    """
+    before = {name: os.environ.get(name) for name in names}
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @contextlib.contextmanager

@@ -54,6 +54,7 @@ FORMATS = {
 }
 MAX_EXAMPLES = 5
 MAX_EXAMPLE_CHARS = 80
+HEAD_BYTES = 256 * 1024  # what check_source reads of each file
 NULL_STRATUM = "\0null"
 
 
@@ -277,9 +278,63 @@ def read_records(path: Path, encoding: str = "utf-8") -> tuple[list[tuple[int, d
     return list(records), columns
 
 
-def decode_text(path: Path, encoding: str) -> str:
-    """The whole file as text, or an error that says where it stops being ``encoding`` and what to do."""
-    raw = path.read_bytes()
+def check_source(data: DataConfig) -> None:
+    """Refuse, in well under a second, a dataset that cannot work, before any server or step starts.
+
+    Looks only at each file's start: missing or unknown files, binary or undecodable bytes there, an
+    empty or header-only file, and the named columns. The full read in ``prepare`` still checks every line.
+
+    Raises:
+        PrepareError: naming the file and the problem.
+    """
+    wanted = {"data.text_column": data.text_column, "data.label_column": data.label_column}
+    if data.split_column is not None:
+        wanted["data.split_column"] = data.split_column
+    for path in source_files(data).values():
+        columns, has_rows = _peek(path, data.encoding)
+        if not has_rows:
+            raise PrepareError(f"{path} has a header but no data rows")
+        for role, column in wanted.items():
+            if column not in columns:
+                raise PrepareError(f"column {column!r} ({role}) not found in {path}; columns present: {columns}")
+
+
+def _peek(path: Path, encoding: str) -> tuple[list[str], bool]:
+    """The columns of a file and whether it has a row, from its first ``HEAD_BYTES`` (Parquet: its footer)."""
+    kind = format_of(path)
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            metadata = pq.read_metadata(path)
+        except Exception as exc:  # pyarrow raises several types for a damaged or foreign file
+            raise PrepareError(f"{path} cannot be read as Parquet: {exc}") from None
+        return [str(name) for name in metadata.schema.to_arrow_schema().names], metadata.num_rows > 0
+    with path.open("rb") as fh:
+        head = fh.read(HEAD_BYTES)
+        more = bool(fh.read(1))
+    text = decode_text(path, encoding, raw=head, complete=not more)
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise PrepareError(f"{path} is empty: no header and no rows")
+    if kind == "csv" or kind == "tsv":
+        header = next(csv.reader([lines[0]], delimiter="," if kind == "csv" else "\t"))
+        return [name.strip() for name in header], len(lines) > 1 or more
+    _, columns = _json_records(path, "\n".join(lines[: max(1, len(lines) - (1 if more else 0))]))
+    return columns, True
+
+
+def decode_text(path: Path, encoding: str, *, raw: bytes | None = None, complete: bool = True) -> str:
+    """The file (or its first bytes ``raw``) as text, or an error that says where it stops being
+    ``encoding`` and what to do. With ``complete=False`` a character cut at the end of ``raw`` is dropped."""
+    if raw is None:
+        raw = path.read_bytes()
+    if not complete:
+        decoder = codecs.getincrementaldecoder("utf-8-sig" if codecs.lookup(encoding).name == "utf-8" else encoding)()
+        try:
+            return decoder.decode(raw, final=False)
+        except UnicodeDecodeError:
+            pass  # reported below, with the offset
     if b"\x00" in raw[:65536] and not raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         offset = raw.index(b"\x00")
         line = raw.count(b"\n", 0, offset) + 1
@@ -466,7 +521,7 @@ def settle_label_conflicts(frame: pd.DataFrame, policy: str) -> tuple[pd.DataFra
     ``majority`` keeps the rows of a text's most frequent label (a tie drops the text), ``drop`` drops
     every copy, ``fail`` keeps them all for validate's ``label_conflicts`` check to stop the run.
     """
-    labelled = frame[frame[TEXT].notna() & frame[LABEL].notna()]
+    labelled = frame[has_text(frame) & frame[LABEL].notna()]
     counts = labelled.groupby([TEXT, LABEL]).size()
     per_text = counts.groupby(level=0).size()
     conflicting = per_text.index[per_text > 1]
@@ -493,9 +548,15 @@ def settle_label_conflicts(frame: pd.DataFrame, policy: str) -> tuple[pd.DataFra
     return frame[~drop].reset_index(drop=True), report
 
 
+def has_text(frame: pd.DataFrame) -> pd.Series:
+    """Rows with a real text: null and blank ones are never grouped, merged or settled, so validate sees
+    every one of them."""
+    return frame[TEXT].notna() & (frame[TEXT] != "")
+
+
 def drop_duplicate_texts(frame: pd.DataFrame) -> tuple[pd.DataFrame, int]:
-    """Keep the first row of each exact text; null texts are never merged, validate must see them all."""
-    repeated = frame[TEXT].notna() & frame[TEXT].duplicated(keep="first")
+    """Keep the first row of each exact text; null or blank texts are never merged, validate must see them all."""
+    repeated = has_text(frame) & frame[TEXT].duplicated(keep="first")
     return frame[~repeated].reset_index(drop=True), int(repeated.sum())
 
 
@@ -507,10 +568,11 @@ def split_overlap(given: dict[str, pd.DataFrame], *, drop: bool) -> dict[str, An
     dropped: dict[str, int] = {}
     examples: list[str] = []
     for later_index, later in enumerate(named):
-        later_texts = set(given[later][TEXT].dropna())
+        later_texts = set(given[later][TEXT][has_text(given[later])])
         for earlier in named[:later_index]:
             shared = given[earlier][TEXT].isin(later_texts)
-            rows_in_later = int(given[later][TEXT].isin(set(given[earlier][TEXT].dropna())).sum())
+            earlier_texts = set(given[earlier][TEXT][has_text(given[earlier])])
+            rows_in_later = int(given[later][TEXT].isin(earlier_texts).sum())
             if not rows_in_later:
                 continue
             overlap[f"{later}-{earlier}"] = rows_in_later
@@ -547,11 +609,12 @@ def split_grouped(frame: pd.DataFrame, fractions: dict[str, float], *, seed: int
     Texts (groups of identical rows) are stratified by label: each label's texts are shuffled with ``seed``
     and dealt out by the fractions, rounding half up. A label with three or more texts gets at least one
     in every split; with two, one in train and one in the last split named; with one, train only (validate
-    then names the class). Null texts are groups of one. Rows keep their source order within a split.
+    then names the class). Null and blank texts are groups of one. Rows keep their source order within a
+    split.
     """
     names = list(fractions)
     row_keys = pd.Series([f"\0row{i}" for i in range(len(frame))], index=frame.index)
-    keys = frame[TEXT].astype(object).where(frame[TEXT].notna(), row_keys)
+    keys = frame[TEXT].astype(object).where(has_text(frame), row_keys)
     strata = frame[LABEL].astype(object).where(frame[LABEL].notna(), NULL_STRATUM)
     pairs = pd.DataFrame({"key": keys, "stratum": strata})
     sizes = pairs.groupby(["key", "stratum"]).size().reset_index(name="n")
@@ -603,7 +666,7 @@ def repeated_text_counts(splits: dict[str, pd.DataFrame]) -> dict[str, dict[str,
     """Per split: texts that occur more than once, and the surplus rows they add."""
     counts = {}
     for name, frame in splits.items():
-        sizes = frame[TEXT].dropna().value_counts()
+        sizes = frame[TEXT][has_text(frame)].value_counts()
         repeated = sizes[sizes > 1]
         counts[name] = {"texts": len(repeated), "surplus_rows": int((repeated - 1).sum())}
     return counts

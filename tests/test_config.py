@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,16 @@ def test_environment_tracking_uri_wins(monkeypatch, tmp_path):
     assert params.tracking_uri() == "http://127.0.0.1:5000"
 
 
+def test_configuring_one_project_does_not_capture_the_next_in_the_same_process(tmp_path):
+    from langops.tracking import configure_mlflow
+
+    first, second = (parse_params({}).resolved(tmp_path / name) for name in ("first", "second"))
+    configure_mlflow(first)  # mlflow.set_tracking_uri exports $MLFLOW_TRACKING_URI, which params let win
+
+    assert second.tracking_uri() == second.embedded_tracking_uri() != first.embedded_tracking_uri()
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+
+
 def test_params_hash_changes_with_a_knob():
     a = parse_params({})
     b = parse_params({"train": {"epochs": 9}})
@@ -68,3 +79,10 @@ def test_params_hash_ignores_servers_paths_and_the_gate():
                       "promote": {"min_absolute_change": 0.02}})
     assert a.section_hash() == b.section_hash()
     assert a.section_hash() != parse_params({"project": {"seed": 7}}).section_hash()
+
+
+def test_the_services_section_of_params_yaml_holds_the_model_defaults():
+    """Two places hold these defaults (params.yaml for users, the model for code): they must agree."""
+    from langops.config import ServicesConfig
+
+    assert load_params(ROOT / "params.yaml").services == ServicesConfig()

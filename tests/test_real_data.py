@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from langops.config import DataConfig, PrepareConfig, ValidateConfig
 from langops.io import SPLITS, read_json, read_split
-from langops.tasks.prepare import PrepareError, prepare, split_grouped
+from langops.tasks.prepare import HEAD_BYTES, PrepareError, check_source, prepare, split_grouped
 from langops.tasks.validate import DataValidationError, validate
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
@@ -172,13 +172,42 @@ def test_unreadable_files_are_named_with_the_problem(tmp_path, content, problem)
         run(tmp_path, source)
 
 
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", r"looks binary, not a text table"),
+        (b"", r"is empty: no header and no rows"),
+        (b"text,label\n", r"has a header but no data rows"),
+        (b"body,label\nfine ticket,billing\n", r"column 'text' \(data.text_column\) not found in .*; columns present: \['body', 'label'\]"),
+        ("text,label\ncaf\u00e9,billing\n".encode("cp1252"), r"is not valid utf-8: byte offset 14 \(line 2, column 4\)"),
+    ],
+    ids=["binary", "empty", "header only", "missing column", "cp1252"],
+)
+def test_check_source_refuses_from_the_start_of_the_file(tmp_path, content, problem):
+    source = tmp_path / "bad.csv"
+    source.write_bytes(content)
+    with pytest.raises(PrepareError, match=problem):
+        check_source(DataConfig(source=str(source)))
+
+
+def test_check_source_reads_only_the_start_and_prepare_still_reads_every_line(tmp_path):
+    rows = tickets(2000)
+    source = write_csv_bytes(tmp_path / "big.csv", rows)
+    source.write_bytes(source.read_bytes() + "late caf\u00e9,billing\n".encode("cp1252"))
+    assert source.stat().st_size > HEAD_BYTES
+
+    check_source(DataConfig(source=str(source)))  # the bad byte is past what it reads
+    with pytest.raises(PrepareError, match=rf"line {len(rows) + 2}, column 9"):
+        run(tmp_path, source)
+
+
 # ------------------------------------------------------------------------------------------ data shapes
 
 
 def sms_like(seed: int = 0) -> list[tuple[str, str]]:
     """Short messages, 13% spam, ~7% repeated texts, a few repeats with conflicting labels."""
     rng = random.Random(seed)
-    rows = [(f"hey are we still on for {rng.choice(['lunch', 'tea', 'the game'])} at {i % 12 + 1}", "ham") for i in range(400)]
+    rows = [(f"hey are we still on for {rng.choice(['lunch', 'tea', 'the game'])} at {i % 12 + 1} with {i}", "ham") for i in range(400)]
     rows += [(f"WIN a prize! text CLAIM to {80000 + i} now", "spam") for i in range(60)]
     rows += [("Ok", "ham")] * 6 + [("k", "ham")] * 3 + [("Ok lor", "ham")] * 4
     rows += [("call me", "ham"), ("call me", "ham"), ("call me", "spam")]  # conflicting, majority ham
@@ -217,6 +246,18 @@ def test_sms_like_conflicts_stop_the_run_when_asked_and_say_how_to_settle_them(t
     assert "texts with more than one label" in message
     assert "'call me' labelled 'ham' x2, 'spam' x1" in message or "'free msg' labelled 'ham' x1, 'spam' x1" in message
     assert "fix: set prepare.label_conflicts: majority" in message
+
+
+def test_blank_texts_are_never_settled_as_conflicts_or_merged_as_repeats(tmp_path):
+    rows = tickets() + [("   ", "billing"), ("  ", "shipping"), ("\t", "technical"), (" ", "billing")]
+    source = write_csv_bytes(tmp_path / "blanks.csv", rows)
+
+    with pytest.raises(DataValidationError) as err:
+        run(tmp_path, source, prepare_cfg=PrepareConfig(deduplicate=True))
+
+    failed = [e for e in read_json(err.value.result.summary_path)["expectations"]
+              if not e["success"] and e["check"] == "text_not_blank"]
+    assert sum(e["unexpected_count"] for e in failed) == 4  # all four reach validate, none settled or merged
 
 
 def test_deduplicate_keeps_one_copy_of_each_text(tmp_path):

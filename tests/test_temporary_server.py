@@ -1,0 +1,115 @@
+"""The temporary Prefect server `langops run` starts when no server is configured: a first start on busy
+cores, a limit too short for it, and a SIGTERM while it runs."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+from pipeline_helpers import tiny_project_params, write_bad_csv, write_params
+
+pytestmark = pytest.mark.slow
+
+WAITING = "starting a temporary Prefect server for this run"
+BUSY_PROCESSES = 2  # one per core of the CI machine
+SERVER_APP = "prefect.server.api.server:create_app"
+
+
+def _user_env() -> dict[str, str]:
+    """A user's shell in a new project: no Prefect server configured, and Prefect's own startup limit cut
+    to 1 s, so a run must not depend on it."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME")}
+    env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "1"
+    return env
+
+
+def _langops_run(root: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "langops.cli", "run", *args], cwd=root, env=_user_env(),
+                          capture_output=True, text=True, timeout=600, check=False)
+
+
+def _temporary_servers(prefect_home: Path) -> list[int]:
+    """Pids of live temporary Prefect servers over ``prefect_home``."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            command = process.info["cmdline"] or []
+            if SERVER_APP in command and process.environ().get("PREFECT_HOME") == str(prefect_home):
+                found.append(process.pid)
+        except psutil.Error:  # gone since the listing, or not ours to read
+            continue
+    return found
+
+
+@pytest.fixture()
+def bad_data_project(tmp_path) -> Path:
+    """A new project whose run stops at validate: it gets past the server and needs no model."""
+    bad = write_bad_csv(tmp_path / "bad.csv", "unknown_label")
+    write_params(tmp_path, tiny_project_params(tmp_path, tmp_path / "no-model", data={"source": str(bad)}))
+    return tmp_path
+
+
+def test_a_first_run_on_busy_cores_waits_for_its_new_server_and_gets_to_work(bad_data_project):
+    root = bad_data_project
+    assert not (root / ".langops").exists()  # a brand-new state folder: the server creates its database
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(BUSY_PROCESSES)]
+    try:
+        result = _langops_run(root)
+    finally:
+        for burner in burners:
+            burner.kill()
+            burner.wait()
+
+    console = result.stdout + result.stderr
+    assert result.returncode == 3, console[-3000:]  # the bad data stopped it: every step before ran
+    assert console.count(WAITING) == 1 and "waiting up to 300 s" in console
+    up = re.search(r"temporary Prefect server up at http://127\.0\.0\.1:\d+/api after ([\d.]+) s", console)
+    assert up, console[-3000:]
+    assert "Beginning flow run" in console and "langops run failed in step validate" in console
+    assert (root / ".langops" / "prefect" / "prefect.db").is_file()
+    assert "Starting temporary server" not in console  # no second server; Prefect's own line not repeated
+    assert not _temporary_servers(root / ".langops" / "prefect")  # it stopped with the run
+
+
+def test_a_server_that_misses_its_limit_fails_the_run_naming_the_setting_and_is_stopped(bad_data_project):
+    root = bad_data_project
+
+    result = _langops_run(root, "--set", "services.temporary_server_timeout_s=0.5")
+
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "langops run failed:\nthe temporary Prefect server did not answer within 0.5 s " in result.stderr
+    assert "(services.temporary_server_timeout_s): raise it, e.g. --set " \
+           "services.temporary_server_timeout_s=300" in result.stderr
+    assert "Traceback" not in result.stderr and "RuntimeError" not in result.stderr
+    assert not (root / "data" / "prepared").exists()  # no step ran
+    assert not _temporary_servers(root / ".langops" / "prefect")
+
+
+def test_a_terminated_run_takes_its_server_with_it(bad_data_project):
+    root = bad_data_project
+    run = subprocess.Popen([sys.executable, "-m", "langops.cli", "run"], cwd=root, env=_user_env(),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert run.stderr is not None
+        seen = []
+        for line in run.stderr:
+            seen.append(line)
+            if "temporary Prefect server up at" in line:
+                break
+        assert len(_temporary_servers(root / ".langops" / "prefect")) == 1, "".join(seen)[-3000:]
+        run.terminate()  # SIGTERM, as a cancelled CI job or `timeout` sends it
+        run.wait(timeout=60)  # not reading to EOF: an orphaned server would hold the pipe open
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+        run.stderr.close()
+
+    assert run.returncode == 128 + signal.SIGTERM
+    assert not _temporary_servers(root / ".langops" / "prefect")
