@@ -102,3 +102,28 @@ def spoil(frame: pd.DataFrame, defect: str) -> pd.DataFrame:
 def write_bad_csv(path: Path, defect: str, rows: int = 360) -> Path:
     spoil(generate_demo_dataset(DEMO_LABELS, rows, seed=3), defect).to_csv(path, index=False)
     return path
+
+
+INTENT_LABELS = [
+    *(f"intent_{i:02d}" for i in range(74)),
+    "reverted_card_payment?",
+    "Refund_not_showing_up",
+    "\U0001f4b3 card_arrival",
+]
+
+
+def write_intent_dataset(path: Path, *, rows_per_class: int = 30, seed: int = 0) -> Path:
+    """77 intents, some named the way public intent datasets name theirs (punctuation, case, emoji); each
+    intent has its own pair of words so even a tiny model can learn them."""
+    import random
+
+    rng = random.Random(seed)
+    vocabulary = [f"w{i:03d}" for i in range(2 * len(INTENT_LABELS))]
+    rows = [
+        {"text": f"{vocabulary[2 * i]} {vocabulary[2 * i + 1]} please {rng.randint(0, 99999)}", "label": label}
+        for i, label in enumerate(INTENT_LABELS)
+        for _ in range(rows_per_class)
+    ]
+    rng.shuffle(rows)
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path

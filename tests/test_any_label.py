@@ -61,7 +61,7 @@ def write_dataset(path: Path, labels: list[str], seed: int) -> Path:
 
 
 @pytest.mark.slow
-@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(labels=label_sets())
 def test_any_label_set_trains_registers_and_serves_with_its_labels_intact(tiny_base_model, labels):
     from langops import pipeline
@@ -116,3 +116,35 @@ def _wait_ready(client: httpx.Client) -> None:
     from serving_helpers import wait_until
 
     wait_until(lambda: client.get("/ready").status_code == 200, what="the server to load the version")
+
+
+@pytest.mark.slow
+def test_a_77_intent_dataset_runs_through_langops_run_to_a_served_model(tmp_path, tiny_base_model):
+    import subprocess
+    import sys
+
+    from pipeline_helpers import INTENT_LABELS, write_intent_dataset
+
+    source = write_intent_dataset(tmp_path / "intents.csv")
+    port = free_port()
+    write_params(tmp_path, tiny_project_params(
+        tmp_path, tiny_base_model,
+        data={"source": str(source), "labels": None},
+        train={"epochs": 3, "learning_rate": 0.003},
+        compress={"min_label_agreement": 0.0, "max_fp32_logit_diff": 0.01, "latency_runs": 5},
+        deploy={"enabled": True, "port": port, "poll_seconds": 0.5},
+    ))
+    try:
+        result = subprocess.run([sys.executable, "-m", "langops.cli", "run"], cwd=tmp_path, capture_output=True,
+                                text=True, timeout=900)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "langops-classifier version 1 (promoted to champion)" in result.stdout
+
+        metrics = __import__("json").loads((tmp_path / "reports" / "evaluation" / "metrics.json").read_text())
+        assert sorted(metrics["label_keys"].values()) == sorted(INTENT_LABELS)
+        reply = httpx.post(f"http://127.0.0.1:{port}/predict", timeout=30,
+                           json={"texts": ["w148 w149 please 7", "w150 w151 please 8", "w152 w153 please 9"]})
+        assert reply.status_code == 200, reply.text
+        assert all(set(p["probabilities"]) == set(INTENT_LABELS) for p in reply.json()["predictions"])
+    finally:
+        subprocess.run([sys.executable, "-m", "langops.cli", "stop"], cwd=tmp_path, capture_output=True, timeout=120)
