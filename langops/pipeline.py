@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import shutil
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -258,7 +258,9 @@ def decide_promotion(params: Params, *, force_reason: str | None = None):
     challenger = replace(challenger, servable=servable.ok, servable_detail=servable.detail)
     champion = None
     if champion_version is not None:
-        champion = shipped_model_evidence(params, _registered_model_dir(params, champion_version), champion_version)
+        champion = shipped_model_evidence(
+            params, _registered_model_dir(params, champion_version), champion_version, compare_with=challenger.labels
+        )
     return decide(challenger, champion, params.promote, force_reason=force_reason)
 
 
@@ -302,13 +304,21 @@ def challenger_evidence(params: Params, version: str):
     )
 
 
-def shipped_model_evidence(params: Params, model_dir: Path, version: str, **extra: Any):
-    """Score a compressed model on the current test split and wrap the per-row result as gate evidence."""
+def shipped_model_evidence(
+    params: Params, model_dir: Path, version: str, *, compare_with: Sequence[str] | None = None, **extra: Any
+):
+    """Score a compressed model on the current test split and wrap the per-row result as gate evidence.
+
+    A champion whose labels differ from the challenger's (``compare_with``) is not scored: its evidence
+    names its labels only, and the gate reports the label change instead of comparing.
+    """
     from langops.io import read_test_rows
     from langops.onnx_model import OnnxClassifier
     from langops.tasks.promote import ModelEvidence
 
     classifier = OnnxClassifier.load(model_dir)
+    if compare_with is not None and tuple(classifier.labels) != tuple(compare_with):
+        return ModelEvidence(version, labels=tuple(classifier.labels))
     try:
         texts, y_true = read_test_rows(params.paths.prepared, classifier.labels)
     except ValueError as exc:

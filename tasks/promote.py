@@ -238,6 +238,8 @@ def _budgets(challenger: ModelEvidence, policy: PromoteConfig) -> list[Check]:
 
 
 def _against_champion(challenger: ModelEvidence, champion: ModelEvidence, policy: PromoteConfig) -> list[Check]:
+    if champion.labels and tuple(champion.labels) != tuple(challenger.labels):
+        return [Check("same_labels", False, describe_label_change(champion, challenger))]
     if not champion.evaluated:
         return [Check("champion_evaluated", False, f"champion version {champion.version} has no evaluation on these rows")]
     if not challenger.evaluated:
@@ -250,6 +252,23 @@ def _against_champion(challenger: ModelEvidence, champion: ModelEvidence, policy
     checks += _guards(challenger, champion, policy)
     checks += _slices(challenger, champion, policy)
     return checks
+
+
+def describe_label_change(champion: ModelEvidence, challenger: ModelEvidence, shown: int = 5) -> str:
+    """Why a new label set is never promoted automatically, what changed, and how to ship it anyway."""
+    old, new = set(champion.labels), set(challenger.labels)
+
+    def listed(labels: set[str]) -> str:
+        names = sorted(labels)
+        return ", ".join(repr(n) for n in names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+    changes = [f"{len(new - old)} new ({listed(new - old)})" if new - old else "",
+               f"{len(old - new)} gone ({listed(old - new)})" if old - new else "",
+               "the same labels in another order" if old == new else ""]
+    return (f"champion version {champion.version} serves another label set: {'; '.join(c for c in changes if c)}. "
+            "Clients would get different classes, so the gate does not compare them: promote it with "
+            "`langops promote --force REASON` if the change is meant, or register it under another "
+            "register.model_name")
 
 
 def _primary(challenger: ModelEvidence, champion: ModelEvidence, policy: PromoteConfig) -> Check:

@@ -131,6 +131,21 @@ def test_accuracy_as_primary_also_needs_mcnemar_to_reject():
     assert mcnemar.passed and mcnemar.value < 1e-6 and decision.promote
 
 
+def test_a_new_label_set_is_never_promoted_automatically_and_the_decision_says_how_to_ship_it():
+    y = gold(300)
+    old_labels = ("billing", "shipping", "refunds?", "account")
+    champion = ModelEvidence(version="1", labels=old_labels)  # served other classes: not scored on these rows
+
+    decision = decide(evidence("2", y, predictions(y, 0.95, 1)), champion, POLICY)
+
+    assert not decision.promote
+    (check,) = [c for c in decision.checks if not c.passed]
+    assert check.name == "same_labels"
+    assert "champion version 1 serves another label set: 1 new ('technical'); 2 gone ('account', 'refunds?')" in check.detail
+    assert "`langops promote --force REASON`" in check.detail
+    assert decide(evidence("2", y, predictions(y, 0.95, 1)), champion, POLICY, force_reason="new intents").promote
+
+
 def test_champion_without_an_evaluation_is_an_explicit_failure():
     y = gold(300)
     decision = decide(evidence("2", y, predictions(y, 0.9, 1)), ModelEvidence(version="1"), POLICY)
