@@ -12,8 +12,8 @@ its key:
   characters) plus ``-`` and the first 8 hex digits of the label's sha256, so ``reverted_card_payment?``
   is ``reverted_card_payment-1a2b3c4d`` and ``a?`` and ``a!`` get distinct keys.
 
-The mapping is deterministic for a label set and is written beside the metrics (``label_keys`` in
-``metrics.json``, ``label_keys.json`` in the MLflow run), so any key can be traced back to its label.
+The mapping is deterministic for a label set and is written beside the metrics (``label_keys`` in the
+evaluation's ``details.json``, also logged to the MLflow run), so any key can be traced back to its label.
 """
 
 from __future__ import annotations

@@ -88,3 +88,12 @@ def headline(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
     for key, row in metrics["per_class"].items():
         flat[f"{prefix}f1_{key}"] = row["f1"]
     return flat
+
+
+def metrics_for_dvc(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The numbers ``dvc metrics show/diff`` compare: the headline scalars and one F1 per class, named by its
+    label key. The per-class table with the labels, the key map and the confusion matrix stay out: DVC
+    would make a column of every string in them."""
+    compact = {k: metrics[k] for k in ("rows", "accuracy", "macro_f1", "ece", "majority_baseline_accuracy")}
+    compact["f1"] = {key: row["f1"] for key, row in metrics["per_class"].items()}
+    return compact

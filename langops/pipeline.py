@@ -9,7 +9,6 @@ in ``<trained>/train.json`` and log into the same run.
 from __future__ import annotations
 
 import logging
-import shutil
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -164,7 +163,7 @@ def run_evaluate(params: Params):
 def run_compress(params: Params):
     import mlflow
 
-    from langops.metrics import headline
+    from langops.metrics import headline, metrics_for_dvc
     from langops.tasks.compress import compress
     from langops.tracking import resumed_run
 
@@ -182,7 +181,8 @@ def run_compress(params: Params):
         scalars.update(_numeric(result.latency_ms, "latency_ms_"))
         mlflow.log_metrics(scalars)
         mlflow.log_artifact(str(params.paths.compressed / "compress.json"), "compress")
-    shutil.copyfile(params.paths.compressed / "compress.json", _parent(params.paths.compression) / "metrics.json")
+    summary = read_json(params.paths.compressed / "compress.json")
+    write_json(_parent(params.paths.compression) / "metrics.json", {**summary, "metrics": metrics_for_dvc(summary["metrics"])})
     return result
 
 

@@ -11,7 +11,7 @@ import pandas as pd
 
 from langops.config import EvaluateConfig
 from langops.io import read_labels, read_test_rows, write_json
-from langops.metrics import classification_metrics, softmax
+from langops.metrics import classification_metrics, metrics_for_dvc, softmax
 from langops.modeling import load_trained_classifier, predict_logits
 
 
@@ -19,6 +19,7 @@ from langops.modeling import load_trained_classifier, predict_logits
 class EvaluationResult:
     metrics: dict[str, Any]
     metrics_path: Path
+    details_path: Path
     confusion_png: Path
     confusion_csv: Path
     predictions_csv: Path
@@ -27,8 +28,10 @@ class EvaluationResult:
 def evaluate(cfg: EvaluateConfig, *, trained_dir: Path, prepared_dir: Path, out_dir: Path, max_length: int) -> EvaluationResult:
     """Accuracy, macro-F1, per-class P/R/F1, confusion matrix and calibration error on the test split.
 
-    Writes ``metrics.json`` (DVC metrics), ``confusion.csv`` (actual/predicted rows: a DVC confusion
-    plot), ``confusion_matrix.png`` and ``predictions.csv`` to ``out_dir``.
+    Writes ``metrics.json`` (DVC metrics: headline numbers and each class's F1 by label key),
+    ``details.json`` (per-class precision/recall/F1 with the labels, the label-key map, the confusion
+    matrix), ``confusion.csv`` (actual/predicted rows: a DVC confusion plot), ``confusion_matrix.png`` and
+    ``predictions.csv`` to ``out_dir``.
     """
     trained_dir, out_dir = Path(trained_dir), Path(out_dir)
     labels = read_labels(trained_dir)
@@ -45,10 +48,12 @@ def evaluate(cfg: EvaluateConfig, *, trained_dir: Path, prepared_dir: Path, out_
         {"text": texts, "label": actual, "predicted": predicted, "confidence": probs.max(axis=1)}
     ).to_csv(out_dir / "predictions.csv", index=False)
     plot_confusion_matrix(np.array(metrics["confusion_matrix"]), labels, out_dir / "confusion_matrix.png")
-    write_json(out_dir / "metrics.json", metrics)
+    write_json(out_dir / "metrics.json", metrics_for_dvc(metrics))
+    write_json(out_dir / "details.json", metrics)
     return EvaluationResult(
         metrics=metrics,
         metrics_path=out_dir / "metrics.json",
+        details_path=out_dir / "details.json",
         confusion_png=out_dir / "confusion_matrix.png",
         confusion_csv=out_dir / "confusion.csv",
         predictions_csv=out_dir / "predictions.csv",

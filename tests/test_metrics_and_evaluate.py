@@ -42,11 +42,14 @@ def test_evaluate_writes_metrics_plots_and_predictions(tiny_trained_dir, prepare
     result = evaluate(EvaluateConfig(), trained_dir=tiny_trained_dir, prepared_dir=prepared_dir,
                       out_dir=tmp_path / "eval", max_length=32)
 
-    saved = json.loads(result.metrics_path.read_text())
-    assert set(saved) >= {"accuracy", "macro_f1", "ece", "per_class", "confusion_matrix"}
+    saved = json.loads(result.details_path.read_text())
+    assert set(saved) >= {"accuracy", "macro_f1", "ece", "per_class", "confusion_matrix", "label_keys"}
     assert set(saved["per_class"]) == {"billing", "shipping", "technical"}
     test_rows = len(pd.read_parquet(prepared_dir / "test.parquet"))
     assert saved["rows"] == test_rows == np.sum(saved["confusion_matrix"])
+    for_dvc = json.loads(result.metrics_path.read_text())  # numbers only: DVC makes a column of every leaf
+    assert for_dvc == {**{k: saved[k] for k in ("rows", "accuracy", "macro_f1", "ece", "majority_baseline_accuracy")},
+                       "f1": {key: row["f1"] for key, row in saved["per_class"].items()}}
     confusion = pd.read_csv(result.confusion_csv)
     assert list(confusion.columns) == ["actual", "predicted"] and len(confusion) == test_rows
     assert result.confusion_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
