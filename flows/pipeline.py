@@ -18,6 +18,7 @@ from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 
 from langops import pipeline, stage_cache
+from langops.aliases import CHAMPION
 from langops.config import Params, load_params
 from langops.tracking import ui_links
 
@@ -167,7 +168,7 @@ def ship_trained_model(params: Params) -> Shipped:
     deployment = deploy(params) if params.deploy.enabled else None
     publish_metrics(evaluation.metrics, compression)
     create_markdown_artifact(decision.to_markdown(), key="promotion-decision", description="Promotion gate decision")
-    champion = pipeline.current_alias_version(params.register.model_name, "champion")
+    champion = pipeline.current_alias_version(params.register.model_name, CHAMPION)
     return Shipped(evaluation, compression, registration, decision, deployment, champion)
 
 

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from langops.aliases import CHAMPION
 from langops.config import ConfigError, Params, load_params
 from langops.logs import FILE_ONLY, configure_logging
 
@@ -131,7 +132,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, help="uvicorn worker processes (default: deploy.workers)")
     serve.add_argument("--model-uri", help="models:/NAME@ALIAS, models:/NAME/VERSION or a compressed model folder "
                        "(default: models:/<register.model_name>@champion)")
-    serve.add_argument("--alias", default="champion", help="registry alias to follow (default: champion)")
+    serve.add_argument("--alias", default=CHAMPION, help=f"registry alias to follow (default: {CHAMPION})")
     serve.add_argument("--model-dir", type=Path, help="serve a compressed model folder instead of the registry")
     serve.add_argument("--num-threads", type=int, default=None,
                        help="onnxruntime intra-op threads per worker (default: deploy.num_threads, else cores / workers)")

@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from langops.aliases import CHAMPION
 from langops.config import Params
 from langops.io import jsonable, read_json, write_json
 
@@ -239,7 +240,7 @@ def decide_promotion(params: Params, *, force_reason: str | None = None):
     """
     from langops.io import read_split
     from langops.serving.infra_check import check_servable
-    from langops.tasks.promote import CHAMPION, already_champion, decide
+    from langops.tasks.promote import already_champion, decide
     from langops.tracking import configure_mlflow
 
     configure_mlflow(params)
@@ -349,7 +350,6 @@ def _registered_model_dir(params: Params, version: str) -> Path:
 def run_deploy(params: Params):
     """Make the model server serve the current champion (start it when none is running)."""
     from langops.tasks.deploy import deploy
-    from langops.tasks.promote import CHAMPION
     from langops.tracking import configure_mlflow
 
     if not params.deploy.enabled:

@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Literal, get_args
 from urllib.parse import urlparse
 
+from langops.aliases import CHAMPION, PREVIOUS_CHAMPION
 from langops.config import Params
 from langops.io import jsonable
 
@@ -186,7 +187,6 @@ def rollback(params: Params, *, model_name: str, reason: str, actor: str) -> Pro
         PromotionError: there is no ``previous_champion``, or it already is the champion; nothing changes.
     """
     from langops.pipeline import current_alias_version
-    from langops.tasks.promote import CHAMPION, PREVIOUS_CHAMPION
 
     _check_request(event="rollback", reason=reason, actor=actor)
     client = _client(params)
@@ -248,7 +248,6 @@ def _move_locked(
     from mlflow.exceptions import MlflowException
 
     from langops.pipeline import current_alias_version
-    from langops.tasks.promote import CHAMPION, PREVIOUS_CHAMPION
 
     try:
         client.get_model_version(model_name, new_champion)

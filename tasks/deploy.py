@@ -22,7 +22,7 @@ import httpx
 from langops.config import DeployConfig
 from langops.serving.app import SERVICE
 from langops.serving.registry import ModelSource, ModelSourceError
-from langops.tasks.promote import CHAMPION
+from langops.aliases import CHAMPION
 
 if TYPE_CHECKING:
     import psutil

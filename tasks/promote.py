@@ -21,12 +21,10 @@ from typing import Any
 
 import numpy as np
 
+from langops.aliases import CHALLENGER, CHAMPION, PREVIOUS_CHAMPION
 from langops.config import Params, PromoteConfig
 from langops.label_keys import label_keys
 
-CHAMPION = "champion"
-CHALLENGER = "challenger"
-PREVIOUS_CHAMPION = "previous_champion"
 BOOTSTRAP_SEED = 20240601  # fixed: the same evidence always gives the same decision
 LOWER_IS_BETTER = frozenset({"ece"})
 

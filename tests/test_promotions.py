@@ -27,7 +27,7 @@ from langops.promotions import (
     read_history,
     rollback,
 )
-from langops.tasks.promote import CHAMPION, PREVIOUS_CHAMPION
+from langops.aliases import CHAMPION, PREVIOUS_CHAMPION
 from langops.tracking import configure_mlflow
 
 MODEL = "langops-classifier"

@@ -32,6 +32,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, model_validator
 from starlette.concurrency import run_in_threadpool
 
+from langops.aliases import CHAMPION
 from langops.serving import defaults
 from langops.serving.batching import MicroBatcher, Overloaded, ShuttingDown
 from langops.serving.metrics import ServerMetrics
@@ -68,7 +69,7 @@ class ServerSettings(BaseModel):
 
     tracking_uri: str | None = Field(None, description="MLflow tracking and registry URI")
     model_name: str | None = Field(None, description="registered model to serve")
-    alias: str = Field("champion", description="registry alias to follow")
+    alias: str = Field(CHAMPION, description="registry alias to follow")
     version: str | None = Field(None, description="serve this registered version instead of following the alias")
     model_dir: Path | None = Field(None, description="serve this compressed dir instead of the registry")
     host: str = Field("127.0.0.1", description="interface to bind")

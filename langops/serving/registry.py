@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from langops.aliases import CHAMPION
+
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
@@ -51,7 +53,7 @@ class ModelSource:
     kind = "registry"
 
     def __init__(
-        self, tracking_uri: str, model_name: str, *, alias: str = "champion", cache_dir: Path
+        self, tracking_uri: str, model_name: str, *, alias: str = CHAMPION, cache_dir: Path
     ) -> None:
         self.tracking_uri = tracking_uri
         self._model_name = model_name
