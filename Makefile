@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # CPU wheel of torch (no CUDA downloads). On a GPU machine: make install TORCH_SPEC="torch" (see README).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install run test test-fast dvc-repro bench bench-serving clean-state
+.PHONY: install run test test-fast test-flow test-services dvc-repro bench bench-serving clean-state
 
 install: $(VENV)/.installed
 
@@ -19,11 +19,21 @@ $(VENV)/.installed: pyproject.toml
 run: install
 	$(VENV)/bin/langops run
 
+# Test tiers (pytest markers, one per test; README "Tests"): unit, data, model, flow, services.
 test: install
 	$(PY) -m pytest
 
+# No server processes; under 3 minutes on 2 cores.
 test-fast: install
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -m "unit or data or model"
+
+# Real Prefect and MLflow stores: the whole pipeline, dvc repro, `langops run`.
+test-flow: install
+	$(PY) -m pytest -m flow
+
+# PostgreSQL, Chromium and several processes: langops up, DDP, Dask sweeps, model servers.
+test-services: install
+	$(PY) -m pytest -m services
 
 dvc-repro: install
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/dvc repro

@@ -1,13 +1,14 @@
 """The training pipeline as a Prefect flow: validate → train → evaluate → compress → register → promote → deploy.
 
-The flow only composes: each task calls the same stage runner (``langops.pipeline``) that the DVC stage
-calls, and the flow publishes what a person wants to see in the Prefect UI (the validation report,
-the metrics table, the gate decision) as artifacts.
+The flow only composes: its tasks are the stages of ``langops.stages``, each calling the same adapter the
+DVC stage calls, with the results of the stages before it; and it publishes what a person wants to see in
+the Prefect UI (the validation report, the metrics table, the gate decision) as artifacts.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,11 @@ from prefect.input import RunInput
 from langops import pipeline, stage_cache
 from langops.aliases import CHAMPION
 from langops.config import Params, load_params
+from langops.promotions import current_alias_version
+from langops.stages import STAGES, Stage, stage
+from langops.tasks.promote import with_approval
+from langops.tasks.register import RegistrationResult
+from langops.tasks.validate import DataValidationError
 from langops.tracking import ui_links
 
 # Steps whose results depend only on their inputs are cached by those inputs (``langops.stage_cache``):
@@ -43,15 +49,21 @@ def transient_failure(task: Any, task_run: Any, state: Any) -> bool:
 
 
 RETRY = {"retries": 2, "retry_delay_seconds": 5, "retry_condition_fn": transient_failure}
-prepare = task(pipeline.run_prepare, name="prepare", **RETRY)
-validate = task(pipeline.run_validate, name="validate")
-train = task(pipeline.run_train, name="train")
-evaluate = task(pipeline.run_evaluate, name="evaluate")
-compress = task(pipeline.run_compress, name="compress")
-register = task(pipeline.run_register, name="register", **RETRY)
+
+
+def stage_task(stage: Stage) -> Task:
+    """The Prefect task of a stage: its adapter, retried when the table says it is safe to repeat."""
+    return task(stage.adapter, name=stage.name, **(RETRY if stage.retried else {}))
+
+
+TASKS: dict[str, Task] = {
+    stage.name: stage_task(stage) if stage.cached else stage_task(stage).with_options(cache_policy=NO_CACHE)
+    for stage in STAGES
+}
+# The gate is two tasks, so that a person can be asked in between. Neither is cached: both act on the
+# registry's current state.
 decide_promotion = task(pipeline.decide_promotion, name="promote-decide", cache_policy=NO_CACHE, **RETRY)
 record_promotion = task(pipeline.record_promotion, name="promote-record", cache_policy=NO_CACHE)
-deploy = task(pipeline.run_deploy, name="deploy", cache_policy=NO_CACHE, **RETRY)
 
 
 @dataclass
@@ -64,27 +76,50 @@ class StageInputs(CachePolicy):
         return self.key
 
 
-def run_cached(step: Task, stage: str, params: Params) -> Any:
-    """Call ``step`` cached by its inputs; run it afresh when its outputs are gone or were rewritten."""
-    key = stage_cache.stage_key(stage, params)
-    intact = stage_cache.outputs_intact(stage, params, key, still_exists=_version_exists(params))
+def run_stages(params: Params, results: dict[str, Any], *, first: str | None = None) -> dict[str, Any]:
+    """Run the table's stages in order (from ``first``), each with the results of the stages it needs.
+
+    ``results`` holds the results so far, by stage name; the new ones are added to it. The stages that
+    need more than a task (the validation report, the gate's pause for a person) are composed in
+    ``COMPOSED``; every other stage is its task, cached by its inputs when the table says so.
+    """
+    names = [s.name for s in STAGES]
+    for current in STAGES[names.index(first) if first else 0:]:
+        inputs = {stage(need).result: results[need] for need in current.needs}
+        if current.name in COMPOSED:
+            results[current.name] = COMPOSED[current.name](params, **inputs)
+        elif current.cached:
+            results[current.name] = run_cached(current.name, params, **inputs)
+        else:
+            results[current.name] = TASKS[current.name](params, **inputs)
+    return results
+
+
+def run_cached(name: str, params: Params, **results: Any) -> Any:
+    """Run stage ``name`` with the results it needs, cached by its inputs; afresh when its outputs are
+    gone or were rewritten (or, for a registration, when its version left the registry)."""
+    current = stage(name)
+    key = stage_cache.stage_key(current, params)
+    still_valid = _registered_version_exists(params) if name == "register" else None
+    intact = stage_cache.outputs_intact(current, params, key, still_valid=still_valid)
     options: dict[str, Any] = {"cache_policy": StageInputs(key=key), "refresh_cache": not intact}
     if not os.environ.get("PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"):
         options["result_storage"] = params.project.state_dir / "prefect-results"
-    result = step.with_options(**options)(params)
+    result = TASKS[name].with_options(**options)(params, **results)
     if not intact:  # an intact stamp already describes these outputs
-        stage_cache.write_stamp(stage, params, key)
+        stage_cache.write_stamp(current, params, key)
     return result
 
 
-def _version_exists(params: Params):
-    def exists(version: str) -> bool:
+def _registered_version_exists(params: Params):
+    def exists() -> bool:
         from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
 
         from langops.tracking import configure_mlflow
 
         configure_mlflow(params)
+        version = stage("register").load(params).version
         try:
             MlflowClient().get_model_version(params.register.model_name, version)
         except MlflowException:
@@ -121,13 +156,10 @@ def training_pipeline(
         dataset: the labelled dataset to train on (a file or folder); shorthand for ``data.source=...``.
     """
     params = load_params(params_path, [*(overrides or []), *([f"data.source={dataset}"] if dataset else [])])
-    run_cached(prepare, "prepare", params)
-    validate_or_stop(params)
-    trained = run_cached(train, "train", params)
-    shipped = ship_trained_model(params)
+    shipped = ship(params, run_stages(params, {}))
     evaluation, compression = shipped.evaluation, shipped.compression
     summary = PipelineSummary(
-        run_id=trained.run_id,
+        run_id=shipped.trained.run_id,
         model_name=shipped.registration.model_name,
         version=shipped.registration.version,
         promoted=shipped.decision.promote,
@@ -150,6 +182,7 @@ def training_pipeline(
 class Shipped:
     """What became of a trained model: its test metrics, compression, version, gate decision, server."""
 
+    trained: Any
     evaluation: Any
     compression: Any
     registration: Any
@@ -158,18 +191,19 @@ class Shipped:
     champion_version: str | None
 
 
-def ship_trained_model(params: Params) -> Shipped:
-    """Evaluate, compress, register, gate and deploy the model in ``params.paths.trained``, publishing the
-    metrics tables and the gate decision; the pipeline and the sweep's best trial both end here."""
-    evaluation = run_cached(evaluate, "evaluate", params)
-    compression = run_cached(compress, "compress", params)
-    registration = run_cached(register, "register", params)
-    decision = promote_challenger(params)
-    deployment = deploy(params) if params.deploy.enabled else None
+def ship_trained_model(params: Params, prepared: Any, trained: Any) -> Shipped:
+    """Evaluate, compress, register, gate and deploy a trained model (the stages after ``train``); the
+    sweep's best trial ends here."""
+    return ship(params, run_stages(params, {"prepare": prepared, "train": trained}, first="evaluate"))
+
+
+def ship(params: Params, results: dict[str, Any]) -> Shipped:
+    """Publish the metrics tables and the gate decision of a pipeline's results, and say what shipped."""
+    evaluation, compression, decision = results["evaluate"], results["compress"], results["promote"]
     publish_metrics(evaluation.metrics, compression)
     create_markdown_artifact(decision.to_markdown(), key="promotion-decision", description="Promotion gate decision")
-    champion = pipeline.current_alias_version(params.register.model_name, CHAMPION)
-    return Shipped(evaluation, compression, registration, decision, deployment, champion)
+    champion = current_alias_version(params.register.model_name, CHAMPION)
+    return Shipped(results["train"], evaluation, compression, results["register"], decision, results["deploy"], champion)
 
 
 class PromotionApproval(RunInput):
@@ -180,11 +214,9 @@ class PromotionApproval(RunInput):
     comment: str = ""
 
 
-def promote_challenger(params: Params):
+def promote_challenger(params: Params, prepared: Any, compressed: Any, registered: RegistrationResult):
     """The gate, then (when params ask for it) a person, then the record; the flow pauses in between."""
-    from langops.tasks.promote import with_approval
-
-    decision = decide_promotion(params)
+    decision = decide_promotion(params, prepared, compressed, registered)
     if params.promote.require_approval and decision.promote and not decision.forced:
         create_markdown_artifact(
             decision.to_markdown(), key="promotion-awaiting-approval", description="The gate passed: approve or reject"
@@ -200,23 +232,27 @@ def promote_challenger(params: Params):
             key="promotion-approval",
         )
         decision = with_approval(decision, approved=answer.approve, reviewer=answer.reviewer, comment=answer.comment)
-    return record_promotion(params, decision)
+    return record_promotion(params, decision, registered)
 
 
-def validate_or_stop(params: Params) -> None:
+def validate_or_stop(params: Params, prepared: Any) -> Any:
     """Run validation; on bad data publish the readable report as an artifact and stop the flow."""
-    from langops.tasks.validate import DataValidationError
-
     try:
-        run_cached(validate, "validate", params)
+        validated = run_cached("validate", params, prepared=prepared)
     except DataValidationError as err:
         create_markdown_artifact(
             err.result.report_path.read_text(), key="validation-report", description="Data validation FAILED"
         )
         raise
     create_markdown_artifact(
-        (params.paths.validation / "report.md").read_text(), key="validation-report", description="Data validation passed"
+        validated.report_path.read_text(), key="validation-report",
+        description="Data validation passed" + (f" with {len(validated.warnings)} warnings" if validated.warnings else ""),
     )
+    return validated
+
+
+# Stages the flow composes from more than their task.
+COMPOSED: dict[str, Callable[..., Any]] = {"validate": validate_or_stop, "promote": promote_challenger}
 
 
 def publish_metrics(metrics: dict[str, Any], compression: Any) -> None:

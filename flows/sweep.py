@@ -27,7 +27,8 @@ from prefect.cache_policies import NO_CACHE
 
 from langops import pipeline
 from langops.config import Params, load_params
-from langops.flows.pipeline import prepare, run_cached, ship_trained_model, validate_or_stop
+from langops.flows.pipeline import run_cached, ship_trained_model, validate_or_stop
+from langops.stages import stage
 from langops.sweep import (
     Trial,
     TrialOutcome,
@@ -38,6 +39,7 @@ from langops.sweep import (
     select_best,
     trial_rows,
 )
+from langops.tasks.prepare import PrepareResult
 
 PARENT_TAG = "mlflow.parentRunId"  # what MLflow's UI nests runs by
 
@@ -62,7 +64,7 @@ class SweepSummary:
 
 
 @task(name="sweep-trial", cache_policy=NO_CACHE)
-def train_trial(trial: Trial, parent_run_id: str) -> TrialOutcome:
+def train_trial(trial: Trial, parent_run_id: str, prepared: PrepareResult) -> TrialOutcome:
     """Train one trial exactly as the train step does, then file its MLflow run under the sweep's.
 
     With ``train.devices`` > 1 (or ``auto`` on a GPU worker) ``run_train`` trains under torchrun on every
@@ -74,7 +76,7 @@ def train_trial(trial: Trial, parent_run_id: str) -> TrialOutcome:
 
     before = mlflow.last_active_run()
     try:
-        record = pipeline.run_train(trial.params)
+        record = pipeline.run_train(trial.params, prepared)
     except Exception:
         last = mlflow.last_active_run()
         if last is not None and (before is None or last.info.run_id != before.info.run_id):
@@ -136,12 +138,12 @@ def sweep_pipeline(params_path: str = "params.yaml", overrides: list[str] | None
     """
     params = load_params(params_path, overrides)
     trials = expand_trials(params)  # every trial validated before any work
-    run_cached(prepare, "prepare", params)
-    validate_or_stop(params)
+    prepared = run_cached("prepare", params)
+    validate_or_stop(params, prepared)
 
     sweep_run_id = _open_sweep_run(params, trials)
     try:
-        outcomes = _run_trials(params, trials, sweep_run_id)
+        outcomes = _run_trials(params, trials, sweep_run_id, prepared)
         best = None
         try:
             best = select_best(outcomes, greater_is_better=params.sweep.greater_is_better)
@@ -153,7 +155,7 @@ def sweep_pipeline(params_path: str = "params.yaml", overrides: list[str] | None
     _close_sweep_run(params, sweep_run_id, "FINISHED")
 
     chosen = next(t for t in trials if t.name == best.name).params
-    shipped = ship_trained_model(chosen)
+    shipped = ship_trained_model(chosen, prepared, stage("train").load(chosen))
     summary = SweepSummary(
         sweep_run_id=sweep_run_id,
         metric=params.sweep.metric,
@@ -209,13 +211,16 @@ def _flow_api_url() -> str:
     return str(FlowRunContext.get().client.api_url).rstrip("/")
 
 
-def _run_trials(params: Params, trials: list[Trial], sweep_run_id: str) -> list[TrialOutcome]:
+def _run_trials(params: Params, trials: list[Trial], sweep_run_id: str, prepared: PrepareResult) -> list[TrialOutcome]:
     """Submit every trial to Dask and wait for all; a failed trial is kept with its error, not raised."""
     logger = get_run_logger()
     outcomes = []
     with task_runner_for(params, trials=len(trials)) as runner:
-        futures = [(trial, runner.submit(train_trial, parameters={"trial": trial, "parent_run_id": sweep_run_id}))
-                   for trial in trials]
+        futures = [
+            (trial, runner.submit(train_trial, parameters={"trial": trial, "parent_run_id": sweep_run_id,
+                                                           "prepared": prepared}))
+            for trial in trials
+        ]
         for trial, future in futures:
             future.wait()
             state = future.state

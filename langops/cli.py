@@ -12,11 +12,7 @@ from pathlib import Path
 from langops.aliases import CHAMPION
 from langops.config import ConfigError, Params, load_params
 from langops.logs import FILE_ONLY, configure_logging
-
-STEPS = ("prepare", "validate", "train", "evaluate", "compress", "register", "promote", "deploy")
-# `langops deploy` applies the Prefect deployments (prefect.yaml); the pipeline's deploy step, which starts or
-# reloads the model server for the champion, is `langops deploy-model`.
-STEP_COMMANDS = {step: "deploy-model" if step == "deploy" else step for step in STEPS}
+from langops.stages import STAGES, render_dvc_yaml, run_stage
 
 log = logging.getLogger("langops.cli")
 
@@ -31,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "init":  # it writes the params file the other commands read
         return _init(args)
+    if args.command == "dvc-yaml":  # the table alone, no params
+        return _dvc_yaml(args)
     try:
         params = load_params(args.params, _param_overrides(args))
     except ConfigError as exc:
@@ -117,14 +115,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     sweep.set_defaults(handler=_sweep)
 
-    for step, command in STEP_COMMANDS.items():
-        stage = sub.add_parser(command, parents=[common], help=f"run the {step} step alone (what `dvc repro` calls)")
-        stage.set_defaults(handler=_step, step=step)
-        if step == "promote":
-            stage.add_argument(
+    # One command per stage of the table. `langops deploy` applies the Prefect deployments (prefect.yaml);
+    # the pipeline's deploy stage, which starts or reloads the model server, is `langops deploy-model`.
+    for stage in STAGES:
+        command = sub.add_parser(
+            stage.cli_command, parents=[common], help=f"run the {stage.name} stage alone (what `dvc repro` calls)"
+        )
+        command.set_defaults(handler=_step, step=stage.name)
+        if stage.name == "promote":
+            command.add_argument(
                 "--force", metavar="REASON", dest="force_reason",
                 help="promote even if the gate refuses; the reason is recorded with the decision",
             )
+    dvc_yaml = sub.add_parser("dvc-yaml", help="write dvc.yaml from the stage table (langops/stages.py)")
+    dvc_yaml.add_argument("--output", type=Path, default=Path("dvc.yaml"), help="default: dvc.yaml; - prints it")
 
     serve = sub.add_parser("serve", parents=[common], help="serve the champion over HTTP (foreground)")
     serve.add_argument("--host", help="bind address (default: deploy.host, 127.0.0.1)")
@@ -208,41 +212,41 @@ def _sweep(params: Params, args: argparse.Namespace) -> int:
 
 
 def _step(params: Params, args: argparse.Namespace) -> int:
-    from langops import pipeline
-
-    runner = getattr(pipeline, f"run_{args.step}")
+    """One stage on its own; the results it needs come from the outputs earlier stages left."""
     if args.step == "promote":
         actor = os.environ.get("USER", "cli") if args.force_reason else "pipeline"
-        decision = runner(params, force_reason=args.force_reason, actor=actor)
+        decision = run_stage("promote", params, force_reason=args.force_reason, actor=actor)
         print(decision.to_markdown())
     else:
-        runner(params)
+        run_stage(args.step, params)
+    return 0
+
+
+def _dvc_yaml(args: argparse.Namespace) -> int:
+    text = render_dvc_yaml()
+    if str(args.output) == "-":
+        print(text, end="")
+    else:
+        args.output.write_text(text)
+        print(f"wrote {args.output} from the stage table")
     return 0
 
 
 def _serve(params: Params, args: argparse.Namespace) -> int:
+    """``langops serve``: the settings of ``deploy:`` (as the deploy step uses them), with the options given on top."""
     from pydantic import ValidationError
 
-    from langops.serving.app import deploy_tuning, parse_model_uri
+    from langops.serving.app import parse_model_uri
     from langops.serving.server import ServerSettings, serve
 
-    server_dir = params.project.state_dir / "server"
-    values = {
-        **deploy_tuning(params.deploy, server_dir=server_dir),
-        "tracking_uri": params.tracking_uri(),
-        "model_name": params.register.model_name,
-        "alias": args.alias,
-        "model_dir": args.model_dir,
-        "host": args.host or params.deploy.host,
-        "port": args.port or params.deploy.port,
-        "poll_seconds": params.deploy.poll_seconds,
-        "cache_dir": server_dir / "models",
-    }
-    values.update({k: v for k, v in {"workers": args.workers, "num_threads": args.num_threads}.items() if v})
+    given = {"host": args.host, "port": args.port, "workers": args.workers, "num_threads": args.num_threads,
+             "model_dir": args.model_dir}
+    serve_what = {"tracking_uri": params.tracking_uri(), "model_name": params.register.model_name, "alias": args.alias,
+                  **{name: value for name, value in given.items() if value is not None}}
     try:
         if args.model_uri:
-            values.update(parse_model_uri(args.model_uri))
-        settings = ServerSettings(**values)
+            serve_what.update(parse_model_uri(args.model_uri))
+        settings = ServerSettings.from_deploy(params.deploy, state_dir=params.project.state_dir, **serve_what)
     except (ValidationError, ValueError) as exc:
         print(f"langops serve: {exc}", file=sys.stderr)
         return 2
@@ -271,7 +275,7 @@ def _init(args: argparse.Namespace) -> int:
 def _stop(params: Params, args: argparse.Namespace) -> int:
     from langops.tasks.deploy import stop_server
 
-    stopped = stop_server(params.project.state_dir)
+    stopped = stop_server(params.project.state_dir, timeout_s=params.services.stop_timeout_s)
     print("model server stopped" if stopped else "no model server was running")
     return 0
 

@@ -18,8 +18,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from langops.serving import defaults as serving_defaults
-
 
 class ConfigError(ValueError):
     """``params.yaml`` (or an override) is missing, malformed or holds a bad value."""
@@ -297,27 +295,48 @@ class PromoteConfig(_Section):
         return budgets
 
 
-class DeployConfig(_Section):
+class ServerConfig(_Section):
+    """How the model server runs: where it binds, its processes, batching, request limits, auth, prediction log.
+
+    Declared once, here, with its defaults: ``DeployConfig`` (the ``deploy:`` section of params.yaml) inherits
+    these keys, and so does the server's own ``langops.serving.app.ServerSettings``, which adds what to serve.
+    Imports go one way: the server imports this module, never the reverse.
+    """
+
+    host: str = Field("127.0.0.1", description="interface to bind")
+    port: int = Field(8765, ge=1, le=65535, description="port to bind")
+    poll_seconds: float = Field(5.0, gt=0, description="how often the alias is checked for a new version")
+    workers: int = Field(1, ge=1, description="uvicorn worker processes")
+    num_threads: int | None = Field(
+        None, ge=1, description="onnxruntime intra-op threads per worker (default: physical cores / workers)"
+    )
+    max_batch_size: int = Field(
+        64, ge=1, description="most texts in one onnxruntime call (64 is the pyfunc's scoring chunk: parity with MLflow)"
+    )
+    max_wait_ms: float = Field(2.0, ge=0, description="how long a batch waits to fill, in ms")
+    max_queue: int = Field(1024, ge=1, description="texts waiting for inference before requests are shed with 503")
+    max_request_texts: int = Field(256, ge=1, description="most texts in one request")
+    max_text_chars: int = Field(5000, ge=1, description="longest text accepted, in characters")
+    max_body_bytes: int = Field(1_048_576, ge=1, description="largest request body, in bytes")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After sent with a 503 under overload")
+    shutdown_timeout_s: float = Field(30.0, gt=0, description="how long SIGTERM waits for requests in flight")
+    auth_token_env: str = Field(
+        "LANGOPS_SERVER_TOKEN", min_length=1,
+        description="environment variable holding the bearer token (unset or empty: no auth)",
+    )
+    prediction_log_sample_rate: float = Field(1.0, ge=0, le=1, description="share of requests logged")
+    prediction_log_hash_texts: bool = Field(True, description="log sha256 of each text instead of the text")
+    prediction_log_max_bytes: int = Field(10_485_760, ge=1024, description="size of one log file before it rotates")
+    prediction_log_backups: int = Field(5, ge=1, description="rotated log files kept")
+    prediction_log_queue: int = Field(10_000, ge=1, description="records waiting for the writer before drops")
+
+
+class DeployConfig(ServerConfig):
+    """The pipeline's deploy step: the server's settings (``ServerConfig``, the same keys) and how to deploy it."""
+
     enabled: bool = True
-    host: str = "127.0.0.1"
-    port: int = Field(8765, ge=1, le=65535)
-    poll_seconds: float = Field(5.0, gt=0, description="how often the server checks the champion alias")
-    start_timeout_s: float = Field(120.0, gt=0)
-    # Server tuning and limits; defaults shared with the server's settings (langops/serving/defaults.py).
-    workers: int = Field(serving_defaults.WORKERS, ge=1)
-    num_threads: int | None = Field(None, ge=1, description="onnxruntime threads per worker; null: cores / workers")
-    max_batch_size: int = Field(serving_defaults.MAX_BATCH_SIZE, ge=1)
-    max_wait_ms: float = Field(serving_defaults.MAX_WAIT_MS, ge=0)
-    max_queue: int = Field(serving_defaults.MAX_QUEUE, ge=1)
-    max_request_texts: int = Field(serving_defaults.MAX_REQUEST_TEXTS, ge=1)
-    max_text_chars: int = Field(serving_defaults.MAX_TEXT_CHARS, ge=1)
-    max_body_bytes: int = Field(serving_defaults.MAX_BODY_BYTES, ge=1)
-    auth_token_env: str = Field(serving_defaults.AUTH_TOKEN_ENV, min_length=1)
+    start_timeout_s: float = Field(120.0, gt=0, description="how long deploy waits for the server to serve the version")
     prediction_log: bool = Field(True, description="write the prediction log under <state_dir>/server/predictions")
-    prediction_log_sample_rate: float = Field(serving_defaults.PREDICTION_LOG_SAMPLE_RATE, ge=0, le=1)
-    prediction_log_hash_texts: bool = serving_defaults.PREDICTION_LOG_HASH_TEXTS
-    prediction_log_max_bytes: int = Field(serving_defaults.PREDICTION_LOG_MAX_BYTES, ge=1024)
-    prediction_log_backups: int = Field(serving_defaults.PREDICTION_LOG_BACKUPS, ge=1)
 
 
 class ServicesConfig(_Section):
@@ -350,7 +369,8 @@ class SweepConfig(_Section):
     """
 
     grid: dict[str, tuple[Any, ...]] = Field(
-        default_factory=dict, description="dotted key -> values; every combination is a trial, the first key varies slowest"
+        default_factory=lambda: {"train.learning_rate": (0.002, 0.0005), "train.lora.r": (8, 16)},
+        description="dotted key -> values; every combination is a trial, the first key varies slowest",
     )
     trials: tuple[dict[str, Any], ...] = Field((), description="explicit override sets, tried after the grid's")
     metric: Literal["val_macro_f1", "val_accuracy", "val_loss"] = "val_macro_f1"

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -62,7 +63,7 @@ def classification_metrics(
     majority = np.bincount(y_true, minlength=len(labels)).max() / max(len(y_true), 1)
     keys = label_keys(labels)
     return {
-        "rows": int(len(y_true)),
+        "rows": len(y_true),
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "macro_f1": float(f1_score(y_true, y_pred, labels=ids, average="macro", zero_division=0)),
         "ece": expected_calibration_error(probs, y_true, calibration_bins),

@@ -1,9 +1,13 @@
-"""Stage runners: each resolves its paths from ``Params``, calls one step in ``tasks/``, records the
-outcome (summary JSON for DVC, params/metrics/artifacts for MLflow) and returns the step's result.
+"""The adapters between the project's params and the steps: one per stage of ``langops.stages``.
 
-The DVC stages (through ``langops <step>``) and the Prefect flow call these same functions, so both
-paths do exactly the same work. The MLflow run is opened by ``run_train``; later stages find its id
-in ``<trained>/train.json`` and log into the same run.
+Each adapter takes ``Params`` and the results of the stages it needs, calls its step in ``tasks/`` with the
+step's config section and paths, has the tracking adapter (``langops.tracking``) record the result in
+MLflow, and returns the step's result. In the Prefect flow the results pass from adapter to adapter; a
+stage run on its own (``langops <step>``, what ``dvc repro`` calls) gets them loaded from the outputs the
+earlier stages left (``langops.stages.run_stage``). Either way the same adapter does the same work.
+
+The MLflow run is opened by ``run_train``; its id travels in the ``TrainRecord`` to the stages that log
+into the same run.
 """
 
 from __future__ import annotations
@@ -12,22 +16,31 @@ import logging
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from langops import tracking
 from langops.aliases import CHAMPION
 from langops.config import Params
-from langops.io import jsonable, read_json, write_json
+from langops.io import jsonable, read_json, read_split, read_test_rows, write_json
+from langops.lineage import git_commit
+from langops.promotions import current_alias_version, record_decision
+from langops.tasks.compress import CompressionResult, compress
+from langops.tasks.evaluate import EvaluationResult, evaluate
+from langops.tasks.prepare import PrepareResult, prepare
+from langops.tasks.promote import Decision, ModelEvidence, already_champion, decide, with_approval
+from langops.tasks.register import RegistrationResult, register
+from langops.tasks.train import TrainResult, launch_torchrun, rank_info, resolve_devices, train
+from langops.tasks.validate import ValidationResult, validate
 
 log = logging.getLogger(__name__)
 
-TRAIN_SUMMARY = "train.json"
+TRAIN_RECORD = "train.json"  # beside the trained model: its MLflow run, lineage and training result
+DEPLOYMENT_RECORD = "deployment.json"
+NO_APPROVER = "nobody"
 
 
-def run_prepare(params: Params):
-    from langops.tasks.prepare import prepare
-
+def run_prepare(params: Params) -> PrepareResult:
     result = prepare(params.data, params.prepare, seed=params.project.seed, out_dir=params.paths.prepared)
     log.info("prepared %s rows into %s (data version %s)", result.rows, result.out_dir, result.data_version)
     for note in result.notes:
@@ -35,11 +48,9 @@ def run_prepare(params: Params):
     return result
 
 
-def run_validate(params: Params):
+def run_validate(params: Params, prepared: PrepareResult) -> ValidationResult:
     """Run the expectation suite; raises ``DataValidationError`` (with the report written) on bad data."""
-    from langops.tasks.validate import validate
-
-    result = validate(params.data, params.validate, prepared_dir=params.paths.prepared, report_dir=params.paths.validation)
+    result = validate(params.data, params.validate, prepared_dir=prepared.out_dir, report_dir=params.paths.validation)
     for warning in result.warnings:
         log.warning("validate: %s", warning)
     if result.warnings:
@@ -49,178 +60,122 @@ def run_validate(params: Params):
 
 @dataclass(frozen=True)
 class TrainRecord:
+    """A trained model and where it is recorded: its MLflow run and lineage (``run_id`` is empty on a
+    torchrun rank other than 0, which records nothing)."""
+
     run_id: str
     lineage: dict[str, str]
-    result: Any
+    result: TrainResult
+
+    @classmethod
+    def load(cls, trained_dir: Path) -> TrainRecord:
+        """The record ``run_train`` left beside the model (for a later stage run on its own)."""
+        path = Path(trained_dir) / TRAIN_RECORD
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: run the train step first")
+        summary = read_json(path)
+        return cls(run_id=summary["run_id"], lineage=summary["lineage"], result=TrainResult.from_summary(summary))
 
 
-def run_train(params: Params) -> TrainRecord:
+def run_train(params: Params, prepared: PrepareResult) -> TrainRecord:
     """Open the MLflow run for this model, log params and lineage, train, and log the training curve.
 
     With ``train.devices`` > 1 a plain process re-launches this step under torchrun, one process per
     device, waits, and returns what rank 0 recorded. Under torchrun only rank 0 opens the MLflow run and
-    writes ``train.json``; the other ranks train and return their result with no run id.
+    writes the record; the other ranks train and return their result with no run id.
     """
-    import mlflow
-
-    from langops.lineage import dvc_dir_md5, git_commit
-    from langops.tasks.train import rank_info, resolve_devices, train
-    from langops.tracking import configure_mlflow
-
     ranks = rank_info()
     if not ranks.launched and (devices := resolve_devices(params.train)) > 1:
         return _run_train_with_torchrun(params, devices)
+
+    def train_step(on_epoch_end: Callable[[dict[str, float], int], None] | None = None) -> TrainResult:
+        return train(params.train, prepared_dir=prepared.out_dir, out_dir=params.paths.trained,
+                     checkpoint_dir=params.paths.checkpoints, seed=params.project.seed, on_epoch_end=on_epoch_end)
+
     if not ranks.is_main:
-        result = train(params.train, prepared_dir=params.paths.prepared, out_dir=params.paths.trained,
-                       checkpoint_dir=params.paths.checkpoints, seed=params.project.seed)
-        return TrainRecord(run_id="", lineage={}, result=result)
-    configure_mlflow(params)
+        return TrainRecord(run_id="", lineage={}, result=train_step())
     lineage = {
-        "data_version": dvc_dir_md5(params.paths.prepared),
-        "git_commit": git_commit(params.paths.prepared) or "unknown",
+        "data_version": prepared.data_version,
+        "git_commit": git_commit(prepared.out_dir) or "unknown",
         "params_hash": params.section_hash(),
         "base_model": params.train.base_model,
         "train_method": params.train.method,
     }
-    run_name = f"{params.train.method}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
-    with mlflow.start_run(run_name=run_name) as run:
-        mlflow.set_tags({f"langops.{k}": v for k, v in lineage.items()})
-        mlflow.log_params(_flatten(params.model_dump(mode="json", include={"data", "prepare", "train"})))
-        _log_if_exists(params.paths.validation, "validation")
-        logged_epochs: set[int] = set()
-
-        def log_epoch(metrics: dict[str, float], epoch: int) -> None:
-            mlflow.log_metrics(metrics, step=epoch)
-            logged_epochs.add(epoch)
-
-        result = train(
-            params.train,
-            prepared_dir=params.paths.prepared,
-            out_dir=params.paths.trained,
-            checkpoint_dir=params.paths.checkpoints,
-            seed=params.project.seed,
-            on_epoch_end=log_epoch,
-        )
-        for row in result.history:  # epochs restored from a checkpoint were not logged live
-            if row["epoch"] not in logged_epochs:
-                mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
-        summary = {"run_id": run.info.run_id, "lineage": lineage, **jsonable(asdict(result))}
-        mlflow.log_metrics(
-            {"best_val_macro_f1": result.best_val_macro_f1, "best_epoch": result.best_epoch,
-             "train_seconds": result.seconds, "trainable_params": result.trainable_params}
-        )
-        mlflow.log_params({"train.world_size": result.world_size, "train.effective_batch_size": result.effective_batch_size})
-        write_json(params.paths.trained / TRAIN_SUMMARY, summary)
-        mlflow.log_dict(summary, "train/train.json")
-        if result.adapter_dir is not None:
-            mlflow.log_artifacts(str(result.adapter_dir), "train/adapter")
-    return TrainRecord(run_id=run.info.run_id, lineage=lineage, result=result)
+    with tracking.training_run(params, lineage, validation_dir=params.paths.validation) as run:
+        result = train_step(on_epoch_end=run.log_epoch)
+        record = TrainRecord(run_id=run.run_id, lineage=lineage, result=result)
+        summary = {"run_id": record.run_id, "lineage": lineage, **jsonable(asdict(result))}
+        write_json(params.paths.trained / TRAIN_RECORD, summary)
+        run.log_result(result, summary)
+    return record
 
 
 def _run_train_with_torchrun(params: Params, devices: int) -> TrainRecord:
-    """``langops train`` under torchrun with exactly these (resolved) params; rank 0's train.json is the record."""
+    """``langops train`` under torchrun with exactly these (resolved) params; rank 0's record is the result."""
     import tempfile
 
     import yaml
-
-    from langops.tasks.train import TrainResult, launch_torchrun
 
     with tempfile.TemporaryDirectory(prefix="langops-train-") as tmp:
         resolved = Path(tmp) / "params.yaml"  # every path in it is absolute: the ranks read the same folders
         resolved.write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
         launch_torchrun(devices, ["-m", "langops.cli", "train", "--params", str(resolved)])
-    summary = train_summary(params)
-    return TrainRecord(run_id=summary["run_id"], lineage=summary["lineage"], result=TrainResult.from_summary(summary))
+    return TrainRecord.load(params.paths.trained)
 
 
-def train_summary(params: Params) -> dict[str, Any]:
-    path = params.paths.trained / TRAIN_SUMMARY
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run the train step first")
-    return read_json(path)
-
-
-def run_evaluate(params: Params):
-    import mlflow
-
-    from langops.metrics import headline
-    from langops.tasks.evaluate import evaluate
-    from langops.tracking import resumed_run
-
+def run_evaluate(params: Params, prepared: PrepareResult, trained: TrainRecord) -> EvaluationResult:
     result = evaluate(
         params.evaluate,
-        trained_dir=params.paths.trained,
-        prepared_dir=params.paths.prepared,
+        trained_dir=trained.result.out_dir,
+        prepared_dir=prepared.out_dir,
         out_dir=params.paths.evaluation,
         max_length=params.train.max_length,
     )
-    with resumed_run(params, train_summary(params)["run_id"]):
-        mlflow.log_metrics(headline(result.metrics, prefix="test_"))
-        mlflow.log_metric("test_majority_baseline_accuracy", result.metrics["majority_baseline_accuracy"])
-        mlflow.log_artifacts(str(params.paths.evaluation), "evaluation")
+    tracking.log_evaluation(params, trained.run_id, result)
     return result
 
 
-def run_compress(params: Params):
-    import mlflow
-
-    from langops.metrics import headline, metrics_for_dvc
-    from langops.tasks.compress import compress
-    from langops.tracking import resumed_run
-
+def run_compress(params: Params, prepared: PrepareResult, trained: TrainRecord) -> CompressionResult:
     result = compress(
         params.compress,
-        trained_dir=params.paths.trained,
-        prepared_dir=params.paths.prepared,
+        trained_dir=trained.result.out_dir,
+        prepared_dir=prepared.out_dir,
         out_dir=params.paths.compressed,
+        report_dir=params.paths.compression,
         max_length=params.train.max_length,
     )
-    with resumed_run(params, train_summary(params)["run_id"]):
-        scalars = {**headline(result.metrics, prefix="int8_test_")}
-        scalars.update(_numeric(result.parity, "parity_"))
-        scalars.update(_numeric(result.sizes_mb, "size_mb_"))
-        scalars.update(_numeric(result.latency_ms, "latency_ms_"))
-        mlflow.log_metrics(scalars)
-        mlflow.log_artifact(str(params.paths.compressed / "compress.json"), "compress")
-    summary = read_json(params.paths.compressed / "compress.json")
-    write_json(_parent(params.paths.compression) / "metrics.json", {**summary, "metrics": metrics_for_dvc(summary["metrics"])})
+    tracking.log_compression(params, trained.run_id, result)
     return result
 
 
-def run_register(params: Params):
-    from langops.tasks.register import register
-
-    summary = train_summary(params)
-    result = register(
+def run_register(params: Params, trained: TrainRecord, compressed: CompressionResult) -> RegistrationResult:
+    tracking.configure_mlflow(params)
+    return register(
         params.register,
-        params=params,
-        compressed_dir=params.paths.compressed,
-        run_id=summary["run_id"],
-        lineage=summary["lineage"],
+        compression=compressed,
+        run_id=trained.run_id,
+        lineage=trained.lineage,
+        out_dir=params.paths.registration,
     )
-    write_json(params.paths.registration / "registration.json", jsonable(asdict(result)))
-    return result
-
-
-NO_APPROVER = "nobody"
 
 
 def run_promote(
     params: Params,
+    prepared: PrepareResult,
+    compressed: CompressionResult,
+    registered: RegistrationResult,
     *,
     force_reason: str | None = None,
     actor: str = "pipeline",
-    approve: Callable[[Any], tuple[bool, str, str]] | None = None,
-):
-    """Decide on the latest registered version and record the outcome (see ``decide_promotion``).
+    approve: Callable[[Decision], tuple[bool, str, str]] | None = None,
+) -> Decision:
+    """Decide on the registered version and record the outcome (see ``decide_promotion``).
 
     When ``promote.require_approval`` is set, a passing, unforced challenger also needs a person:
     ``approve(decision)`` returns ``(approved, reviewer, comment)``. Without an ``approve`` (the DVC stage,
     the CLI) nobody can be asked, so the challenger is not promoted and the record says why.
     """
-    from langops.tasks.promote import with_approval
-
-    decision = decide_promotion(params, force_reason=force_reason)
+    decision = decide_promotion(params, prepared, compressed, registered, force_reason=force_reason)
     if params.promote.require_approval and decision.promote and not decision.forced:
         if approve is None:
             decision = with_approval(decision, approved=False, reviewer=NO_APPROVER,
@@ -228,117 +183,94 @@ def run_promote(
         else:
             approved, reviewer, comment = approve(decision)
             decision = with_approval(decision, approved=approved, reviewer=reviewer, comment=comment)
-    return record_promotion(params, decision, actor=actor)
+    return record_promotion(params, decision, registered, actor=actor)
 
 
-def decide_promotion(params: Params, *, force_reason: str | None = None):
+def decide_promotion(
+    params: Params,
+    prepared: PrepareResult,
+    compressed: CompressionResult,
+    registered: RegistrationResult,
+    *,
+    force_reason: str | None = None,
+) -> Decision:
     """Gather evidence for challenger and champion on the same test rows and run the gate.
 
     Both are judged as they ship: the challenger's compressed model and the champion's registered one,
     each scored here on the current test split, so the comparison is paired row by row. The challenger
     must also load and answer in a fresh process, the way the server will load it.
     """
-    from langops.io import read_split
     from langops.serving.infra_check import check_servable
-    from langops.tasks.promote import already_champion, decide
-    from langops.tracking import configure_mlflow
 
-    configure_mlflow(params)
-    registration = read_json(params.paths.registration / "registration.json")
+    tracking.configure_mlflow(params)
     champion_version = current_alias_version(params.register.model_name, CHAMPION)
-    if champion_version == str(registration["version"]):
+    if champion_version == registered.version:
         return already_champion(champion_version, params.promote)
-    challenger = challenger_evidence(params, str(registration["version"]))
+    challenger = challenger_evidence(prepared, compressed, registered.version)
     servable = check_servable(
         tracking_uri=params.tracking_uri(),
         model_name=params.register.model_name,
         version=challenger.version,
-        texts=read_split(params.paths.prepared, "test")["text"].head(32).tolist(),
+        texts=read_split(prepared.out_dir, "test")["text"].head(32).tolist(),
         cache_dir=params.project.state_dir / "cache",
     )
     challenger = replace(challenger, servable=servable.ok, servable_detail=servable.detail)
     champion = None
     if champion_version is not None:
-        champion = shipped_model_evidence(
-            params, _registered_model_dir(params, champion_version), champion_version, compare_with=challenger.labels
-        )
+        champion_dir = _registered_model_dir(params, champion_version)
+        champion = shipped_model_evidence(prepared, champion_dir, champion_version, compare_with=challenger.labels)
     return decide(challenger, champion, params.promote, force_reason=force_reason)
 
 
-def record_promotion(params: Params, decision, *, actor: str = "pipeline"):
+def record_promotion(
+    params: Params, decision: Decision, registered: RegistrationResult, *, actor: str = "pipeline"
+) -> Decision:
     """Apply the decision (tags; the alias only if it passed) and keep it: files, MLflow run, tags."""
-    import mlflow
-
-    from langops.tasks.promote import apply_decision
-    from langops.tracking import configure_mlflow, resumed_run
-
-    configure_mlflow(params)
-    registration = read_json(params.paths.registration / "registration.json")
-    champion_after = apply_decision(decision, params=params, actor=actor)
-    out = params.paths.promotion
-    write_json(out / "decision.json", {**decision.to_dict(), "champion_after": champion_after})
-    (out / "decision.md").write_text(decision.to_markdown())
-    if decision.challenger_version == decision.champion_version:
-        return decision  # already champion: the run keeps the record of the decision that promoted it
-    with resumed_run(params, registration["run_id"]):
-        mlflow.log_artifact(str(out / "decision.json"), "promotion")
-        mlflow.log_artifact(str(out / "decision.md"), "promotion")
-        mlflow.set_tag("langops.decision", "promoted" if decision.promote else "rejected")
+    tracking.configure_mlflow(params)
+    champion_after = record_decision(decision, params=params, actor=actor)
+    written = decision.write(params.paths.promotion, champion_after=champion_after)
+    if decision.challenger_version != decision.champion_version:  # else the run keeps the decision that promoted it
+        tracking.log_decision(params, registered.run_id, decision, written)
     return decision
 
 
-def challenger_evidence(params: Params, version: str):
+def challenger_evidence(prepared: PrepareResult, compressed: CompressionResult, version: str) -> ModelEvidence:
     """The compressed model about to ship: its per-row test predictions, latency, size and parity."""
-    compressed = read_json(params.paths.compressed / "compress.json")
-    shipped = "int8" if compressed.get("quantized") else "fp32"
+    shipped = compressed.shipped
     return shipped_model_evidence(
-        params,
-        params.paths.compressed,
+        prepared,
+        compressed.out_dir,
         version,
         latency_ms={
             key.removeprefix(f"{shipped}_"): float(value)
-            for key, value in compressed["latency_ms"].items()
+            for key, value in compressed.latency_ms.items()
             if key.startswith(f"{shipped}_")
         },
-        size_mb=compressed["sizes_mb"][f"{shipped}_onnx"],
-        parity_passed=bool(compressed["parity"].get("passed", True)),
+        size_mb=compressed.sizes_mb[f"{shipped}_onnx"],
+        parity_passed=bool(compressed.parity.get("passed", True)),
     )
 
 
 def shipped_model_evidence(
-    params: Params, model_dir: Path, version: str, *, compare_with: Sequence[str] | None = None, **extra: Any
-):
+    prepared: PrepareResult, model_dir: Path, version: str, *, compare_with: Sequence[str] | None = None, **extra: Any
+) -> ModelEvidence:
     """Score a compressed model on the current test split and wrap the per-row result as gate evidence.
 
     A champion whose labels differ from the challenger's (``compare_with``) is not scored: its evidence
     names its labels only, and the gate reports the label change instead of comparing.
     """
-    from langops.io import read_test_rows
     from langops.onnx_model import OnnxClassifier
-    from langops.tasks.promote import ModelEvidence
 
     classifier = OnnxClassifier.load(model_dir)
     if compare_with is not None and tuple(classifier.labels) != tuple(compare_with):
         return ModelEvidence(version, labels=tuple(classifier.labels))
     try:
-        texts, y_true = read_test_rows(params.paths.prepared, classifier.labels)
+        texts, y_true = read_test_rows(prepared.out_dir, classifier.labels)
     except ValueError as exc:
         raise ValueError(f"version {version} cannot be scored: {exc}") from exc
     probs = classifier.predict_proba(texts)
     lengths = tuple(len(t) for t in texts)
     return ModelEvidence.from_probabilities(version, classifier.labels, y_true, probs, text_lengths=lengths, **extra)
-
-
-def current_alias_version(model_name: str, alias: str) -> str | None:
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return str(MlflowClient().get_model_version_by_alias(model_name, alias).version)
-    except MlflowException as exc:
-        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            return None
-        raise
 
 
 def _registered_model_dir(params: Params, version: str) -> Path:
@@ -350,16 +282,16 @@ def _registered_model_dir(params: Params, version: str) -> Path:
 def run_deploy(params: Params):
     """Make the model server serve the current champion (start it when none is running)."""
     from langops.tasks.deploy import deploy
-    from langops.tracking import configure_mlflow
 
+    record_path = params.paths.deployment / DEPLOYMENT_RECORD
     if not params.deploy.enabled:
-        write_json(params.paths.deployment / "deployment.json", {"deployed": False, "reason": "deploy.enabled is false"})
+        write_json(record_path, {"deployed": False, "reason": "deploy.enabled is false"})
         return None
-    configure_mlflow(params)
+    tracking.configure_mlflow(params)
     champion = current_alias_version(params.register.model_name, CHAMPION)
     if champion is None:
         record = {"deployed": False, "reason": "no champion to serve: no model has passed the gate yet"}
-        write_json(params.paths.deployment / "deployment.json", record)
+        write_json(record_path, record)
         log.warning(record["reason"])
         return None
     result = deploy(
@@ -368,58 +300,57 @@ def run_deploy(params: Params):
         model_name=params.register.model_name,
         expected_version=champion,
         state_dir=params.project.state_dir,
+        stop_timeout_s=params.services.stop_timeout_s,
     )
-    write_json(params.paths.deployment / "deployment.json", {"deployed": True, **jsonable(asdict(result))})
+    write_json(record_path, {"deployed": True, **jsonable(asdict(result))})
     return result
 
 
-def _parent(directory: Path) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    return directory
+# What each stage left, loaded back for a later stage run on its own (``langops.stages.run_stage``).
 
 
-def _log_if_exists(path: Path, artifact_path: str) -> None:
-    import mlflow
-
-    if Path(path).is_dir() and any(Path(path).iterdir()):
-        mlflow.log_artifacts(str(path), artifact_path)
+def load_prepared(params: Params) -> PrepareResult:
+    return PrepareResult.load(params.paths.prepared)
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
+def load_validated(params: Params) -> ValidationResult:
+    return ValidationResult.load(params.paths.validation)
 
 
-def _numeric(values: dict[str, Any], prefix: str) -> dict[str, float]:
-    return {f"{prefix}{k}": float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+def load_trained(params: Params) -> TrainRecord:
+    return TrainRecord.load(params.paths.trained)
 
 
-STEP_RUNNERS: dict[str, tuple[Callable[..., Any], ...]] = {
-    "prepare": (run_prepare,),
-    "validate": (run_validate,),
-    "train": (run_train,),
-    "evaluate": (run_evaluate,),
-    "compress": (run_compress,),
-    "register": (run_register,),
-    "promote": (run_promote, decide_promotion, record_promotion),
-    "deploy": (run_deploy,),
-}
+def load_evaluated(params: Params) -> EvaluationResult:
+    return EvaluationResult.load(params.paths.evaluation)
+
+
+def load_compressed(params: Params) -> CompressionResult:
+    return CompressionResult.load(params.paths.compressed)
+
+
+def load_registered(params: Params) -> RegistrationResult:
+    return RegistrationResult.load(params.paths.registration)
+
+
+ADAPTERS: tuple[Callable[..., Any], ...] = (
+    run_prepare, run_validate, run_train, run_evaluate, run_compress, run_register,
+    run_promote, decide_promotion, record_promotion, run_deploy,
+)
 
 
 def failed_step(exc: BaseException) -> str | None:
-    """The step whose runner raised ``exc`` (the innermost runner on its traceback), or None if none did.
+    """The step whose adapter raised ``exc`` (the innermost adapter on its traceback), or None if none did.
 
-    The flow's tasks, the sweep and the DVC stages all call the runners here, so an error that comes up
+    The flow's tasks, the sweep and the DVC stages all call the adapters here, so an error that comes up
     through Prefect names its step as well as one from ``langops <step>`` does.
     """
-    steps = {runner.__code__: step for step, runners in STEP_RUNNERS.items() for runner in runners}
+    steps = {adapter.__code__: _step_name(adapter) for adapter in ADAPTERS}
     step = None
     for frame, _ in traceback.walk_tb(exc.__traceback__):
         step = steps.get(frame.f_code, step)
     return step
+
+
+def _step_name(adapter: Callable[..., Any]) -> str:
+    return "promote" if adapter.__name__.endswith("_promotion") else adapter.__name__.removeprefix("run_")

@@ -21,12 +21,14 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Literal, get_args
 from urllib.parse import urlparse
 
-from langops.aliases import CHAMPION, PREVIOUS_CHAMPION
+from langops.aliases import CHALLENGER, CHAMPION, PREVIOUS_CHAMPION
 from langops.config import Params
 from langops.io import jsonable
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
+
+    from langops.tasks.promote import Decision
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +180,53 @@ def move_champion(
         )
 
 
+def record_decision(decision: Decision, *, params: Params, actor: str = "pipeline") -> str | None:
+    """Record the gate's decision on the challenger's model version and, if it passed, make it champion.
+
+    The alias moves through ``move_champion``: under the champion lock, logged in the promotion history,
+    and only if the champion is still the one the decision compared against (a promotion that raced this
+    one makes the decision stale, and nothing moves). The version's decision tags and the ``challenger``
+    alias are written after that move, so the loser of a race leaves no trace on the version. A failed
+    gate writes tags only. Returns the version that is champion afterwards.
+    """
+    model_name = params.register.model_name
+    version = decision.challenger_version
+    if version is None:
+        raise ValueError("the decision names no challenger version")
+    if version == decision.champion_version:
+        return version  # already champion: its aliases and its own decision's tags stay as they are
+    if decision.promote:
+        move_champion(
+            params,
+            model_name=model_name,
+            new_champion=version,
+            event="force" if decision.forced else "promote",
+            reason=decision.reason,
+            actor=actor,
+            evidence=decision.to_dict(),
+            expected_champion=decision.champion_version,
+        )
+    client = _client(params)
+    client.set_registered_model_alias(model_name, CHALLENGER, version)  # the latest version the gate judged
+    client.set_model_version_tag(model_name, version, "langops.decision", "promoted" if decision.promote else "rejected")
+    client.set_model_version_tag(model_name, version, "langops.decision_reason", decision.reason[:_MAX_TAG_CHARS])
+    client.set_model_version_tag(model_name, version, "langops.decided_at", decision.decided_at)
+    return version if decision.promote else decision.champion_version
+
+
+def current_alias_version(model_name: str, alias: str) -> str | None:
+    """The version ``alias`` points at, or None when the model or the alias does not exist."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(MlflowClient().get_model_version_by_alias(model_name, alias).version)
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+
+
 def rollback(params: Params, *, model_name: str, reason: str, actor: str) -> PromotionEvent:
     """Serve ``previous_champion`` again; the version rolled back from becomes ``previous_champion``.
 
@@ -186,8 +235,6 @@ def rollback(params: Params, *, model_name: str, reason: str, actor: str) -> Pro
     Raises:
         PromotionError: there is no ``previous_champion``, or it already is the champion; nothing changes.
     """
-    from langops.pipeline import current_alias_version
-
     _check_request(event="rollback", reason=reason, actor=actor)
     client = _client(params)
     with champion_lock(params, model_name):
@@ -246,8 +293,6 @@ def _move_locked(
 ) -> PromotionEvent:
     """The body of a move; the caller holds the champion lock."""
     from mlflow.exceptions import MlflowException
-
-    from langops.pipeline import current_alias_version
 
     try:
         client.get_model_version(model_name, new_champion)

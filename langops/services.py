@@ -24,7 +24,6 @@ import os
 import re
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -36,6 +35,7 @@ import httpx
 import yaml
 
 from langops.config import Params
+from langops.processes import POLL_INTERVAL_S, Background, is_process, write_atomic
 
 SERVICES_DIR = "services"
 ENDPOINTS_FILE = "endpoints.json"
@@ -43,8 +43,6 @@ PREFECT_SERVER = "prefect-server"
 MLFLOW_SERVER = "mlflow-server"
 PREFECT_WORKER = "prefect-worker"
 MODEL_SERVER = "model-server"
-LOG_TAIL_LINES = 30
-POLL_INTERVAL_S = 0.5
 # The deployments' entrypoints name flow files relative to the project (`flows/<name>.py:<flow>`); a
 # project without its own flows/ runs the same files installed as the package `langops.flows`.
 FLOWS_FOLDER = "flows"
@@ -155,7 +153,7 @@ def read_endpoints(state_dir: Path) -> Endpoints | None:
         endpoints = Endpoints(**json.loads(path.read_text()))
     except (FileNotFoundError, ValueError, TypeError):
         return None
-    if not (_is_process(endpoints.prefect_pid, "prefect") and _is_process(endpoints.mlflow_pid, "mlflow")):
+    if not (is_process(endpoints.prefect_pid, "prefect") and is_process(endpoints.mlflow_pid, "mlflow")):
         return None
     return endpoints
 
@@ -423,29 +421,22 @@ def _holder(port: int) -> str:
 
 
 def _spawn(folder: Path, service: _Service) -> int:
-    """Start ``service`` in its own session (it outlives this command), with its pid file and log."""
-    log_path = folder / f"{service.name}.log"
-    with log_path.open("w") as log_file:
-        process = subprocess.Popen(
-            service.command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-            env=service.env, start_new_session=True,
-        )
-    _write_atomic(folder / f"{service.name}.pid", f"{process.pid}\n")
-    return process.pid
+    """Start ``service`` detached (it outlives this command), with its pid file and log."""
+    return _process(folder, service.name).spawn(service.command, env=service.env).pid
 
 
 def _wait_healthy(folder: Path, name: str, check, deadline: float) -> None:
     last = "no answer yet"
     while time.monotonic() < deadline:
         if _running_pid(folder, name) is None:
-            raise ServiceError(f"{name} exited while starting{_log_tail(folder, name)}")
+            raise ServiceError(f"{name} exited while starting{_process(folder, name).log_tail()}")
         healthy, last = check()
         if healthy:
             return
         time.sleep(POLL_INTERVAL_S)
     raise ServiceError(
         f"{name} did not become healthy in time (services.start_timeout_s); last check: {last}"
-        f"{_log_tail(folder, name)}"
+        f"{_process(folder, name).log_tail()}"
     )
 
 
@@ -461,7 +452,7 @@ def _write_endpoints(params: Params) -> None:
         work_pool=params.services.work_pool,
         worker_name=worker_name(params),
     )
-    _write_atomic(folder / ENDPOINTS_FILE, json.dumps(asdict(endpoints), indent=2) + "\n")
+    write_atomic(folder / ENDPOINTS_FILE, json.dumps(asdict(endpoints), indent=2) + "\n")
 
 
 def _start_model_server(params: Params) -> tuple[bool, list[str]]:
@@ -486,7 +477,7 @@ def _start_model_server(params: Params) -> tuple[bool, list[str]]:
         return False, [f"model server not started: {model} has no champion yet (the pipeline's deploy step starts it)"]
     try:
         result = deploy(params.deploy, tracking_uri=tracking_uri, model_name=model, expected_version=champion,
-                        state_dir=params.project.state_dir)
+                        state_dir=params.project.state_dir, stop_timeout_s=params.services.stop_timeout_s)
     except DeploymentError as exc:
         return False, [f"model server not started: {exc}"]
     return result.started, []
@@ -572,9 +563,9 @@ def _model_server_ready(params: Params) -> tuple[bool, str]:
 
 
 def _model_server_pid(params: Params) -> int | None:
-    from langops.tasks.deploy import PID_FILE, SERVER_DIR
+    from langops.tasks.deploy import server_process
 
-    return _pid_from_file(params.project.state_dir / SERVER_DIR / PID_FILE, "langops.serving")
+    return server_process(params.project.state_dir).pid()
 
 
 def _http_ok(url: str, detail: str) -> tuple[bool, str]:
@@ -594,62 +585,21 @@ def stop_services(params: Params) -> list[StopResult]:
     Each service is stopped with its whole process tree (servers spawn workers; the worker spawns
     flow runs). Pid files and the endpoints file are removed, so commands stop using the servers.
     """
-    from langops.tasks.deploy import stop_server
+    from langops.tasks.deploy import server_process
 
     folder = services_dir(params)
     timeout = params.services.stop_timeout_s
     (folder / ENDPOINTS_FILE).unlink(missing_ok=True)
     results = [_stop_service(folder, PREFECT_WORKER, timeout)]
-    pid = _model_server_pid(params)
-    results.append(StopResult(MODEL_SERVER, pid, stop_server(params.project.state_dir, timeout_s=timeout), False))
+    model_server = server_process(params.project.state_dir).stop(timeout)
+    results.append(StopResult(MODEL_SERVER, model_server.pid, model_server.stopped, model_server.killed))
     results += [_stop_service(folder, name, timeout) for name in (MLFLOW_SERVER, PREFECT_SERVER)]
     return results
 
 
 def _stop_service(folder: Path, name: str, timeout_s: float) -> StopResult:
-    import psutil
-
-    pid_file = folder / f"{name}.pid"
-    pid = _running_pid(folder, name)
-    if pid is None:
-        pid_file.unlink(missing_ok=True)
-        return StopResult(name, None, False, False)
-    try:
-        root = psutil.Process(pid)
-        tree = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        pid_file.unlink(missing_ok=True)
-        return StopResult(name, pid, False, False)
-    # The service first (it shuts its own workers down: uvicorn, flow runs), then whatever it left behind.
-    _signal(root, signal.SIGTERM)
-    psutil.wait_procs([root], timeout=timeout_s)
-    leftovers = [p for p in tree if _running(p)]
-    for process in leftovers:
-        _signal(process, signal.SIGTERM)
-    _, alive = psutil.wait_procs(leftovers, timeout=min(timeout_s, 5.0))
-    for process in alive:
-        _signal(process, signal.SIGKILL)
-    psutil.wait_procs(alive, timeout=5)
-    pid_file.unlink(missing_ok=True)
-    return StopResult(name, pid, True, bool(alive))
-
-
-def _running(process) -> bool:
-    import psutil
-
-    try:
-        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def _signal(process, signum: int) -> None:
-    import psutil
-
-    try:
-        process.send_signal(signum)
-    except psutil.NoSuchProcess:
-        pass
+    stopped = _process(folder, name).stop(timeout_s)
+    return StopResult(name, stopped.pid, stopped.stopped, stopped.killed)
 
 
 # ---------------------------------------------------------------------------------------- deployments
@@ -801,50 +751,18 @@ def resolve_entrypoint(entrypoint: str, project_dir: Path) -> str:
 # -------------------------------------------------------------------------------------------- helpers
 
 
+def _process(folder: Path, name: str) -> Background:
+    """The supervised process of service ``name``: its pid file and log in ``folder``, recognised by its command."""
+    return Background(folder, name, marker="mlflow" if name == MLFLOW_SERVER else "prefect")
+
+
 def _running_pid(folder: Path, name: str) -> int | None:
-    return _pid_from_file(folder / f"{name}.pid", "prefect" if name != MLFLOW_SERVER else "mlflow")
-
-
-def _pid_from_file(pid_file: Path, command_marker: str) -> int | None:
-    """The live process named by ``pid_file`` whose command line mentions ``command_marker``, else None.
-
-    The marker check keeps a stale pid file from naming an unrelated process that reused the pid.
-    """
-    try:
-        pid = int(pid_file.read_text().strip())
-    except (FileNotFoundError, ValueError):
-        return None
-    return pid if _is_process(pid, command_marker) else None
-
-
-def _is_process(pid: int, command_marker: str) -> bool:
-    """Whether ``pid`` is a live process whose command line mentions ``command_marker`` (not a reused pid)."""
-    import psutil
-
-    try:
-        process = psutil.Process(pid)
-        return process.status() != psutil.STATUS_ZOMBIE and any(command_marker in part for part in process.cmdline())
-    except (psutil.Error, ValueError):
-        return False
+    return _process(folder, name).pid()
 
 
 def _client_host(host: str) -> str:
     host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
     return f"[{host}]" if ":" in host else host
-
-
-def _log_tail(folder: Path, name: str) -> str:
-    path = folder / f"{name}.log"
-    if not path.is_file():
-        return ""
-    lines = path.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
-    return f"\nlast lines of {path}:\n" + "\n".join(lines)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def exports(endpoints: Endpoints) -> dict[str, Any]:

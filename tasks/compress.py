@@ -21,12 +21,13 @@ from typing import Any
 import numpy as np
 
 from langops.config import CompressConfig
-from langops.io import read_labels, read_test_rows, write_json, write_labels
-from langops.metrics import classification_metrics, softmax
+from langops.io import read_json, read_labels, read_test_rows, write_json, write_labels
+from langops.metrics import classification_metrics, metrics_for_dvc, softmax
 from langops.onnx_model import FP32_MODEL_FILE, MODEL_FILE, SERVING_FILE, TOKENIZER_FILE, OnnxClassifier
 
 TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer_config.json")
 SUMMARY_FILE = "compress.json"
+METRICS_FILE = "metrics.json"  # in the report dir: the numbers DVC compares
 OUTPUT_NAME = "logits"
 # One weight scale per output channel: BERT projections have a few outlier columns that would
 # otherwise set the scale for all. On MiniLM (fitted head, 300 rows) per-tensor gave int8 max |logit
@@ -55,9 +56,28 @@ class CompressionResult:
     latency_ms: dict[str, float]
     metrics: dict[str, Any]
 
+    @property
+    def shipped(self) -> str:
+        """Which of the exported models ships: ``int8`` or ``fp32``."""
+        return "int8" if self.quantized else "fp32"
+
+    @classmethod
+    def load(cls, out_dir: Path) -> CompressionResult:
+        """The result as the step left it in ``out_dir`` (for a later stage run on its own)."""
+        summary = read_json(Path(out_dir) / SUMMARY_FILE)
+        return cls(
+            out_dir=Path(out_dir),
+            model_path=Path(out_dir) / summary["model_file"],
+            quantized=bool(summary["quantized"]),
+            parity=summary["parity"],
+            sizes_mb=summary["sizes_mb"],
+            latency_ms=summary["latency_ms"],
+            metrics=summary["metrics"],
+        )
+
 
 def compress(
-    cfg: CompressConfig, *, trained_dir: Path, prepared_dir: Path, out_dir: Path, max_length: int
+    cfg: CompressConfig, *, trained_dir: Path, prepared_dir: Path, out_dir: Path, report_dir: Path, max_length: int
 ) -> CompressionResult:
     """Export, optimise and (when ``cfg.quantize``) int8-quantise the trained model, then verify it.
 
@@ -65,7 +85,9 @@ def compress(
         cfg: the ``compress`` section of params.yaml.
         trained_dir: the train step's output (``model/`` with tokenizer, ``labels.json``).
         prepared_dir: the prepared splits; the test split is the parity and metrics set.
-        out_dir: the compressed dir to (re)place.
+        out_dir: the compressed dir to (re)place; ``compress.json`` in it holds every figure.
+        report_dir: receives ``metrics.json``, the numbers DVC compares (headline metrics, F1 per label key,
+            parity, sizes, latencies).
         max_length: token limit the model was trained with (``train.max_length``).
 
     Returns:
@@ -142,15 +164,9 @@ def compress(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return CompressionResult(
-        out_dir=out_dir,
-        model_path=out_dir / MODEL_FILE,
-        quantized=cfg.quantize,
-        parity=parity,
-        sizes_mb=sizes,
-        latency_ms=latency,
-        metrics=metrics,
-    )
+    summary = read_json(out_dir / SUMMARY_FILE)
+    write_json(Path(report_dir) / METRICS_FILE, {**summary, "metrics": metrics_for_dvc(summary["metrics"])})
+    return CompressionResult.load(out_dir)
 
 
 def check_label_map(id2label: dict[int, str], labels: Sequence[str]) -> None:
@@ -343,7 +359,7 @@ def check_parity(
     """
     reference = torch_logits.argmax(axis=1)
     parity: dict[str, Any] = {
-        "rows": int(len(torch_logits)),
+        "rows": len(torch_logits),
         "fp32_max_abs_logit_diff": float(np.abs(fp32_logits - torch_logits).max()),
         "fp32_label_agreement": float((fp32_logits.argmax(axis=1) == reference).mean()),
     }

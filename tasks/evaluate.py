@@ -10,9 +10,14 @@ import numpy as np
 import pandas as pd
 
 from langops.config import EvaluateConfig
-from langops.io import read_labels, read_test_rows, write_json
+from langops.io import read_json, read_labels, read_test_rows, write_json
 from langops.metrics import classification_metrics, metrics_for_dvc, softmax
-from langops.modeling import load_trained_classifier, predict_logits
+
+METRICS_FILE = "metrics.json"  # the numbers DVC compares
+DETAILS_FILE = "details.json"  # everything: per-class table with labels, label keys, confusion matrix
+CONFUSION_CSV = "confusion.csv"  # actual/predicted per row: DVC's confusion plot
+CONFUSION_PNG = "confusion_matrix.png"
+PREDICTIONS_CSV = "predictions.csv"
 
 
 @dataclass(frozen=True)
@@ -24,6 +29,19 @@ class EvaluationResult:
     confusion_csv: Path
     predictions_csv: Path
 
+    @classmethod
+    def load(cls, out_dir: Path) -> EvaluationResult:
+        """The result as the step left it in ``out_dir`` (for a later stage run on its own)."""
+        out_dir = Path(out_dir)
+        return cls(
+            metrics=read_json(out_dir / DETAILS_FILE),
+            metrics_path=out_dir / METRICS_FILE,
+            details_path=out_dir / DETAILS_FILE,
+            confusion_png=out_dir / CONFUSION_PNG,
+            confusion_csv=out_dir / CONFUSION_CSV,
+            predictions_csv=out_dir / PREDICTIONS_CSV,
+        )
+
 
 def evaluate(cfg: EvaluateConfig, *, trained_dir: Path, prepared_dir: Path, out_dir: Path, max_length: int) -> EvaluationResult:
     """Accuracy, macro-F1, per-class P/R/F1, confusion matrix and calibration error on the test split.
@@ -33,6 +51,10 @@ def evaluate(cfg: EvaluateConfig, *, trained_dir: Path, prepared_dir: Path, out_
     matrix), ``confusion.csv`` (actual/predicted rows: a DVC confusion plot), ``confusion_matrix.png`` and
     ``predictions.csv`` to ``out_dir``.
     """
+    # modeling imports torch and transformers: imported here, so that reading this step's file names (the
+    # stage table, which the CLI loads for every command) does not pay for them
+    from langops.modeling import load_trained_classifier, predict_logits
+
     trained_dir, out_dir = Path(trained_dir), Path(out_dir)
     labels = read_labels(trained_dir)
     texts, y_true = read_test_rows(prepared_dir, labels)
@@ -43,21 +65,14 @@ def evaluate(cfg: EvaluateConfig, *, trained_dir: Path, prepared_dir: Path, out_
     out_dir.mkdir(parents=True, exist_ok=True)
     actual = [labels[i] for i in y_true]
     predicted = [labels[i] for i in probs.argmax(axis=1)]
-    pd.DataFrame({"actual": actual, "predicted": predicted}).to_csv(out_dir / "confusion.csv", index=False)
+    pd.DataFrame({"actual": actual, "predicted": predicted}).to_csv(out_dir / CONFUSION_CSV, index=False)
     pd.DataFrame(
         {"text": texts, "label": actual, "predicted": predicted, "confidence": probs.max(axis=1)}
-    ).to_csv(out_dir / "predictions.csv", index=False)
-    plot_confusion_matrix(np.array(metrics["confusion_matrix"]), labels, out_dir / "confusion_matrix.png")
-    write_json(out_dir / "metrics.json", metrics_for_dvc(metrics))
-    write_json(out_dir / "details.json", metrics)
-    return EvaluationResult(
-        metrics=metrics,
-        metrics_path=out_dir / "metrics.json",
-        details_path=out_dir / "details.json",
-        confusion_png=out_dir / "confusion_matrix.png",
-        confusion_csv=out_dir / "confusion.csv",
-        predictions_csv=out_dir / "predictions.csv",
-    )
+    ).to_csv(out_dir / PREDICTIONS_CSV, index=False)
+    plot_confusion_matrix(np.array(metrics["confusion_matrix"]), labels, out_dir / CONFUSION_PNG)
+    write_json(out_dir / METRICS_FILE, metrics_for_dvc(metrics))
+    write_json(out_dir / DETAILS_FILE, metrics)
+    return EvaluationResult.load(out_dir)
 
 
 def plot_confusion_matrix(matrix: np.ndarray, labels: list[str], path: Path) -> Path:

@@ -36,7 +36,17 @@ import pandas as pd
 
 from langops.config import SPLIT_ALIASES, DataConfig, PrepareConfig
 from langops.demo_data import DEMO_LABELS, generate_demo_dataset
-from langops.io import LABEL, SPLITS, TEXT, split_path, write_json, write_labels
+from langops.io import (
+    LABEL,
+    LABELS_FILE,
+    SPLITS,
+    TEXT,
+    read_json,
+    read_labels,
+    split_path,
+    write_json,
+    write_labels,
+)
 from langops.lineage import dvc_dir_md5, file_md5
 
 log = logging.getLogger(__name__)
@@ -77,6 +87,29 @@ class PrepareResult:
     labels: tuple[str, ...]
     data_version: str
     notes: tuple[str, ...] = ()
+
+    @classmethod
+    def load(cls, out_dir: Path) -> PrepareResult:
+        """The result as the step left it in ``out_dir`` (for a later stage run on its own).
+
+        A prepared folder made by other means than this step (the splits and the labels, no summary) loads
+        too, with its row counts read from the splits and nothing to say about what prepare did.
+
+        Raises:
+            FileNotFoundError: ``out_dir`` holds no prepared dataset.
+        """
+        out_dir = Path(out_dir)
+        if not (out_dir / LABELS_FILE).is_file():
+            raise FileNotFoundError(f"{out_dir / LABELS_FILE} not found: run the prepare step first")
+        if (out_dir / SUMMARY_FILE).is_file():
+            summary = read_json(out_dir / SUMMARY_FILE)
+            rows, notes = summary["rows"], tuple(describe_changes(summary))
+        else:
+            rows = {name: len(pd.read_parquet(split_path(out_dir, name))) for name in SPLITS
+                    if split_path(out_dir, name).is_file()}
+            notes = ()
+        return cls(out_dir=out_dir, rows=rows, labels=tuple(read_labels(out_dir)),
+                   data_version=dvc_dir_md5(out_dir), notes=notes)
 
 
 def prepare(data: DataConfig, cfg: PrepareConfig, *, seed: int, out_dir: Path) -> PrepareResult:

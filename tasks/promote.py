@@ -17,14 +17,17 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from langops.aliases import CHALLENGER, CHAMPION, PREVIOUS_CHAMPION
-from langops.config import Params, PromoteConfig
+from langops.config import PromoteConfig
+from langops.io import write_json
 from langops.label_keys import label_keys
 
+DECISION_FILE = "decision.json"
+DECISION_REPORT = "decision.md"
 BOOTSTRAP_SEED = 20240601  # fixed: the same evidence always gives the same decision
 LOWER_IS_BETTER = frozenset({"ece"})
 
@@ -121,6 +124,14 @@ class Decision:
         lines += ["", "| check | result | detail |", "|---|---|---|"]
         lines += [f"| {c.name} | {'pass' if c.passed else 'FAIL'} | {c.detail} |" for c in self.checks]
         return "\n".join(lines) + "\n"
+
+    def write(self, out_dir: Path, *, champion_after: str | None) -> tuple[Path, Path]:
+        """``decision.json`` (with the champion after it was applied) and ``decision.md``, in ``out_dir``."""
+        out_dir = Path(out_dir)
+        record = write_json(out_dir / DECISION_FILE, {**self.to_dict(), "champion_after": champion_after})
+        report = out_dir / DECISION_REPORT
+        report.write_text(self.to_markdown())
+        return record, report
 
 
 def decide(
@@ -382,41 +393,3 @@ def _metric_batch(metric: str, y_true: np.ndarray, y_pred: np.ndarray, n_labels:
     denominator = confusion.sum(axis=2) + confusion.sum(axis=1)  # (tp + fn) + (tp + fp)
     f1 = np.divide(2 * tp, denominator, out=np.zeros(tp.shape, dtype=float), where=denominator > 0)
     return f1.mean(axis=1)
-
-
-def apply_decision(decision: Decision, *, params: Params, actor: str = "pipeline") -> str | None:
-    """Record the decision on the challenger's model version and, if it passed, make it champion.
-
-    The alias moves through ``langops.promotions.move_champion``: under the champion lock, logged in the
-    promotion history, and only if the champion is still the one the decision compared against (a
-    promotion that raced this one makes the decision stale, and nothing moves). A failed gate writes
-    tags only. Returns the version that is champion afterwards.
-    """
-    from mlflow import MlflowClient
-
-    from langops.promotions import move_champion
-
-    model_name = params.register.model_name
-    version = decision.challenger_version
-    if version is None:
-        raise ValueError("the decision names no challenger version")
-    if version == decision.champion_version:
-        return version  # already champion: its aliases and its own decision's tags stay as they are
-    client = MlflowClient()
-    client.set_registered_model_alias(model_name, CHALLENGER, version)  # the latest version the gate judged
-    client.set_model_version_tag(model_name, version, "langops.decision", "promoted" if decision.promote else "rejected")
-    client.set_model_version_tag(model_name, version, "langops.decision_reason", decision.reason[:5000])
-    client.set_model_version_tag(model_name, version, "langops.decided_at", decision.decided_at)
-    if not decision.promote:
-        return decision.champion_version
-    move_champion(
-        params,
-        model_name=model_name,
-        new_champion=version,
-        event="force" if decision.forced else "promote",
-        reason=decision.reason,
-        actor=actor,
-        evidence=decision.to_dict(),
-        expected_champion=decision.champion_version,
-    )
-    return version

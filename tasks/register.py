@@ -1,25 +1,28 @@
 """Register: log the compressed model as a pyfunc to the training run and add it as a registry version.
 
-The version carries its lineage (data, code, params, base model) and the shipped model's test metrics
-as tags, so the registry alone answers "what is this model and where did it come from". A version is
-either complete (tagged, described, READY) or absent: any failure after it is created deletes it.
+A registry step: its job is writing to MLflow, into the store the caller configured
+(``langops.tracking.configure_mlflow``). The version carries its lineage (data, code, params, base model)
+and the shipped model's test metrics as tags, so the registry alone answers "what is this model and where
+did it come from". A version is either complete (tagged, described, READY) or absent: any failure after it
+is created deletes it.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib.metadata import version as installed_version
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from langops.config import Params, RegisterConfig
-from langops.io import TEXT, read_json
+from langops.config import RegisterConfig
+from langops.io import TEXT, jsonable, read_json, write_json
 from langops.metrics import headline
 from langops.onnx_model import OnnxClassifier
+from langops.tasks.compress import CompressionResult
 
 REQUIRED_LINEAGE = ("data_version", "git_commit", "params_hash", "base_model")
 MODEL_ARTIFACT_PATH = "model"
@@ -29,6 +32,7 @@ READY_TIMEOUT_S = 300.0
 # not on a package index: a process loading the model must have it installed (see langops.pyfunc).
 PYFUNC_REQUIREMENTS = ("onnxruntime", "tokenizers", "numpy", "pandas")
 INPUT_EXAMPLE = ["I was charged twice for my subscription this month.", "Where is my parcel?"]
+SUMMARY_FILE = "registration.json"
 
 
 class RegistrationError(RuntimeError):
@@ -42,19 +46,29 @@ class RegistrationResult:
     model_uri: str
     run_id: str
 
+    @classmethod
+    def load(cls, out_dir: Path) -> RegistrationResult:
+        """The result as the step left it in ``out_dir`` (for a later stage run on its own)."""
+        return cls(**read_json(Path(out_dir) / SUMMARY_FILE))
+
 
 def register(
-    cfg: RegisterConfig, *, params: Params, compressed_dir: Path, run_id: str, lineage: Mapping[str, str]
+    cfg: RegisterConfig,
+    *,
+    compression: CompressionResult,
+    run_id: str,
+    lineage: Mapping[str, str],
+    out_dir: Path,
 ) -> RegistrationResult:
-    """Log ``compressed_dir`` as a pyfunc into run ``run_id`` and register it as a new version.
+    """Log the compressed model as a pyfunc into run ``run_id`` and register it as a new version.
 
     Args:
         cfg: the ``register`` section (the registered model's name).
-        params: the whole configuration, for the tracking store.
-        compressed_dir: the compress step's output; logged whole as the model's artifact.
+        compression: the compress step's result; its folder is logged whole as the model's artifact.
         run_id: the MLflow run the train step opened.
         lineage: at least ``data_version``, ``git_commit``, ``params_hash`` and ``base_model``; every
             entry becomes a model-version tag.
+        out_dir: receives ``registration.json``.
 
     Returns:
         The new version and its ``models:/<name>/<version>`` URI.
@@ -64,22 +78,21 @@ def register(
         FileNotFoundError: the compressed dir is incomplete.
         RegistrationError: the version did not become READY (it is deleted first).
     """
-    import mlflow
+    import mlflow  # lazily: a heavy import only the registry steps need
     from mlflow import MlflowClient
 
     from langops.pyfunc import ARTIFACT_KEY, TextClassifierModel, model_signature
-    from langops.tracking import resumed_run
+    from langops.tracking import reopened_run
 
     missing = [key for key in REQUIRED_LINEAGE if not lineage.get(key)]
     if missing:
         raise ValueError(f"lineage is missing {missing}; got keys {sorted(lineage)}")
-    compressed_dir = Path(compressed_dir)
-    summary = read_json(compressed_dir / "compress.json")
+    compressed_dir = compression.out_dir
     # Load before logging anything: a model that cannot load or answer must not reach the registry.
     classifier = OnnxClassifier.load(compressed_dir)
     classifier.predict(INPUT_EXAMPLE)
 
-    with resumed_run(params, run_id):
+    with reopened_run(run_id):
         logged = mlflow.pyfunc.log_model(
             name=MODEL_ARTIFACT_PATH,
             python_model=TextClassifierModel(),
@@ -90,43 +103,45 @@ def register(
         )
     # Lineage tags are written with the version itself, so no version ever exists without them.
     created = mlflow.register_model(
-        logged.model_uri, cfg.model_name, await_registration_for=0, tags=version_tags(lineage, summary)
+        logged.model_uri, cfg.model_name, await_registration_for=0, tags=version_tags(lineage, compression)
     )
     client = MlflowClient()
     try:
         client.update_model_version(
             cfg.model_name,
             created.version,
-            description=describe_version(classifier.labels, summary, lineage, run_id),
+            description=describe_version(classifier.labels, compression, lineage, run_id),
         )
         await_ready(client, cfg.model_name, created.version)
     except BaseException:
         client.delete_model_version(cfg.model_name, created.version)
         raise
-    return RegistrationResult(
+    result = RegistrationResult(
         model_name=cfg.model_name,
         version=str(created.version),
         model_uri=f"models:/{cfg.model_name}/{created.version}",
         run_id=run_id,
     )
+    write_json(Path(out_dir) / SUMMARY_FILE, jsonable(asdict(result)))
+    return result
 
 
-def version_tags(lineage: Mapping[str, str], summary: Mapping[str, Any]) -> dict[str, str]:
+def version_tags(lineage: Mapping[str, str], compression: CompressionResult) -> dict[str, str]:
     """Lineage as is, the shipped model's headline test metrics as ``metric.<name>``, and its precision."""
     tags = {key: str(value) for key, value in lineage.items()}
     tags.update(
-        {f"{METRIC_TAG_PREFIX}{name}": repr(value) for name, value in headline(summary["metrics"]).items()}
+        {f"{METRIC_TAG_PREFIX}{name}": repr(value) for name, value in headline(compression.metrics).items()}
     )
-    tags["quantized"] = str(bool(summary["quantized"])).lower()
+    tags["quantized"] = str(compression.quantized).lower()
     return tags
 
 
 def describe_version(
-    labels: list[str], summary: Mapping[str, Any], lineage: Mapping[str, str], run_id: str
+    labels: list[str], compression: CompressionResult, lineage: Mapping[str, str], run_id: str
 ) -> str:
     """A one-paragraph human summary for the registry UI; the tags hold the same facts for machines."""
-    metrics = summary["metrics"]
-    precision = "int8" if summary["quantized"] else "fp32"
+    metrics = compression.metrics
+    precision = compression.shipped
     return (
         f"{lineage['base_model']} text classifier over {len(labels)} labels ({', '.join(labels)}), "
         f"{precision} ONNX. Test macro-F1 {metrics['macro_f1']:.4f}, accuracy {metrics['accuracy']:.4f} "

@@ -24,7 +24,8 @@ import pandas as pd
 from langops.config import DataConfig, ValidateConfig
 from langops.io import LABEL, SPLITS, TEXT, read_json, read_labels, read_split, write_json
 from langops.label_keys import MAX_LABEL_CHARS
-from langops.tasks.prepare import SOURCE_ROW, SUMMARY_FILE as PREPARE_SUMMARY, describe_changes, normalise_text
+from langops.tasks.prepare import SOURCE_ROW, describe_changes, normalise_text
+from langops.tasks.prepare import SUMMARY_FILE as PREPARE_SUMMARY
 
 if TYPE_CHECKING:
     from great_expectations.core import ExpectationSuiteValidationResult
@@ -67,6 +68,21 @@ class ValidationResult:
     failed: int
     warnings: tuple[str, ...]
     stats: dict[str, Any]
+
+    @classmethod
+    def load(cls, report_dir: Path) -> ValidationResult:
+        """The result as the step left it in ``report_dir`` (for a later stage run on its own)."""
+        report_dir = Path(report_dir)
+        summary = read_json(report_dir / SUMMARY_FILE)
+        return cls(
+            success=summary["success"],
+            report_path=report_dir / REPORT_FILE,
+            summary_path=report_dir / SUMMARY_FILE,
+            evaluated=summary["statistics"]["evaluated"],
+            failed=summary["statistics"]["failed"],
+            warnings=tuple(summary.get("warnings", ())),
+            stats=summary["stats"],
+        )
 
 
 class DataValidationError(ValueError):
@@ -604,7 +620,7 @@ def describe_outcome(outcome: CheckOutcome) -> str:
         line += f": {outcome.unexpected_count} repeated of {outcome.element_count} rows"
         line += f" (unique proportion {outcome.observed_value:.3f})"
     elif outcome.unexpected_count is not None and outcome.element_count:
-        noun = {"class_min_rows": "classes", "class_in_every_split": "classes", "label_variants": "labels",
+        noun = {"class_min_rows": "classes", "class_in_every_split": "classes", "label_variants": "labels", "label_form": "labels",
                 "label_conflicts": "texts"}.get(outcome.check, "rows")
         share = f"{outcome.unexpected_percent:.2f}%"
         line += f": {outcome.unexpected_count} of {outcome.element_count} {noun} ({share})"
@@ -651,6 +667,7 @@ def write_report(
                 "success_percent": round(100.0 * sum(o.success for o in outcomes) / max(result.evaluated, 1), 2),
             },
             "prepare_changes": list(changes),
+            "warnings": list(result.warnings),
             "stats": result.stats,
             "expectations": [
                 {**asdict(o), "kwargs": abbreviate(o.kwargs), "unexpected_percent": o.unexpected_percent}

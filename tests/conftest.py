@@ -65,6 +65,26 @@ def pytest_configure(config):
     os.environ.setdefault("DO_NOT_TRACK", "1")
 
 
+# The test tiers, cheapest first; pyproject.toml registers each with its description.
+TIERS = ("unit", "data", "model", "flow", "services")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Refuse the run unless every collected test has exactly one tier, checked before ``-m`` deselects any."""
+    wrong = []
+    for item in items:
+        tiers = sorted({mark.name for mark in item.iter_markers() if mark.name in TIERS}, key=TIERS.index)
+        if len(tiers) != 1:
+            wrong.append(f"{item.nodeid}: {', '.join(tiers) or 'no tier'}")
+    if wrong:
+        raise pytest.UsageError(
+            f"every test needs exactly one tier marker, one of {', '.join(TIERS)} (README, Tests):\n  "
+            + "\n  ".join(wrong)
+            + "\nmark a whole module with `pytestmark = pytest.mark.<tier>` or one test with `@pytest.mark.<tier>`"
+        )
+
+
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch):
     """Tests never reach a model hub, and MLflow/Prefect settings never leak in from the shell."""

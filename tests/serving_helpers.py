@@ -83,7 +83,8 @@ def build_compressed_dir(root: Path, trained_dir: Path) -> Path:
     cfg = CompressConfig(latency_runs=5, min_label_agreement=0.0, max_fp32_logit_diff=1.0)
     out_dir = root / "compressed"
     prepared_dir = write_prepared(root / "prepared")
-    compress(cfg, trained_dir=trained_dir, prepared_dir=prepared_dir, out_dir=out_dir, max_length=32)
+    compress(cfg, trained_dir=trained_dir, prepared_dir=prepared_dir, out_dir=out_dir, report_dir=root / "compression",
+             max_length=32)
     return out_dir
 
 
@@ -100,6 +101,7 @@ class Registry:
         import mlflow
 
         from langops.config import parse_params
+        from langops.tasks.compress import CompressionResult
         from langops.tasks.register import register
         from langops.tracking import configure_mlflow
 
@@ -108,11 +110,11 @@ class Registry:
         with mlflow.start_run() as run:
             result = register(
                 params.register,
-                params=params,
-                compressed_dir=compressed_dir,
+                compression=CompressionResult.load(compressed_dir),
                 run_id=run.info.run_id,
                 lineage={"data_version": "test", "git_commit": "test", "params_hash": params.section_hash(),
                          "base_model": "tiny-random-bert"},
+                out_dir=params.paths.registration,
             )
         return str(result.version)
 

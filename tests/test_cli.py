@@ -28,6 +28,7 @@ def _log_file(stderr: str) -> Path:
     return Path(match.group(1))
 
 
+@pytest.mark.unit
 def test_a_bad_override_exits_2_naming_the_key(tmp_path):
     write_params(tmp_path, tiny_project_params(tmp_path, tmp_path / "no-model"))
     result = _langops("prepare", "--set", "train.lora.r=0", cwd=tmp_path)
@@ -35,6 +36,7 @@ def test_a_bad_override_exits_2_naming_the_key(tmp_path):
     assert "train.lora.r: Input should be greater than or equal to 1" in result.stderr
 
 
+@pytest.mark.data
 def test_prepare_then_validate_on_bad_data_exits_3_with_every_problem_listed(tmp_path):
     bad = write_bad_csv(tmp_path / "bad.csv", "unknown_label")
     params = tiny_project_params(tmp_path, tmp_path / "no-model", data={"source": str(bad)})
@@ -55,6 +57,7 @@ def test_prepare_then_validate_on_bad_data_exits_3_with_every_problem_listed(tmp
     assert "Traceback (most recent call last)" in log.read_text() and "DataValidationError" in log.read_text()
 
 
+@pytest.mark.data
 def test_a_missing_dataset_fails_at_once_before_any_server_starts(tmp_path):
     write_params(tmp_path, tiny_project_params(tmp_path, tmp_path / "no-model"))
 
@@ -66,6 +69,7 @@ def test_a_missing_dataset_fails_at_once_before_any_server_starts(tmp_path):
     assert not (tmp_path / ".langops" / "prefect").exists()  # no server, no database
 
 
+@pytest.mark.data
 def test_init_writes_params_for_a_new_folder_and_shows_what_validation_would_say(tmp_path):
     rows = ["id,message,category"] + [f"{i},my order {i} is about {c},{c}" for c in ("billing", "shipping")
                                       for i in range(40)]
@@ -83,7 +87,7 @@ def test_init_writes_params_for_a_new_folder_and_shows_what_validation_would_say
     assert again.returncode == 2 and "pass --force" in again.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.flow
 def test_a_failed_run_prints_its_error_once_and_keeps_the_tracebacks_for_the_log_and_the_ui(tmp_path):
     """`langops run --dataset` on bad data: one block on the console; Prefect's failure reports, with their
     tracebacks, go to the log file and to Prefect's API (the UI), and to the console only with --verbose."""
@@ -114,7 +118,7 @@ def test_a_failed_run_prints_its_error_once_and_keeps_the_tracebacks_for_the_log
     assert "ERROR langops.cli: langops run failed" in verbose.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.services
 def test_a_failed_sweep_reports_once_and_its_dask_workers_use_the_one_temporary_server(tmp_path):
     """Every trial fails on its Dask worker (no base model): the workers log into the sweep's file, not onto
     the console, and report to the sweep's temporary Prefect server instead of each starting one."""
@@ -142,6 +146,7 @@ def _record(name: str, level: int, message: str, *, exc: bool = False, **extra) 
     return record
 
 
+@pytest.mark.unit
 def test_the_console_drops_prefect_failure_reports_and_tracebacks_but_not_progress():
     task, flow, info, error = "prefect.task_runs", "prefect.flow_runs", logging.INFO, logging.ERROR
     try:
@@ -171,18 +176,22 @@ def test_the_console_drops_prefect_failure_reports_and_tracebacks_but_not_progre
     assert "Traceback" in logging.Formatter("%(message)s").format(odd)
 
 
+@pytest.mark.unit
 def test_a_step_is_named_by_the_runner_its_error_came_from(tmp_path):
     from langops.config import load_params
     from langops.pipeline import failed_step, run_validate
+    from langops.tasks.prepare import PrepareResult
 
     write_params(tmp_path, tiny_project_params(tmp_path, tmp_path / "no-model"))
+    nothing = PrepareResult(out_dir=tmp_path / "never-prepared", rows={}, labels=(), data_version="")
     with pytest.raises(Exception) as failure:
-        run_validate(load_params(tmp_path / "params.yaml"))  # nothing prepared yet
+        run_validate(load_params(tmp_path / "params.yaml"), nothing)
 
     assert failed_step(failure.value) == "validate"
     assert failed_step(ValueError("raised nowhere near a step")) is None
 
 
+@pytest.mark.unit
 def test_stop_without_a_server_says_so(tmp_path):
     write_params(tmp_path, tiny_project_params(tmp_path, tmp_path / "no-model"))
     result = _langops("stop", cwd=tmp_path)

@@ -31,6 +31,7 @@ def build_compressed_dir(
         trained_dir=trained_dir,
         prepared_dir=write_prepared(root / "prepared"),
         out_dir=root / "compressed",
+        report_dir=root / "compression",
         max_length=MAX_LENGTH,
     )
 
@@ -40,6 +41,7 @@ def compressed(tmp_path_factory, tiny_trained_dir) -> CompressionResult:
     return build_compressed_dir(tmp_path_factory.mktemp("compress"), tiny_trained_dir)
 
 
+@pytest.mark.model
 def test_writes_the_compressed_layout(compressed: CompressionResult) -> None:
     out = compressed.out_dir
     for name in (
@@ -64,6 +66,7 @@ def test_writes_the_compressed_layout(compressed: CompressionResult) -> None:
     assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")], "staging left behind"
 
 
+@pytest.mark.model
 def test_parity_within_bounds(compressed: CompressionResult) -> None:
     parity = compressed.parity
     assert parity["rows"] == 3 * 10 and parity["passed"] is True
@@ -74,6 +77,7 @@ def test_parity_within_bounds(compressed: CompressionResult) -> None:
     assert TEST_CONFIG.min_label_agreement <= parity["int8_label_agreement_batch1"] <= 1.0
 
 
+@pytest.mark.unit
 def test_check_parity_lists_every_failure() -> None:
     torch_logits = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
     int8_batched = torch_logits.copy()
@@ -92,6 +96,7 @@ def test_check_parity_lists_every_failure() -> None:
     assert "int8_label_agreement_batch1" not in message.split(" (figures")[0]
 
 
+@pytest.mark.unit
 def test_check_parity_gates_single_text_scoring_too() -> None:
     torch_logits = np.array([[1.0, 0.0], [0.0, 1.0]])
     with pytest.raises(ParityError, match=r"int8_label_agreement_batch1 0\.5000 < min_label_agreement"):
@@ -104,6 +109,7 @@ def test_check_parity_gates_single_text_scoring_too() -> None:
         )
 
 
+@pytest.mark.model
 def test_int8_is_smaller_than_fp32(compressed: CompressionResult) -> None:
     sizes = compressed.sizes_mb
     assert sizes["int8_onnx"] < 0.5 * sizes["fp32_onnx"]
@@ -111,6 +117,7 @@ def test_int8_is_smaller_than_fp32(compressed: CompressionResult) -> None:
     assert (compressed.out_dir / MODEL_FILE).stat().st_size == pytest.approx(sizes["int8_onnx"] * 1e6)
 
 
+@pytest.mark.model
 def test_latency_figures_are_positive(compressed: CompressionResult) -> None:
     expected = {
         f"{model}_batch{batch}_{stat}"
@@ -123,6 +130,7 @@ def test_latency_figures_are_positive(compressed: CompressionResult) -> None:
     assert compressed.latency_ms["int8_batch1_p50"] <= compressed.latency_ms["int8_batch1_p95"]
 
 
+@pytest.mark.model
 def test_metrics_are_the_shipped_model_on_the_test_split(compressed: CompressionResult) -> None:
     prepared = compressed.out_dir.parent / "prepared"
     test = read_split(prepared, "test")
@@ -133,6 +141,7 @@ def test_metrics_are_the_shipped_model_on_the_test_split(compressed: Compression
     assert compressed.metrics["confusion_matrix"] == expected["confusion_matrix"]
 
 
+@pytest.mark.model
 def test_graph_has_dynamic_batch_and_sequence(compressed: CompressionResult, tiny_trained_dir: Path) -> None:
     """Batches of several sizes and lengths (one past max_length) match torch on the exported fp32 graph."""
     import torch
@@ -154,6 +163,7 @@ def test_graph_has_dynamic_batch_and_sequence(compressed: CompressionResult, tin
     assert classifier.encode(batches[2])["input_ids"].shape == (17, MAX_LENGTH)
 
 
+@pytest.mark.model
 def test_without_quantization_ships_the_fp32_graph(tmp_path: Path, tiny_trained_dir: Path) -> None:
     cfg = TEST_CONFIG.model_copy(update={"quantize": False})
     result = build_compressed_dir(tmp_path, tiny_trained_dir, cfg)
@@ -165,6 +175,7 @@ def test_without_quantization_ships_the_fp32_graph(tmp_path: Path, tiny_trained_
     assert json.loads((out / "serving.json").read_text())["quantized"] is False
 
 
+@pytest.mark.model
 def test_parity_failure_raises_and_keeps_the_previous_out_dir(
     compressed: CompressionResult, tiny_trained_dir: Path, tmp_path: Path
 ) -> None:
@@ -179,12 +190,14 @@ def test_parity_failure_raises_and_keeps_the_previous_out_dir(
             trained_dir=tiny_trained_dir,
             prepared_dir=compressed.out_dir.parent / "prepared",
             out_dir=out_dir,
+            report_dir=tmp_path / "report",
             max_length=MAX_LENGTH,
         )
     assert {p.name: p.read_bytes() for p in out_dir.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["compressed"], "staging dir left behind"
 
 
+@pytest.mark.model
 def test_unknown_test_label_is_refused_before_any_work(tmp_path: Path, tiny_trained_dir: Path) -> None:
     prepared = write_prepared(tmp_path / "prepared")
     pd.DataFrame({"text": ["where is my refund"], "label": ["refunds"]}).to_parquet(prepared / "test.parquet")
@@ -194,6 +207,7 @@ def test_unknown_test_label_is_refused_before_any_work(tmp_path: Path, tiny_trai
             trained_dir=tiny_trained_dir,
             prepared_dir=prepared,
             out_dir=tmp_path / "out",
+            report_dir=tmp_path / "report",
             max_length=MAX_LENGTH,
         )
     assert not (tmp_path / "out").exists()

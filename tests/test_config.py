@@ -9,6 +9,8 @@ import pytest
 
 from langops.config import ConfigError, load_params, parse_params
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -86,3 +88,25 @@ def test_the_services_section_of_params_yaml_holds_the_model_defaults():
     from langops.config import ServicesConfig
 
     assert load_params(ROOT / "params.yaml").services == ServicesConfig()
+
+
+def _keys(tree: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for key, value in tree.items():
+        keys.add(prefix + key)
+        if isinstance(value, dict) and key not in ("grid", "thresholds", "guards", "max_latency_ms", "severity"):
+            keys |= _keys(value, f"{prefix}{key}.")
+    return keys
+
+
+def test_params_yaml_writes_out_every_default_of_the_model_and_nothing_else():
+    """params.yaml is where users read the knobs, the pydantic models are where code reads them: every key is
+    in both, with the same value, so a default can't be changed in one and not the other."""
+    import yaml
+
+    from langops.config import Params
+
+    written = yaml.safe_load((ROOT / "params.yaml").read_text())
+    defaults = Params().model_dump(mode="json")
+    assert _keys(written) == _keys(defaults)
+    assert parse_params(written).model_dump(mode="json") == defaults

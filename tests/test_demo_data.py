@@ -11,6 +11,8 @@ from sklearn.pipeline import make_pipeline
 
 from langops.demo_data import DEMO_LABELS, generate_demo_dataset
 
+pytestmark = pytest.mark.unit
+
 ROWS = 3000
 
 

@@ -32,6 +32,7 @@ from langops.tasks.train import (
 )
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("rows", "batch_size", "world_size"),
     [(1000, 10, 2), (101, 8, 3), (33, 16, 2), (7, 4, 4)],
@@ -55,6 +56,7 @@ def test_rank_shards_are_disjoint_cover_every_row_and_take_equal_steps(rows, bat
     assert again == shards[1]  # same seed, same shard
 
 
+@pytest.mark.unit
 def test_one_rank_batches_exactly_as_before():
     lengths = list(np.random.default_rng(0).integers(1, 100, size=200))
     assert rank_batches(lengths, 16, np.random.default_rng(3)) == list(
@@ -62,6 +64,7 @@ def test_one_rank_batches_exactly_as_before():
     )
 
 
+@pytest.mark.unit
 def test_ranks_split_each_step_by_length_so_they_pad_alike():
     lengths = list(np.random.default_rng(0).integers(1, 100, size=1000))
     first, second = (rank_batches(lengths, 10, np.random.default_rng(1), rank=r, world_size=2) for r in (0, 1))
@@ -69,6 +72,7 @@ def test_ranks_split_each_step_by_length_so_they_pad_alike():
     assert np.mean(gaps) < 5  # random halves of a batch from 1..100 would differ by ~10
 
 
+@pytest.mark.unit
 def test_devices_resolve_to_one_process_per_gpu_or_fail_naming_the_key():
     if torch.cuda.is_available():
         pytest.skip("checks the CPU-only answers")
@@ -96,7 +100,7 @@ def _dropout_free_base(directory: Path) -> Path:
     return directory
 
 
-@pytest.mark.slow
+@pytest.mark.services
 @pytest.mark.timeout(600)
 def test_langops_train_on_two_processes_writes_one_model_one_summary_one_run(tmp_path):
     base = _dropout_free_base(tmp_path / "base")
@@ -176,7 +180,7 @@ sys.exit(main(sys.argv[1:]))
 '''
 
 
-@pytest.mark.slow
+@pytest.mark.services
 @pytest.mark.timeout(300)
 def test_a_rank_that_fails_fails_the_launch_naming_the_rank_and_its_error(tmp_path, tiny_base_model):
     train_section = {"base_model": str(tiny_base_model), "method": "lora", "epochs": 1, "batch_size": 16,

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from pipeline_helpers import tiny_project_params, write_params
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.flow
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ["prepare", "validate", "train", "evaluate", "compress", "register", "promote", "deploy"]

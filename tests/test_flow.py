@@ -17,7 +17,7 @@ from serving_helpers import wait_for_version
 from langops.config import load_params
 from langops.promotions import read_history
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.flow
 
 
 @pytest.fixture(scope="module")
@@ -137,15 +137,15 @@ def _task_run_states(flow_run_id) -> dict[str, str]:
 
 def test_forced_promotion_and_rollback_are_recorded_and_served_without_a_failed_request(prefect_server, project):
     """Continues the registry the first test left: champion 1, version 2 refused by the gate."""
-    from langops.pipeline import run_promote
     from langops.promotions import rollback
+    from langops.stages import run_stage
 
     root, _ = project
     params = load_params(root / "params.yaml")
     client = _client(root)
     url = f"http://127.0.0.1:{params.deploy.port}"
     with RequestLoop(url) as requests, httpx.Client(base_url=url, timeout=30) as server:
-        decision = run_promote(params, force_reason="ship the retrained model tonight", actor="alice")
+        decision = run_stage("promote", params, force_reason="ship the retrained model tonight", actor="alice")
         assert decision.forced and decision.promote and decision.failed  # the refused checks stay on record
         wait_for_version(server, "2")
         assert (_alias(client, "champion"), _alias(client, "previous_champion")) == ("2", "1")
@@ -198,9 +198,9 @@ def test_with_approval_required_the_flow_pauses_and_a_reviewer_decides(prefect_s
 
         if not approve:
             # Outside the flow (the DVC stage, the CLI) nobody can be asked: the passing model stays out.
-            from langops.pipeline import run_promote
+            from langops.stages import run_stage
 
-            unattended = run_promote(load_params(tmp_path / "params.yaml"))
+            unattended = run_stage("promote", load_params(tmp_path / "params.yaml"))
             assert not unattended.promote and unattended.approval["reviewer"] == "nobody"
 
     # The rerun reused the cached model: the version carol rejected is the one dave approved.

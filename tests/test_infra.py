@@ -85,6 +85,7 @@ def _env(service: dict[str, Any]) -> dict[str, str]:
     return {k: str(v) for k, v in env.items()}
 
 
+@pytest.mark.unit
 def test_every_service_is_health_checked_or_a_one_shot_job_that_others_wait_for(compose):
     services = compose["services"]
     assert {
@@ -112,6 +113,7 @@ def test_every_service_is_health_checked_or_a_one_shot_job_that_others_wait_for(
             assert rule == {"condition": expected}, f"{name} -> {dependency}: {rule}"
 
 
+@pytest.mark.unit
 def test_the_worker_and_the_model_server_start_only_once_their_backends_are_healthy(compose):
     services = compose["services"]
     assert services["prefect-worker"]["depends_on"] == {
@@ -127,6 +129,7 @@ def test_the_worker_and_the_model_server_start_only_once_their_backends_are_heal
     assert services["create-buckets"]["depends_on"]["minio"] == {"condition": "service_healthy"}
 
 
+@pytest.mark.unit
 def test_published_ports_bind_loopback_unless_the_env_file_says_otherwise(raw_compose):
     required = {
         name: "x"
@@ -151,6 +154,7 @@ def test_published_ports_bind_loopback_unless_the_env_file_says_otherwise(raw_co
     assert read_env_file(ENV_EXAMPLE)["PUBLISH_ADDRESS"] == "127.0.0.1"
 
 
+@pytest.mark.unit
 def test_secrets_have_no_defaults_and_compose_names_the_missing_one(raw_compose):
     env = read_env_file(ENV_EXAMPLE)
     for secret in ("POSTGRES_PASSWORD", "MLFLOW_DB_PASSWORD", "PREFECT_DB_PASSWORD", "MINIO_ROOT_PASSWORD"):
@@ -159,6 +163,7 @@ def test_secrets_have_no_defaults_and_compose_names_the_missing_one(raw_compose)
             interpolate(raw_compose, {k: v for k, v in env.items() if k != secret})
 
 
+@pytest.mark.unit
 def test_every_variable_of_the_compose_file_is_documented_in_the_env_example_and_vice_versa():
     documented = read_env_file(ENV_EXAMPLE)
     used = compose_variables()
@@ -174,6 +179,7 @@ def test_every_variable_of_the_compose_file_is_documented_in_the_env_example_and
             assert commented, f"no comment explains {line!r}"
 
 
+@pytest.mark.unit
 def test_clients_find_the_services_through_the_variables_langops_and_prefect_read(compose, monkeypatch):
     from prefect.settings import Settings
 
@@ -207,6 +213,7 @@ def test_clients_find_the_services_through_the_variables_langops_and_prefect_rea
     assert "mlflow" in _env(mlflow)["MLFLOW_SERVER_ALLOWED_HOSTS"].split(",")
 
 
+@pytest.mark.unit
 def test_the_servers_use_postgres_and_the_object_store(compose):
     services = compose["services"]
     mlflow = services["mlflow"]["command"][-1]
@@ -227,6 +234,7 @@ def test_the_servers_use_postgres_and_the_object_store(compose):
             assert source in named or source.startswith("./"), f"unnamed volume {volume}"
 
 
+@pytest.mark.unit
 def test_the_model_server_commands_parse_with_the_langops_cli(compose):
     """The compose and Kubernetes model servers run a command line that `langops serve` accepts."""
     from langops.cli import _parser
@@ -242,6 +250,7 @@ def test_the_model_server_commands_parse_with_the_langops_cli(compose):
         assert args.model_uri == "models:/langops-classifier@champion"
 
 
+@pytest.mark.unit
 def test_the_image_pins_cpu_torch_like_the_makefile_and_copies_what_exists():
     dockerfile = (INFRA / "Dockerfile").read_text()
     makefile_torch = re.search(
@@ -265,6 +274,7 @@ def test_the_image_pins_cpu_torch_like_the_makefile_and_copies_what_exists():
     assert re.search(r'^s3 = \["dvc-s3[^"]*", "boto3[^"]*"\]$', pyproject, re.MULTILINE)
 
 
+@pytest.mark.unit
 def test_the_kubernetes_manifests_parse_and_probe_the_model_server(tmp_path):
     documents = {path.name: list(yaml.safe_load_all(path.read_text())) for path in K8S.glob("*.yaml")}
     assert set(documents) == {
@@ -310,6 +320,7 @@ def test_the_kubernetes_manifests_parse_and_probe_the_model_server(tmp_path):
     assert worker["spec"]["template"]["spec"]["serviceAccountName"] == "prefect-worker"
 
 
+@pytest.mark.unit
 def test_the_work_pool_template_is_accepted_by_prefect_and_renders_cpu_and_gpu_jobs():
     """Prefect's own work-pool schema accepts the template, and its renderer fills in the job: the
     langops image, endpoints from the ConfigMap and Secret, and a GPU only when a deployment asks."""
@@ -343,6 +354,7 @@ def test_the_work_pool_template_is_accepted_by_prefect_and_renders_cpu_and_gpu_j
     assert gpu["containers"][0]["image"] == "reg/langops:gpu"
 
 
+@pytest.mark.unit
 @pytest.mark.skipif(
     shutil.which("docker") is None
     or subprocess.run(["docker", "compose", "version"], check=False, capture_output=True).returncode != 0,
@@ -359,7 +371,7 @@ def test_docker_compose_accepts_the_file():
     assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.services
 def test_the_postgres_init_script_creates_one_database_and_role_per_service():
     """Run infra/postgres/init-databases.sh as the postgres image would, on a real PostgreSQL."""
     from postgres_helpers import POSTGRES_SYSTEM_USER, postgres_unavailable_reason, running_postgres

@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 from langops.label_keys import label_keys
 from langops.metrics import classification_metrics, headline
 
+pytestmark = pytest.mark.unit
+
 MLFLOW_NAME = re.compile(r"[A-Za-z0-9_\-. :/]+")  # what MLflow accepts in metric, param and tag names
 
 

@@ -13,6 +13,7 @@ from langops.metrics import classification_metrics, expected_calibration_error
 from langops.tasks.evaluate import evaluate
 
 
+@pytest.mark.unit
 def test_metrics_match_hand_computed_values():
     y_true = np.array([0, 0, 1, 1])
     probs = np.array([[0.9, 0.1], [0.4, 0.6], [0.2, 0.8], [0.3, 0.7]])
@@ -24,6 +25,7 @@ def test_metrics_match_hand_computed_values():
     assert m["majority_baseline_accuracy"] == pytest.approx(0.5)
 
 
+@pytest.mark.unit
 def test_calibration_error_is_zero_for_calibrated_and_large_for_overconfident():
     y = np.array([0, 1] * 50)
     calibrated = np.tile([0.5, 0.5], (100, 1))
@@ -32,12 +34,13 @@ def test_calibration_error_is_zero_for_calibrated_and_large_for_overconfident():
     assert expected_calibration_error(overconfident, y) == pytest.approx(0.49, abs=0.01)
 
 
+@pytest.mark.unit
 def test_shape_mismatch_is_rejected():
     with pytest.raises(ValueError, match="expected"):
         classification_metrics([0, 1], np.ones((3, 2)) / 2, ["a", "b"])
 
 
-@pytest.mark.slow
+@pytest.mark.model
 def test_evaluate_writes_metrics_plots_and_predictions(tiny_trained_dir, prepared_dir, tmp_path):
     result = evaluate(EvaluateConfig(), trained_dir=tiny_trained_dir, prepared_dir=prepared_dir,
                       out_dir=tmp_path / "eval", max_length=32)
@@ -55,7 +58,7 @@ def test_evaluate_writes_metrics_plots_and_predictions(tiny_trained_dir, prepare
     assert result.confusion_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.slow
+@pytest.mark.model
 def test_evaluate_refuses_labels_the_model_never_saw(tiny_trained_dir, prepared_dir, tmp_path):
     test = pd.read_parquet(prepared_dir / "test.parquet")
     test.loc[0, "label"] = "refunds"

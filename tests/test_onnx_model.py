@@ -13,6 +13,8 @@ from test_compress import MAX_LENGTH, build_compressed_dir
 
 from langops.onnx_model import FP32_MODEL_FILE, OnnxClassifier
 
+pytestmark = pytest.mark.model
+
 TEXTS = ["my invoice is wrong", "where is the parcel", "the app crashes on start " * 3, "hi"]
 
 

@@ -25,7 +25,7 @@ from langops.config import load_params
 from langops.lineage import dvc_dir_md5
 
 pytestmark = [
-    pytest.mark.slow,
+    pytest.mark.services,
     pytest.mark.skipif(postgres_unavailable_reason() is not None, reason=postgres_unavailable_reason() or ""),
 ]
 

@@ -17,6 +17,8 @@ from langops.lineage import dvc_dir_md5, file_md5, git_commit
 from langops.tasks import prepare as prepare_module
 from langops.tasks.prepare import PrepareError, prepare
 
+pytestmark = pytest.mark.data
+
 LABELS = ("billing", "shipping", "technical")
 
 
@@ -268,7 +270,6 @@ def test_dvc_dir_md5_rejects_a_file(tmp_path):
         dvc_dir_md5(tmp_path / "f")
 
 
-@pytest.mark.slow
 def test_data_version_equals_what_dvc_add_writes(tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()

@@ -7,10 +7,12 @@ import json
 import pandas as pd
 import pytest
 import yaml
+from pipeline_helpers import REPO_PARAMS
 
 from langops.config import load_params
 from langops.project_init import InitError, init_project, render
-from pipeline_helpers import REPO_PARAMS
+
+pytestmark = pytest.mark.data
 
 
 def write_export(path, rows_per_class=30, labels=("billing", "shipping", "technical"), **extra_columns):

@@ -8,6 +8,8 @@ import pytest
 from langops.config import PromoteConfig
 from langops.tasks.promote import ModelEvidence, decide, paired_bootstrap_interval, with_approval
 
+pytestmark = pytest.mark.unit
+
 LABELS = ("billing", "shipping", "technical")
 POLICY = PromoteConfig(
     primary_metric="macro_f1",

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from langops.aliases import CHAMPION, PREVIOUS_CHAMPION
 from langops.config import Params, parse_params
 from langops.promotions import (
     ChampionLockTimeout,
@@ -27,7 +28,6 @@ from langops.promotions import (
     read_history,
     rollback,
 )
-from langops.aliases import CHAMPION, PREVIOUS_CHAMPION
 from langops.tracking import configure_mlflow
 
 MODEL = "langops-classifier"
@@ -84,6 +84,7 @@ def promote(params: Params, version: str, *, actor: str = "pipeline", reason: st
 # --- promotions and the log -------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_first_promotion_has_no_previous_champion(registry):
     event = promote(registry, "1", evidence={"macro_f1": 0.81})
 
@@ -91,6 +92,7 @@ def test_first_promotion_has_no_previous_champion(registry):
     assert aliases() == ("1", None)
 
 
+@pytest.mark.unit
 def test_second_promotion_keeps_the_old_champion_as_previous(registry):
     promote(registry, "1")
     event = promote(registry, "2")
@@ -99,6 +101,7 @@ def test_second_promotion_keeps_the_old_champion_as_previous(registry):
     assert aliases() == ("2", "1")
 
 
+@pytest.mark.unit
 def test_history_lists_every_event_newest_first_with_its_evidence(registry):
     import numpy as np
     from mlflow import MlflowClient
@@ -125,6 +128,7 @@ def test_history_lists_every_event_newest_first_with_its_evidence(registry):
     assert tags["langops.last_event"] == f"promote {second.record_id}"
 
 
+@pytest.mark.unit
 def test_the_log_is_an_mlflow_experiment_beside_the_pipeline_runs(registry):
     from mlflow import MlflowClient
 
@@ -141,6 +145,7 @@ def test_the_log_is_an_mlflow_experiment_beside_the_pipeline_runs(registry):
     assert run.info.status == "FINISHED"
 
 
+@pytest.mark.unit
 def test_a_decision_made_against_a_champion_that_has_since_moved_changes_nothing(registry):
     from langops.promotions import StaleDecision
 
@@ -152,6 +157,7 @@ def test_a_decision_made_against_a_champion_that_has_since_moved_changes_nothing
     assert len(read_history(registry, MODEL)) == 2
 
 
+@pytest.mark.unit
 def test_a_decision_made_with_no_champion_is_stale_once_one_exists(registry):
     from langops.promotions import StaleDecision
 
@@ -161,6 +167,7 @@ def test_a_decision_made_with_no_champion_is_stale_once_one_exists(registry):
     assert aliases() == ("1", None)
 
 
+@pytest.mark.unit
 def test_promoting_the_current_champion_again_is_recorded_but_moves_nothing(registry):
     promote(registry, "1")
     promote(registry, "2")
@@ -171,6 +178,7 @@ def test_promoting_the_current_champion_again_is_recorded_but_moves_nothing(regi
     assert len(read_history(registry, MODEL)) == 3
 
 
+@pytest.mark.unit
 def test_a_bad_request_is_refused_before_anything_is_recorded(registry):
     promote(registry, "1")
 
@@ -188,6 +196,7 @@ def test_a_bad_request_is_refused_before_anything_is_recorded(registry):
 # --- rollback ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_rollback_restores_the_previous_champion_and_a_second_rollback_undoes_it(registry):
     promote(registry, "1")
     promote(registry, "2")
@@ -205,6 +214,7 @@ def test_rollback_restores_the_previous_champion_and_a_second_rollback_undoes_it
     assert [e.event for e in read_history(registry, MODEL)] == ["rollback", "rollback", "promote", "promote"]
 
 
+@pytest.mark.unit
 def test_rollback_without_a_previous_champion_is_refused_and_changes_nothing(registry):
     promote(registry, "1")
 
@@ -215,6 +225,7 @@ def test_rollback_without_a_previous_champion_is_refused_and_changes_nothing(reg
     assert len(read_history(registry, MODEL)) == 1
 
 
+@pytest.mark.unit
 def test_rollback_when_previous_champion_is_the_champion_is_refused(registry):
     from mlflow import MlflowClient
 
@@ -229,6 +240,7 @@ def test_rollback_when_previous_champion_is_the_champion_is_refused(registry):
 # --- the lock ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_a_held_lock_makes_another_taker_time_out_naming_the_lock(registry):
     with champion_lock(registry, MODEL) as name:
         assert name == str(registry.project.state_dir / "locks" / f"{MODEL}.lock")
@@ -239,6 +251,7 @@ def test_a_held_lock_makes_another_taker_time_out_naming_the_lock(registry):
         pass
 
 
+@pytest.mark.unit
 def test_a_remote_tracking_store_without_a_prefect_server_is_refused(tmp_path):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -251,7 +264,7 @@ def test_a_remote_tracking_store_without_a_prefect_server_is_refused(tmp_path):
         pass
 
 
-@pytest.mark.slow
+@pytest.mark.flow
 def test_a_remote_tracking_store_locks_with_a_one_slot_prefect_concurrency_limit(tmp_path):
     from prefect import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
@@ -293,7 +306,7 @@ def _promote_in_rounds(root: str, version: str, rounds: int, barrier, errors, lo
                 params, model_name=MODEL, new_champion=version, event="promote",
                 reason=f"round {round_no}", actor=f"racer-{version}",
             )
-        except Exception as exc:  # noqa: BLE001 -- reported to the test, which fails on it
+        except Exception as exc:
             errors.put(f"round {round_no}, version {version}: {exc!r}")
         barrier.wait(timeout=60)
 
@@ -349,7 +362,7 @@ def race(params: Params, root: Path, *, rounds: int, locked: bool) -> list[str]:
     return problems
 
 
-@pytest.mark.slow
+@pytest.mark.services
 def test_two_processes_promoting_at_once_never_interleave(tmp_path, empty_mlflow_db):
     params = registry_with_versions(tmp_path, empty_mlflow_db, count=2)
 
@@ -374,6 +387,7 @@ def write_params_file(root: Path) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump({"project": {"state_dir": str(root / ".langops")}}))
 
 
+@pytest.mark.unit
 def test_cli_rollback_without_a_previous_champion_exits_1_and_says_why(registry, tmp_path):
     write_params_file(tmp_path)
     promote(registry, "1")
@@ -385,7 +399,7 @@ def test_cli_rollback_without_a_previous_champion_exits_1_and_says_why(registry,
     assert aliases() == ("1", None)
 
 
-@pytest.mark.slow
+@pytest.mark.unit
 def test_cli_rollback_then_history_shows_what_changed(registry, tmp_path):
     write_params_file(tmp_path)
     promote(registry, "1", actor="pipeline", reason="first model")

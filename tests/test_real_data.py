@@ -21,6 +21,8 @@ from langops.io import SPLITS, read_json, read_split
 from langops.tasks.prepare import HEAD_BYTES, PrepareError, check_source, prepare, split_grouped
 from langops.tasks.validate import DataValidationError, validate
 
+pytestmark = pytest.mark.data
+
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 DEFAULTS = ValidateConfig()
 
@@ -390,7 +392,6 @@ def test_tweet_eval_folder_is_used_as_its_official_splits(tmp_path):
     assert list(test["label"]) == list(official["label"])
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not (SHARED / "sst2").is_dir(), reason="../shared/datasets/sst2 is not here")
 def test_sst2_train_file_is_split_without_leaks(tmp_path):
     prepared, result = run(tmp_path, SHARED / "sst2" / "train.csv")

@@ -16,6 +16,7 @@ from test_compress import build_compressed_dir
 
 from langops.config import Params, parse_params
 from langops.pyfunc import predictions_frame, texts_from_input
+from langops.tasks.compress import CompressionResult
 from langops.tasks.register import RegistrationResult, register
 from langops.tracking import configure_mlflow
 
@@ -29,8 +30,8 @@ LINEAGE = {
 
 
 @pytest.fixture(scope="module")
-def compressed_dir(tmp_path_factory, tiny_trained_dir) -> Path:
-    return build_compressed_dir(tmp_path_factory.mktemp("register"), tiny_trained_dir).out_dir
+def compression(tmp_path_factory, tiny_trained_dir) -> CompressionResult:
+    return build_compressed_dir(tmp_path_factory.mktemp("register"), tiny_trained_dir)
 
 
 @pytest.fixture
@@ -48,19 +49,23 @@ def run_id(params: Params) -> str:
         return run.info.run_id
 
 
+def register_version(params: Params, compression: CompressionResult, *, run_id: str, lineage=LINEAGE):
+    return register(
+        params.register, compression=compression, run_id=run_id, lineage=lineage, out_dir=params.paths.registration
+    )
+
+
 def registered_versions(name: str) -> list[str]:
     from mlflow import MlflowClient
 
     return sorted(str(mv.version) for mv in MlflowClient().search_model_versions(f"name = '{name}'"))
 
 
-@pytest.mark.slow
-def test_register_creates_a_tagged_described_version(params, run_id, compressed_dir) -> None:
+@pytest.mark.model
+def test_register_creates_a_tagged_described_version(params, run_id, compression) -> None:
     from mlflow import MlflowClient
 
-    result = register(
-        params.register, params=params, compressed_dir=compressed_dir, run_id=run_id, lineage=LINEAGE
-    )
+    result = register_version(params, compression, run_id=run_id)
 
     name = params.register.model_name
     assert result == RegistrationResult(
@@ -69,20 +74,18 @@ def test_register_creates_a_tagged_described_version(params, run_id, compressed_
     version = MlflowClient().get_model_version(name, "1")
     assert version.status == "READY" and version.run_id == run_id
     assert {k: version.tags[k] for k in LINEAGE} == LINEAGE
-    summary = json.loads((compressed_dir / "compress.json").read_text())
-    assert float(version.tags["metric.macro_f1"]) == summary["metrics"]["macro_f1"]
-    assert float(version.tags["metric.accuracy"]) == summary["metrics"]["accuracy"]
+    assert float(version.tags["metric.macro_f1"]) == compression.metrics["macro_f1"]
+    assert float(version.tags["metric.accuracy"]) == compression.metrics["accuracy"]
+    assert RegistrationResult.load(params.paths.registration) == result  # what a later stage run reads
     assert version.tags["quantized"] == "true"
     assert "tiny-bert" in version.description and run_id in version.description
 
 
-@pytest.mark.slow
-def test_registered_model_loads_in_a_fresh_process(params, run_id, compressed_dir, tmp_path) -> None:
+@pytest.mark.model
+def test_registered_model_loads_in_a_fresh_process(params, run_id, compression, tmp_path) -> None:
     from mlflow import MlflowClient
 
-    result = register(
-        params.register, params=params, compressed_dir=compressed_dir, run_id=run_id, lineage=LINEAGE
-    )
+    result = register_version(params, compression, run_id=run_id)
     MlflowClient().set_registered_model_alias(result.model_name, "champion", result.version)
     script = (
         "import json, mlflow, pandas as pd\n"
@@ -102,34 +105,32 @@ def test_registered_model_loads_in_a_fresh_process(params, run_id, compressed_di
     assert answer["sums"] == pytest.approx([1.0, 1.0])
 
 
-@pytest.mark.slow
+@pytest.mark.model
 def test_a_failure_after_version_creation_leaves_no_version(
-    params, run_id, compressed_dir, monkeypatch
+    params, run_id, compression, monkeypatch
 ) -> None:
     from mlflow import MlflowClient
 
-    register(params.register, params=params, compressed_dir=compressed_dir, run_id=run_id, lineage=LINEAGE)
+    register_version(params, compression, run_id=run_id)
 
     def refuse_update(*args, **kwargs):
         raise RuntimeError("registry unavailable")
 
     monkeypatch.setattr(MlflowClient, "update_model_version", refuse_update)
     with pytest.raises(RuntimeError, match="registry unavailable"):
-        register(
-            params.register, params=params, compressed_dir=compressed_dir, run_id=run_id, lineage=LINEAGE
-        )
+        register_version(params, compression, run_id=run_id)
     assert registered_versions(params.register.model_name) == ["1"]
 
 
-def test_missing_lineage_is_refused_before_logging(params, compressed_dir) -> None:
+@pytest.mark.model
+def test_missing_lineage_is_refused_before_logging(params, compression) -> None:
     lineage = {k: v for k, v in LINEAGE.items() if k != "git_commit"}
     with pytest.raises(ValueError, match=r"lineage is missing \['git_commit'\]"):
-        register(
-            params.register, params=params, compressed_dir=compressed_dir, run_id="unused", lineage=lineage
-        )
+        register_version(params, compression, run_id="unused", lineage=lineage)
     assert not (params.project.state_dir / "mlflow.db").exists()
 
 
+@pytest.mark.unit
 def test_pyfunc_accepts_frames_series_and_lists() -> None:
     texts = ["a", "b"]
     assert texts_from_input(pd.DataFrame({"text": texts, "other": [1, 2]})) == texts
@@ -141,6 +142,7 @@ def test_pyfunc_accepts_frames_series_and_lists() -> None:
         texts_from_input("a")
 
 
+@pytest.mark.unit
 def test_predictions_frame_columns() -> None:
     frame = predictions_frame(np.array([[0.2, 0.5, 0.3], [0.6, 0.1, 0.3]]), LABELS)
     assert list(frame.columns) == ["label", "confidence", *(f"prob_{label}" for label in LABELS)]

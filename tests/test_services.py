@@ -85,7 +85,7 @@ def completed_run(services):
     return root, params, deployed.stdout, deployment, flow_run
 
 
-@pytest.mark.slow
+@pytest.mark.services
 def test_a_taken_port_is_named_and_nothing_starts(project):
     root, _ = project
     with socket.socket() as taken:
@@ -100,7 +100,7 @@ def test_a_taken_port_is_named_and_nothing_starts(project):
     assert _processes_of(root) == []
 
 
-@pytest.mark.slow
+@pytest.mark.services
 def test_up_starts_healthy_services_and_twice_is_harmless(services):
     root, params, first = services
     ports = params["services"]
@@ -134,7 +134,7 @@ def test_up_starts_healthy_services_and_twice_is_harmless(services):
     assert endpoints["worker_pid"] == pids["prefect-worker"]
 
 
-@pytest.mark.slow
+@pytest.mark.services
 def test_langops_commands_use_the_running_servers_unless_told_otherwise(services, monkeypatch):
     from langops.services import apply_endpoints
 
@@ -154,7 +154,7 @@ def test_langops_commands_use_the_running_servers_unless_told_otherwise(services
     assert "MLFLOW_TRACKING_URI" not in os.environ  # params.yaml names another MLflow: left to it
 
 
-@pytest.mark.slow
+@pytest.mark.services
 def test_the_training_deployment_runs_on_the_worker_and_registers_through_the_mlflow_server(completed_run):
     root, params, deploy_output, deployment, flow_run = completed_run
     api = f"http://127.0.0.1:{params['services']['prefect_port']}/api"
@@ -208,7 +208,7 @@ def test_the_training_deployment_runs_on_the_worker_and_registers_through_the_ml
     assert re.search(r"^model-server\s+healthy\s+pid \d+.*version 1 \(champion\)", status.stdout, re.MULTILINE), status.stdout
 
 
-@pytest.mark.slow
+@pytest.mark.services
 def test_langops_run_in_the_project_uses_the_running_servers(completed_run):
     """No variable set in the shell: `langops run` finds the servers through the endpoints file."""
     root, params, *_ = completed_run
@@ -227,7 +227,7 @@ def test_langops_run_in_the_project_uses_the_running_servers(completed_run):
     assert version.status_code == 200, version.text
 
 
-@pytest.mark.slow
+@pytest.mark.services
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium (CI installs Debian's chromium)")
 def test_the_uis_show_the_run_and_the_model_in_a_browser(completed_run, tmp_path):
     _, params, _, _, flow_run = completed_run
@@ -250,7 +250,7 @@ def test_the_uis_show_the_run_and_the_model_in_a_browser(completed_run, tmp_path
             shutil.copyfile(tmp_path / name, REPO / "docs" / name)
 
 
-@pytest.mark.slow
+@pytest.mark.services
 def test_down_stops_everything_and_leaves_no_process(completed_run):
     root, *_ = completed_run
     pids = set(_service_pids(root).values())
@@ -272,6 +272,37 @@ def test_down_stops_everything_and_leaves_no_process(completed_run):
     assert langops(root, "down").stdout.count("was not running") == 4
 
 
+@pytest.mark.services
+def test_a_background_process_is_known_by_its_pid_file_and_stopped_with_what_it_started(tmp_path):
+    """The one supervisor of `langops up`'s services and the model server: spawn, find, stop, kill, log tail."""
+    from langops.processes import Background, Stopped
+
+    marker = f"langops-test-{os.getpid()}"
+    parent = (f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)', "
+              f"'{marker}']); print('up', flush=True); time.sleep(60)")
+    server = Background(tmp_path, "server", marker=marker)
+    process = server.spawn([sys.executable, "-c", parent, marker])
+    _wait_for(lambda: "up" in server.log_file.read_text())
+    child = psutil.Process(process.pid).children()[0]
+    assert server.pid() == process.pid and server.pid_file.read_text() == f"{process.pid}\n"
+
+    assert server.stop(timeout_s=10) == Stopped(process.pid, stopped=True, killed=False)
+    assert not _alive(child) and not server.pid_file.exists()  # the child left behind was stopped too
+    assert server.stop(timeout_s=10) == Stopped(None, stopped=False, killed=False)
+    server.pid_file.write_text(f"{os.getpid()}\n")  # a stale file naming a process without the marker
+    assert server.pid() is None and not server.stop(timeout_s=10).stopped and _alive(psutil.Process())
+
+    stubborn = Background(tmp_path, "stubborn", marker=marker)
+    ignores_sigterm = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(60)"
+    process = stubborn.spawn([sys.executable, "-c", ignores_sigterm, marker])
+    _wait_for(lambda: "up" in stubborn.log_file.read_text())
+    running = psutil.Process(process.pid)
+    assert stubborn.stop(timeout_s=0.5) == Stopped(process.pid, stopped=True, killed=True)
+    assert not _alive(running)
+    assert stubborn.log_tail() == f"\nlast lines of {stubborn.log_file}:\nup"
+
+
+@pytest.mark.unit
 def test_entrypoints_resolve_to_the_project_flows_or_the_installed_ones(tmp_path):
     from langops.services import ServiceError, resolve_entrypoint
 
@@ -283,6 +314,7 @@ def test_entrypoints_resolve_to_the_project_flows_or_the_installed_ones(tmp_path
         resolve_entrypoint("flows/nightly.py:nightly", tmp_path)
 
 
+@pytest.mark.unit
 def test_deploy_without_a_server_or_with_a_bad_prefect_file_says_what_is_wrong(tmp_path, monkeypatch):
     from langops.config import ConfigError
     from langops.services import ServiceError, apply_deployments
@@ -328,6 +360,13 @@ def _processes_of(root: Path) -> list[str]:
         if mentions and process.info["status"] != psutil.STATUS_ZOMBIE:
             found.append(f"{process.info['pid']}: {cmdline[:200]}")
     return found
+
+
+def _wait_for(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
 
 
 def _alive(process: psutil.Process) -> bool:

@@ -54,7 +54,7 @@ def check_predictions(body: dict, count: int) -> None:
         assert prediction["label"] == max(prediction["probabilities"], key=prediction["probabilities"].get)
 
 
-@pytest.mark.slow
+@pytest.mark.model
 def test_health_ready_version(client: httpx.Client) -> None:
     health = client.get("/health")
     assert health.status_code == 200 and health.json()["status"] == "ok"
@@ -65,7 +65,7 @@ def test_health_ready_version(client: httpx.Client) -> None:
     assert health.headers["X-Model-Version"] == "local"
 
 
-@pytest.mark.slow
+@pytest.mark.model
 def test_predict_one_text(client: httpx.Client) -> None:
     response = client.post("/predict", json={"text": "my invoice is wrong"})
     assert response.status_code == 200
@@ -74,7 +74,7 @@ def test_predict_one_text(client: httpx.Client) -> None:
     assert body["version"] == response.headers["X-Model-Version"] == "local"
 
 
-@pytest.mark.slow
+@pytest.mark.model
 def test_predict_many_texts(client: httpx.Client) -> None:
     texts = ["where is my parcel", "the app crashes", "refund please", "hello"]
     response = client.post("/predict", json={"texts": texts})
@@ -82,7 +82,7 @@ def test_predict_many_texts(client: httpx.Client) -> None:
     check_predictions(response.json(), len(texts))
 
 
-@pytest.mark.slow
+@pytest.mark.model
 @pytest.mark.parametrize(
     ("request_kwargs", "status", "message"),
     [
@@ -112,17 +112,38 @@ def test_bad_requests_get_a_clear_4xx(
     assert client.post("/predict", json={"text": "still alive?"}).status_code == 200
 
 
+@pytest.mark.unit
 def test_settings_need_a_model() -> None:
     with pytest.raises(ValueError, match="model_dir, or both tracking_uri and model_name"):
         ServerSettings(model_name="only-a-name")
 
 
+@pytest.mark.unit
 def test_command_line_passes_only_given_options(tmp_path: Path) -> None:
     settings = parse_settings(["--model-dir", str(tmp_path), "--port", "9000", "--max-request-texts", "3"])
     assert (settings.model_dir, settings.port, settings.max_request_texts) == (tmp_path, 9000, 3)
     assert settings.host == ServerSettings.model_fields["host"].default
 
 
+@pytest.mark.unit
+def test_command_line_takes_the_settings_whole_from_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the deploy step starts the server with: every setting in one file; options still override it."""
+    settings = ServerSettings(tracking_uri="sqlite:///registry.db", model_name="m", max_batch_size=8,
+                              prediction_log_hash_texts=False, cache_dir=tmp_path / "models")
+    settings_file = tmp_path / "settings.json"
+    settings_file.write_text(settings.model_dump_json())
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://elsewhere:5000")  # the file's URI wins over the variable
+
+    assert parse_settings(["--settings", str(settings_file)]) == settings
+    assert parse_settings(["--settings", str(settings_file), "--port", "9001"]) == settings.model_copy(
+        update={"port": 9001}
+    )
+    settings_file.write_text('{"model_dir": "/models", "max_batch_size": 0}')
+    with pytest.raises(SystemExit):
+        parse_settings(["--settings", str(settings_file)])  # checked like an option: --max-batch-size: ...
+
+
+@pytest.mark.unit
 def test_find_compressed_dir_searches_for_serving_json(tmp_path: Path) -> None:
     with pytest.raises(ModelSourceError, match="no serving.json"):
         find_compressed_dir(tmp_path)
@@ -135,6 +156,7 @@ def test_find_compressed_dir_searches_for_serving_json(tmp_path: Path) -> None:
         find_compressed_dir(tmp_path)
 
 
+@pytest.mark.unit
 def test_local_source_has_one_version(tmp_path: Path) -> None:
     (tmp_path / "serving.json").write_text("{}")
     source = LocalModelSource(tmp_path)
@@ -143,7 +165,7 @@ def test_local_source_has_one_version(tmp_path: Path) -> None:
         source.fetch("2")
 
 
-@pytest.mark.slow
+@pytest.mark.model
 def test_not_ready_without_a_champion(registered: RegisteredModels) -> None:
     settings = registered.registry.settings(alias="no-such-alias")
     with running_server(settings) as server, server.client() as client:
@@ -156,7 +178,7 @@ def test_not_ready_without_a_champion(registered: RegisteredModels) -> None:
         assert client.post("/reload").status_code == 502
 
 
-@pytest.mark.slow
+@pytest.mark.model
 def test_reload_follows_the_alias(registered: RegisteredModels) -> None:
     registry, (first, second) = registered.registry, registered.good
     registry.set_champion(first)
@@ -173,7 +195,7 @@ def test_reload_follows_the_alias(registered: RegisteredModels) -> None:
         assert client.post("/reload").json()["swapped"] is False
 
 
-@pytest.mark.slow
+@pytest.mark.model
 def test_poller_follows_the_alias(registered: RegisteredModels) -> None:
     registry, (first, second) = registered.registry, registered.good
     registry.set_champion(first)
@@ -184,7 +206,7 @@ def test_poller_follows_the_alias(registered: RegisteredModels) -> None:
         assert client.get("/version").json()["alias"] == "champion"
 
 
-@pytest.mark.slow
+@pytest.mark.model
 def test_broken_version_is_refused_and_the_old_one_keeps_serving(
     registered: RegisteredModels, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -214,7 +236,7 @@ def wait_for_more_answers(seen: list, count: int = 5) -> None:
     wait_until(lambda: len(seen) >= target, what=f"{count} more answers")
 
 
-@pytest.mark.slow
+@pytest.mark.model
 def test_requests_never_fail_during_swaps(registered: RegisteredModels) -> None:
     registry, (first, second) = registered.registry, registered.good
     registry.set_champion(first)

@@ -21,9 +21,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from langops.config import DeployConfig
-from langops.serving import defaults
-from langops.serving.app import DEPLOY_TUNING, ServerSettings, parse_model_uri
+from langops.config import DeployConfig, ServerConfig
+from langops.serving.app import ServerSettings, parse_model_uri
 from langops.serving.prediction_log import PredictionLog, PredictionLogConfig
 
 pytest.register_assert_rewrite("serving_helpers")
@@ -68,7 +67,7 @@ def prediction_rows(probs: np.ndarray) -> list[dict]:
     return rows
 
 
-@pytest.mark.slow
+@pytest.mark.model
 @pytest.mark.parametrize(
     ("content", "content_type"),
     [
@@ -96,7 +95,7 @@ def test_invocations_formats(client: httpx.Client, classifier, content: object, 
         assert got["confidence"] == pytest.approx(want["confidence"], abs=1e-6)
 
 
-@pytest.mark.slow
+@pytest.mark.model
 def test_invocations_parquet(client: httpx.Client) -> None:
     buffer = io.BytesIO()
     pd.DataFrame({"text": TEXTS}).to_parquet(buffer)
@@ -106,7 +105,7 @@ def test_invocations_parquet(client: httpx.Client) -> None:
     assert len(response.json()["predictions"]) == len(TEXTS)
 
 
-@pytest.mark.slow
+@pytest.mark.model
 def test_a_request_alone_matches_the_classifier_exactly(client: httpx.Client, classifier) -> None:
     response = client.post("/predict", json={"texts": TEXTS})
     expected = classifier.predict_proba(TEXTS)
@@ -114,7 +113,7 @@ def test_a_request_alone_matches_the_classifier_exactly(client: httpx.Client, cl
     assert np.array_equal(got, expected)
 
 
-@pytest.mark.slow
+@pytest.mark.model
 @pytest.mark.parametrize(
     ("content", "content_type", "status", "error_code", "message"),
     [
@@ -141,7 +140,7 @@ def test_invocations_errors_in_mlflow_shape(
     assert body["error_code"] == error_code and message in body["message"]
 
 
-@pytest.mark.slow
+@pytest.mark.model
 def test_invocations_refuses_other_content_types(client: httpx.Client) -> None:
     response = client.post("/invocations", content=b"hello", headers={"content-type": "text/plain"})
     assert response.status_code == 415 and "only supports the following content types" in response.text
@@ -149,13 +148,13 @@ def test_invocations_refuses_other_content_types(client: httpx.Client) -> None:
     assert response.status_code == 415 and "UTF-8" in response.text
 
 
-@pytest.mark.slow
+@pytest.mark.model
 def test_predict_refuses_bytes_that_are_not_utf8(client: httpx.Client) -> None:
     response = client.post("/predict", content=b'{"text": "caf\xe9"}', headers={"content-type": "application/json"})
     assert response.status_code == 400 and "not valid UTF-8: byte 13" in response.json()["detail"]
 
 
-@pytest.mark.slow
+@pytest.mark.model
 def test_lone_surrogates_are_refused_not_crashed_on(client: httpx.Client) -> None:
     body = b'{"texts": ["fine", "broken \\ud800 text"]}'
     response = client.post("/predict", content=body, headers={"content-type": "application/json"})
@@ -163,7 +162,7 @@ def test_lone_surrogates_are_refused_not_crashed_on(client: httpx.Client) -> Non
     assert client.post("/predict", json={"text": "still alive?"}).status_code == 200
 
 
-@pytest.mark.slow
+@pytest.mark.model
 def test_body_size_limit_declared_and_streamed(client: httpx.Client) -> None:
     big = json.dumps({"texts": ["x" * 100] * 50}).encode()
     assert len(big) > BODY_LIMIT
@@ -184,7 +183,7 @@ def test_body_size_limit_declared_and_streamed(client: httpx.Client) -> None:
         "error_code"] == "RESOURCE_LIMIT_EXCEEDED"
 
 
-@pytest.mark.slow
+@pytest.mark.model
 def test_metrics(client: httpx.Client) -> None:
     assert client.post("/predict", json={"texts": TEXTS}).status_code == 200
     assert client.post("/predict", json={"texts": []}).status_code == 422
@@ -199,7 +198,7 @@ def test_metrics(client: httpx.Client) -> None:
     assert float(scored[0].split()[-1]) >= len(TEXTS)
 
 
-@pytest.mark.slow
+@pytest.mark.model
 def test_openapi_documents_every_endpoint(client: httpx.Client) -> None:
     spec = client.get("/openapi.json").json()
     assert {"/health", "/ready", "/version", "/metrics", "/predict", "/invocations", "/reload"} <= set(spec["paths"])
@@ -212,7 +211,7 @@ def test_openapi_documents_every_endpoint(client: httpx.Client) -> None:
     assert "PredictResponse" in spec["components"]["schemas"]
 
 
-@pytest.mark.slow
+@pytest.mark.model
 def test_concurrent_requests_share_batches(compressed_dir: Path) -> None:
     settings = ServerSettings(model_dir=compressed_dir, port=free_port(), max_wait_ms=100.0, max_batch_size=16)
     with running_server(settings) as live, live.client() as client:
@@ -233,7 +232,7 @@ def test_concurrent_requests_share_batches(compressed_dir: Path) -> None:
     assert count < len(threads), f"{len(threads)} concurrent requests took {count} batches"
 
 
-@pytest.mark.slow
+@pytest.mark.model
 def test_overload_sheds_with_503_and_retry_after(compressed_dir: Path) -> None:
     # A batch waits 300 ms to fill and at most 4 texts may wait: the first two requests fill the queue.
     settings = ServerSettings(model_dir=compressed_dir, port=free_port(), max_queue=4, max_wait_ms=300.0,
@@ -263,7 +262,7 @@ def test_overload_sheds_with_503_and_retry_after(compressed_dir: Path) -> None:
         assert 'langops_errors_total{endpoint="/predict",kind="unavailable"}' in client.get("/metrics").text
 
 
-@pytest.mark.slow
+@pytest.mark.model
 def test_bearer_token(compressed_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LANGOPS_TEST_TOKEN", "s3cret-token")
     settings = ServerSettings(model_dir=compressed_dir, port=free_port(), auth_token_env="LANGOPS_TEST_TOKEN")
@@ -283,7 +282,7 @@ def test_bearer_token(compressed_dir: Path, monkeypatch: pytest.MonkeyPatch) -> 
         assert invocation.status_code == 401 and invocation.json()["error_code"] == "UNAUTHENTICATED"
 
 
-@pytest.mark.slow
+@pytest.mark.model
 def test_prediction_log_hashes_and_rotates(compressed_dir: Path, tmp_path: Path) -> None:
     log_dir = tmp_path / "predictions"
     settings = ServerSettings(model_dir=compressed_dir, port=free_port(), prediction_log_dir=log_dir,
@@ -313,6 +312,7 @@ def _logged_hashes(log_dir: Path) -> dict[str, str]:
     return {text: digest for text, digest in wanted.items() if any(part.startswith(digest) for part in found)}
 
 
+@pytest.mark.unit
 def test_prediction_log_sampling_and_plain_texts(tmp_path: Path) -> None:
     import random
 
@@ -328,6 +328,7 @@ def test_prediction_log_sampling_and_plain_texts(tmp_path: Path) -> None:
     assert records[0]["text"].startswith("t") and records[0]["label"] == LABELS[0]
 
 
+@pytest.mark.unit
 def test_prediction_log_drops_and_counts_when_the_queue_is_full(tmp_path: Path) -> None:
     dropped: list[int] = []
     config = PredictionLogConfig(directory=tmp_path, sample_rate=1.0, hash_texts=True, max_bytes=10**6,
@@ -344,7 +345,7 @@ def test_prediction_log_drops_and_counts_when_the_queue_is_full(tmp_path: Path) 
     assert elapsed < 2.0  # recording never waited for the writer
 
 
-@pytest.mark.slow
+@pytest.mark.services
 def test_sigterm_finishes_requests_in_flight_and_refuses_new_ones(compressed_dir: Path) -> None:
     port = free_port()
     # Every batch waits 1.5 s for company: the request below is still in flight when SIGTERM arrives.
@@ -392,7 +393,7 @@ def _accepts(url: str) -> bool:
     return True
 
 
-@pytest.mark.slow
+@pytest.mark.services
 def test_workers_share_the_port(compressed_dir: Path) -> None:
     port = free_port()
     process = subprocess.Popen(
@@ -415,6 +416,7 @@ def test_workers_share_the_port(compressed_dir: Path) -> None:
     assert output.count("Application startup complete") == 2, output
 
 
+@pytest.mark.unit
 def test_model_uri_forms(tmp_path: Path) -> None:
     assert parse_model_uri("models:/langops-classifier@champion") == {"model_name": "langops-classifier",
                                                                       "alias": "champion"}
@@ -425,17 +427,18 @@ def test_model_uri_forms(tmp_path: Path) -> None:
             parse_model_uri(bad)
 
 
+@pytest.mark.unit
 def test_deploy_defaults_match_the_server_and_params_yaml() -> None:
     deploy, settings = DeployConfig(), ServerSettings.model_fields
-    for name in DEPLOY_TUNING:
+    for name in ServerConfig.model_fields:
         assert getattr(deploy, name) == settings[name].default, name
     in_yaml = yaml.safe_load((REPO / "params.yaml").read_text())["deploy"]
     for name, value in in_yaml.items():
         assert getattr(deploy, name) == value, f"params.yaml deploy.{name}"
-    assert deploy.max_batch_size == defaults.MAX_BATCH_SIZE == 64  # the pyfunc's chunk: parity with MLflow
+    assert deploy.max_batch_size == ServerConfig().max_batch_size == 64  # the pyfunc's chunk: parity with MLflow
 
 
-@pytest.mark.slow
+@pytest.mark.model
 def test_pinned_version_is_served(registered) -> None:
     registry, (first, second) = registered.registry, registered.good
     registry.set_champion(second)

@@ -24,6 +24,8 @@ pytest.register_assert_rewrite("serving_helpers")
 pytest_plugins = ["serving_helpers"]
 from serving_helpers import RegisteredModels, free_port, running_server, wait_for_version, wait_until
 
+pytestmark = pytest.mark.services
+
 TEXTS = ["my invoice is wrong", "where is my parcel?", "the app crashes when I log in", "é ü 日本 🙂", ""]
 JSON = "application/json"
 
@@ -95,7 +97,6 @@ def _answers(url: str) -> bool:
         return False
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", list(PAYLOADS))
 def test_invocations_match_mlflow_models_serve(both_servers: tuple[str, str], name: str) -> None:
     content, content_type = PAYLOADS[name]

@@ -5,11 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import yaml
+import pytest
 from pipeline_helpers import tiny_project_params, write_params
 
 from langops.config import load_params
-from langops.stage_cache import STAGES, outputs_intact, stage_key, write_stamp
+from langops.stage_cache import outputs_intact, stage_key, write_stamp
+from langops.stages import stage
+
+pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,50 +26,41 @@ def _project(tmp_path: Path, **overrides):
     return params
 
 
-def test_each_cached_step_reads_the_params_and_code_its_dvc_stage_declares():
-    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    for name, spec in STAGES.items():
-        assert set(spec.params) == set(stages[name]["params"]), name
-        declared_code = {dep for dep in stages[name]["deps"] if dep.endswith(".py")}
-        code_files = {
-            f"{'tasks' if module.startswith('langops.tasks.') else 'langops'}/{module.rsplit('.', 1)[1]}.py"
-            for module in spec.code
-        }
-        assert declared_code <= code_files, name
-
-
 def test_the_key_follows_params_and_content_but_not_timestamps(tmp_path):
     params = _project(tmp_path)
-    key = stage_key("train", params)
-    assert stage_key("train", params) == key
+    train = stage("train")
+    key = stage_key(train, params)
+    assert stage_key(train, params) == key
 
     data = params.paths.prepared / "train.csv"
     os.utime(data, (1_000_000, 1_000_000))  # touched, same bytes
-    assert stage_key("train", params) == key
+    assert stage_key(train, params) == key
 
-    assert stage_key("train", load_params(tmp_path / "params.yaml", ["train.epochs=5"])) != key
-    assert stage_key("train", load_params(tmp_path / "params.yaml", ["compress.num_threads=2"])) == key
+    assert stage_key(train, load_params(tmp_path / "params.yaml", ["train.epochs=5"])) != key
+    assert stage_key(train, load_params(tmp_path / "params.yaml", ["compress.num_threads=2"])) == key
+    assert stage_key(train, load_params(tmp_path / "params.yaml", ["validate.min_text_chars=2"])) == key
     data.write_text("text,label\nmy parcel never came,shipping\n")
-    assert stage_key("train", params) != key
+    assert stage_key(train, params) != key
 
 
 def test_a_stamp_holds_only_while_the_outputs_are_as_the_run_left_them(tmp_path):
     params = _project(tmp_path)
-    key = stage_key("validate", params)
-    assert not outputs_intact("validate", params, key)  # never ran
+    validate = stage("validate")
+    key = stage_key(validate, params)
+    assert not outputs_intact(validate, params, key)  # never ran
 
     report = params.paths.validation / "validation.json"
     report.parent.mkdir(parents=True)
     report.write_text('{"success": true}')
-    write_stamp("validate", params, key)
-    assert outputs_intact("validate", params, key)
-    assert not outputs_intact("validate", params, "another-key")
+    write_stamp(validate, params, key)
+    assert outputs_intact(validate, params, key)
+    assert not outputs_intact(validate, params, "another-key")
 
     report.write_text('{"success": false}')  # rewritten, e.g. by `dvc repro` with other params
-    assert not outputs_intact("validate", params, key)
-    write_stamp("validate", params, key)
+    assert not outputs_intact(validate, params, key)
+    write_stamp(validate, params, key)
     report.unlink()
-    assert not outputs_intact("validate", params, key)
+    assert not outputs_intact(validate, params, key)
 
 
 def test_a_registration_is_reused_only_while_its_version_exists(tmp_path):
@@ -74,18 +68,21 @@ def test_a_registration_is_reused_only_while_its_version_exists(tmp_path):
     for name in ("compressed", "trained"):
         getattr(params.paths, name).mkdir(parents=True)
         (getattr(params.paths, name) / "model.bin").write_bytes(b"weights")
-    (params.paths.registration).mkdir(parents=True)
-    (params.paths.registration / "registration.json").write_text('{"version": "3"}')
-    key = stage_key("register", params)
-    write_stamp("register", params, key)
+    register = stage("register")
+    registration = register.outs[0].path(params)
+    registration.parent.mkdir(parents=True)
+    registration.write_text('{"version": "3"}')
+    key = stage_key(register, params)
+    write_stamp(register, params, key)
 
-    assert outputs_intact("register", params, key, still_exists=lambda version: version == "3")
-    assert not outputs_intact("register", params, key, still_exists=lambda version: False)
+    assert outputs_intact(register, params, key, still_valid=lambda: True)
+    assert not outputs_intact(register, params, key, still_valid=lambda: False)
 
 
 def test_the_tracking_store_is_part_of_the_key_of_steps_that_write_to_it(tmp_path, monkeypatch):
     params = _project(tmp_path)
-    train_key, validate_key = stage_key("train", params), stage_key("validate", params)
+    train, validate = stage("train"), stage("validate")
+    train_key, validate_key = stage_key(train, params), stage_key(validate, params)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
-    assert stage_key("train", params) != train_key
-    assert stage_key("validate", params) == validate_key
+    assert stage_key(train, params) != train_key
+    assert stage_key(validate, params) == validate_key

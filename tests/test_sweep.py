@@ -1,5 +1,5 @@
-"""Sweeps: trial expansion and selection (fast), and a 2-trial sweep on a real local Dask cluster, a real
-Prefect test server and a real MLflow SQLite store (slow)."""
+"""Sweeps: trial expansion and selection (unit), and a 2-trial sweep on a real local Dask cluster, a real
+Prefect test server and a real MLflow SQLite store (services)."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ def _params(tmp_path, sweep: dict):
     return load_params(path)
 
 
+@pytest.mark.unit
 def test_grid_expands_in_a_stable_order_first_key_slowest_then_explicit_trials(tmp_path):
     params = _params(tmp_path, {
         "grid": {"train.learning_rate": [0.002, 0.0005], "train.lora.r": [8, 16, 4]},
@@ -58,6 +59,7 @@ def test_grid_expands_in_a_stable_order_first_key_slowest_then_explicit_trials(t
     assert len({t.params.paths.trained for t in trials}) == len(trials)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("key", "message"),
     [
@@ -74,6 +76,7 @@ def test_a_bad_grid_key_is_refused_when_params_load_naming_the_key(tmp_path, key
         _params(tmp_path, {"trials": [{"train.epochs": 2}, {key: 1}]})
 
 
+@pytest.mark.unit
 def test_bad_trial_values_too_many_trials_and_duplicates_are_refused_before_training(tmp_path):
     with pytest.raises(ConfigError) as err:
         expand_trials(_params(tmp_path, {"grid": {"train.epochs": [2, 0]}}))
@@ -92,6 +95,7 @@ def _outcome(index: int, score: float | None, error: str | None = None) -> Trial
     return TrialOutcome(index=index, name=f"trial-{index:02d}", overrides={}, run_id=f"r{index}", score=score, error=error)
 
 
+@pytest.mark.unit
 def test_best_trial_is_the_best_score_ties_go_to_the_earlier_trial_failures_never_win():
     outcomes = [_outcome(1, 0.5), _outcome(2, 0.8), _outcome(3, 0.8), _outcome(4, None, "RuntimeError: OOM")]
     assert select_best(outcomes, greater_is_better=True).name == "trial-02"
@@ -102,6 +106,7 @@ def test_best_trial_is_the_best_score_ties_go_to_the_earlier_trial_failures_neve
         select_best([_outcome(4, None, "RuntimeError: OOM")], greater_is_better=True)
 
 
+@pytest.mark.unit
 def test_score_is_the_validation_metric_of_the_kept_epoch():
     history = [{"epoch": 1, "val_macro_f1": 0.4, "val_loss": 1.2}, {"epoch": 2, "val_macro_f1": 0.6, "val_loss": 0.9}]
     assert score_from_history(history, 1, "val_loss") == 1.2
@@ -110,6 +115,7 @@ def test_score_is_the_validation_metric_of_the_kept_epoch():
         score_from_history(history, 2, "test_macro_f1")
 
 
+@pytest.mark.unit
 def test_the_cluster_address_is_a_setting_and_the_environment_wins(tmp_path, monkeypatch):
     monkeypatch.delenv("LANGOPS_DASK_ADDRESS", raising=False)
     assert dask_address(_params(tmp_path, {}).sweep) is None
@@ -119,6 +125,7 @@ def test_the_cluster_address_is_a_setting_and_the_environment_wins(tmp_path, mon
     assert dask_address(configured) == "tcp://10.0.0.5:8786"
 
 
+@pytest.mark.unit
 def test_the_sweep_command_refuses_a_bad_sweep_before_starting_anything(tmp_path):
     params_path = tmp_path / "params.yaml"
     params_path.write_text(json.dumps({"project": {"state_dir": str(tmp_path / "state")}}))
@@ -137,7 +144,7 @@ def test_the_sweep_command_refuses_a_bad_sweep_before_starting_anything(tmp_path
     assert not (tmp_path / "state" / "mlflow.db").exists() and not (tmp_path / "models").exists()
 
 
-# ---------------------------------------------------------------------------------------------- slow
+# ------------------------------------------------------------------------------------------ services
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +160,7 @@ def _client(root) -> MlflowClient:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-@pytest.mark.slow
+@pytest.mark.services
 def test_sweep_trains_trials_on_dask_nests_their_runs_and_ships_the_best(prefect_server, tmp_path, tiny_base_model):
     from langops.flows.sweep import sweep_pipeline
 
@@ -232,7 +239,7 @@ def test_sweep_trains_trials_on_dask_nests_their_runs_and_ships_the_best(prefect
     assert "trial-02 won" in artifacts["sweep-summary"]["data"]
 
 
-@pytest.mark.slow
+@pytest.mark.services
 def test_bad_data_stops_the_sweep_before_any_trial_or_run(prefect_server, tmp_path, tiny_base_model):
     from langops.flows.sweep import sweep_pipeline
     from langops.tasks.validate import DataValidationError
@@ -252,7 +259,7 @@ def test_bad_data_stops_the_sweep_before_any_trial_or_run(prefect_server, tmp_pa
     assert not (tmp_path / "models" / "sweep").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.services
 def test_a_failed_trial_is_recorded_nested_and_never_chosen(prefect_server, tmp_path, tiny_base_model):
     from langops.flows.sweep import sweep_pipeline
     from langops.sweep import SweepError

@@ -14,8 +14,6 @@ import psutil
 import pytest
 from pipeline_helpers import tiny_project_params, write_bad_csv, write_params
 
-pytestmark = pytest.mark.slow
-
 WAITING = "starting a temporary Prefect server for this run"
 BUSY_PROCESSES = 2  # one per core of the CI machine
 SERVER_APP = "prefect.server.api.server:create_app"
@@ -55,6 +53,7 @@ def bad_data_project(tmp_path) -> Path:
     return tmp_path
 
 
+@pytest.mark.services
 def test_a_first_run_on_busy_cores_waits_for_its_new_server_and_gets_to_work(bad_data_project):
     root = bad_data_project
     assert not (root / ".langops").exists()  # a brand-new state folder: the server creates its database
@@ -77,6 +76,7 @@ def test_a_first_run_on_busy_cores_waits_for_its_new_server_and_gets_to_work(bad
     assert not _temporary_servers(root / ".langops" / "prefect")  # it stopped with the run
 
 
+@pytest.mark.flow
 def test_a_server_that_misses_its_limit_fails_the_run_naming_the_setting_and_is_stopped(bad_data_project):
     root = bad_data_project
 
@@ -91,6 +91,7 @@ def test_a_server_that_misses_its_limit_fails_the_run_naming_the_setting_and_is_
     assert not _temporary_servers(root / ".langops" / "prefect")
 
 
+@pytest.mark.flow
 def test_a_terminated_run_takes_its_server_with_it(bad_data_project):
     root = bad_data_project
     run = subprocess.Popen([sys.executable, "-m", "langops.cli", "run"], cwd=root, env=_user_env(),

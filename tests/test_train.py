@@ -11,8 +11,6 @@ from safetensors.torch import load_file
 from langops.config import TrainConfig
 from langops.tasks.train import length_grouped_batches, train
 
-pytestmark = pytest.mark.slow
-
 
 def _cfg(base, **overrides) -> TrainConfig:
     values = dict(base_model=str(base), epochs=2, batch_size=16, learning_rate=5e-3, max_length=32, num_threads=1)
@@ -24,6 +22,7 @@ def _weights(model_dir):
     return load_file(model_dir / "model.safetensors")
 
 
+@pytest.mark.model
 def test_lora_training_writes_merged_model_adapter_and_labels(tiny_base_model, prepared_dir, tmp_path):
     cfg = _cfg(tiny_base_model, lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["query", "value"]})
     result = train(cfg, prepared_dir=prepared_dir, out_dir=tmp_path / "out", checkpoint_dir=tmp_path / "ckpt", seed=1)
@@ -41,6 +40,7 @@ def test_lora_training_writes_merged_model_adapter_and_labels(tiny_base_model, p
     assert config["id2label"] == {"0": "billing", "1": "shipping", "2": "technical"}
 
 
+@pytest.mark.model
 def test_full_fine_tune_learns_the_keywords(tiny_base_model, prepared_dir, tmp_path):
     cfg = _cfg(tiny_base_model, method="full", epochs=8, learning_rate=1e-2, early_stopping_patience=8)
     result = train(cfg, prepared_dir=prepared_dir, out_dir=tmp_path / "out", checkpoint_dir=tmp_path / "ckpt", seed=1)
@@ -50,6 +50,7 @@ def test_full_fine_tune_learns_the_keywords(tiny_base_model, prepared_dir, tmp_p
     assert result.best_val_macro_f1 > 0.6, result.history
 
 
+@pytest.mark.model
 def test_early_stopping_stops_when_validation_f1_stalls(tiny_base_model, prepared_dir, tmp_path):
     cfg = _cfg(tiny_base_model, epochs=5, learning_rate=1e-12, early_stopping_patience=1)
     result = train(cfg, prepared_dir=prepared_dir, out_dir=tmp_path / "out", checkpoint_dir=tmp_path / "ckpt", seed=1)
@@ -58,12 +59,14 @@ def test_early_stopping_stops_when_validation_f1_stalls(tiny_base_model, prepare
     assert result.epochs_run == 2 and result.best_epoch == 1
 
 
+@pytest.mark.model
 def test_max_steps_caps_optimizer_steps(tiny_base_model, prepared_dir, tmp_path):
     result = train(_cfg(tiny_base_model, max_steps=3), prepared_dir=prepared_dir, out_dir=tmp_path / "o",
                    checkpoint_dir=tmp_path / "c", seed=1)
     assert result.steps == 3 and result.epochs_run == 1
 
 
+@pytest.mark.model
 def test_same_seed_gives_identical_weights(tiny_base_model, prepared_dir, tmp_path):
     runs = [
         train(_cfg(tiny_base_model, epochs=1, resume=False), prepared_dir=prepared_dir, out_dir=tmp_path / f"out{i}",
@@ -74,6 +77,7 @@ def test_same_seed_gives_identical_weights(tiny_base_model, prepared_dir, tmp_pa
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
+@pytest.mark.model
 def test_an_interrupted_run_resumes_from_its_last_checkpoint_and_ends_where_an_uninterrupted_one_does(
     tiny_base_model, prepared_dir, tmp_path
 ):
@@ -96,12 +100,14 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint_and_ends_where_an_u
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+@pytest.mark.model
 def test_unknown_lora_target_module_is_named(tiny_base_model, prepared_dir, tmp_path):
     cfg = _cfg(tiny_base_model, lora={"target_modules": ["q_proj"]})
     with pytest.raises(ValueError, match="q_proj"):
         train(cfg, prepared_dir=prepared_dir, out_dir=tmp_path / "o", checkpoint_dir=tmp_path / "c", seed=1)
 
 
+@pytest.mark.unit
 def test_length_grouped_batches_cover_every_row_once_with_similar_lengths():
     import numpy as np
 

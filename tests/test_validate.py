@@ -13,6 +13,8 @@ from langops.io import SPLITS, read_json, split_path, write_labels
 from langops.tasks.prepare import prepare
 from langops.tasks.validate import DataValidationError, validate
 
+pytestmark = pytest.mark.data
+
 LABELS = ("billing", "shipping", "technical")
 DATA = DataConfig(labels=LABELS)
 CFG = ValidateConfig(

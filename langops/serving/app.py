@@ -13,6 +13,7 @@ queued batches are scored before the process exits.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import math
@@ -33,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, m
 from starlette.concurrency import run_in_threadpool
 
 from langops.aliases import CHAMPION
-from langops.serving import defaults
+from langops.config import DeployConfig, ServerConfig
 from langops.serving.batching import MicroBatcher, Overloaded, ShuttingDown
 from langops.serving.metrics import ServerMetrics
 from langops.serving.middleware import VERSION_HEADER, ServingMiddleware, error_body
@@ -46,7 +47,6 @@ from langops.serving.registry import (
 )
 
 if TYPE_CHECKING:
-    from langops.config import DeployConfig
     from langops.onnx_model import OnnxClassifier
     from langops.serving.prediction_log import PredictionLog
 
@@ -59,53 +59,26 @@ INLINE_PARSE_BYTES = 32_768  # bigger /invocations bodies are parsed on a thread
 __all__ = ["SERVICE", "VERSION_HEADER", "ServerSettings", "app_from_env", "create_app"]
 
 
-class ServerSettings(BaseModel):
-    """What to serve and how: a registered model (its alias, or a pinned ``version``) or a compressed dir.
+SERVER_DIR = "server"  # under <state_dir>: the deployed server's pid file, log, settings, downloads and predictions
+MODEL_CACHE_DIR = "models"  # under SERVER_DIR
+PREDICTION_LOG_DIR = "predictions"  # under SERVER_DIR
 
+
+class ServerSettings(ServerConfig):
+    """What to serve, on top of how (``ServerConfig``: bind address, workers, batching, limits, auth, log).
+
+    The model is a registered one (following its ``alias``, or a pinned ``version``) or a compressed dir.
     With ``model_dir`` the registry settings are ignored and ``model_name`` only labels the responses.
+    A server process gets these whole, as the JSON of ``model_dump_json()`` (``python -m langops.serving
+    --settings FILE``; uvicorn workers in ``LANGOPS_SERVER_SETTINGS``).
     """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     tracking_uri: str | None = Field(None, description="MLflow tracking and registry URI")
     model_name: str | None = Field(None, description="registered model to serve")
     alias: str = Field(CHAMPION, description="registry alias to follow")
     version: str | None = Field(None, description="serve this registered version instead of following the alias")
     model_dir: Path | None = Field(None, description="serve this compressed dir instead of the registry")
-    host: str = Field("127.0.0.1", description="interface to bind")
-    port: int = Field(8765, ge=1, le=65535, description="port to bind")
-    workers: int = Field(defaults.WORKERS, ge=1, description="uvicorn worker processes")
-    poll_seconds: float = Field(5.0, gt=0, description="how often the alias is checked for a new version")
-    num_threads: int | None = Field(
-        None, ge=1, description="onnxruntime intra-op threads per worker (default: physical cores / workers)"
-    )
-    max_batch_size: int = Field(defaults.MAX_BATCH_SIZE, ge=1, description="most texts in one onnxruntime call")
-    max_wait_ms: float = Field(defaults.MAX_WAIT_MS, ge=0, description="how long a batch waits to fill, in ms")
-    max_queue: int = Field(defaults.MAX_QUEUE, ge=1, description="texts waiting for inference before 503")
-    max_request_texts: int = Field(defaults.MAX_REQUEST_TEXTS, ge=1, description="most texts in one request")
-    max_text_chars: int = Field(defaults.MAX_TEXT_CHARS, ge=1, description="longest text accepted, in characters")
-    max_body_bytes: int = Field(defaults.MAX_BODY_BYTES, ge=1, description="largest request body, in bytes")
-    retry_after_s: int = Field(defaults.RETRY_AFTER_S, ge=0, description="Retry-After sent with a 503 under overload")
-    shutdown_timeout_s: float = Field(
-        defaults.SHUTDOWN_TIMEOUT_S, gt=0, description="how long SIGTERM waits for requests in flight"
-    )
-    auth_token_env: str = Field(
-        defaults.AUTH_TOKEN_ENV, description="environment variable holding the bearer token (unset: no auth)"
-    )
     prediction_log_dir: Path | None = Field(None, description="write the prediction log here (unset: no log)")
-    prediction_log_sample_rate: float = Field(
-        defaults.PREDICTION_LOG_SAMPLE_RATE, ge=0, le=1, description="share of requests logged"
-    )
-    prediction_log_hash_texts: bool = Field(
-        defaults.PREDICTION_LOG_HASH_TEXTS, description="log sha256 of each text instead of the text"
-    )
-    prediction_log_max_bytes: int = Field(
-        defaults.PREDICTION_LOG_MAX_BYTES, ge=1024, description="size of one log file before it rotates"
-    )
-    prediction_log_backups: int = Field(defaults.PREDICTION_LOG_BACKUPS, ge=1, description="rotated log files kept")
-    prediction_log_queue: int = Field(
-        defaults.PREDICTION_LOG_QUEUE, ge=1, description="records waiting for the writer before drops"
-    )
     cache_dir: Path | None = Field(None, description="where registry downloads are kept (default: temp dir)")
 
     @model_validator(mode="after")
@@ -113,6 +86,34 @@ class ServerSettings(BaseModel):
         if self.model_dir is None and not (self.tracking_uri and self.model_name):
             raise ValueError("give either model_dir, or both tracking_uri and model_name")
         return self
+
+    @classmethod
+    def from_deploy(cls, deploy: DeployConfig, *, state_dir: Path, **serve: Any) -> ServerSettings:
+        """The settings params.yaml's ``deploy:`` section asks for, serving what ``serve`` names.
+
+        Every ``ServerConfig`` field is taken from ``deploy`` whole; registry downloads go to
+        ``<state_dir>/server/models`` and, with ``deploy.prediction_log``, the log to ``<state_dir>/server/predictions``.
+        ``serve`` names the model (``tracking_uri``, ``model_name``, ``alias``, ``version`` or ``model_dir``) and
+        may override any other field (``langops serve --port 9000``).
+
+        Raises:
+            pydantic.ValidationError: a value is out of range, or no model is named.
+        """
+        server_dir = Path(state_dir) / SERVER_DIR
+        values: dict[str, Any] = {
+            **deploy.model_dump(include=set(ServerConfig.model_fields)),
+            "cache_dir": server_dir / MODEL_CACHE_DIR,
+            "prediction_log_dir": server_dir / PREDICTION_LOG_DIR if deploy.prediction_log else None,
+        }
+        return cls(**{**values, **serve})
+
+    def tuning(self) -> dict[str, Any]:
+        """How the server runs (the ``ServerConfig`` fields), as JSON values: what ``/version`` reports."""
+        return self.model_dump(mode="json", include=set(ServerConfig.model_fields))
+
+    def fingerprint(self) -> str:
+        """A short hash of every setting: equal fingerprints, same settings (``/version`` reports it)."""
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
 
     def build_source(self) -> Source:
         """The compressed dir when ``model_dir`` is set (it wins over the registry), else the registry."""
@@ -132,21 +133,6 @@ class ServerSettings(BaseModel):
 
         cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
         return max(1, cores // self.workers)
-
-
-DEPLOY_TUNING = (
-    "workers", "num_threads", "max_batch_size", "max_wait_ms", "max_queue", "max_request_texts",
-    "max_text_chars", "max_body_bytes", "auth_token_env", "prediction_log_sample_rate",
-    "prediction_log_hash_texts", "prediction_log_max_bytes", "prediction_log_backups",
-)
-PREDICTION_LOG_DIR = "predictions"  # under <state_dir>/server
-
-
-def deploy_tuning(deploy: DeployConfig, *, server_dir: Path) -> dict[str, Any]:
-    """The server settings the pipeline's ``deploy:`` section holds (same names in both places)."""
-    values = {name: getattr(deploy, name) for name in DEPLOY_TUNING}
-    values["prediction_log_dir"] = server_dir / PREDICTION_LOG_DIR if deploy.prediction_log else None
-    return values
 
 
 def parse_model_uri(uri: str) -> dict[str, Any]:
@@ -425,6 +411,8 @@ class VersionResponse(BaseModel):
     source: str
     loaded_at: str | None
     refused: dict[str, str]
+    settings: dict[str, Any] = Field(description="how the server runs: workers, batching, limits, auth variable, log")
+    settings_fingerprint: str = Field(description="hash of every setting; deploy restarts the server when it differs")
 
 
 class RequestRefused(Exception):
@@ -452,6 +440,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     The bearer token is read from the environment variable ``settings.auth_token_env`` here, once.
     """
     holder = ModelHolder(settings.build_source(), num_threads=settings.onnx_threads())
+    tuning, fingerprint = settings.tuning(), settings.fingerprint()
     metrics = ServerMetrics()
     batcher = MicroBatcher(
         max_batch_size=settings.max_batch_size,
@@ -547,7 +536,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     @app.get("/version", response_model=VersionResponse)
     async def version() -> dict[str, Any]:
-        """The model being served, where it comes from, when it loaded, and versions refused."""
+        """The model being served, where it comes from, when it loaded, versions refused, and how it runs."""
         live = holder.current
         return {
             "model_name": holder.source.model_name,
@@ -556,6 +545,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
             "source": holder.source.kind,
             "loaded_at": live.loaded_at if live else None,
             "refused": dict(holder.refused),
+            "settings": tuning,
+            "settings_fingerprint": fingerprint,
         }
 
     @app.get("/metrics", response_class=Response,

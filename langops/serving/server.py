@@ -15,8 +15,9 @@ def serve(settings: ServerSettings) -> None:
 
     On SIGTERM the socket stops accepting, requests in flight (and batches already queued) finish
     within ``shutdown_timeout_s``, then the alias poller and prediction log stop. With ``workers > 1``
-    uvicorn starts that many processes, each building the app from the JSON settings it inherits in
-    ``LANGOPS_SERVER_SETTINGS`` (an import string is the only way to hand an app to its workers).
+    uvicorn starts that many processes, each building the app from the settings it inherits whole, as the
+    same JSON the deploy step's settings file holds, in ``LANGOPS_SERVER_SETTINGS`` (an import string is
+    the only way to hand an app to its workers).
     """
     import uvicorn
 

@@ -1,0 +1,151 @@
+"""Background processes that one langops command starts and a later one finds, checks and stops.
+
+The local services of ``langops up`` and the model server of the deploy step are each one process in
+its own session (so it outlives the command that started it), with ``<name>.pid`` and ``<name>.log`` in
+a folder. A pid file is trusted only while the process it names is alive and its command line carries
+the process's marker, so a stale file never points at an unrelated process that reused the pid.
+Stopping sends SIGTERM, waits the caller's timeout (``services.stop_timeout_s``), then takes down what
+the process left behind (uvicorn or flow-run children) and SIGKILLs whatever still ignores SIGTERM.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import psutil
+
+LOG_TAIL_LINES = 40  # lines of a process's log quoted in an error
+POLL_INTERVAL_S = 0.25  # how often a wait for a process (exit, health, a version) checks again
+LEFTOVER_TIMEOUT_S = 5.0  # the most a child left behind by a stopped process gets after its own SIGTERM
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Stopped:
+    """What ``Background.stop`` did: the pid it found (None: nothing of ours ran), whether SIGKILL was needed."""
+
+    pid: int | None
+    stopped: bool
+    killed: bool
+
+
+@dataclass(frozen=True)
+class Background:
+    """One detached process: ``<folder>/<name>.pid`` and ``.log``; ``marker`` is part of its command line."""
+
+    folder: Path
+    name: str
+    marker: str
+
+    @property
+    def pid_file(self) -> Path:
+        return self.folder / f"{self.name}.pid"
+
+    @property
+    def log_file(self) -> Path:
+        return self.folder / f"{self.name}.log"
+
+    def spawn(self, command: Sequence[str], *, env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """Start ``command`` in its own session (SIGINT to this terminal misses it), writing to the log file.
+
+        The log is started afresh and the pid file written atomically, so a reader never sees half a pid.
+        """
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with self.log_file.open("w") as log_file:
+            process = subprocess.Popen(
+                list(command), stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                env=dict(env) if env is not None else None, start_new_session=True,
+            )
+        write_atomic(self.pid_file, f"{process.pid}\n")
+        return process
+
+    def pid(self) -> int | None:
+        """The pid in the pid file while that process lives and is ours (the marker is in its command line)."""
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+        return pid if is_process(pid, self.marker) else None
+
+    def stop(self, timeout_s: float) -> Stopped:
+        """SIGTERM the process, wait ``timeout_s``, then stop what it left behind; SIGKILL what ignores SIGTERM.
+
+        The whole process tree is stopped (servers spawn workers, the Prefect worker spawns flow runs), the
+        process first so that it can shut its own children down. The pid file is removed in every case.
+        """
+        import psutil
+
+        pid = self.pid()
+        try:
+            if pid is None:
+                return Stopped(None, False, False)
+            try:
+                root = psutil.Process(pid)
+                tree = [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                return Stopped(pid, False, False)
+            _signal(root, signal.SIGTERM)
+            psutil.wait_procs([root], timeout=timeout_s)
+            leftovers = [process for process in tree if _running(process)]
+            for process in leftovers:
+                _signal(process, signal.SIGTERM)
+            _, alive = psutil.wait_procs(leftovers, timeout=min(timeout_s, LEFTOVER_TIMEOUT_S))
+            for process in alive:
+                log.warning("%s: pid %s ignored SIGTERM; killing it", self.name, process.pid)
+                _signal(process, signal.SIGKILL)
+            psutil.wait_procs(alive, timeout=LEFTOVER_TIMEOUT_S)
+            return Stopped(pid, True, bool(alive))
+        finally:
+            self.pid_file.unlink(missing_ok=True)
+
+    def log_tail(self) -> str:
+        """The last lines of the log, ready to append to an error message ('' when there is no log)."""
+        if not self.log_file.is_file():
+            return ""
+        lines = self.log_file.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+        return f"\nlast lines of {self.log_file}:\n" + "\n".join(lines)
+
+
+def is_process(pid: int, marker: str) -> bool:
+    """Whether ``pid`` is a live process (not a zombie) whose command line mentions ``marker``."""
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        return process.status() != psutil.STATUS_ZOMBIE and any(marker in part for part in process.cmdline())
+    except (psutil.Error, ValueError):
+        return False
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a rename, so a reader sees the old file or the new one, never half."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _running(process: psutil.Process) -> bool:
+    import psutil
+
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _signal(process: psutil.Process, signum: int) -> None:
+    import psutil
+
+    try:
+        process.send_signal(signum)
+    except psutil.NoSuchProcess:
+        pass
