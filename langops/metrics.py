@@ -83,9 +83,12 @@ def classification_metrics(
     }
 
 
+CALIBRATION_KEYS = ("ece_uncalibrated", "temperature")  # evaluate's: the torch model before and after calibration
+
+
 def headline(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
     """The flat scalar metrics worth logging to MLflow (per-class ones as ``f1_<label key>``)."""
-    flat = {f"{prefix}{k}": float(metrics[k]) for k in ("accuracy", "macro_f1", "ece")}
+    flat = {f"{prefix}{k}": float(metrics[k]) for k in ("accuracy", "macro_f1", "ece", *CALIBRATION_KEYS) if k in metrics}
     for key, row in metrics["per_class"].items():
         flat[f"{prefix}f1_{key}"] = row["f1"]
     return flat
@@ -96,5 +99,6 @@ def metrics_for_dvc(metrics: dict[str, Any]) -> dict[str, Any]:
     label key. The per-class table with the labels, the key map and the confusion matrix stay out: DVC
     would make a column of every string in them."""
     compact = {k: metrics[k] for k in ("rows", "accuracy", "macro_f1", "ece", "majority_baseline_accuracy")}
+    compact |= {k: metrics[k] for k in CALIBRATION_KEYS if k in metrics}
     compact["f1"] = {key: row["f1"] for key, row in metrics["per_class"].items()}
     return compact

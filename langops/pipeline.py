@@ -129,7 +129,7 @@ def run_evaluate(params: Params, prepared: PrepareResult, trained: TrainRecord) 
         trained_dir=trained.result.out_dir,
         prepared_dir=prepared.out_dir,
         out_dir=params.paths.evaluation,
-        max_length=params.train.max_length,
+        max_length=trained.result.max_length,
     )
     tracking.log_evaluation(params, trained.run_id, result)
     return result
@@ -142,7 +142,7 @@ def run_compress(params: Params, prepared: PrepareResult, trained: TrainRecord) 
         prepared_dir=prepared.out_dir,
         out_dir=params.paths.compressed,
         report_dir=params.paths.compression,
-        max_length=params.train.max_length,
+        max_length=trained.result.max_length,
     )
     tracking.log_compression(params, trained.run_id, result)
     return result

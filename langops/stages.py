@@ -176,7 +176,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "evaluate", adapter_name="run_evaluate",
-        params=("evaluate", "train.max_length"),
+        params=("evaluate",),
         deps=(PREPARED, TRAINED),
         outs=(EVALUATION_PREDICTIONS, EVALUATION_PNG, EVALUATION_DETAILS, EVALUATION_METRICS, EVALUATION_CONFUSION),
         code=("langops.tasks.evaluate",),
@@ -186,7 +186,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "compress", adapter_name="run_compress",
-        params=("compress", "train.max_length"),
+        params=("compress",),
         deps=(PREPARED, TRAINED),
         outs=(COMPRESSED, COMPRESSION_METRICS),
         code=("langops.tasks.compress",),

@@ -125,11 +125,16 @@ class TrainingRun:
         for row in result.history:
             if row["epoch"] not in self._logged_epochs:
                 mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
-        mlflow.log_metrics(
-            {"best_val_macro_f1": result.best_val_macro_f1, "best_epoch": result.best_epoch,
-             "train_seconds": result.seconds, "trainable_params": result.trainable_params}
-        )
-        mlflow.log_params({"train.world_size": result.world_size, "train.effective_batch_size": result.effective_batch_size})
+        headline = {"best_val_macro_f1": result.best_val_macro_f1, "best_epoch": result.best_epoch,
+                    "train_seconds": result.seconds, "trainable_params": result.trainable_params,
+                    "temperature": result.temperature, "train_attempts": result.attempts,
+                    "val_ece_uncalibrated": result.val_ece_uncalibrated, "val_ece": result.val_ece}
+        mlflow.log_metrics({k: v for k, v in headline.items() if v is not None})
+        # what the recipe resolved from the data ("auto" in params.yaml) and the rate of the run that counted
+        mlflow.log_params({"train.world_size": result.world_size, "train.effective_batch_size": result.effective_batch_size,
+                           "train.resolved_max_length": result.max_length, "train.steps": result.steps,
+                           "train.resolved_learning_rate": result.learning_rate,
+                           "train.resolved_class_weights": result.class_weights or "none"})
         mlflow.log_dict(record, "train/train.json")
         if result.adapter_dir is not None:
             mlflow.log_artifacts(str(result.adapter_dir), "train/adapter")

@@ -11,7 +11,7 @@ import pandas as pd
 
 from langops.config import EvaluateConfig
 from langops.io import read_json, read_labels, read_test_rows, write_json
-from langops.metrics import classification_metrics, metrics_for_dvc, softmax
+from langops.metrics import classification_metrics, expected_calibration_error, metrics_for_dvc, softmax
 
 METRICS_FILE = "metrics.json"  # the numbers DVC compares
 DETAILS_FILE = "details.json"  # everything: per-class table with labels, label keys, confusion matrix
@@ -59,8 +59,13 @@ def evaluate(cfg: EvaluateConfig, *, trained_dir: Path, prepared_dir: Path, out_
     labels = read_labels(trained_dir)
     texts, y_true = read_test_rows(prepared_dir, labels)
     model, tokenizer = load_trained_classifier(trained_dir / "model")
-    probs = softmax(predict_logits(model, tokenizer, texts, batch_size=cfg.batch_size, max_length=max_length))
+    logits = predict_logits(model, tokenizer, texts, batch_size=cfg.batch_size, max_length=max_length)
+    probs = softmax(logits)
     metrics = classification_metrics(y_true, probs, labels, calibration_bins=cfg.calibration_bins)
+    # the train step folded a temperature into the head; undone, it shows what calibration bought
+    temperature = float(getattr(model.config, "langops_temperature", 1.0))
+    metrics["temperature"] = temperature
+    metrics["ece_uncalibrated"] = expected_calibration_error(softmax(logits * temperature), y_true, cfg.calibration_bins)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     actual = [labels[i] for i in y_true]

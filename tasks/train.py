@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import random
@@ -29,7 +28,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +38,8 @@ from sklearn.metrics import f1_score
 from tqdm.auto import tqdm
 
 from langops.config import TrainConfig
-from langops.io import read_split, write_labels
+from langops.io import LABEL, TEXT, read_labels, read_split, write_labels
+from langops.metrics import expected_calibration_error
 from langops.modeling import Device, pad_batch, predict_logits, resolve_base_model, select_device, tokenize
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,13 @@ class TrainResult:
     world_size: int  # data-parallel processes (1: no process group)
     effective_batch_size: int  # rows per optimiser step: batch_size × world_size
     history: tuple[dict[str, float], ...] = field(default=())
+    max_length: int = 128  # tokens per text the model was trained with (``train.max_length``, resolved)
+    temperature: float = 1.0  # folded into the head: served probabilities are the calibrated ones
+    val_ece_uncalibrated: float | None = None
+    val_ece: float | None = None
+    learning_rate: float | None = None  # the encoder's rate of the run that produced the model
+    attempts: int = 1  # runs it took (a collapsed run is retried with smaller learning rates)
+    class_weights: tuple[float, ...] | None = None  # the loss weights per label, when imbalance asked for them
 
     @classmethod
     def from_summary(cls, summary: dict[str, Any]) -> TrainResult:
@@ -75,6 +82,10 @@ class TrainResult:
             values[name] = None if values.get(name) is None else Path(values[name])
         values["history"] = tuple(values.get("history", ()))
         return cls(**values)
+
+
+class TrainingCollapsedError(RuntimeError):
+    """Training produced a model that predicts one class for every validation row."""
 
 
 class DistributedTrainingError(RuntimeError):
@@ -153,13 +164,51 @@ def train(
         on_epoch_end: called with the epoch's metrics and the epoch number (e.g. ``mlflow.log_metrics``).
     """
     ranks = rank_info()
+    guard = cfg.collapse_guard
+    attempt_cfg, attempt = cfg, 1
+    while True:
+        try:
+            result = _train_on_device(attempt_cfg, ranks, prepared_dir=prepared_dir, out_dir=out_dir,
+                                      checkpoint_dir=checkpoint_dir, seed=seed, on_epoch_end=on_epoch_end)
+            return replace(result, attempts=attempt)
+        except _Collapsed as collapsed:
+            smaller = attempt_cfg.model_copy(update=_smaller_rates(attempt_cfg, guard.lr_factor))
+            message = collapsed.describe(attempt_cfg)
+            if guard.action == "retry" and attempt <= guard.retries:
+                log.warning("%s; retrying with train.learning_rate %.3g (attempt %d of %d)",
+                            message, smaller.learning_rate, attempt + 1, guard.retries + 1)
+                attempt_cfg, attempt = smaller, attempt + 1
+                continue
+            raise TrainingCollapsedError(
+                f"{message}. fix: set train.learning_rate: {smaller.learning_rate:.3g}"
+                + (f" and train.head_learning_rate: {smaller.head_learning_rate:.3g}" if smaller.head_learning_rate else "")
+                + ", or check that the labels follow from the texts (train.collapse_guard.action: warn keeps such a model)"
+            ) from None
+
+
+def _train_on_device(cfg: TrainConfig, ranks: RankInfo, **kwargs: Any) -> TrainResult:
     if not ranks.distributed:
-        device = select_device(cfg.device, cfg.precision)
-        return _train(cfg, prepared_dir=prepared_dir, out_dir=out_dir, checkpoint_dir=checkpoint_dir, seed=seed,
-                      on_epoch_end=on_epoch_end, ranks=ranks, device=device)
+        return _train(cfg, ranks=ranks, device=select_device(cfg.device, cfg.precision), **kwargs)
     with _process_group(cfg, ranks) as device:
-        return _train(cfg, prepared_dir=prepared_dir, out_dir=out_dir, checkpoint_dir=checkpoint_dir, seed=seed,
-                      on_epoch_end=on_epoch_end, ranks=ranks, device=device)
+        return _train(cfg, ranks=ranks, device=device, **kwargs)
+
+
+def _smaller_rates(cfg: TrainConfig, factor: float) -> dict[str, float | None]:
+    head = cfg.head_learning_rate * factor if cfg.head_learning_rate is not None else None
+    return {"learning_rate": cfg.learning_rate * factor, "head_learning_rate": head}
+
+
+class _Collapsed(Exception):
+    """The best model of a run predicts one class for every validation row (or the run diverged to that)."""
+
+    def __init__(self, label: str, val_macro_f1: float, diverged: bool) -> None:
+        super().__init__(label)
+        self.label, self.val_macro_f1, self.diverged = label, val_macro_f1, diverged
+
+    def describe(self, cfg: TrainConfig) -> str:
+        why = ", its training loss rising" if self.diverged else ""
+        return (f"training collapsed to predicting {self.label!r} for every row{why} (validation macro-F1 "
+                f"{self.val_macro_f1:.3f}, the majority-class baseline) at train.learning_rate {cfg.learning_rate:.3g}")
 
 
 def _train(
@@ -181,7 +230,7 @@ def _train(
 
     started = time.perf_counter()
     prepared_dir, out_dir, checkpoint_dir = Path(prepared_dir), Path(out_dir), Path(checkpoint_dir)
-    labels = json.loads((prepared_dir / "labels.json").read_text())
+    labels = read_labels(prepared_dir)
     label_ids = {name: i for i, name in enumerate(labels)}
     train_df, val_df = read_split(prepared_dir, "train"), read_split(prepared_dir, "validation")
 
@@ -201,14 +250,23 @@ def _train(
     model.to(device.torch_device)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
-    train_ids = tokenize(tokenizer, train_df["text"].tolist(), cfg.max_length)
-    train_y = np.array([label_ids[y] for y in train_df["label"]])
+    max_length = resolve_max_length(cfg, tokenizer, train_df[TEXT].tolist())
+    train_ids = tokenize(tokenizer, train_df[TEXT].tolist(), max_length)
+    train_y = np.array([label_ids[y] for y in train_df[LABEL]])
+    class_weights = loss_weights(cfg, train_y, len(labels))
+    if ranks.is_main:
+        log.info("max_length %d tokens%s; class weights %s", max_length,
+                 " (99th percentile of the training texts)" if cfg.max_length == "auto" else "",
+                 "none" if class_weights is None else [round(w, 3) for w in class_weights])
+    loss_weight = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32, device=device.torch_device)
     effective_batch_size = cfg.batch_size * ranks.world_size
     steps_per_epoch = -(-len(train_ids) // effective_batch_size)
-    total_steps = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    total_steps = planned_steps(cfg, steps_per_epoch)
+    epochs = -(-total_steps // steps_per_epoch)
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg), weight_decay=cfg.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
 
+    val_y = np.array([label_ids[y] for y in val_df[LABEL]])
     state = _LoopState()
     fingerprint = _fingerprint(cfg, prepared_dir, seed, ranks.world_size)
     resumed_from = None
@@ -231,21 +289,21 @@ def _train(
             log.info("data-parallel on %d %s processes: %d rows per device, %d per optimiser step",
                      ranks.world_size, device.name, cfg.batch_size, effective_batch_size)
 
-    while state.epoch < cfg.epochs and not state.finished:
+    while state.epoch < epochs and not state.finished:
         epoch = state.epoch + 1
         net.train()
         rng = np.random.default_rng(seed + epoch)
         batches = rank_batches([len(x) for x in train_ids], cfg.batch_size, rng, rank=ranks.rank,
                                world_size=ranks.world_size)
         losses = []
-        bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", mininterval=1.0, leave=False,
+        bar = tqdm(batches, desc=f"epoch {epoch}/{epochs}", unit="batch", mininterval=1.0, leave=False,
                    disable=None if ranks.is_main else True)
         for batch in bar:
             inputs = {k: v.to(device.torch_device) for k, v in pad_batch(tokenizer, [train_ids[i] for i in batch]).items()}
             target = torch.as_tensor(train_y[batch], device=device.torch_device)
             with torch.autocast(device.name, dtype=device.autocast_dtype, enabled=device.autocast_dtype is not None):
                 logits = net(**inputs).logits
-            loss = torch.nn.functional.cross_entropy(logits.float(), target)
+            loss = torch.nn.functional.cross_entropy(logits.float(), target, weight=loss_weight)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
@@ -262,10 +320,9 @@ def _train(
         metrics: dict[str, float] | None = None
         if ranks.is_main:
             val_logits = predict_logits(
-                model, tokenizer, val_df["text"].tolist(), batch_size=cfg.eval_batch_size,
-                max_length=cfg.max_length, device=device,
+                model, tokenizer, val_df[TEXT].tolist(), batch_size=cfg.eval_batch_size,
+                max_length=max_length, device=device,
             )
-            val_y = np.array([label_ids[y] for y in val_df["label"]])
             val_pred = val_logits.argmax(axis=1)
             metrics = {
                 "train_loss": train_loss,
@@ -273,6 +330,7 @@ def _train(
                 "val_accuracy": float((val_pred == val_y).mean()),
                 "val_macro_f1": float(f1_score(val_y, val_pred, average="macro", labels=list(range(len(labels))), zero_division=0)),
                 "learning_rate": float(scheduler.get_last_lr()[0]),
+                "val_predicted_classes": float(len(np.unique(val_pred))),
             }
         if ranks.distributed:  # rank 0's evaluation is every rank's: one early-stopping decision for all
             shared = [metrics]
@@ -282,12 +340,14 @@ def _train(
         state.history.append({"epoch": epoch, **metrics})
         if metrics["val_macro_f1"] > state.best_f1:
             state.best_f1, state.best_epoch, state.bad_epochs = metrics["val_macro_f1"], epoch, 0
+            state.best_predicted_classes = int(metrics["val_predicted_classes"])
             if ranks.is_main:
                 state.best_weights = _trainable_state(model)
         else:
             state.bad_epochs += 1
-        state.stopped_early = state.bad_epochs >= cfg.early_stopping_patience
-        state.finished = state.stopped_early or state.steps >= total_steps or epoch >= cfg.epochs
+        state.diverged = _loss_rising(state.history, cfg.collapse_guard.loss_rise_evaluations)
+        state.stopped_early = state.bad_epochs >= cfg.early_stopping_patience or state.diverged
+        state.finished = state.stopped_early or state.steps >= total_steps or epoch >= epochs
         if ranks.is_main:
             log.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in metrics.items()})
             _save_checkpoint(checkpoint_dir, fingerprint, state, model, optimizer, scheduler)
@@ -297,9 +357,24 @@ def _train(
     model_dir, adapter_dir = out_dir / "model", (out_dir / "adapter" if cfg.method == "lora" else None)
     trainable_params = sum(p.numel() for p in trainable)
     total_params = sum(p.numel() for p in model.parameters())
+    if state.best_predicted_classes == 1 and len(np.unique(val_y)) > 1:
+        collapsed = _Collapsed(labels[int(np.bincount(val_y).argmax())], state.best_f1, state.diverged)
+        if cfg.collapse_guard.action != "warn":
+            raise collapsed  # every rank decides alike: the metrics were shared
+        if ranks.is_main:
+            log.warning("%s; train.collapse_guard.action is warn: keeping the model", collapsed.describe(cfg))
+    calibration = Calibration()
     if ranks.is_main:
         model.load_state_dict(state.best_weights, strict=False)
-        model_dir, adapter_dir = _save_outputs(model, tokenizer, labels, cfg, out_dir)
+        if cfg.calibrate:
+            val_logits = predict_logits(model, tokenizer, val_df[TEXT].tolist(), batch_size=cfg.eval_batch_size,
+                                        max_length=max_length, device=device)
+            calibration = fit_temperature(val_logits, val_y)
+            log.info("temperature %.3f: validation ECE %.4f -> %.4f", calibration.temperature,
+                     calibration.ece_before, calibration.ece_after)
+        tokenizer.model_max_length = max_length  # the saved tokenizer truncates where training did
+        model_dir, adapter_dir = _save_outputs(model, tokenizer, labels, cfg, out_dir,
+                                               temperature=calibration.temperature, max_length=max_length)
     if ranks.distributed:
         torch.distributed.barrier()  # every rank returns once the model is on disk
     return TrainResult(
@@ -320,6 +395,12 @@ def _train(
         history=tuple(state.history),
         world_size=ranks.world_size,
         effective_batch_size=effective_batch_size,
+        max_length=max_length,
+        temperature=calibration.temperature,
+        val_ece_uncalibrated=calibration.ece_before,
+        val_ece=calibration.ece_after,
+        learning_rate=cfg.learning_rate,
+        class_weights=class_weights,
     )
 
 
@@ -496,8 +577,11 @@ def _wrap_lora(model, cfg: TrainConfig):
     return get_peft_model(model, lora)
 
 
-def _save_outputs(model, tokenizer, labels: list[str], cfg: TrainConfig, out_dir: Path) -> tuple[Path, Path | None]:
-    """Write adapter, merged model, tokenizer and labels to a temp dir, then swap it into place."""
+def _save_outputs(
+    model, tokenizer, labels: list[str], cfg: TrainConfig, out_dir: Path, *, temperature: float, max_length: int
+) -> tuple[Path, Path | None]:
+    """Write adapter, merged model (its head divided by the temperature), tokenizer and labels to a temp
+    dir, then swap it into place."""
     staging = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -506,12 +590,110 @@ def _save_outputs(model, tokenizer, labels: list[str], cfg: TrainConfig, out_dir
         model.save_pretrained(staging / "adapter")
         adapter_dir = out_dir / "adapter"
         model = model.merge_and_unload()
+    fold_temperature(model, temperature)
+    model.config.update({"langops_temperature": temperature, "langops_max_length": max_length})
     model.to("cpu").save_pretrained(staging / "model")
     tokenizer.save_pretrained(staging / "model")
     write_labels(staging, labels)
     shutil.rmtree(out_dir, ignore_errors=True)
     staging.rename(out_dir)
     return out_dir / "model", adapter_dir
+
+
+# ------------------------------------------------------------------------------------------- the recipe
+
+
+def resolve_max_length(cfg: TrainConfig, tokenizer, texts: list[str]) -> int:
+    """``train.max_length``, or with ``auto`` the 99th percentile of the texts' token counts (special
+    tokens included), rounded up to a multiple of 8 and at most ``max_length_cap``: short texts train and
+    serve on short sequences, and at most 1 text in 100 is cut."""
+    if cfg.max_length != "auto":
+        return cfg.max_length
+    limit = min(cfg.max_length_cap, getattr(tokenizer, "model_max_length", cfg.max_length_cap) or cfg.max_length_cap)
+    sample = texts if len(texts) <= 20_000 else random.Random(0).sample(texts, 20_000)
+    counts = [len(ids) for ids in tokenizer(sample, truncation=True, max_length=limit)["input_ids"]]
+    p99 = int(np.percentile(counts, 99)) if counts else limit
+    return int(min(limit, max(16, -(-p99 // 8) * 8)))
+
+
+def planned_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """Optimiser steps of a run: ``epochs`` passes, raised to ``min_steps`` for small datasets and cut
+    at ``max_steps`` for large ones."""
+    steps = max(cfg.epochs * steps_per_epoch, cfg.min_steps)
+    return min(steps, cfg.max_steps) if cfg.max_steps is not None else steps
+
+
+def loss_weights(cfg: TrainConfig, train_y: np.ndarray, num_labels: int) -> tuple[float, ...] | None:
+    """Inverse-frequency loss weights (mean 1 over the training rows, at most 10x the most common class),
+    when ``class_weights`` asks for them; ``auto`` does when the largest class is 3x the smallest."""
+    counts = np.bincount(train_y, minlength=num_labels).astype(float)
+    present = counts[counts > 0]
+    if cfg.class_weights == "none" or (cfg.class_weights == "auto" and present.max() < 3 * present.min()):
+        return None
+    weights = np.where(counts > 0, counts.sum() / (num_labels * np.maximum(counts, 1)), 0.0)
+    weights = np.minimum(weights, 10 * weights[counts.argmax()])
+    return tuple(float(w) for w in weights / (weights @ counts / counts.sum()))
+
+
+HEAD_MODULES = ("classifier", "score")  # the freshly initialised head of a sequence-classification model
+
+
+def parameter_groups(model, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """The trainable weights, the new head at ``head_learning_rate`` and the encoder at ``learning_rate``:
+    a head that starts from random needs larger steps than adapters on pretrained weights."""
+    head, encoder = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (head if any(part in HEAD_MODULES for part in name.split(".")) else encoder).append(param)
+    head_lr = cfg.head_learning_rate or cfg.learning_rate
+    return [g for g in ({"params": encoder, "lr": cfg.learning_rate}, {"params": head, "lr": head_lr}) if g["params"]]
+
+
+@dataclass(frozen=True)
+class Calibration:
+    temperature: float = 1.0
+    ece_before: float | None = None
+    ece_after: float | None = None
+
+
+def fit_temperature(logits: np.ndarray, y: np.ndarray) -> Calibration:
+    """The temperature that minimises the validation split's negative log-likelihood (Guo et al., 2017).
+
+    Dividing the logits by it changes no prediction, only how sure each one claims to be.
+    """
+    from scipy.optimize import minimize_scalar
+    from scipy.special import log_softmax, softmax
+
+    def nll(log_t: float) -> float:
+        return float(-log_softmax(logits / np.exp(log_t), axis=1)[np.arange(len(y)), y].mean())
+
+    log_t = minimize_scalar(nll, bounds=(-3.0, 3.0), method="bounded").x if len(y) else 0.0
+    temperature = float(np.exp(log_t))
+    return Calibration(
+        temperature=temperature,
+        ece_before=expected_calibration_error(softmax(logits, axis=1), y),
+        ece_after=expected_calibration_error(softmax(logits / temperature, axis=1), y),
+    )
+
+
+def fold_temperature(model, temperature: float) -> None:
+    """Divide the output layer by ``temperature``, so the saved model's logits are the calibrated ones."""
+    if temperature == 1.0:
+        return
+    num_labels = model.config.num_labels
+    outputs = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == num_labels]
+    if not outputs:
+        raise ValueError(f"no output layer of {num_labels} units in {type(model).__name__} to calibrate")
+    with torch.no_grad():
+        outputs[-1].weight.div_(temperature)
+        if outputs[-1].bias is not None:
+            outputs[-1].bias.div_(temperature)
+
+
+def _loss_rising(history: list[dict[str, float]], evaluations: int) -> bool:
+    """The training loss rose at each of the last ``evaluations`` evaluations: the run is diverging."""
+    losses = [h["train_loss"] for h in history[-(evaluations + 1):]]
+    return len(losses) == evaluations + 1 and all(b > a for a, b in zip(losses, losses[1:]))
 
 
 @dataclass
@@ -525,6 +707,8 @@ class _LoopState:
     finished: bool = False
     best_weights: dict[str, torch.Tensor] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
+    best_predicted_classes: int = 0  # distinct labels the best model predicts on the validation split
+    diverged: bool = False
 
 
 def _trainable_state(model) -> dict[str, torch.Tensor]:
@@ -560,7 +744,8 @@ def _save_checkpoint(directory: Path, fingerprint: str, state: _LoopState, model
         tmp,
     )
     tmp.replace(path)
-    for old in sorted(directory.glob("epoch-*.pt"))[:-2]:
+    # keep the two written last: an older run's higher epoch numbers must not outlive this run's own
+    for old in sorted(directory.glob("epoch-*.pt"), key=lambda p: p.stat().st_mtime_ns)[:-2]:
         old.unlink()
 
 

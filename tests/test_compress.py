@@ -211,3 +211,22 @@ def test_unknown_test_label_is_refused_before_any_work(tmp_path: Path, tiny_trai
             max_length=MAX_LENGTH,
         )
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("batch_size", [2, 7, 64])
+def test_static_int8_answers_a_text_the_same_alone_and_in_any_batch(compressed: CompressionResult, batch_size) -> None:
+    assert json.loads((compressed.out_dir / "compress.json").read_text())["quantization"]["method"] == "static"
+    texts = [f"{word} order {i} " * (1 + i % 5) for i, word in enumerate(["refund", "parcel", "crash", "login"] * 8)]
+    shipped = OnnxClassifier.load(compressed.out_dir)
+    alone = np.concatenate([shipped.predict_logits([text], 1) for text in texts])
+    np.testing.assert_allclose(shipped.predict_logits(texts, batch_size), alone, rtol=0, atol=1e-5)
+    assert compressed.parity["int8_batch_max_abs_logit_diff"] <= 1e-5
+
+
+@pytest.mark.model
+def test_dynamic_int8_stays_an_option(tmp_path, tiny_trained_dir) -> None:
+    result = build_compressed_dir(tmp_path, tiny_trained_dir, TEST_CONFIG.model_copy(update={"quantization": "dynamic"}))
+    summary = json.loads((result.out_dir / "compress.json").read_text())
+    assert summary["quantization"]["method"] == "dynamic" and result.quantized
+    assert result.sizes_mb["int8_onnx"] < result.sizes_mb["fp32_onnx"]

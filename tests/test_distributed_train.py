@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import write_prepared
-from pipeline_helpers import tiny_project_params, write_params
+from pipeline_helpers import TINY_RECIPE, tiny_project_params, write_params
 from safetensors.torch import load_file
 
 from langops.config import TrainConfig, load_params
@@ -143,7 +143,7 @@ def test_langops_train_on_two_processes_writes_one_model_one_summary_one_run(tmp
 
     # The ranks averaged their gradients: 2 ranks × 16 rows take the same steps as 1 process × 32 rows.
     single = train(
-        TrainConfig(**{**train_section, "batch_size": 32, "devices": 1}), prepared_dir=params.paths.prepared,
+        TrainConfig(**{**train_section, **TINY_RECIPE, "batch_size": 32, "devices": 1}), prepared_dir=params.paths.prepared,
         out_dir=tmp_path / "single", checkpoint_dir=tmp_path / "single-ckpt", seed=params.project.seed,
     )
     assert single.steps == 4

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from pipeline_helpers import TINY_RECIPE
 
 from langops.config import TrainConfig
 from langops.modeling import resolve_base_model, select_device
@@ -54,7 +55,7 @@ def test_training_runs_under_bf16_autocast(tiny_base_model, prepared_dir, tmp_pa
     from langops.tasks.train import train
 
     cfg = TrainConfig(base_model=str(tiny_base_model), method="full", epochs=1, batch_size=16,
-                      max_length=32, precision="bf16", num_threads=1)
+                      max_length=32, precision="bf16", num_threads=1, **TINY_RECIPE)
     result = train(cfg, prepared_dir=prepared_dir, out_dir=tmp_path / "o", checkpoint_dir=tmp_path / "c", seed=1)
     assert result.precision == "bf16"
     assert math.isfinite(result.history[0]["train_loss"])

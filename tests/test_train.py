@@ -10,10 +10,12 @@ from safetensors.torch import load_file
 
 from langops.config import TrainConfig
 from langops.tasks.train import length_grouped_batches, train
+from pipeline_helpers import TINY_RECIPE
 
 
 def _cfg(base, **overrides) -> TrainConfig:
-    values = dict(base_model=str(base), epochs=2, batch_size=16, learning_rate=5e-3, max_length=32, num_threads=1)
+    values = dict(base_model=str(base), epochs=2, batch_size=16, learning_rate=5e-3, max_length=32, num_threads=1,
+                  **TINY_RECIPE)
     values.update(overrides)
     return TrainConfig(**values)
 

@@ -1,0 +1,185 @@
+"""The default training recipe: step budget, loss weights, length from the data, calibration, and the
+guard that names a run which collapsed to one class."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from pipeline_helpers import TINY_RECIPE
+from transformers import AutoTokenizer
+
+from langops.config import TrainConfig
+from langops.io import split_path, write_labels
+from langops.metrics import expected_calibration_error, softmax
+from langops.modeling import load_trained_classifier, predict_logits
+from langops.tasks.train import (
+    TrainingCollapsedError,
+    fit_temperature,
+    fold_temperature,
+    loss_weights,
+    parameter_groups,
+    planned_steps,
+    resolve_max_length,
+    train,
+)
+
+
+@pytest.mark.unit
+def test_small_datasets_get_min_steps_and_large_ones_stop_at_the_budget():
+    cfg = TrainConfig(epochs=4, min_steps=600, max_steps=2000)
+    assert planned_steps(cfg, steps_per_epoch=10) == 600  # 300 rows: 60 epochs
+    assert planned_steps(cfg, steps_per_epoch=300) == 1200  # 4 epochs as asked
+    assert planned_steps(cfg, steps_per_epoch=2100) == 2000  # SST-2: under one epoch
+    assert planned_steps(TrainConfig(epochs=2, min_steps=0, max_steps=None), steps_per_epoch=7) == 14
+
+
+@pytest.mark.unit
+def test_loss_weights_only_for_imbalanced_classes_and_average_one_per_row():
+    balanced = np.array([0] * 50 + [1] * 40 + [2] * 30)
+    assert loss_weights(TrainConfig(class_weights="auto"), balanced, 3) is None
+    skewed = np.array([0] * 500 + [1] * 10)
+    weights = np.array(loss_weights(TrainConfig(class_weights="auto"), skewed, 2))
+    assert weights[1] > weights[0]
+    assert np.isclose((weights[skewed]).mean(), 1.0)
+    assert weights[1] / weights[0] == pytest.approx(10.0)  # capped at 10x the most common class (not 50x)
+    assert loss_weights(TrainConfig(class_weights="none"), skewed, 2) is None
+    assert loss_weights(TrainConfig(class_weights="balanced"), balanced, 3) is not None
+
+
+@pytest.mark.model
+def test_auto_max_length_follows_the_texts_up_to_the_cap(tiny_base_model):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base_model)
+    short = ["ok", "great film", "not good at all"] * 50
+    assert resolve_max_length(TrainConfig(max_length="auto"), tokenizer, short) == 16  # the floor
+    sentences = [" ".join(["word"] * n) for n in range(1, 101)]  # 3 to 102 tokens with [CLS] and [SEP]
+    assert resolve_max_length(TrainConfig(max_length="auto"), tokenizer, sentences) == 104  # p99, to a multiple of 8
+    assert resolve_max_length(TrainConfig(max_length="auto", max_length_cap=64), tokenizer, sentences) == 64
+    assert resolve_max_length(TrainConfig(max_length=40), tokenizer, sentences) == 40
+
+
+@pytest.mark.unit
+def test_temperature_scaling_fixes_overconfident_logits_without_changing_a_prediction():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, size=2000)
+    logits = rng.normal(size=(2000, 3))
+    logits[np.arange(2000), y] += 1.0  # right about 60% of the time ...
+    overconfident = logits * 6  # ... but sure of every answer
+    calibration = fit_temperature(overconfident, y)
+    assert calibration.temperature > 3
+    assert calibration.ece_after < 0.03 < calibration.ece_before
+    calibrated = softmax(overconfident / calibration.temperature)
+    assert (calibrated.argmax(1) == overconfident.argmax(1)).all()
+    assert expected_calibration_error(calibrated, y) == pytest.approx(calibration.ece_after)
+
+
+@pytest.mark.model
+def test_folding_the_temperature_divides_the_models_logits(tiny_trained_dir):
+    model, tokenizer = load_trained_classifier(tiny_trained_dir / "model")
+    texts = ["refund my card", "parcel lost", "login page broken"]
+    before = predict_logits(model, tokenizer, texts, max_length=32)
+    fold_temperature(model, 2.5)
+    np.testing.assert_allclose(predict_logits(model, tokenizer, texts, max_length=32), before / 2.5, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.model
+def test_the_head_learns_at_its_own_rate(tiny_base_model):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_base_model, num_labels=3)
+    groups = parameter_groups(model, TrainConfig(method="full", learning_rate=5e-5, head_learning_rate=1e-3))
+    head = {id(p) for p in model.classifier.parameters()}
+    assert [g["lr"] for g in groups] == [5e-5, 1e-3]
+    assert {id(p) for p in groups[1]["params"]} == head
+    assert not head & {id(p) for p in groups[0]["params"]}
+
+
+def _collapsing_dataset(directory):
+    """One class 20x the other and texts that barely tell them apart: at a huge learning rate a model
+    predicts the common class for every row."""
+    directory.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split, (common, rare) in {"train": (400, 20), "validation": (60, 6), "test": (60, 6)}.items():
+        rows = [{"text": f"message number {rng.integers(10**6)}", "label": "common"} for _ in range(common)]
+        rows += [{"text": f"message number {rng.integers(10**6)} !", "label": "rare"} for _ in range(rare)]
+        pd.DataFrame(rows).sample(frac=1, random_state=0).to_parquet(split_path(directory, split), index=False)
+    write_labels(directory, ["common", "rare"])
+    return directory
+
+
+def _collapsing_cfg(base, **guard) -> TrainConfig:
+    return TrainConfig(
+        base_model=str(base), method="full", epochs=2, min_steps=0, batch_size=32, max_length=16, num_threads=1,
+        learning_rate=3.0, head_learning_rate=3.0, warmup_ratio=0.0, class_weights="none", calibrate=False,
+        early_stopping_patience=5, collapse_guard=guard,
+    )
+
+
+@pytest.mark.model
+def test_a_run_that_collapses_to_one_class_fails_naming_the_class_and_the_fix(tiny_base_model, tmp_path):
+    prepared = _collapsing_dataset(tmp_path / "prepared")
+    cfg = _collapsing_cfg(tiny_base_model, action="fail")
+    with pytest.raises(TrainingCollapsedError) as err:
+        train(cfg, prepared_dir=prepared, out_dir=tmp_path / "out", checkpoint_dir=tmp_path / "ckpt", seed=1)
+    message = str(err.value)
+    assert "training collapsed to predicting 'common' for every row" in message
+    assert "train.learning_rate 3" in message and "fix: set train.learning_rate: 0.75" in message
+    assert not (tmp_path / "out").exists()  # no model is left for the next step to pick up
+
+
+@pytest.mark.model
+def test_a_collapsed_run_is_retried_with_smaller_learning_rates_as_policy_allows(tiny_base_model, tmp_path, caplog):
+    prepared = _collapsing_dataset(tmp_path / "prepared")
+    cfg = _collapsing_cfg(tiny_base_model, action="retry", retries=2, lr_factor=0.5)
+    with caplog.at_level(logging.WARNING, logger="langops.tasks.train"), pytest.raises(TrainingCollapsedError):
+        train(cfg, prepared_dir=prepared, out_dir=tmp_path / "out", checkpoint_dir=tmp_path / "ckpt", seed=1)
+    retries = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
+    assert len(retries) == 2
+    assert "retrying with train.learning_rate 1.5 (attempt 2 of 3)" in retries[0]
+    assert "retrying with train.learning_rate 0.75 (attempt 3 of 3)" in retries[1]
+
+
+@pytest.mark.model
+def test_warn_keeps_a_collapsed_model_and_says_so(tiny_base_model, tmp_path, caplog):
+    prepared = _collapsing_dataset(tmp_path / "prepared")
+    with caplog.at_level(logging.WARNING, logger="langops.tasks.train"):
+        result = train(_collapsing_cfg(tiny_base_model, action="warn"), prepared_dir=prepared,
+                       out_dir=tmp_path / "out", checkpoint_dir=tmp_path / "ckpt", seed=1)
+    assert result.model_dir.is_dir() and result.attempts == 1
+    assert any("collapse_guard.action is warn: keeping the model" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.model
+def test_a_trained_model_records_its_length_and_temperature(tiny_base_model, prepared_dir, tmp_path):
+    cfg = TrainConfig(base_model=str(tiny_base_model), method="full", epochs=2, batch_size=16, learning_rate=1e-2,
+                      max_length="auto", num_threads=1, **TINY_RECIPE)
+    result = train(cfg, prepared_dir=prepared_dir, out_dir=tmp_path / "out", checkpoint_dir=tmp_path / "ckpt", seed=1)
+    assert 16 <= result.max_length <= 32  # the fixture's texts are about 15 tokens
+    assert result.temperature > 0 and result.val_ece is not None
+    assert result.val_ece <= result.val_ece_uncalibrated + 1e-9
+    config = json.loads((result.model_dir / "config.json").read_text())
+    assert (config["langops_temperature"], config["langops_max_length"]) == (result.temperature, result.max_length)
+    tokenizer = AutoTokenizer.from_pretrained(result.model_dir)
+    assert tokenizer.model_max_length == result.max_length
+
+
+@pytest.mark.model
+def test_a_short_run_after_a_longer_one_keeps_its_own_checkpoint(tiny_base_model, prepared_dir, tmp_path):
+    base = {"base_model": str(tiny_base_model), "batch_size": 16, "max_length": 32, "num_threads": 1, **TINY_RECIPE}
+    checkpoints = tmp_path / "ckpt"
+    train(TrainConfig(epochs=4, early_stopping_patience=4, **base), prepared_dir=prepared_dir,
+          out_dir=tmp_path / "a", checkpoint_dir=checkpoints, seed=1)
+    for path in checkpoints.iterdir():  # written a while ago
+        os.utime(path, (time.time() - 60, time.time() - 60))
+    train(TrainConfig(epochs=1, **base), prepared_dir=prepared_dir, out_dir=tmp_path / "b", checkpoint_dir=checkpoints,
+          seed=1)
+    assert "epoch-001.pt" in {p.name for p in checkpoints.iterdir()}
+    newest = max(checkpoints.iterdir(), key=lambda p: p.stat().st_mtime_ns)
+    assert newest.name == "epoch-001.pt"
+    assert torch.load(newest, map_location="cpu", weights_only=False)["state"]["epoch"] == 1
