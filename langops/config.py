@@ -42,6 +42,7 @@ class PathsConfig(_Section):
     trained: Path = Path("models/trained")
     checkpoints: Path = Path("models/checkpoints")
     evaluation: Path = Path("reports/evaluation")
+    student: Path = Path("models/student")
     compressed: Path = Path("models/compressed")
     compression: Path = Path("reports/compression")
     registration: Path = Path("reports/registration")
@@ -258,6 +259,20 @@ class EvaluateConfig(_Section):
     batch_size: int = Field(64, ge=1)
 
 
+class DistillConfig(_Section):
+    """A student with fewer layers, distilled from the fine-tuned model; when enabled it is what ships."""
+
+    enabled: bool = False
+    layers: int = Field(3, ge=1, description="the student's encoder layers, taken evenly from the teacher's")
+    epochs: int = Field(3, ge=1)
+    max_steps: int | None = Field(2000, ge=1)
+    batch_size: int = Field(32, ge=1)
+    learning_rate: float = Field(1e-4, gt=0)
+    temperature: float = Field(2.0, gt=0, description="softens the teacher's and the student's logits in the KL term")
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the teacher's logits; 1 - alpha of the true labels")
+    num_threads: int | None = Field(None, ge=1)
+
+
 class CompressConfig(_Section):
     opset: int = Field(17, ge=14)
     quantize: bool = True
@@ -266,6 +281,7 @@ class CompressConfig(_Section):
         "same in any batch; dynamic: scales per batch at run time (faster, batch-dependent)",
     )
     calibration_rows: int = Field(256, ge=1, description="training rows that calibrate static activation scales")
+    distill: DistillConfig = DistillConfig()
     min_label_agreement: float = Field(0.95, ge=0, le=1)
     max_fp32_logit_diff: float = Field(1e-3, gt=0)
     latency_runs: int = Field(50, ge=5)

@@ -26,6 +26,7 @@ from langops.io import jsonable, read_json, read_split, read_test_rows, write_js
 from langops.lineage import git_commit
 from langops.promotions import current_alias_version, record_decision
 from langops.tasks.compress import CompressionResult, compress
+from langops.tasks.distill import DistillResult, distill
 from langops.tasks.evaluate import EvaluationResult, evaluate
 from langops.tasks.prepare import PrepareResult, prepare
 from langops.tasks.promote import Decision, ModelEvidence, already_champion, decide, with_approval
@@ -135,10 +136,21 @@ def run_evaluate(params: Params, prepared: PrepareResult, trained: TrainRecord) 
     return result
 
 
-def run_compress(params: Params, prepared: PrepareResult, trained: TrainRecord) -> CompressionResult:
+def run_distill(params: Params, prepared: PrepareResult, trained: TrainRecord) -> DistillResult:
+    result = distill(params.compress.distill, trained_dir=trained.result.out_dir, prepared_dir=prepared.out_dir,
+                     out_dir=params.paths.student, max_length=trained.result.max_length, seed=params.project.seed)
+    if result.enabled and trained.run_id:
+        tracking.log_distillation(params, trained.run_id, result)
+    return result
+
+
+def run_compress(
+    params: Params, prepared: PrepareResult, trained: TrainRecord, distilled: DistillResult
+) -> CompressionResult:
+    """Compress the model that ships: the distilled student when there is one, else the trained model."""
     result = compress(
         params.compress,
-        trained_dir=trained.result.out_dir,
+        trained_dir=distilled.out_dir if distilled.enabled else trained.result.out_dir,
         prepared_dir=prepared.out_dir,
         out_dir=params.paths.compressed,
         report_dir=params.paths.compression,
@@ -323,6 +335,10 @@ def load_trained(params: Params) -> TrainRecord:
 
 def load_evaluated(params: Params) -> EvaluationResult:
     return EvaluationResult.load(params.paths.evaluation)
+
+
+def load_distilled(params: Params) -> DistillResult:
+    return DistillResult.load(params.paths.student)
 
 
 def load_compressed(params: Params) -> CompressionResult:

@@ -136,6 +136,7 @@ EVALUATION_CONFUSION = Output(
     "evaluation", evaluate.CONFUSION_CSV, kind="plots", cache=False,
     plot={"template": "confusion", "x": "actual", "y": "predicted"},
 )
+STUDENT = Output("student")
 COMPRESSED = Output("compressed")
 COMPRESSION_METRICS = Output("compression", compress.METRICS_FILE, kind="metrics", cache=False)
 REGISTRATION = Output("registration", register.SUMMARY_FILE, cache=False)
@@ -185,12 +186,22 @@ STAGES: tuple[Stage, ...] = (
         cached=True,
     ),
     Stage(
+        "distill", adapter_name="run_distill",
+        params=("project.seed", "compress.distill"),
+        deps=(PREPARED, TRAINED),
+        outs=(STUDENT,),
+        code=("langops.tasks.distill",),
+        needs=("prepare", "train"),
+        result="distilled", loader_name="load_distilled",
+        cached=True, uses_tracking=True,
+    ),
+    Stage(
         "compress", adapter_name="run_compress",
         params=("compress",),
-        deps=(PREPARED, TRAINED),
+        deps=(PREPARED, TRAINED, STUDENT),
         outs=(COMPRESSED, COMPRESSION_METRICS),
         code=("langops.tasks.compress",),
-        needs=("prepare", "train"),
+        needs=("prepare", "train", "distill"),
         result="compressed", loader_name="load_compressed",
         cached=True,
     ),

@@ -178,6 +178,16 @@ def log_compression(params: Params, run_id: str, result: Any) -> None:
         mlflow.log_dict(jsonable(asdict(result)), "compress/compress.json")
 
 
+def log_distillation(params: Params, run_id: str, result: Any) -> None:
+    """The student's size and validation macro-F1 beside its teacher's: what distillation cost."""
+    import mlflow
+
+    with resumed_run(params, run_id):
+        mlflow.log_metrics({"student_layers": result.layers, "student_val_macro_f1": result.val_macro_f1,
+                            "teacher_val_macro_f1": result.teacher_val_macro_f1, "student_seconds": result.seconds,
+                            "student_temperature": result.temperature})
+
+
 def log_decision(params: Params, run_id: str, decision: Any, files: tuple[Path, ...]) -> None:
     """The gate's decision files, and its verdict as a tag of the run."""
     import mlflow

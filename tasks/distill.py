@@ -1,0 +1,195 @@
+"""Distil the fine-tuned model into a student with fewer layers, for devices where every millisecond counts.
+
+The student is the teacher with every other encoder layer dropped (its remaining layers, embeddings, pooler
+and head start from the teacher's fine-tuned weights, as DistilBERT starts from BERT), then trained on the
+training texts to match the teacher's logits (softened by ``temperature``) and the true labels. It is
+calibrated like the teacher and written in the train step's layout, so compress, the gate and the server
+take it as they take any trained model: the gate judges it as the model that ships.
+
+With ``compress.distill.enabled`` false the step writes only its summary and the teacher ships.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import f1_score
+from tqdm.auto import tqdm
+
+from langops.config import DistillConfig
+from langops.io import LABEL, TEXT, read_json, read_labels, read_split, write_json, write_labels
+from langops.modeling import load_trained_classifier, pad_batch, predict_logits, tokenize
+from langops.tasks.train import fit_temperature, fold_temperature, length_grouped_batches, seed_everything
+
+log = logging.getLogger(__name__)
+
+SUMMARY_FILE = "distill.json"
+MODEL_DIR = "model"
+
+
+@dataclass(frozen=True)
+class DistillResult:
+    out_dir: Path
+    enabled: bool
+    layers: int | None = None  # the student's encoder layers
+    teacher_layers: int | None = None
+    kept_layers: tuple[int, ...] = ()  # which teacher layers the student started from
+    steps: int = 0
+    teacher_val_macro_f1: float | None = None
+    val_macro_f1: float | None = None
+    temperature: float = 1.0  # the student's calibration, folded into its head
+    seconds: float = 0.0
+
+    @property
+    def model_dir(self) -> Path:
+        return self.out_dir / MODEL_DIR
+
+    @classmethod
+    def load(cls, out_dir: Path) -> DistillResult:
+        path = Path(out_dir) / SUMMARY_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: run the distill step first")
+        summary = read_json(path)
+        summary["kept_layers"] = tuple(summary.get("kept_layers", ()))
+        return cls(**{**summary, "out_dir": Path(out_dir)})
+
+
+def distill(
+    cfg: DistillConfig, *, trained_dir: Path, prepared_dir: Path, out_dir: Path, max_length: int, seed: int
+) -> DistillResult:
+    """Train the student and write it (``model/``, ``labels.json``, ``distill.json``) to ``out_dir``."""
+    out_dir = Path(out_dir)
+    if not cfg.enabled:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        result = DistillResult(out_dir=out_dir, enabled=False)
+        write_json(out_dir / SUMMARY_FILE, _summary(result))
+        return result
+
+    started = time.perf_counter()
+    seed_everything(seed)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    labels = read_labels(trained_dir)
+    label_ids = {name: i for i, name in enumerate(labels)}
+    teacher, tokenizer = load_trained_classifier(Path(trained_dir) / "model")
+    train_df, val_df = read_split(prepared_dir, "train"), read_split(prepared_dir, "validation")
+    val_y = np.array([label_ids[y] for y in val_df[LABEL]])
+
+    texts = train_df[TEXT].tolist()
+    teacher_logits = torch.from_numpy(predict_logits(teacher, tokenizer, texts, batch_size=cfg.batch_size * 2,
+                                                     max_length=max_length))
+    teacher_val_f1 = _macro_f1(predict_logits(teacher, tokenizer, val_df[TEXT].tolist(), max_length=max_length),
+                               val_y, len(labels))
+    student, kept = make_student(teacher, cfg.layers)
+    train_ids = tokenize(tokenizer, texts, max_length)
+    train_y = torch.as_tensor([label_ids[y] for y in train_df[LABEL]])
+
+    steps_per_epoch = -(-len(train_ids) // cfg.batch_size)
+    total_steps = min(cfg.epochs * steps_per_epoch, cfg.max_steps) if cfg.max_steps else cfg.epochs * steps_per_epoch
+    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.learning_rate, weight_decay=0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1 - step / total_steps))
+    best_f1, best_state, steps, epoch = -1.0, None, 0, 0
+    while steps < total_steps:
+        epoch += 1
+        student.train()
+        batches = list(length_grouped_batches([len(x) for x in train_ids], cfg.batch_size,
+                                              np.random.default_rng(seed + epoch)))
+        for batch in tqdm(batches, desc=f"distil epoch {epoch}", unit="batch", mininterval=1.0, leave=False):
+            inputs = pad_batch(tokenizer, [train_ids[i] for i in batch])
+            logits = student(**inputs).logits
+            loss = distillation_loss(logits, teacher_logits[batch], train_y[batch], cfg.temperature, cfg.alpha)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            steps += 1
+            if steps >= total_steps:
+                break
+        val_f1 = _macro_f1(predict_logits(student, tokenizer, val_df[TEXT].tolist(), max_length=max_length),
+                           val_y, len(labels))
+        log.info("distil epoch %d: validation macro-F1 %.4f (teacher %.4f)", epoch, val_f1, teacher_val_f1)
+        if val_f1 > best_f1:
+            best_f1, best_state = val_f1, copy.deepcopy(student.state_dict())
+    student.load_state_dict(best_state)
+    calibration = fit_temperature(predict_logits(student, tokenizer, val_df[TEXT].tolist(), max_length=max_length),
+                                  val_y)
+    fold_temperature(student, calibration.temperature)
+
+    result = DistillResult(
+        out_dir=out_dir, enabled=True, layers=cfg.layers, teacher_layers=teacher.config.num_hidden_layers,
+        kept_layers=kept, steps=steps, teacher_val_macro_f1=teacher_val_f1, val_macro_f1=best_f1,
+        temperature=calibration.temperature, seconds=time.perf_counter() - started,
+    )
+    _save(student, tokenizer, labels, result)
+    return result
+
+
+def make_student(teacher: torch.nn.Module, layers: int) -> tuple[torch.nn.Module, tuple[int, ...]]:
+    """A copy of ``teacher`` keeping ``layers`` of its encoder layers, evenly spaced and ending with its last.
+
+    Raises:
+        ValueError: ``layers`` is not fewer than the teacher's.
+    """
+    encoder = _encoder_layers(teacher)
+    if not 1 <= layers < len(encoder):
+        raise ValueError(f"compress.distill.layers must be between 1 and {len(encoder) - 1}, got {layers}")
+    step = len(encoder) / layers
+    kept = tuple(sorted({round(len(encoder) - 1 - i * step) for i in range(layers)}))
+    student = copy.deepcopy(teacher)
+    encoder_of_student = getattr(student, student.base_model_prefix, student).encoder
+    encoder_of_student.layer = torch.nn.ModuleList([encoder_of_student.layer[i] for i in kept])
+    student.config.num_hidden_layers = len(kept)
+    return student, kept
+
+
+def distillation_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, temperature: float, alpha: float
+) -> torch.Tensor:
+    """``alpha`` × KL(teacher ‖ student) at ``temperature`` (scaled by its square, as Hinton et al.) plus
+    (1 − ``alpha``) × cross-entropy with the true labels."""
+    soft = torch.nn.functional.kl_div(
+        torch.log_softmax(student_logits / temperature, dim=-1),
+        torch.log_softmax(teacher_logits / temperature, dim=-1),
+        log_target=True, reduction="batchmean",
+    ) * temperature**2
+    return alpha * soft + (1 - alpha) * torch.nn.functional.cross_entropy(student_logits, target)
+
+
+def _encoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    base = getattr(model, model.base_model_prefix, model)
+    layers = getattr(getattr(base, "encoder", None), "layer", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ValueError(f"{type(model).__name__} has no encoder.layer list to take a student from")
+    return layers
+
+
+def _macro_f1(logits: np.ndarray, y: np.ndarray, num_labels: int) -> float:
+    return float(f1_score(y, logits.argmax(axis=1), average="macro", labels=list(range(num_labels)), zero_division=0))
+
+
+def _summary(result: DistillResult) -> dict:
+    summary = {k: v for k, v in vars(result).items() if k != "out_dir"}
+    summary["kept_layers"] = list(result.kept_layers)
+    return summary
+
+
+def _save(student: torch.nn.Module, tokenizer, labels: list[str], result: DistillResult) -> None:
+    """Write the student in the train step's layout into a sibling folder, then swap it into place."""
+    staging = result.out_dir.with_name(f".{result.out_dir.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / MODEL_DIR).mkdir(parents=True)
+    student.config.update({"langops_temperature": result.temperature})
+    student.save_pretrained(staging / MODEL_DIR)
+    tokenizer.save_pretrained(staging / MODEL_DIR)
+    write_labels(staging, labels)
+    write_json(staging / SUMMARY_FILE, _summary(result))
+    shutil.rmtree(result.out_dir, ignore_errors=True)
+    staging.rename(result.out_dir)

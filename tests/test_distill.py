@@ -1,0 +1,63 @@
+"""The distilled student: fewer layers taken from the fine-tuned model, trained on its logits, shipped in
+its place and judged by the gate like any model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from pipeline_helpers import tiny_project_params, write_params
+from transformers import AutoModelForSequenceClassification
+
+from langops.config import load_params
+from langops.onnx_model import OnnxClassifier
+from langops.stages import STAGES, run_stage
+from langops.tasks.distill import distillation_loss, make_student
+
+
+@pytest.mark.model
+def test_a_student_keeps_evenly_spaced_teacher_layers_with_their_weights(tiny_base_model):
+    teacher = AutoModelForSequenceClassification.from_pretrained(tiny_base_model, num_labels=3)
+    student, kept = make_student(teacher, 1)
+    assert kept == (1,) and student.config.num_hidden_layers == 1 and len(student.bert.encoder.layer) == 1
+    for name, weight in student.bert.encoder.layer[0].state_dict().items():
+        assert torch.equal(weight, teacher.bert.encoder.layer[1].state_dict()[name]), name
+    assert torch.equal(student.classifier.weight, teacher.classifier.weight)
+    assert len(teacher.bert.encoder.layer) == 2  # the teacher is left whole
+    with pytest.raises(ValueError, match="compress.distill.layers must be between 1 and 1, got 2"):
+        make_student(teacher, 2)
+
+
+@pytest.mark.unit
+def test_the_loss_is_zero_only_when_the_student_matches_teacher_and_labels():
+    teacher = torch.tensor([[4.0, -4.0], [-4.0, 4.0]])
+    labels = torch.tensor([0, 1])
+    matched = distillation_loss(teacher, teacher, labels, temperature=2.0, alpha=1.0)
+    assert matched.item() == pytest.approx(0.0, abs=1e-6)
+    assert distillation_loss(-teacher, teacher, labels, temperature=2.0, alpha=1.0) > 1.0
+    assert distillation_loss(teacher, teacher, labels, temperature=2.0, alpha=0.0) > 0  # hard labels alone
+
+
+@pytest.mark.model
+def test_the_student_ships_through_compress_register_and_the_gate(tmp_path, tiny_base_model):
+    distill = {"enabled": True, "layers": 1, "epochs": 2, "batch_size": 16, "learning_rate": 1e-3, "num_threads": 1}
+    write_params(tmp_path, tiny_project_params(
+        tmp_path, tiny_base_model,
+        compress={"min_label_agreement": 0.5, "max_fp32_logit_diff": 0.01, "latency_runs": 5, "distill": distill},
+    ))
+    params = load_params(tmp_path / "params.yaml")
+    results = {stage.name: run_stage(stage.name, params) for stage in STAGES if stage.name != "deploy"}
+
+    student = results["distill"]
+    assert student.enabled and student.layers == 1 and student.teacher_layers == 2 and student.kept_layers == (1,)
+    assert json.loads((params.paths.student / "model" / "config.json").read_text())["num_hidden_layers"] == 1
+    shipped = OnnxClassifier.load(results["compress"].out_dir)
+    # the shipped graph is the student's: smaller than the teacher's fp32 weights
+    assert results["compress"].sizes_mb["fp32_onnx"] < results["train"].result.total_params * 4 / 1e6
+    decision = results["promote"]
+    assert decision.challenger_version == results["register"].version
+    assert decision.promote, decision.reason  # the first model: the gate judged the student and passed it
+    probabilities = shipped.predict_proba(["my card was charged twice"])
+    assert np.isclose(probabilities.sum(), 1.0)
