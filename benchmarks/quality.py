@@ -2,7 +2,7 @@
 
 For each dataset the product's own steps run with the defaults of ``params.yaml`` (any ``--set`` laid
 over them): prepare → train → evaluate (torch) → compress twice (static int8, the default, and dynamic
-int8). It prints, per dataset and model, test accuracy and macro-F1, calibration error before and after
+int8), then distil a student (``compress.distill``, enabled here) and compress it. It prints, per dataset and model, test accuracy and macro-F1, calibration error before and after
 temperature scaling, train time and texts per second at batch 1 and 32 (onnxruntime, 1 thread, the
 tokenizer included), beside the published figure from the dataset's README.
 
@@ -28,6 +28,7 @@ from typing import Any
 
 from langops.config import DataConfig, Params, load_params
 from langops.tasks.compress import compress
+from langops.tasks.distill import distill
 from langops.tasks.evaluate import evaluate
 from langops.tasks.prepare import prepare
 from langops.tasks.train import train
@@ -114,6 +115,17 @@ def run_dataset(dataset: Dataset, source: dict[str, str], params: Params) -> lis
                 rows.append({**common, "model": "onnx fp32", "size_mb": result.sizes_mb["fp32_onnx"],
                              "texts_per_s_batch1": 1000 / result.latency_ms["fp32_batch1_p50"],
                              "texts_per_s_batch32": 32_000 / result.latency_ms["fp32_batch32_p50"]})
+        distill_cfg = params.compress.distill.model_copy(update={"enabled": True})
+        student = distill(distill_cfg, trained_dir=trained.out_dir, prepared_dir=prepared.out_dir,
+                          out_dir=root / "student", max_length=trained.max_length, seed=params.project.seed)
+        result = compress(params.compress, trained_dir=student.out_dir, prepared_dir=prepared.out_dir,
+                          out_dir=root / "compressed-student", report_dir=root / "report-student",
+                          max_length=trained.max_length)
+        rows.append({**common, "model": f"student int8 {params.compress.quantization} ({student.layers} layers)",
+                     **_scores(result.metrics), "label_agreement": result.parity["int8_label_agreement"],
+                     "size_mb": result.sizes_mb["int8_onnx"], "distill_seconds": round(student.seconds),
+                     "texts_per_s_batch1": 1000 / result.latency_ms["int8_batch1_p50"],
+                     "texts_per_s_batch32": 32_000 / result.latency_ms["int8_batch32_p50"]})
         return rows
 
 
@@ -139,7 +151,8 @@ def print_table(rows: list[dict[str, Any]], params: Params) -> None:
                  f"{row['size_mb']:.0f}" if "size_mb" in row else "",
                  f"{row['texts_per_s_batch1']:.0f}" if "texts_per_s_batch1" in row else "",
                  f"{row['texts_per_s_batch32']:.0f}" if "texts_per_s_batch32" in row else "",
-                 str(row["train_seconds"]) if row["model"].startswith("torch") else "",
+                 str(row["train_seconds"]) if row["model"].startswith("torch")
+                 else str(row.get("distill_seconds", "")),
                  row["published"] if row["model"].startswith("torch") else "")
         print("| " + " | ".join(cells) + " |")
     sys.stdout.flush()

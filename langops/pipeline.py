@@ -350,7 +350,7 @@ def load_registered(params: Params) -> RegistrationResult:
 
 
 ADAPTERS: tuple[Callable[..., Any], ...] = (
-    run_prepare, run_validate, run_train, run_evaluate, run_compress, run_register,
+    run_prepare, run_validate, run_train, run_evaluate, run_distill, run_compress, run_register,
     run_promote, decide_promotion, record_promotion, run_deploy,
 )
 

@@ -83,7 +83,7 @@ def test_any_label_set_trains_registers_and_serves_with_its_labels_intact(tiny_b
         pipeline.run_validate(params, prepared)
         trained = pipeline.run_train(params, prepared)
         evaluation = pipeline.run_evaluate(params, prepared, trained)
-        compressed = pipeline.run_compress(params, prepared, trained)
+        compressed = pipeline.run_compress(params, prepared, trained, pipeline.run_distill(params, prepared, trained))
         registration = pipeline.run_register(params, trained, compressed)
 
         keys = label_keys(labels)

@@ -17,7 +17,7 @@ from pipeline_helpers import tiny_project_params, write_params
 pytestmark = pytest.mark.flow
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ["prepare", "validate", "train", "evaluate", "compress", "register", "promote", "deploy"]
+STAGES = ["prepare", "validate", "train", "evaluate", "distill", "compress", "register", "promote", "deploy"]
 
 
 def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:

@@ -122,17 +122,26 @@ def test_pipeline_registers_promotes_and_serves_then_a_tie_leaves_the_champion(p
 CACHED_STEPS = ("prepare", "validate", "train", "evaluate", "compress", "register")
 
 
+FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
 def _task_run_states(flow_run_id) -> dict[str, str]:
     """Each task run's final state name (``Cached``, ``Completed``...) by task name, over the REST API."""
     from prefect.settings import PREFECT_API_URL
 
-    reply = httpx.post(
-        f"{PREFECT_API_URL.value()}/task_runs/filter",
-        json={"task_runs": {"flow_run_id": {"any_": [str(flow_run_id)]}}},
-        timeout=30,
-    )
-    reply.raise_for_status()
-    return {run["name"].rsplit("-", 1)[0]: run["state"]["name"] for run in reply.json()}
+    # The server records task-run states from events, a moment after the flow returns on a busy machine.
+    deadline = time.monotonic() + 60
+    while True:
+        reply = httpx.post(
+            f"{PREFECT_API_URL.value()}/task_runs/filter",
+            json={"task_runs": {"flow_run_id": {"any_": [str(flow_run_id)]}}},
+            timeout=30,
+        )
+        reply.raise_for_status()
+        runs = reply.json()
+        if all(run["state"] and run["state"]["type"] in FINAL_STATES for run in runs) or time.monotonic() > deadline:
+            return {run["name"].rsplit("-", 1)[0]: (run["state"] or {}).get("name") for run in runs}
+        time.sleep(0.5)
 
 
 def test_forced_promotion_and_rollback_are_recorded_and_served_without_a_failed_request(prefect_server, project):
