@@ -7,13 +7,15 @@ built beside its final place and renamed into it only once every check passed.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import logging
 import shutil
 import statistics
 import tempfile
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -319,21 +321,35 @@ def quantize_static_onnx(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self._feeds, None)
 
-    quantize_static(
-        str(src),
-        str(dst),
-        Feeds(),
-        quant_format=QuantFormat.QDQ,
-        op_types_to_quantize=["MatMul", "Gather"],
-        nodes_to_quantize=nodes,
-        per_channel=QUANTIZATION["per_channel"],
-        reduce_range=QUANTIZATION["reduce_range"],
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-        calibrate_method=CalibrationMethod.MinMax,
-        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-    )
+    # onnxruntime's quantizer logs advice ("consider pre-processing") on the root logger at WARNING; the
+    # graph comes straight from the exporter, shapes typed, so that stays off the user's console
+    with _root_log_level(logging.ERROR):
+        quantize_static(
+            str(src),
+            str(dst),
+            Feeds(),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=["MatMul", "Gather"],
+            nodes_to_quantize=nodes,
+            per_channel=QUANTIZATION["per_channel"],
+            reduce_range=QUANTIZATION["reduce_range"],
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
     return dst
+
+
+@contextlib.contextmanager
+def _root_log_level(level: int) -> Iterator[None]:
+    root = logging.getLogger()
+    previous = root.level
+    root.setLevel(max(level, previous))
+    try:
+        yield
+    finally:
+        root.setLevel(previous)
 
 
 def _is_ffn_output(node_name: str) -> bool:
