@@ -343,6 +343,7 @@ def _train(
             state.best_predicted_classes = int(metrics["val_predicted_classes"])
             if ranks.is_main:
                 state.best_weights = _trainable_state(model)
+                state.best_val_logits = val_logits  # what calibration fits on, without scoring it again
         else:
             state.bad_epochs += 1
         state.diverged = _loss_rising(state.history, cfg.collapse_guard.loss_rise_evaluations)
@@ -367,9 +368,11 @@ def _train(
     if ranks.is_main:
         model.load_state_dict(state.best_weights, strict=False)
         if cfg.calibrate:
-            val_logits = predict_logits(model, tokenizer, val_df[TEXT].tolist(), batch_size=cfg.eval_batch_size,
-                                        max_length=max_length, device=device)
-            calibration = fit_temperature(val_logits, val_y)
+            best_logits = state.best_val_logits
+            if best_logits is None:  # restored from a checkpoint written before the logits were kept in it
+                best_logits = predict_logits(model, tokenizer, val_df[TEXT].tolist(), batch_size=cfg.eval_batch_size,
+                                             max_length=max_length, device=device)
+            calibration = fit_temperature(best_logits, val_y)
             log.info("temperature %.3f: validation ECE %.4f -> %.4f", calibration.temperature,
                      calibration.ece_before, calibration.ece_after)
         tokenizer.model_max_length = max_length  # the saved tokenizer truncates where training did
@@ -708,6 +711,7 @@ class _LoopState:
     best_weights: dict[str, torch.Tensor] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
     best_predicted_classes: int = 0  # distinct labels the best model predicts on the validation split
+    best_val_logits: np.ndarray | None = None  # the best model's validation logits (rank 0)
     diverged: bool = False
 
 

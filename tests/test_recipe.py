@@ -12,11 +12,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import LABELS
 from pipeline_helpers import TINY_RECIPE
 from transformers import AutoTokenizer
 
 from langops.config import TrainConfig
-from langops.io import split_path, write_labels
+from langops.io import read_split, split_path, write_labels
 from langops.metrics import expected_calibration_error, softmax
 from langops.modeling import load_trained_classifier, predict_logits
 from langops.tasks.train import (
@@ -167,6 +168,14 @@ def test_a_trained_model_records_its_length_and_temperature(tiny_base_model, pre
     assert (config["langops_temperature"], config["langops_max_length"]) == (result.temperature, result.max_length)
     tokenizer = AutoTokenizer.from_pretrained(result.model_dir)
     assert tokenizer.model_max_length == result.max_length
+    # the temperature was fitted on the kept (best) model's validation logits: undo it on the saved model
+    model, _ = load_trained_classifier(result.model_dir)
+    validation = read_split(prepared_dir, "validation")
+    logits = predict_logits(model, tokenizer, validation["text"].tolist(), max_length=result.max_length)
+    y = np.array([LABELS.index(label) for label in validation["label"]])
+    assert expected_calibration_error(softmax(logits), y) == pytest.approx(result.val_ece, abs=1e-5)
+    assert expected_calibration_error(softmax(logits * result.temperature), y) == pytest.approx(
+        result.val_ece_uncalibrated, abs=1e-5)
 
 
 @pytest.mark.model
