@@ -57,18 +57,23 @@ def _report_failure(args: argparse.Namespace, exc: Exception, log_file: Path) ->
     The traceback goes to the log file (and, with ``--verbose``, to the console). The error's message is
     printed as it is: a ``DataValidationError``'s already lists every failed check and the report.
     """
-    from langops.pipeline import failed_step
-    from langops.tasks.prepare import PrepareError
-    from langops.tasks.validate import DataValidationError
-
     log.error("langops %s failed", args.command, exc_info=exc, extra={FILE_ONLY: True})
-    step = None if hasattr(args, "step") else failed_step(exc)  # `langops <step>` names its step already
+    # A module not imported yet raised nothing; importing it here would cost seconds (torch, GX) to say so.
+    pipeline = sys.modules.get("langops.pipeline")
+    step = None if hasattr(args, "step") or pipeline is None else pipeline.failed_step(exc)
     what = f"langops {args.command} failed" + (f" in step {step}" if step else "")
     # langops's own errors say what is wrong in their message; anything else is named by its type too.
     message = str(exc) if type(exc).__module__.startswith("langops.") else f"{type(exc).__name__}: {exc}"
     hint = "" if args.verbose else " (the traceback is there; --verbose shows it)"
     print(f"{what}:\n{message}\nfull log: {log_file}{hint}", file=sys.stderr)
-    return 3 if isinstance(exc, DataValidationError | PrepareError) else 1
+    return 3 if _is_data_error(exc) else 1
+
+
+def _is_data_error(exc: Exception) -> bool:
+    """The data cannot be used: it is unreadable (prepare) or failed validation."""
+    data_errors = [getattr(sys.modules.get(module), name, None) for module, name in
+                   (("langops.tasks.prepare", "PrepareError"), ("langops.tasks.validate", "DataValidationError"))]
+    return any(isinstance(exc, error) for error in data_errors if error is not None)
 
 
 def use_local_state(params: Params) -> None:
@@ -218,6 +223,10 @@ def _step(params: Params, args: argparse.Namespace) -> int:
         decision = run_stage("promote", params, force_reason=args.force_reason, actor=actor)
         print(decision.to_markdown())
     else:
+        if args.step == "prepare":
+            from langops.tasks.prepare import check_source
+
+            check_source(params.data)  # before the step's imports (torch) cost seconds
         run_stage(args.step, params)
     return 0
 

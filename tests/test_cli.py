@@ -69,6 +69,33 @@ def test_a_missing_dataset_fails_at_once_before_any_server_starts(tmp_path):
     assert not (tmp_path / ".langops" / "prefect").exists()  # no server, no database
 
 
+BAD_SOURCES = {
+    "binary.csv": (b"text,label\n\x00\x01\x02\xff\n", "looks binary, not a text table: NUL byte at offset 11 (line 2)"),
+    "empty.csv": (b"", "is empty: no header and no rows"),
+    "header-only.csv": (b"text,label\n", "has a header but no data rows"),
+    "latin1.csv": ("text,label\ncaf\u00e9,a\n".encode("latin-1"), "is not valid utf-8: byte offset 14 (line 2"),
+}
+
+
+@pytest.mark.data
+@pytest.mark.parametrize("command", ["run", "prepare"])
+@pytest.mark.parametrize("name", sorted(BAD_SOURCES))
+def test_an_unusable_data_file_is_named_with_its_problem_before_anything_heavy_loads(tmp_path, name, command):
+    content, problem = BAD_SOURCES[name]
+    (tmp_path / name).write_bytes(content)
+    write_params(tmp_path, tiny_project_params(tmp_path, tmp_path / "no-model", data={"source": name}))
+    # In-process, so the test can see what the failure imported: torch alone costs seconds on a cold start.
+    probe = ("import sys; from langops.cli import main; code = main(sys.argv[1:]); "
+             "print('exit', code, 'torch' in sys.modules, 'prefect' in sys.modules)")
+
+    result = subprocess.run([sys.executable, "-c", probe, command], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120)
+
+    assert result.stdout.strip() == "exit 3 False False", result.stderr[-2000:]
+    assert f"langops {command} failed:\n{tmp_path / name} {problem}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.data
 def test_init_writes_params_for_a_new_folder_and_shows_what_validation_would_say(tmp_path):
     rows = ["id,message,category"] + [f"{i},my order {i} is about {c},{c}" for c in ("billing", "shipping")
