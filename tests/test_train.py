@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,6 +101,27 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint_and_ends_where_an_u
     assert [h["val_macro_f1"] for h in resumed.history] == [h["val_macro_f1"] for h in straight.history]
     a, b = _weights(straight.model_dir), _weights(resumed.model_dir)
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+class _RunsCodeWhenUnpickled:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.model
+def test_a_checkpoint_that_would_run_code_is_skipped_without_running_it(tiny_base_model, prepared_dir, tmp_path):
+    checkpoints, marker = tmp_path / "ckpt", tmp_path / "code-ran"
+    checkpoints.mkdir()
+    torch.save({"fingerprint": "any", "payload": _RunsCodeWhenUnpickled(marker)}, checkpoints / "epoch-009.pt")
+
+    result = train(_cfg(tiny_base_model, epochs=1), prepared_dir=prepared_dir, out_dir=tmp_path / "out",
+                   checkpoint_dir=checkpoints, seed=3)
+
+    assert not marker.exists()
+    assert result.resumed_from_epoch is None
 
 
 @pytest.mark.model
