@@ -247,7 +247,7 @@ def _open_sweep_run(params: Params, trials: list[Trial]) -> str:
     from mlflow import MlflowClient
 
     from langops.lineage import dvc_dir_md5, git_commit
-    from langops.tracking import configure_mlflow
+    from langops.tracking import configure_mlflow, owner_tags
 
     experiment_id = configure_mlflow(params)
     client = MlflowClient()
@@ -259,6 +259,7 @@ def _open_sweep_run(params: Params, trials: list[Trial]) -> str:
             "langops.data_version": dvc_dir_md5(params.paths.prepared),
             "langops.git_commit": git_commit(params.paths.prepared) or "unknown",
             "langops.params_hash": params.section_hash(),
+            **owner_tags(),
         },
     )
     run_id = run.info.run_id

@@ -6,6 +6,10 @@ a folder. A pid file is trusted only while the process it names is alive and its
 the process's marker, so a stale file never points at an unrelated process that reused the pid.
 Stopping sends SIGTERM, waits the caller's timeout (``services.stop_timeout_s``), then takes down what
 the process left behind (uvicorn or flow-run children) and SIGKILLs whatever still ignores SIGTERM.
+
+The helpers a command starts for itself alone (its temporary Prefect server, Dask workers) are the
+opposite: they must die with it, even when it dies by SIGKILL and runs no exit handler. ``reap_helpers_on_exit``
+starts a watcher process that does that.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import logging
 import os
 import signal
 import subprocess
+import sys
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +31,7 @@ if TYPE_CHECKING:
 LOG_TAIL_LINES = 40  # lines of a process's log quoted in an error
 POLL_INTERVAL_S = 0.25  # how often a wait for a process (exit, health, a version) checks again
 LEFTOVER_TIMEOUT_S = 5.0  # the most a child left behind by a stopped process gets after its own SIGTERM
+REAPER_SNAPSHOT_S = 0.5  # how often the reaper notes the helpers it would have to take down
 
 log = logging.getLogger(__name__)
 
@@ -149,3 +156,62 @@ def _signal(process: psutil.Process, signum: int) -> None:
         process.send_signal(signum)
     except psutil.NoSuchProcess:
         pass
+
+
+_reaper: subprocess.Popen[bytes] | None = None
+
+
+def reap_helpers_on_exit() -> None:
+    """Make this process's helpers die with it, however it dies (once per process; later calls do nothing).
+
+    A watcher process in its own session holds the read end of a pipe whose write end only this process
+    has. It notes this process's descendants in the same session every ``REAPER_SNAPSHOT_S``; when the pipe
+    reaches end-of-file (this process exited, normally or by SIGKILL) it stops the ones still running:
+    SIGTERM, then SIGKILL after ``LEFTOVER_TIMEOUT_S``. Processes started in their own session (the model
+    server, ``langops up`` services) are meant to outlive the command and are left alone.
+    """
+    global _reaper
+    if _reaper is not None and _reaper.poll() is None:
+        return
+    _reaper = subprocess.Popen(
+        [sys.executable, "-m", "langops.processes", "--reap-helpers-of", str(os.getpid())],
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+
+
+def _reap_helpers_of(parent_pid: int) -> None:
+    import psutil
+
+    try:
+        parent = psutil.Process(parent_pid)
+        session = os.getsid(parent_pid)
+    except (psutil.Error, OSError):
+        return
+    parent_gone = threading.Event()
+    threading.Thread(target=lambda: (sys.stdin.buffer.read(), parent_gone.set()), daemon=True).start()
+    helpers: list[psutil.Process] = []
+    while not parent_gone.wait(REAPER_SNAPSHOT_S):
+        try:
+            helpers = [child for child in parent.children(recursive=True) if _in_session(child, session)]
+        except psutil.Error:
+            break  # the parent is gone: keep the last snapshot
+    running = [helper for helper in helpers if _running(helper)]  # is_running also checks the start time
+    for helper in running:
+        _signal(helper, signal.SIGTERM)
+    _, alive = psutil.wait_procs(running, timeout=LEFTOVER_TIMEOUT_S)
+    for helper in alive:
+        _signal(helper, signal.SIGKILL)
+
+
+def _in_session(process: psutil.Process, session: int) -> bool:
+    try:
+        return os.getsid(process.pid) == session
+    except OSError:
+        return False
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--reap-helpers-of"] and len(sys.argv) == 3:
+        _reap_helpers_of(int(sys.argv[2]))
+    else:
+        sys.exit("usage: python -m langops.processes --reap-helpers-of PID")

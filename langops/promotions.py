@@ -24,6 +24,7 @@ from urllib.parse import urlparse
 from langops.aliases import CHALLENGER, CHAMPION, PREVIOUS_CHAMPION
 from langops.config import Params
 from langops.io import jsonable
+from langops.tracking import owner_tags
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -318,6 +319,7 @@ def _move_locked(
             "langops.to_version": new_champion,
             "langops.actor": actor[:_MAX_TAG_CHARS],
             "langops.reason": reason[:_MAX_TAG_CHARS],
+            **owner_tags(),
         },
     )
     run_id = record.info.run_id

@@ -35,7 +35,7 @@ import httpx
 import yaml
 
 from langops.config import Params
-from langops.processes import POLL_INTERVAL_S, Background, is_process, write_atomic
+from langops.processes import POLL_INTERVAL_S, Background, is_process, reap_helpers_on_exit, write_atomic
 
 SERVICES_DIR = "services"
 ENDPOINTS_FILE = "endpoints.json"
@@ -188,7 +188,8 @@ def start_temporary_prefect_server(params: Params) -> str | None:
     ``services.temporary_server_timeout_s`` for it. Prefect stops it when the process exits; so that a
     SIGTERM (a cancelled CI job, ``timeout``, ``kill``) does not orphan it, this process answers SIGTERM
     by exiting through ``SystemExit``, which runs the exit handlers that Python's default action skips
-    (Prefect's flow engine hands a SIGTERM on to it after marking its run crashed).
+    (Prefect's flow engine hands a SIGTERM on to it after marking its run crashed). A SIGKILL runs no
+    handler at all; ``reap_helpers_on_exit`` takes the server down then.
 
     Returns:
         The server's API URL; None when a Prefect API is configured or temporary servers are switched off
@@ -213,6 +214,7 @@ def start_temporary_prefect_server(params: Params) -> str | None:
     in_main_thread = threading.current_thread() is threading.main_thread()
     if in_main_thread and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    reap_helpers_on_exit()  # so that a SIGKILLed run does not leave its server behind
     server = SubprocessASGIServer()
     prefect_log = logging.getLogger("prefect")
     level = prefect_log.level

@@ -38,10 +38,89 @@ def configure_mlflow(params: Params) -> str:
     else:
         experiment_id = experiment.experiment_id
     mlflow.set_experiment(experiment_id=experiment_id)
+    if uri not in _swept_stores:  # once per store and process: a search per step would cost seconds
+        _swept_stores.add(uri)
+        close_runs_of_dead_processes(client)
     return experiment_id
 
 
 TRACKING_ENV_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+OWNER_HOST, OWNER_PID, OWNER_STARTED = "langops.owner_host", "langops.owner_pid", "langops.owner_started"
+END_REASON = "langops.end_reason"
+_swept_stores: set[str] = set()
+
+
+def owner_tags() -> dict[str, str]:
+    """Which process opened a run: its host, pid and start time (the start time tells a reused pid apart).
+
+    A run whose owner died without ending it (``kill -9``, a lost machine) would stay RUNNING for good;
+    these tags let a later command see that the owner is gone and close it (``close_runs_of_dead_processes``).
+    """
+    import socket
+
+    import psutil
+
+    return {OWNER_HOST: socket.gethostname(), OWNER_PID: str(os.getpid()),
+            OWNER_STARTED: f"{psutil.Process().create_time():.2f}"}
+
+
+def close_runs_of_dead_processes(client: Any) -> list[str]:
+    """End every RUNNING run of the store whose owner process on this host is gone; returns their ids.
+
+    A promotion record whose champion move took effect before its process died is closed FINISHED, so
+    ``langops history`` shows the move that happened; every other such run is closed KILLED. Both get a
+    ``langops.end_reason`` tag that says what happened. Runs owned by live processes, by other hosts, or
+    opened without owner tags are left alone: nothing here can tell whether they are still working.
+    """
+    import socket
+
+    host = socket.gethostname()
+    experiment_ids = [experiment.experiment_id for experiment in client.search_experiments()]
+    if not experiment_ids:
+        return []
+    orphans = client.search_runs(
+        experiment_ids, filter_string=f"attributes.status = 'RUNNING' and tags.`{OWNER_HOST}` = '{host}'",
+        max_results=1000,
+    )
+    closed = []
+    for run in orphans:
+        tags = run.data.tags
+        if _process_alive(int(tags.get(OWNER_PID, "0")), float(tags.get(OWNER_STARTED, "0"))):
+            continue
+        took_effect = _promotion_took_effect(client, tags)
+        what = "the champion move it records took effect" if took_effect else "what it was doing did not finish"
+        client.set_tag(run.info.run_id, END_REASON, f"process {tags.get(OWNER_PID)} on {host} died without "
+                       f"ending this run; {what}; closed at {datetime.now(timezone.utc):%Y-%m-%dT%H:%M:%SZ}")
+        client.set_terminated(run.info.run_id, status="FINISHED" if took_effect else "KILLED")
+        closed.append(run.info.run_id)
+    return closed
+
+
+def _process_alive(pid: int, started: float) -> bool:
+    import psutil
+
+    try:
+        return pid > 0 and abs(psutil.Process(pid).create_time() - started) < 1.0
+    except psutil.Error:
+        return False
+
+
+def _promotion_took_effect(client: Any, tags: dict[str, str]) -> bool:
+    """A promotion record's champion move happened: the alias names its version, moved from another one."""
+    from mlflow.exceptions import MlflowException
+
+    from langops.aliases import CHAMPION
+
+    model_name, to_version = tags.get("langops.model_name"), tags.get("langops.to_version")
+    if not (tags.get("langops.event") and model_name and to_version):
+        return False
+    try:
+        champion = client.get_model_version_by_alias(model_name, CHAMPION).version
+    except MlflowException:
+        return False
+    return str(champion) == to_version and tags.get("langops.from_version") != to_version
 
 
 @contextlib.contextmanager
@@ -147,7 +226,7 @@ def training_run(params: Params, lineage: dict[str, str], *, validation_dir: Pat
 
     configure_mlflow(params)
     run_name = f"{params.train.method}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
-    with mlflow.start_run(run_name=run_name) as run:
+    with mlflow.start_run(run_name=run_name, tags=owner_tags()) as run:
         mlflow.set_tags({f"langops.{k}": v for k, v in lineage.items()})
         mlflow.log_params(_flatten(params.model_dump(mode="json", include={"data", "prepare", "train"})))
         if validation_dir.is_dir() and any(validation_dir.iterdir()):

@@ -28,7 +28,7 @@ from langops.promotions import (
     read_history,
     rollback,
 )
-from langops.tracking import configure_mlflow
+from langops.tracking import configure_mlflow, owner_tags
 
 MODEL = "langops-classifier"
 
@@ -141,6 +141,7 @@ def test_the_log_is_an_mlflow_experiment_beside_the_pipeline_runs(registry):
     assert {k: v for k, v in run.data.tags.items() if k.startswith("langops.")} == {
         "langops.event": "promote", "langops.model_name": MODEL, "langops.from_version": "",
         "langops.to_version": "1", "langops.actor": "alice", "langops.reason": "first model",
+        **owner_tags(),  # so that a later command can close the record if this process dies mid-move
     }
     assert run.info.status == "FINISHED"
 
@@ -421,3 +422,73 @@ def test_cli_rollback_then_history_shows_what_changed(registry, tmp_path):
     assert lines[2].split()[1:] == ["rollback", "2", "→", "1", "oncall-ana", "v2", "misroutes", "refunds"]
     assert lines[3].split()[1:] == ["promote", "1", "→", "2", "pipeline", "beats", "v1"]
     assert len(lines) == 4
+
+
+def _dead_owner() -> dict[str, str]:
+    """Owner tags naming a process that has exited."""
+    import psutil
+
+    from langops.tracking import OWNER_PID, OWNER_STARTED
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    started = psutil.Process(gone.pid).create_time()
+    gone.wait()
+    return {**owner_tags(), OWNER_PID: str(gone.pid), OWNER_STARTED: f"{started:.2f}"}
+
+
+@pytest.mark.unit
+def test_runs_left_running_by_a_killed_process_are_closed_with_the_reason_by_the_next_command(registry):
+    import langops.tracking as tracking
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(registry.tracking.experiment).experiment_id
+    killed = subprocess.run(
+        [sys.executable, "-c",
+         "import os, signal, mlflow; from langops.tracking import owner_tags\n"
+         f"mlflow.set_tracking_uri({registry.tracking_uri()!r})\n"
+         f"run = mlflow.start_run(experiment_id={experiment!r}, tags=owner_tags())\n"
+         "print(run.info.run_id, flush=True)\n"
+         "os.kill(os.getpid(), signal.SIGKILL)"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    orphan = killed.stdout.strip()
+    assert killed.returncode == -9 and client.get_run(orphan).info.status == "RUNNING", killed.stderr[-2000:]
+    alive = client.create_run(experiment, tags=tracking.owner_tags()).info.run_id  # this process: still working
+    unowned = client.create_run(experiment).info.run_id  # nothing says whose it is
+
+    tracking._swept_stores.clear()  # as in a new command
+    configure_mlflow(registry)
+
+    closed = client.get_run(orphan)
+    assert closed.info.status == "KILLED"
+    assert "died without ending this run; what it was doing did not finish" in closed.data.tags[tracking.END_REASON]
+    assert client.get_run(alive).info.status == "RUNNING"
+    assert client.get_run(unowned).info.status == "RUNNING"
+
+
+@pytest.mark.unit
+def test_a_promotion_whose_process_died_after_moving_the_champion_shows_in_history(registry):
+    """The alias moved, then the process died before closing its record: history must show the move."""
+    import langops.tracking as tracking
+    from mlflow import MlflowClient
+
+    promote(registry, "1")
+    client = MlflowClient()
+    promotions = client.get_experiment_by_name(f"{registry.tracking.experiment}-promotions")
+    assert promotions is not None
+    record = client.create_run(promotions.experiment_id, tags={
+        "langops.event": "promote", "langops.model_name": MODEL, "langops.from_version": "1",
+        "langops.to_version": "2", "langops.actor": "pipeline", "langops.reason": "gate passed", **_dead_owner()})
+    client.set_registered_model_alias(MODEL, CHAMPION, "2")
+    unfinished = client.create_run(promotions.experiment_id, tags={
+        "langops.event": "promote", "langops.model_name": MODEL, "langops.from_version": "2",
+        "langops.to_version": "3", "langops.actor": "pipeline", "langops.reason": "gate passed", **_dead_owner()})
+
+    tracking._swept_stores.clear()
+    configure_mlflow(registry)
+
+    assert client.get_run(record.info.run_id).info.status == "FINISHED"
+    assert client.get_run(unfinished.info.run_id).info.status == "KILLED"
+    assert [(event.from_version, event.to_version) for event in read_history(registry, MODEL)] == [
+        ("1", "2"), (None, "1")]

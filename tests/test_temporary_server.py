@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -92,7 +93,9 @@ def test_a_server_that_misses_its_limit_fails_the_run_naming_the_setting_and_is_
 
 
 @pytest.mark.flow
-def test_a_terminated_run_takes_its_server_with_it(bad_data_project):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_a_stopped_run_takes_its_server_with_it(bad_data_project, signum):
+    """SIGTERM as a cancelled CI job or `timeout` sends it; SIGKILL as the OOM killer or `kill -9` does."""
     root = bad_data_project
     run = subprocess.Popen([sys.executable, "-m", "langops.cli", "run"], cwd=root, env=_user_env(),
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -104,7 +107,7 @@ def test_a_terminated_run_takes_its_server_with_it(bad_data_project):
             if "temporary Prefect server up at" in line:
                 break
         assert len(_temporary_servers(root / ".langops" / "prefect")) == 1, "".join(seen)[-3000:]
-        run.terminate()  # SIGTERM, as a cancelled CI job or `timeout` sends it
+        run.send_signal(signum)
         run.wait(timeout=60)  # not reading to EOF: an orphaned server would hold the pipe open
     finally:
         if run.poll() is None:
@@ -112,5 +115,37 @@ def test_a_terminated_run_takes_its_server_with_it(bad_data_project):
             run.wait()
         run.stderr.close()
 
-    assert run.returncode == 128 + signal.SIGTERM
+    assert run.returncode == (128 + signal.SIGTERM if signum == signal.SIGTERM else -signal.SIGKILL)
+    deadline = time.monotonic() + 30  # a SIGKILLed run's reaper notices at once and gives SIGTERM 5 s
+    while _temporary_servers(root / ".langops" / "prefect") and time.monotonic() < deadline:
+        time.sleep(0.5)
     assert not _temporary_servers(root / ".langops" / "prefect")
+
+
+@pytest.mark.unit
+def test_the_reaper_takes_down_a_killed_commands_helpers_but_not_its_detached_servers(tmp_path):
+    script = (
+        "import subprocess, sys, time\n"
+        "from langops.processes import reap_helpers_on_exit\n"
+        "reap_helpers_on_exit()\n"
+        "helper = subprocess.Popen(['sleep', '300'])\n"
+        "detached = subprocess.Popen(['sleep', '300'], start_new_session=True)\n"
+        "print(helper.pid, detached.pid, flush=True)\n"
+        "time.sleep(300)\n"
+    )
+    command = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    helper_pid, detached_pid = (int(pid) for pid in command.stdout.readline().split())
+    helper, detached = psutil.Process(helper_pid), psutil.Process(detached_pid)
+    try:
+        time.sleep(1.5)  # the reaper notes helpers every 0.5 s
+        command.kill()
+        command.wait()
+
+        psutil.wait_procs([helper], timeout=20)
+        assert not helper.is_running() or helper.status() == psutil.STATUS_ZOMBIE
+        assert detached.is_running() and detached.status() != psutil.STATUS_ZOMBIE
+    finally:
+        for process in (helper, detached):
+            if process.is_running():
+                process.kill()
+        command.stdout.close()
