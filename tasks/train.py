@@ -38,7 +38,8 @@ from sklearn.metrics import f1_score
 from tqdm.auto import tqdm
 
 from langops.config import TrainConfig
-from langops.io import LABEL, TEXT, read_labels, read_split, write_labels
+from langops.faults import crash_point
+from langops.io import LABEL, TEXT, read_labels, read_split, staging_dir, swap_in, write_labels
 from langops.metrics import expected_calibration_error
 from langops.modeling import Device, pad_batch, predict_logits, resolve_base_model, select_device, tokenize
 
@@ -585,9 +586,7 @@ def _save_outputs(
 ) -> tuple[Path, Path | None]:
     """Write adapter, merged model (its head divided by the temperature), tokenizer and labels to a temp
     dir, then swap it into place."""
-    staging = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    staging = staging_dir(out_dir)
     adapter_dir = None
     if cfg.method == "lora":
         model.save_pretrained(staging / "adapter")
@@ -598,8 +597,7 @@ def _save_outputs(
     model.to("cpu").save_pretrained(staging / "model")
     tokenizer.save_pretrained(staging / "model")
     write_labels(staging, labels)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    staging.rename(out_dir)
+    swap_in(staging, out_dir)
     return out_dir / "model", adapter_dir
 
 
@@ -736,18 +734,27 @@ def _save_checkpoint(directory: Path, fingerprint: str, state: _LoopState, model
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"epoch-{state.epoch:03d}.pt"
     tmp = path.with_suffix(".tmp")
+    # Only tensors and plain Python values, so resuming can load with torch.load(weights_only=True):
+    # a checkpoint file never gets to run code.
+    logits = state.best_val_logits
+    numpy_rng = np.random.get_state()
     torch.save(
         {
             "fingerprint": fingerprint,
-            "state": vars(state),
+            "state": {**vars(state), "best_val_logits": None if logits is None else torch.from_numpy(logits)},
             "weights": _trainable_state(model),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "numpy": [numpy_rng[0], torch.from_numpy(numpy_rng[1].astype(np.int64)), *numpy_rng[2:]],
+                "python": random.getstate(),
+            },
         },
         tmp,
     )
     tmp.replace(path)
+    crash_point("train:checkpoint")
     # keep the two written last: an older run's higher epoch numbers must not outlive this run's own
     for old in sorted(directory.glob("epoch-*.pt"), key=lambda p: p.stat().st_mtime_ns)[:-2]:
         old.unlink()
@@ -756,7 +763,7 @@ def _save_checkpoint(directory: Path, fingerprint: str, state: _LoopState, model
 def _latest_checkpoint(directory: Path, fingerprint: str) -> Path | None:
     for path in sorted(directory.glob("epoch-*.pt"), reverse=True):
         try:
-            if torch.load(path, map_location="cpu", weights_only=False)["fingerprint"] == fingerprint:
+            if torch.load(path, map_location="cpu", weights_only=True)["fingerprint"] == fingerprint:
                 return path
         except Exception as exc:  # a torn or foreign file is skipped, not fatal: say so and go on
             log.warning("ignoring unreadable checkpoint %s: %s", path, exc)
@@ -764,11 +771,14 @@ def _latest_checkpoint(directory: Path, fingerprint: str) -> Path | None:
 
 
 def _restore(path: Path, model, optimizer, scheduler) -> _LoopState:
-    saved = torch.load(path, map_location="cpu", weights_only=False)
+    saved = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(saved["weights"], strict=False)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     torch.set_rng_state(saved["rng"]["torch"])
-    np.random.set_state(saved["rng"]["numpy"])
+    name, keys, *rest = saved["rng"]["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     random.setstate(saved["rng"]["python"])
-    return _LoopState(**saved["state"])
+    state = saved["state"]
+    logits = state["best_val_logits"]
+    return _LoopState(**{**state, "best_val_logits": None if logits is None else logits.numpy()})
