@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # CPU wheel of torch (no CUDA downloads). On a GPU machine: make install TORCH_SPEC="torch" (see README).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install run test test-fast test-flow test-services dvc-repro bench bench-serving clean-state
+.PHONY: install run test test-fast test-flow test-services test-crash dvc-repro bench bench-serving clean-state
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,10 @@ test-flow: install
 # PostgreSQL, Chromium and several processes: langops up, DDP, Dask sweeps, model servers.
 test-services: install
 	$(PY) -m pytest -m services
+
+# `langops run` killed with SIGKILL at each crash point, then run again: nothing lost, nothing left behind.
+test-crash: install
+	$(PY) -m pytest -m crash
 
 dvc-repro: install
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/dvc repro

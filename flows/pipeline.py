@@ -21,6 +21,7 @@ from prefect.input import RunInput
 from langops import pipeline, stage_cache
 from langops.aliases import CHAMPION
 from langops.config import Params, load_params
+from langops.faults import crash_point
 from langops.promotions import current_alias_version
 from langops.stages import STAGES, Stage, stage
 from langops.tasks.promote import with_approval
@@ -86,12 +87,14 @@ def run_stages(params: Params, results: dict[str, Any], *, first: str | None = N
     names = [s.name for s in STAGES]
     for current in STAGES[names.index(first) if first else 0:]:
         inputs = {stage(need).result: results[need] for need in current.needs}
+        crash_point(f"before:{current.name}")
         if current.name in COMPOSED:
             results[current.name] = COMPOSED[current.name](params, **inputs)
         elif current.cached:
             results[current.name] = run_cached(current.name, params, **inputs)
         else:
             results[current.name] = TASKS[current.name](params, **inputs)
+        crash_point(f"after:{current.name}")
     return results
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,48 @@ def write_json(path: Path, payload: Any) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def staging_dir(target: Path) -> Path:
+    """A new empty folder beside ``target`` to write its next contents into, before ``swap_in``.
+
+    Its name carries this process's pid. Folders that dead processes left beside ``target`` (killed while
+    writing, or between the two renames of a swap) are removed first, so a crash leaves debris only until
+    the next write; those of live processes are left alone.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in target.parent.glob(f".{target.name}.*-*-*"):
+        kind, _, rest = leftover.name.removeprefix(f".{target.name}.").partition("-")
+        pid = rest.partition("-")[0]
+        if kind in ("staging", "old") and pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(leftover, ignore_errors=True)
+    staging = target.with_name(f".{target.name}.staging-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    staging.mkdir()
+    return staging
+
+
+def swap_in(staging: Path, target: Path) -> None:
+    """Replace ``target`` by the finished ``staging`` folder with two renames; the old folder is parked
+    beside it and deleted last, so a reader finds the old folder or the new one, never a mix."""
+    target = Path(target)
+    if not target.exists():
+        staging.rename(target)
+        return
+    parked = target.with_name(f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    target.rename(parked)
+    try:
+        staging.rename(target)
+    except BaseException:
+        parked.rename(target)
+        raise
+    shutil.rmtree(parked)
+
+
+def _pid_alive(pid: int) -> bool:
+    import psutil
+
+    return psutil.pid_exists(pid)
 
 
 def jsonable(value: Any) -> Any:

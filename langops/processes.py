@@ -193,8 +193,9 @@ def _reap_helpers_of(parent_pid: int) -> None:
     while not parent_gone.wait(REAPER_SNAPSHOT_S):
         try:
             helpers = [child for child in parent.children(recursive=True) if _in_session(child, session)]
-        except psutil.Error:
-            break  # the parent is gone: keep the last snapshot
+        except psutil.Error:  # a short-lived child (git, a compiler) ended mid-listing, or the parent did
+            if not parent.is_running():
+                break  # keep the last snapshot
     running = [helper for helper in helpers if _running(helper)]  # is_running also checks the start time
     for helper in running:
         _signal(helper, signal.SIGTERM)

@@ -23,6 +23,7 @@ from urllib.parse import urlparse
 
 from langops.aliases import CHALLENGER, CHAMPION, PREVIOUS_CHAMPION
 from langops.config import Params
+from langops.faults import crash_point
 from langops.io import jsonable
 from langops.tracking import owner_tags
 
@@ -329,6 +330,7 @@ def _move_locked(
         if old is not None and old != new_champion:
             client.set_registered_model_alias(model_name, PREVIOUS_CHAMPION, old)
         client.set_registered_model_alias(model_name, CHAMPION, new_champion)
+        crash_point("promote:alias-moved")
         client.set_model_version_tag(model_name, new_champion, "langops.champion_since", at)
         client.set_model_version_tag(model_name, new_champion, "langops.last_event", f"{event} {run_id}")
     except BaseException:

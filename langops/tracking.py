@@ -40,7 +40,7 @@ def configure_mlflow(params: Params) -> str:
     mlflow.set_experiment(experiment_id=experiment_id)
     if uri not in _swept_stores:  # once per store and process: a search per step would cost seconds
         _swept_stores.add(uri)
-        close_runs_of_dead_processes(client)
+        clean_up_after_dead_processes(client)
     return experiment_id
 
 
@@ -49,6 +49,7 @@ TRACKING_ENV_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 
 OWNER_HOST, OWNER_PID, OWNER_STARTED = "langops.owner_host", "langops.owner_pid", "langops.owner_started"
 END_REASON = "langops.end_reason"
+REGISTERING_TAG = "langops.registering"  # on a model version until the register step completed it: its owner
 _swept_stores: set[str] = set()
 
 
@@ -56,7 +57,7 @@ def owner_tags() -> dict[str, str]:
     """Which process opened a run: its host, pid and start time (the start time tells a reused pid apart).
 
     A run whose owner died without ending it (``kill -9``, a lost machine) would stay RUNNING for good;
-    these tags let a later command see that the owner is gone and close it (``close_runs_of_dead_processes``).
+    these tags let a later command see that the owner is gone and close it (``clean_up_after_dead_processes``).
     """
     import socket
 
@@ -66,25 +67,30 @@ def owner_tags() -> dict[str, str]:
             OWNER_STARTED: f"{psutil.Process().create_time():.2f}"}
 
 
-def close_runs_of_dead_processes(client: Any) -> list[str]:
-    """End every RUNNING run of the store whose owner process on this host is gone; returns their ids.
+def clean_up_after_dead_processes(client: Any) -> list[str]:
+    """End the runs and delete the unfinished model versions whose owner process on this host is gone.
+
+    Returns the ids of the runs closed and the ``name/version`` of the versions deleted.
 
     A promotion record whose champion move took effect before its process died is closed FINISHED, so
     ``langops history`` shows the move that happened; every other such run is closed KILLED. Both get a
-    ``langops.end_reason`` tag that says what happened. Runs owned by live processes, by other hosts, or
-    opened without owner tags are left alone: nothing here can tell whether they are still working.
+    ``langops.end_reason`` tag that says what happened. A model version still tagged ``REGISTERING_TAG``
+    was never completed by the register step, which deletes it on any failure it lives through; here the
+    same happens for the ones whose process was killed. Runs and versions owned by live processes or by
+    other hosts, and runs opened without owner tags, are left alone: nothing here can tell whether they
+    are still being worked on.
     """
     import socket
 
     host = socket.gethostname()
+    cleaned = _delete_unfinished_versions(client, host)
     experiment_ids = [experiment.experiment_id for experiment in client.search_experiments()]
     if not experiment_ids:
-        return []
+        return cleaned
     orphans = client.search_runs(
         experiment_ids, filter_string=f"attributes.status = 'RUNNING' and tags.`{OWNER_HOST}` = '{host}'",
         max_results=1000,
     )
-    closed = []
     for run in orphans:
         tags = run.data.tags
         if _process_alive(int(tags.get(OWNER_PID, "0")), float(tags.get(OWNER_STARTED, "0"))):
@@ -94,8 +100,21 @@ def close_runs_of_dead_processes(client: Any) -> list[str]:
         client.set_tag(run.info.run_id, END_REASON, f"process {tags.get(OWNER_PID)} on {host} died without "
                        f"ending this run; {what}; closed at {datetime.now(timezone.utc):%Y-%m-%dT%H:%M:%SZ}")
         client.set_terminated(run.info.run_id, status="FINISHED" if took_effect else "KILLED")
-        closed.append(run.info.run_id)
-    return closed
+        cleaned.append(run.info.run_id)
+    return cleaned
+
+
+def _delete_unfinished_versions(client: Any, host: str) -> list[str]:
+    import json
+
+    deleted = []
+    for version in client.search_model_versions(f"tags.`{REGISTERING_TAG}` != ''"):
+        owner = json.loads(version.tags[REGISTERING_TAG])
+        if owner.get(OWNER_HOST) != host or _process_alive(int(owner[OWNER_PID]), float(owner[OWNER_STARTED])):
+            continue
+        client.delete_model_version(version.name, version.version)
+        deleted.append(f"{version.name}/{version.version}")
+    return deleted
 
 
 def _process_alive(pid: int, started: float) -> bool:
@@ -160,6 +179,7 @@ def reopened_run(run_id: str) -> Iterator[object]:
         yield active
         return
     with mlflow.start_run(run_id=run_id) as run:
+        mlflow.set_tags(owner_tags())  # RUNNING again, now this process's: if it dies, the next command closes it
         yield run
 
 

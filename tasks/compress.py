@@ -23,7 +23,18 @@ from typing import Any
 import numpy as np
 
 from langops.config import CompressConfig
-from langops.io import TEXT, read_json, read_labels, read_split, read_test_rows, write_json, write_labels
+from langops.faults import crash_point
+from langops.io import (
+    TEXT,
+    read_json,
+    read_labels,
+    read_split,
+    read_test_rows,
+    staging_dir,
+    swap_in,
+    write_json,
+    write_labels,
+)
 from langops.metrics import classification_metrics, metrics_for_dvc, softmax
 from langops.onnx_model import FP32_MODEL_FILE, MODEL_FILE, SERVING_FILE, TOKENIZER_FILE, OnnxClassifier
 
@@ -120,11 +131,11 @@ def compress(
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     check_label_map(model.config.id2label, labels)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    staging = staging_dir(out_dir)
     try:
         with tempfile.TemporaryDirectory() as scratch:
             exported = export_onnx(model, tokenizer, Path(scratch) / "exported.onnx", opset=cfg.opset)
+            crash_point("compress:exported")
             fusions = optimize_onnx(exported, staging / FP32_MODEL_FILE, num_heads=model.config.num_attention_heads,
                                     hidden_size=model.config.hidden_size)
             write_serving_files(
@@ -178,7 +189,7 @@ def compress(
                 "metrics": metrics,
             },
         )
-        replace_dir(staging, out_dir)
+        swap_in(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -505,15 +516,3 @@ def weights_size_mb(model_dir: Path) -> float:
 
 def file_size_mb(path: Path) -> float:
     return path.stat().st_size / MB
-
-
-def replace_dir(staging: Path, target: Path) -> None:
-    """Swap a finished folder into place; the old one is removed only after the new one is in."""
-    previous = None
-    if target.exists():
-        previous = target.with_name(f".{target.name}.previous")
-        shutil.rmtree(previous, ignore_errors=True)
-        target.rename(previous)
-    staging.rename(target)
-    if previous is not None:
-        shutil.rmtree(previous)

@@ -27,6 +27,7 @@ from pydantic import ValidationError
 
 from langops.aliases import CHAMPION
 from langops.config import DeployConfig, ServerConfig, ServicesConfig
+from langops.faults import crash_point
 from langops.processes import POLL_INTERVAL_S, Background, write_atomic
 from langops.serving.app import SERVER_DIR, SERVICE, ServerSettings
 from langops.serving.registry import ModelSource, ModelSourceError
@@ -277,6 +278,7 @@ def _start_and_wait(
     settings_file = server.folder / SETTINGS_FILE
     write_atomic(settings_file, settings.model_dump_json(indent=2) + "\n")
     process = server.spawn([sys.executable, "-m", SERVER_MODULE, "--settings", str(settings_file)])
+    crash_point("deploy:spawned")
     log.info("%s the model server (pid %s) at %s; log: %s", "restarted" if changes else "started", process.pid,
              url, server.log_file)
     try:

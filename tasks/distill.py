@@ -24,7 +24,17 @@ from sklearn.metrics import f1_score
 from tqdm.auto import tqdm
 
 from langops.config import DistillConfig
-from langops.io import LABEL, TEXT, read_json, read_labels, read_split, write_json, write_labels
+from langops.io import (
+    LABEL,
+    TEXT,
+    read_json,
+    read_labels,
+    read_split,
+    staging_dir,
+    swap_in,
+    write_json,
+    write_labels,
+)
 from langops.modeling import load_trained_classifier, pad_batch, predict_logits, tokenize
 from langops.tasks.train import fit_temperature, fold_temperature, length_grouped_batches, seed_everything
 
@@ -183,13 +193,11 @@ def _summary(result: DistillResult) -> dict:
 
 def _save(student: torch.nn.Module, tokenizer, labels: list[str], result: DistillResult) -> None:
     """Write the student in the train step's layout into a sibling folder, then swap it into place."""
-    staging = result.out_dir.with_name(f".{result.out_dir.name}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    (staging / MODEL_DIR).mkdir(parents=True)
+    staging = staging_dir(result.out_dir)
+    (staging / MODEL_DIR).mkdir()
     student.config.update({"langops_temperature": result.temperature})
     student.save_pretrained(staging / MODEL_DIR)
     tokenizer.save_pretrained(staging / MODEL_DIR)
     write_labels(staging, labels)
     write_json(staging / SUMMARY_FILE, _summary(result))
-    shutil.rmtree(result.out_dir, ignore_errors=True)
-    staging.rename(result.out_dir)
+    swap_in(staging, result.out_dir)

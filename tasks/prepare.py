@@ -25,7 +25,6 @@ import logging
 import math
 import shutil
 import unicodedata
-import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ import pandas as pd
 
 from langops.config import SPLIT_ALIASES, DataConfig, PrepareConfig
 from langops.demo_data import DEMO_LABELS, generate_demo_dataset
+from langops.faults import crash_point
 from langops.io import (
     LABEL,
     LABELS_FILE,
@@ -44,6 +44,8 @@ from langops.io import (
     read_json,
     read_labels,
     split_path,
+    staging_dir,
+    swap_in,
     write_json,
     write_labels,
 )
@@ -764,29 +766,14 @@ def write_outputs(
     out_dir: Path, splits: dict[str, pd.DataFrame], labels: tuple[str, ...], summary: dict[str, Any]
 ) -> None:
     """Write everything into a sibling temp folder, then swap it in: readers never see old and new mixed."""
-    token = uuid.uuid4().hex[:12]
-    staging = out_dir.with_name(f".{out_dir.name}.new-{token}")
-    staging.mkdir(parents=True)
+    staging = staging_dir(out_dir)
     try:
         for name, split in splits.items():
             split[[TEXT, LABEL, SOURCE_ROW]].to_parquet(split_path(staging, name), index=False)
         write_labels(staging, list(labels))
         write_json(staging / SUMMARY_FILE, summary)
-        replace_dir(staging, out_dir, backup=out_dir.with_name(f".{out_dir.name}.old-{token}"))
+        crash_point("prepare:staged")
+        swap_in(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-
-
-def replace_dir(new: Path, target: Path, *, backup: Path) -> None:
-    """Swap ``new`` into ``target`` by renames; the old folder is parked at ``backup`` and deleted last."""
-    if not target.exists():
-        new.rename(target)
-        return
-    target.rename(backup)
-    try:
-        new.rename(target)
-    except BaseException:
-        backup.rename(target)
-        raise
-    shutil.rmtree(backup)

@@ -4,11 +4,13 @@ A registry step: its job is writing to MLflow, into the store the caller configu
 (``langops.tracking.configure_mlflow``). The version carries its lineage (data, code, params, base model)
 and the shipped model's test metrics as tags, so the registry alone answers "what is this model and where
 did it come from". A version is either complete (tagged, described, READY) or absent: any failure after it
-is created deletes it.
+is created deletes it, and one whose process was killed before it was complete is deleted by the next
+langops command.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -19,6 +21,7 @@ from typing import Any
 import pandas as pd
 
 from langops.config import RegisterConfig
+from langops.faults import crash_point
 from langops.io import TEXT, jsonable, read_json, write_json
 from langops.metrics import headline
 from langops.onnx_model import OnnxClassifier
@@ -82,7 +85,7 @@ def register(
     from mlflow import MlflowClient
 
     from langops.pyfunc import ARTIFACT_KEY, TextClassifierModel, model_signature
-    from langops.tracking import reopened_run
+    from langops.tracking import REGISTERING_TAG, owner_tags, reopened_run
 
     missing = [key for key in REQUIRED_LINEAGE if not lineage.get(key)]
     if missing:
@@ -101,18 +104,22 @@ def register(
             input_example=pd.DataFrame({TEXT: INPUT_EXAMPLE}),
             pip_requirements=[f"{name}=={installed_version(name)}" for name in PYFUNC_REQUIREMENTS],
         )
+    crash_point("register:logged")
     # Lineage tags are written with the version itself, so no version ever exists without them.
-    created = mlflow.register_model(
-        logged.model_uri, cfg.model_name, await_registration_for=0, tags=version_tags(lineage, compression)
-    )
+    # REGISTERING_TAG (its owner process) comes off last: a version that still has it was left unfinished
+    # by a process that died, and the next command deletes it (langops.tracking.clean_up_after_dead_processes).
+    unfinished = {**version_tags(lineage, compression), REGISTERING_TAG: json.dumps(owner_tags())}
+    created = mlflow.register_model(logged.model_uri, cfg.model_name, await_registration_for=0, tags=unfinished)
     client = MlflowClient()
     try:
+        crash_point("register:created")
         client.update_model_version(
             cfg.model_name,
             created.version,
             description=describe_version(classifier.labels, compression, lineage, run_id),
         )
         await_ready(client, cfg.model_name, created.version)
+        client.delete_model_version_tag(cfg.model_name, created.version, REGISTERING_TAG)
     except BaseException:
         client.delete_model_version(cfg.model_name, created.version)
         raise

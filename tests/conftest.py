@@ -66,7 +66,7 @@ def pytest_configure(config):
 
 
 # The test tiers, cheapest first; pyproject.toml registers each with its description.
-TIERS = ("unit", "data", "model", "flow", "services")
+TIERS = ("unit", "data", "model", "flow", "services", "crash")
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -1,0 +1,143 @@
+"""Crash consistency: `langops run` killed with SIGKILL at every step boundary and inside every long step.
+
+A SIGKILL runs no handler: no ``finally``, no exit hook. Each run below is killed at the next crash point
+(``LANGOPS_CRASH_AT``, langops/faults.py) and the one after it starts from what the dead one left; the
+last runs to the end. Between runs nothing of the dead run may survive (its temporary Prefect server, its
+reaper), and at the end the project must be whole: every MLflow run closed (killed ones with a reason),
+no unfinished model version, no staging debris, the champion moved only by recorded promotions that
+`langops history` lists, and the model server serving that champion.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+from pipeline_helpers import tiny_project_params, write_params
+
+from langops.aliases import CHAMPION
+from langops.config import load_params
+from langops.faults import CRASH_AT_ENV, STEP_POINTS
+from langops.tasks.register import REQUIRED_LINEAGE
+from langops.tracking import END_REASON, REGISTERING_TAG
+
+pytestmark = pytest.mark.crash
+
+# In pipeline order: each run gets one point further than the one before, with the stages before it cached.
+KILL_POINTS = (
+    "prepare:staged",
+    "after:prepare",
+    "train:checkpoint",
+    "after:train",
+    "compress:exported",
+    "after:compress",
+    "register:logged",
+    "register:created",
+    "after:register",
+    "promote:alias-moved",
+    "after:promote",
+    "deploy:spawned",
+)
+GONE_WITHIN_S = 30.0  # the reaper notices a death at once and gives a helper 5 s after SIGTERM
+
+
+def _langops(root: Path, *args: str, crash_at: str | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME", CRASH_AT_ENV)}
+    if crash_at is not None:
+        env[CRASH_AT_ENV] = crash_at
+    return subprocess.run([sys.executable, "-m", "langops.cli", *args], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=900, check=False)
+
+
+def _leftovers(root: Path) -> list[str]:
+    """Live processes a run of this project started for itself: temporary Prefect servers and reapers.
+    The model server is not one of them: it is meant to outlive the run that deployed it."""
+    prefect_home = str(root / ".langops" / "prefect")
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            command = process.info["cmdline"] or []
+            if "langops.serving" in command:
+                continue
+            if "--reap-helpers-of" in command or process.environ().get("PREFECT_HOME") == prefect_home:
+                if process.status() != psutil.STATUS_ZOMBIE and process.pid != os.getpid():
+                    found.append(f"{process.pid}: {' '.join(command)[:200]}")
+        except psutil.Error:
+            continue
+    return found
+
+
+def _wait_until_gone(root: Path) -> list[str]:
+    deadline = time.monotonic() + GONE_WITHIN_S
+    while (left := _leftovers(root)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left
+
+
+def _debris(root: Path) -> list[str]:
+    """Staging and parked folders (``.<name>.staging-*``, ``.<name>.old-*``) under the pipeline's outputs."""
+    pattern = re.compile(r"^\..+\.(staging|old)-\d+-[0-9a-f]+$")
+    return [str(path.relative_to(root)) for folder in ("data", "models") if (root / folder).is_dir()
+            for path in (root / folder).rglob(".*") if pattern.match(path.name)]
+
+
+@pytest.fixture()
+def project(tmp_path, tiny_base_model):
+    params = tiny_project_params(tmp_path, tiny_base_model, deploy={"enabled": True})
+    write_params(tmp_path, params)
+    yield tmp_path
+    from langops.tasks.deploy import stop_server
+
+    stop_server(tmp_path / ".langops")
+
+
+def test_a_run_killed_anywhere_is_finished_by_the_next_and_leaves_nothing_behind(project):
+    assert set(point for point in KILL_POINTS if ":" in point and not point.startswith(("before:", "after:"))) \
+        == set(STEP_POINTS)  # every point inside a step is taken
+    for point in KILL_POINTS:
+        killed = _langops(project, "run", crash_at=point)
+        assert killed.returncode == -9, f"not killed at {point}:\n{killed.stderr[-3000:]}"
+        assert not _wait_until_gone(project), f"left running after a kill at {point}: {_leftovers(project)}"
+
+    final = _langops(project, "run")
+
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert not _wait_until_gone(project)
+    assert not _debris(project)
+
+    from mlflow import MlflowClient
+
+    params = load_params(project / "params.yaml")
+    client = MlflowClient(tracking_uri=params.tracking_uri(), registry_uri=params.tracking_uri())
+    experiments = [experiment.experiment_id for experiment in client.search_experiments()]
+    runs = client.search_runs(experiments, max_results=1000)
+    assert not [run.info.run_id for run in runs if run.info.status == "RUNNING"]
+    killed_runs = [run for run in runs if run.info.status == "KILLED"]
+    assert killed_runs and all("died without ending this run" in run.data.tags[END_REASON] for run in killed_runs)
+
+    model = params.register.model_name
+    versions = client.search_model_versions(f"name = '{model}'")
+    assert versions
+    for version in versions:  # complete: lineage, description, READY, and nobody still registering it
+        assert REGISTERING_TAG not in version.tags
+        assert all(version.tags.get(key) for key in REQUIRED_LINEAGE), version.tags
+        assert version.description and version.status == "READY"
+
+    from langops.promotions import read_history
+
+    champion = client.get_model_version_by_alias(model, CHAMPION).version
+    history = read_history(params, model)
+    assert history and history[0].to_version == str(champion)
+    assert all(newer.from_version == older.to_version for newer, older in zip(history, history[1:]))
+    shown = _langops(project, "history")
+    assert shown.returncode == 0 and f"- → {champion}" in shown.stdout, shown.stdout + shown.stderr
+
+    served = httpx.get(f"http://127.0.0.1:{params.deploy.port}/version", timeout=30, trust_env=False).json()
+    assert served["version"] == str(champion)
