@@ -515,6 +515,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
         live = holder.current  # this request keeps this model even if a swap happens meanwhile
         if live is None:
             raise RequestRefused(503, holder.last_error or "no model loaded yet")
+        if not texts:  # MLflow's formats allow an empty list, which the pyfunc answers with no rows
+            return live, np.empty((0, len(live.classifier.labels)), dtype=np.float32)
         try:
             probs = await batcher.predict_proba(live.classifier, texts)
         except Overloaded as exc:
