@@ -371,6 +371,10 @@ class ServerConfig(_Section):
     max_request_texts: int = Field(256, ge=1, description="most texts in one request")
     max_text_chars: int = Field(5000, ge=1, description="longest text accepted, in characters")
     max_body_bytes: int = Field(1_048_576, ge=1, description="largest request body, in bytes")
+    body_read_timeout_s: float = Field(
+        15.0, gt=0, description="how long a request body may take to arrive in full before 408 and a closed "
+        "connection (a client that declares more bytes than it sends holds a connection no longer)",
+    )
     retry_after_s: int = Field(1, ge=0, description="Retry-After sent with a 503 under overload")
     shutdown_timeout_s: float = Field(30.0, gt=0, description="how long SIGTERM waits for requests in flight")
     auth_token_env: str = Field(

@@ -20,6 +20,7 @@ import math
 import os
 import tempfile
 import threading
+import unicodedata
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from langops.aliases import CHAMPION
 from langops.config import DeployConfig, ServerConfig
 from langops.serving.batching import MicroBatcher, Overloaded, ShuttingDown
 from langops.serving.metrics import ServerMetrics
-from langops.serving.middleware import VERSION_HEADER, ServingMiddleware, error_body
+from langops.serving.middleware import DOCS_ASSETS, VERSION_HEADER, ServingMiddleware, error_body
 from langops.serving.registry import (
     LocalModelSource,
     ModelSource,
@@ -45,6 +46,7 @@ from langops.serving.registry import (
     PinnedModelSource,
     Source,
 )
+from langops.serving.request_json import JsonTooComplex, load_json
 
 if TYPE_CHECKING:
     from langops.onnx_model import OnnxClassifier
@@ -328,6 +330,12 @@ class AliasPoller:
                 return
 
 
+def is_blank(text: str) -> bool:
+    """Nothing a reader would see: whitespace and invisible format characters (zero-width space and
+    joiners, word joiner, byte-order mark, soft hyphen: Unicode category Cf) only."""
+    return all(char.isspace() or unicodedata.category(char) == "Cf" for char in text)
+
+
 class PredictRequest(BaseModel):
     """Either one ``text`` or a list of ``texts``; unknown fields are refused so typos are not ignored."""
 
@@ -347,7 +355,7 @@ class PredictRequest(BaseModel):
         if self.texts == []:
             raise ValueError('"texts" is empty: send at least one text')
         for index, text in enumerate(self.all_texts()):
-            if not text.strip():
+            if is_blank(text):
                 raise ValueError(f"text {index} is empty")
         return self
 
@@ -472,13 +480,17 @@ def create_app(settings: ServerSettings) -> FastAPI:
         "scoring protocol; `/predict` is the compact native form. When the server runs with a token, "
         "every endpoint but `/health` needs `Authorization: Bearer <token>`.",
         lifespan=lifespan,
+        docs_url=None,  # FastAPI's own pages load Swagger UI from a CDN; /docs below serves it from here
+        redoc_url=None,
     )
+    _serve_docs_offline(app)
     app.add_middleware(
         ServingMiddleware,
         metrics=metrics,
         live_version=lambda: holder.current.version if holder.current else None,
         token=os.environ.get(settings.auth_token_env) or None,
         max_body_bytes=settings.max_body_bytes,
+        body_read_timeout_s=settings.body_read_timeout_s,
     )
 
     @app.exception_handler(RequestRefused)
@@ -503,6 +515,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
         live = holder.current  # this request keeps this model even if a swap happens meanwhile
         if live is None:
             raise RequestRefused(503, holder.last_error or "no model loaded yet")
+        if not texts:  # MLflow's formats allow an empty list, which the pyfunc answers with no rows
+            return live, np.empty((0, len(live.classifier.labels)), dtype=np.float32)
         try:
             probs = await batcher.predict_proba(live.classifier, texts)
         except Overloaded as exc:
@@ -642,7 +656,8 @@ def _parse_predict_request(raw: bytes) -> PredictRequest:
     """Decode, parse and validate a /predict body, saying exactly what is wrong.
 
     Raises:
-        RequestRefused: 400 for bytes that are not UTF-8 JSON, 422 for JSON of the wrong shape.
+        RequestRefused: 400 for bytes that are not UTF-8 JSON (or JSON nested too deeply, or a number with
+            too many digits), 422 for JSON of the wrong shape.
     """
     try:
         text = raw.decode("utf-8")
@@ -651,13 +666,35 @@ def _parse_predict_request(raw: bytes) -> PredictRequest:
     if not text.strip():
         raise RequestRefused(422, 'request body: missing: send JSON like {"texts": ["..."]}')
     try:
-        data = json.loads(text)
+        data = load_json(text)
+    except JsonTooComplex as exc:
+        raise RequestRefused(400, f"request body refused: {exc}") from exc
     except json.JSONDecodeError as exc:
         raise RequestRefused(400, f"request body is not valid JSON: {exc}") from exc
     try:
         return PredictRequest.model_validate(data)
     except ValidationError as exc:
         raise RequestRefused(422, "; ".join(_describe(error) for error in exc.errors())) from exc
+
+
+def _serve_docs_offline(app: FastAPI) -> None:
+    """``/docs`` with Swagger UI's scripts and styles served from the ``swagger-ui-bundle`` package under
+    ``/docs/assets``, so the page works on a machine with no way out (and leaks no visit to a CDN)."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.staticfiles import StaticFiles
+    from swagger_ui_bundle import swagger_ui_path
+
+    app.mount(DOCS_ASSETS, StaticFiles(directory=swagger_ui_path), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> Response:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title=f"{app.title}: API",
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png",
+        )
 
 
 def _open_prediction_log(settings: ServerSettings, metrics: ServerMetrics) -> PredictionLog:

@@ -16,8 +16,13 @@ from io import BytesIO, StringIO
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
+from langops.io import TEXT
 from langops.pyfunc import CONFIDENCE_COLUMN, LABEL_COLUMN, PROB_PREFIX, model_signature, texts_from_input
+from langops.serving.request_json import JsonTooComplex, load_json
+
+FORMATS = ("dataframe_split", "dataframe_records", "instances", "inputs")  # MLflow's JSON input formats
 
 
 class InvocationError(Exception):
@@ -45,13 +50,17 @@ def parse_invocation(body: bytes, content_type: str | None, labels: Sequence[str
 
     The common JSON shapes (a lone ``text`` column of strings) are read directly, which costs a few
     microseconds instead of the milliseconds a DataFrame and schema enforcement cost; anything else
-    takes MLflow's own path, so unusual input gets exactly MLflow's answer.
+    takes MLflow's own path, so unusual input gets exactly MLflow's answer. One difference: a ``text``
+    value that is not a string is refused before MLflow's schema enforcement could turn ``null``, ``5``
+    or ``true`` into the texts "None", "5" and "True".
 
     Raises:
-        InvocationError: unsupported content type or charset, a body MLflow cannot parse, input that
-            fails the model signature, or a value that is not a string.
+        InvocationError: unsupported content type or charset, a body MLflow cannot parse, JSON nested
+            too deeply or with a number of too many digits, input that fails the model signature, or a
+            value that is not a string.
     """
     from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import BAD_REQUEST
     from mlflow.pyfunc import _validate_prediction_input
     from mlflow.pyfunc import scoring_server as mlflow_scoring
 
@@ -67,9 +76,18 @@ def parse_invocation(body: bytes, content_type: str | None, labels: Sequence[str
             f"{mlflow_scoring.SCORING_PROTOCOL_CHANGE_INFO}", "text/plain",
         )
     if mime_type == mlflow_scoring.CONTENT_TYPE_JSON:
-        texts = _plain_texts(body)
-        if texts is not None:
-            return InvocationInput(texts=texts)
+        try:
+            payload = load_json(body)
+        except JsonTooComplex as exc:
+            raise InvocationError(400, mlflow_error(f"Invalid input: {exc}")) from exc
+        except ValueError:  # not JSON: MLflow's own parser below answers with its own message
+            pass
+        else:
+            column = _text_column(payload)
+            if column is not None:
+                _refuse_non_strings(column.values)
+                if column.plain:
+                    return InvocationInput(texts=column.values)
     input_schema = model_signature(labels).inputs
     try:
         if mime_type == mlflow_scoring.CONTENT_TYPE_JSON:
@@ -80,7 +98,7 @@ def parse_invocation(body: bytes, content_type: str | None, labels: Sequence[str
                 text = body.decode("utf-8")
             except UnicodeDecodeError as exc:
                 raise MlflowException(
-                    f"Ensure that input is a valid UTF-8 encoded string. Error: '{exc!r}'", "BAD_REQUEST"
+                    f"Ensure that input is a valid UTF-8 encoded string. Error: '{exc!r}'", BAD_REQUEST
                 ) from exc
             data = mlflow_scoring.parse_csv_input(StringIO(text), schema=input_schema)
         elif mime_type == mlflow_scoring.CONTENT_TYPE_PARQUET:
@@ -90,6 +108,8 @@ def parse_invocation(body: bytes, content_type: str | None, labels: Sequence[str
                 415, "This predictor only supports the following content types: "
                 f"Types: {mlflow_scoring.CONTENT_TYPES}. Got '{content_type}'.", "text/plain",
             )
+        if isinstance(data, pd.DataFrame) and TEXT in data.columns:  # CSV and Parquet: before enforcement
+            _refuse_non_strings(data[TEXT].tolist())
         try:
             data, _ = _validate_prediction_input(data, None, input_schema, None)
         except MlflowException as exc:
@@ -97,50 +117,80 @@ def parse_invocation(body: bytes, content_type: str | None, labels: Sequence[str
             raise
     except MlflowException as exc:
         raise InvocationError(exc.get_http_status_code(), exc.serialize_as_json()) from exc
+    except RecursionError as exc:  # MLflow decoding or converting input nested close to the limit again
+        raise InvocationError(400, mlflow_error("Invalid input: JSON nested too deeply")) from exc
     texts = texts_from_input(data)
-    bad = [index for index, text in enumerate(texts) if not isinstance(text, str)]
-    if bad:
-        raise InvocationError(400, mlflow_error(
-            f"every 'text' value must be a string; rows {bad[:10]} are not (null or missing)"
-        ))
+    _refuse_non_strings(texts)
     return InvocationInput(texts=texts)
 
 
-def _plain_texts(body: bytes) -> list[str] | None:
-    """Texts of a JSON body in one of the plain shapes, or None to take MLflow's path.
+def _refuse_non_strings(values: Sequence[Any]) -> None:
+    """Raise a 400 naming the rows whose ``text`` is not a string (null, NaN, a number, a boolean, a list...)."""
+    bad = [index for index, value in enumerate(values) if not isinstance(value, str)]
+    if bad:
+        shown = f"{bad[:10]}" + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        raise InvocationError(400, mlflow_error(
+            f"every 'text' value must be a string; rows {shown} are not (null, NaN, a number, a boolean, "
+            "a list, an object, or missing)"
+        ))
 
-    Plain shapes: the body's only key is a format whose value holds just strings in a ``text``
-    column: ``{"dataframe_split": {"columns": ["text"], "data": [["a"], ...]}}`` (an ``index`` too),
-    ``{"dataframe_records": [{"text": "a"}, ...]}``, ``{"instances": ["a", ...]}`` or the same records,
-    ``{"inputs": ["a", ...]}`` or ``{"inputs": {"text": ["a", ...]}}``. MLflow turns each into a
-    one-column frame of these strings, which is all the pyfunc reads.
+
+@dataclass(frozen=True)
+class TextColumn:
+    """The raw JSON values of a body's ``text`` column; ``plain`` when that column is all the body holds."""
+
+    values: list[Any]
+    plain: bool
+
+
+def _text_column(payload: Any) -> TextColumn | None:
+    """The ``text`` column of a JSON body in one of MLflow's formats, values untouched; None where MLflow
+    must judge the body itself (no format key or two, no ``text`` column, rows of uneven shape).
+
+    Plain shapes (skipping MLflow costs nothing): the body's only key is a format whose value holds
+    just a non-empty ``text`` column: ``{"dataframe_split": {"columns": ["text"], "data": [["a"], ...]}}``
+    (an ``index`` too), ``{"dataframe_records": [{"text": "a"}, ...]}``, ``{"instances": ["a", ...]}`` or
+    the same records, ``{"inputs": ["a", ...]}`` or ``{"inputs": {"text": ["a", ...]}}``. MLflow turns
+    each into a one-column frame of these strings, which is all the pyfunc reads.
     """
-    try:
-        payload = json.loads(body)
-    except ValueError:
+    if not isinstance(payload, dict):
         return None
-    if not isinstance(payload, dict) or len(payload) != 1:
+    forms = [key for key in payload if key in FORMATS]
+    if len(forms) != 1:
         return None
-    ((form, value),) = payload.items()
-    texts: Any = None
-    if form == "dataframe_split" and isinstance(value, dict) and value.get("columns") == ["text"]:
-        if set(value) <= {"columns", "data", "index"} and isinstance(value.get("data"), list):
-            rows = value["data"]
-            if all(isinstance(row, list) and len(row) == 1 for row in rows):
-                texts = [row[0] for row in rows]
-    elif form in ("dataframe_records", "instances") and isinstance(value, list):
-        if form == "instances" and all(isinstance(item, str) for item in value):
-            texts = value
-        elif all(isinstance(item, dict) and len(item) == 1 and "text" in item for item in value):
-            texts = [item["text"] for item in value]
-    elif form == "inputs":
-        if isinstance(value, list):
-            texts = value
-        elif isinstance(value, dict) and list(value) == ["text"] and isinstance(value["text"], list):
-            texts = value["text"]
-    if not texts or not all(isinstance(text, str) for text in texts):
+    form, alone = forms[0], len(payload) == 1
+    value = payload[form]
+    if form == "dataframe_split":
+        if not isinstance(value, dict) or not isinstance(value.get("columns"), list):
+            return None
+        columns, rows = value["columns"], value.get("data")
+        if TEXT not in columns or not isinstance(rows, list):
+            return None
+        if not all(isinstance(row, list) and len(row) == len(columns) for row in rows):
+            return None
+        position = columns.index(TEXT)
+        plain = alone and columns == [TEXT] and set(value) <= {"columns", "data", "index"} and bool(rows)
+        return TextColumn([row[position] for row in rows], plain)
+    if isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
+        if not any(TEXT in item for item in value):
+            return None  # MLflow names the missing column
+        return TextColumn([item.get(TEXT) for item in value], alone and all(len(item) == 1 for item in value))
+    if form == "dataframe_records":
         return None
-    return texts
+    if isinstance(value, list):
+        if any(isinstance(item, dict) for item in value):
+            return None  # records mixed with bare values: MLflow refuses them
+        return TextColumn(value, alone and bool(value))
+    if form == "inputs" and isinstance(value, dict):
+        if TEXT not in value:
+            return None
+        column = value[TEXT]
+        if isinstance(column, list):
+            return TextColumn(column, alone and len(value) == 1 and bool(column))
+        return TextColumn([column], False)
+    if isinstance(value, dict):
+        return None
+    return TextColumn([value], False)  # one bare value
 
 
 def predictions_json(probs: np.ndarray, labels: Sequence[str]) -> str:

@@ -1,12 +1,14 @@
-"""The ASGI layer every request passes first: bearer auth, body size limit, metrics, version header.
+"""The ASGI layer every request passes first: bearer auth, body size and time limits, metrics, version header.
 
 It is plain ASGI rather than Starlette's ``BaseHTTPMiddleware``, which costs a task per request. The
 body is read here, counting bytes as they stream in, so a client that lies in ``Content-Length`` or
-sends chunks is stopped at the limit, and the app only ever sees a complete body within it.
+sends chunks is stopped at the limit, one that stalls is answered 408 when the read times out, and the
+app only ever sees a complete body within the limits.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import time
@@ -19,10 +21,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from langops.serving.metrics import ServerMetrics
 
 VERSION_HEADER = "X-Model-Version"
+DOCS_ASSETS = "/docs/assets"  # Swagger UI's scripts and styles, served by the server itself
 ENDPOINTS = frozenset(
     {"/health", "/ready", "/version", "/metrics", "/predict", "/invocations", "/reload", "/openapi.json",
-     "/docs", "/ping"}
+     "/docs", DOCS_ASSETS, "/ping"}
 )
+CLIENT_CLOSED = 499  # nginx's status for a client that went away before its request was read: not a server error
 PUBLIC_PATHS = frozenset({"/health", "/ping"})  # liveness; /ping is the name MLflow clients poll
 INVOCATIONS = "/invocations"
 
@@ -38,12 +42,14 @@ class ServingMiddleware:
         live_version: Callable[[], str | None],
         token: str | None,
         max_body_bytes: int,
+        body_read_timeout_s: float,
     ) -> None:
         self.app = app
         self.metrics = metrics
         self.live_version = live_version
         self._expected = f"Bearer {token}".encode() if token else None
         self.max_body_bytes = max_body_bytes
+        self.body_read_timeout_s = body_read_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -51,16 +57,17 @@ class ServingMiddleware:
             return
         started = time.perf_counter()
         path = scope["path"]
-        endpoint = path if path in ENDPOINTS else "other"
+        endpoint = _endpoint(path)
         status = 500
 
         async def send_with_version(message: Message) -> None:
+            """Records the status; names the live version, except to a caller refused for want of a token."""
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
                 headers = MutableHeaders(scope=message)
                 version = self.live_version()
-                if VERSION_HEADER not in headers and version is not None:
+                if status != 401 and VERSION_HEADER not in headers and version is not None:
                     headers.append(VERSION_HEADER, version)
             await send(message)
 
@@ -70,7 +77,11 @@ class ServingMiddleware:
                              "'Authorization: Bearer <token>'", {"WWW-Authenticate": "Bearer"})
                 return
             if scope["method"] in ("POST", "PUT", "PATCH"):
-                body = await self._read_body(scope, receive, send_with_version)
+                try:
+                    body = await self._read_body(scope, receive, send_with_version)
+                except ClientDisconnected:
+                    status = CLIENT_CLOSED
+                    return
                 if body is None:
                     return
                 receive = _replay(body, receive)
@@ -90,7 +101,13 @@ class ServingMiddleware:
         return False
 
     async def _read_body(self, scope: Scope, receive: Receive, send: Send) -> bytes | None:
-        """The whole body, or None after answering 413 (declared or streamed size over the limit)."""
+        """The whole body, or None after answering 413 (declared or streamed size over the limit) or 408
+        (the body did not arrive within ``body_read_timeout_s``; the connection is closed, so a client
+        that declares more than it sends cannot hold it).
+
+        Raises:
+            ClientDisconnected: the client went away before its body was complete.
+        """
         limit, path = self.max_body_bytes, scope["path"]
         for name, value in scope["headers"]:
             if name == b"content-length":
@@ -104,10 +121,16 @@ class ServingMiddleware:
                                  "bytes (max_body_bytes)", {"Connection": "close"})
                     return None
         chunks, size = [], 0
+        deadline = time.monotonic() + self.body_read_timeout_s
         while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0))
+            except asyncio.TimeoutError:
+                await _reply(send, 408, path, f"request body timed out: not complete after {self.body_read_timeout_s} s, "
+                             f"{size} bytes arrived (body_read_timeout_s)", {"Connection": "close"})
                 return None
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnected
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
@@ -117,6 +140,10 @@ class ServingMiddleware:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
+
+
+class ClientDisconnected(Exception):
+    """The client closed the connection before its request body was complete."""
 
 
 def error_body(path: str, message: str, status: int) -> bytes:
@@ -149,7 +176,13 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
+def _endpoint(path: str) -> str:
+    """The metrics label of a path: the endpoint itself, or ``other`` so that random paths cannot grow the labels."""
+    if path in ENDPOINTS:
+        return path
+    return DOCS_ASSETS if path.startswith(DOCS_ASSETS + "/") else "other"
+
+
 def _error_kind(status: int) -> str:
-    return {401: "unauthorized", 413: "too_large", 429: "overloaded", 503: "unavailable"}.get(
-        status, "client_error" if status < 500 else "server_error"
-    )
+    return {401: "unauthorized", 408: "timeout", 413: "too_large", 429: "overloaded", CLIENT_CLOSED: "client_closed",
+            503: "unavailable"}.get(status, "client_error" if status < 500 else "server_error")
