@@ -3,8 +3,9 @@
 A registry step: its job is writing to MLflow, into the store the caller configured
 (``langops.tracking.configure_mlflow``). The version carries its lineage (data, code, params, base model)
 and the shipped model's test metrics as tags, so the registry alone answers "what is this model and where
-did it come from". A version is either complete (tagged, described, READY) or absent: any failure after it
-is created deletes it.
+did it come from". It also carries the size and sha256 of every file of the compressed model
+(``langops.model_files``), which the server and the promotion gate check their downloads against. A version
+is either complete (tagged, described, READY) or absent: any failure after it is created deletes it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import pandas as pd
 from langops.config import RegisterConfig
 from langops.io import TEXT, jsonable, read_json, write_json
 from langops.metrics import headline
+from langops.model_files import FILES_TAG, build_manifest, encode_manifest
 from langops.onnx_model import OnnxClassifier
 from langops.tasks.compress import CompressionResult
 
@@ -74,7 +76,7 @@ def register(
         The new version and its ``models:/<name>/<version>`` URI.
 
     Raises:
-        ValueError: lineage keys are missing.
+        ValueError: lineage keys are missing, or the file manifest is too long for a tag.
         FileNotFoundError: the compressed dir is incomplete.
         RegistrationError: the version did not become READY (it is deleted first).
     """
@@ -91,6 +93,7 @@ def register(
     # Load before logging anything: a model that cannot load or answer must not reach the registry.
     classifier = OnnxClassifier.load(compressed_dir)
     classifier.predict(INPUT_EXAMPLE)
+    tags = {**version_tags(lineage, compression), FILES_TAG: encode_manifest(build_manifest(compressed_dir))}
 
     with reopened_run(run_id):
         logged = mlflow.pyfunc.log_model(
@@ -101,10 +104,8 @@ def register(
             input_example=pd.DataFrame({TEXT: INPUT_EXAMPLE}),
             pip_requirements=[f"{name}=={installed_version(name)}" for name in PYFUNC_REQUIREMENTS],
         )
-    # Lineage tags are written with the version itself, so no version ever exists without them.
-    created = mlflow.register_model(
-        logged.model_uri, cfg.model_name, await_registration_for=0, tags=version_tags(lineage, compression)
-    )
+    # Lineage and file manifest are written with the version itself, so no version ever exists without them.
+    created = mlflow.register_model(logged.model_uri, cfg.model_name, await_registration_for=0, tags=tags)
     client = MlflowClient()
     try:
         client.update_model_version(
