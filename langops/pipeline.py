@@ -224,7 +224,6 @@ def decide_promotion(
         model_name=params.register.model_name,
         version=challenger.version,
         texts=read_split(prepared.out_dir, "test")["text"].head(32).tolist(),
-        cache_dir=params.project.state_dir / "cache",
     )
     challenger = replace(challenger, servable=servable.ok, servable_detail=servable.detail)
     champion = None

@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Literal, get_args
 from urllib.parse import urlparse
 
-from langops.aliases import CHALLENGER, CHAMPION, PREVIOUS_CHAMPION
+from langops.aliases import CHALLENGER, CHAMPION, CHAMPION_SINCE_TAG, PREVIOUS_CHAMPION
 from langops.config import Params
 from langops.faults import crash_point
 from langops.io import jsonable
@@ -331,7 +331,7 @@ def _move_locked(
             client.set_registered_model_alias(model_name, PREVIOUS_CHAMPION, old)
         client.set_registered_model_alias(model_name, CHAMPION, new_champion)
         crash_point("promote:alias-moved")
-        client.set_model_version_tag(model_name, new_champion, "langops.champion_since", at)
+        client.set_model_version_tag(model_name, new_champion, CHAMPION_SINCE_TAG, at)
         client.set_model_version_tag(model_name, new_champion, "langops.last_event", f"{event} {run_id}")
     except BaseException:
         client.set_terminated(run_id, status="FAILED")

@@ -3,9 +3,10 @@
 A registry step: its job is writing to MLflow, into the store the caller configured
 (``langops.tracking.configure_mlflow``). The version carries its lineage (data, code, params, base model)
 and the shipped model's test metrics as tags, so the registry alone answers "what is this model and where
-did it come from". A version is either complete (tagged, described, READY) or absent: any failure after it
-is created deletes it, and one whose process was killed before it was complete is deleted by the next
-langops command.
+did it come from". It also carries the size and sha256 of every file of the compressed model
+(``langops.model_files``), which the server and the promotion gate check their downloads against. A version
+is either complete (tagged, described, READY) or absent: any failure after it is created deletes it, and
+one whose process was killed before it was complete is deleted by the next langops command.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from langops.config import RegisterConfig
 from langops.faults import crash_point
 from langops.io import TEXT, jsonable, read_json, write_json
 from langops.metrics import headline
+from langops.model_files import FILES_TAG, build_manifest, encode_manifest
 from langops.onnx_model import OnnxClassifier
 from langops.tasks.compress import CompressionResult
 
@@ -77,7 +79,7 @@ def register(
         The new version and its ``models:/<name>/<version>`` URI.
 
     Raises:
-        ValueError: lineage keys are missing.
+        ValueError: lineage keys are missing, or the file manifest is too long for a tag.
         FileNotFoundError: the compressed dir is incomplete.
         RegistrationError: the version did not become READY (it is deleted first).
     """
@@ -94,6 +96,7 @@ def register(
     # Load before logging anything: a model that cannot load or answer must not reach the registry.
     classifier = OnnxClassifier.load(compressed_dir)
     classifier.predict(INPUT_EXAMPLE)
+    tags = {**version_tags(lineage, compression), FILES_TAG: encode_manifest(build_manifest(compressed_dir))}
 
     with reopened_run(run_id):
         logged = mlflow.pyfunc.log_model(
@@ -105,10 +108,10 @@ def register(
             pip_requirements=[f"{name}=={installed_version(name)}" for name in PYFUNC_REQUIREMENTS],
         )
     crash_point("register:logged")
-    # Lineage tags are written with the version itself, so no version ever exists without them.
+    # Lineage and file manifest are written with the version itself, so no version ever exists without them.
     # REGISTERING_TAG (its owner process) comes off last: a version that still has it was left unfinished
     # by a process that died, and the next command deletes it (langops.tracking.clean_up_after_dead_processes).
-    unfinished = {**version_tags(lineage, compression), REGISTERING_TAG: json.dumps(owner_tags())}
+    unfinished = {**tags, REGISTERING_TAG: json.dumps(owner_tags())}
     created = mlflow.register_model(logged.model_uri, cfg.model_name, await_registration_for=0, tags=unfinished)
     client = MlflowClient()
     try:

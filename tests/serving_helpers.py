@@ -27,6 +27,8 @@ from langops.serving.app import ServerSettings, create_app
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
+    from langops.config import Params
+
 TIMEOUT_S = 60.0
 
 
@@ -96,16 +98,20 @@ class Registry:
     tracking_uri: str
     model_name: str
 
+    def params(self) -> Params:
+        from langops.config import parse_params
+
+        return parse_params({"project": {"state_dir": str(self.root)}}).resolved(self.root)
+
     def register(self, compressed_dir: Path) -> str:
         """Register ``compressed_dir`` as a new version the way the pipeline does; returns the version."""
         import mlflow
 
-        from langops.config import parse_params
         from langops.tasks.compress import CompressionResult
         from langops.tasks.register import register
         from langops.tracking import configure_mlflow
 
-        params = parse_params({"project": {"state_dir": str(self.root)}}).resolved(self.root)
+        params = self.params()
         configure_mlflow(params)
         with mlflow.start_run() as run:
             result = register(
@@ -126,12 +132,27 @@ class Registry:
     def set_champion(self, version: str) -> None:
         self.client().set_registered_model_alias(self.model_name, "champion", version)
 
-    def corrupt(self, version: str) -> None:
-        """Overwrite the stored ``model.onnx`` of ``version``: the register step refuses to register a
-        broken model, so breakage in the artifact store after registration is what a server can meet."""
+    def promote(self, version: str) -> None:
+        """Make ``version`` champion the way ``langops promote --force`` does: locked, logged, tagged."""
+        from langops.promotions import move_champion
+
+        move_champion(self.params(), model_name=self.model_name, new_champion=version, event="force",
+                      reason="test", actor="test")
+
+    def stored_model_file(self, version: str) -> Path:
+        """The ``model.onnx`` of ``version`` in the artifact store (a local folder here)."""
         stored = self.client().get_model_version_download_uri(self.model_name, version)
         (onnx_file,) = Path(urlparse(stored).path).rglob("model.onnx")
+        return onnx_file
+
+    def corrupt(self, version: str) -> bytes:
+        """Overwrite the stored ``model.onnx`` of ``version`` and return what it held: the register step
+        refuses to register a broken model, so breakage in the artifact store after registration is
+        what a server can meet."""
+        onnx_file = self.stored_model_file(version)
+        original = onnx_file.read_bytes()
         onnx_file.write_bytes(b"this is not an onnx model")
+        return original
 
     def settings(self, **overrides: object) -> ServerSettings:
         """Server settings following this registry's champion on a fresh free port."""
@@ -152,12 +173,17 @@ class RegisteredModels:
     broken: str
 
 
-def make_registry(root: Path, compressed_dir: Path) -> RegisteredModels:
-    """Versions 1 and 2: the same good model, told apart by number; version 3: its stored model is garbage."""
+def empty_registry(root: Path) -> Registry:
+    """A registry under ``root`` with no version yet, for tests that damage what they register."""
     from langops.config import parse_params
 
     params = parse_params({"project": {"state_dir": str(root)}}).resolved(root)
-    registry = Registry(root=root, tracking_uri=params.tracking_uri(), model_name=params.register.model_name)
+    return Registry(root=root, tracking_uri=params.tracking_uri(), model_name=params.register.model_name)
+
+
+def make_registry(root: Path, compressed_dir: Path) -> RegisteredModels:
+    """Versions 1 and 2: the same good model, told apart by number; version 3: its stored model is garbage."""
+    registry = empty_registry(root)
     first, second = registry.register(compressed_dir), registry.register(compressed_dir)
     broken = registry.register(compressed_dir)
     registry.corrupt(broken)

@@ -28,7 +28,7 @@ from langops.tasks.deploy import (
 # Shared fixtures (compressed_dir, registered) live in serving_helpers; see test_serving.py.
 pytest.register_assert_rewrite("serving_helpers")
 pytest_plugins = ["serving_helpers"]
-from serving_helpers import RegisteredModels, free_port, running_server
+from serving_helpers import RegisteredModels, empty_registry, free_port, running_server
 
 
 @pytest.fixture
@@ -217,7 +217,7 @@ def test_servable_check_loads_each_version_in_a_fresh_process(registered: Regist
     from langops.serving.infra_check import check_servable
 
     registry = registered.registry
-    common = {"tracking_uri": registry.tracking_uri, "model_name": registry.model_name, "cache_dir": tmp_path}
+    common = {"tracking_uri": registry.tracking_uri, "model_name": registry.model_name}
     good = check_servable(version=registered.good[0], texts=["where is my parcel", "refund please"], **common)
     assert good.ok, good.detail
     assert good.detail == "loaded in a fresh process and answered 2 texts"
@@ -227,3 +227,19 @@ def test_servable_check_loads_each_version_in_a_fresh_process(registered: Regist
     assert broken.detail.startswith("fresh process failed:")
     missing = check_servable(version="999", texts=["hi"], **common)
     assert not missing.ok and "999" in missing.detail
+
+
+@pytest.mark.model
+def test_servable_check_judges_the_registry_files_not_a_cached_copy(compressed_dir: Path, tmp_path: Path) -> None:
+    from langops.serving.infra_check import check_servable
+    from langops.serving.registry import download_compressed_dir
+
+    registry = empty_registry(tmp_path)
+    version = registry.register(compressed_dir)
+    cache_dir = registry.params().project.state_dir / "cache"  # where the pipeline keeps its downloads
+    download_compressed_dir(registry.model_name, version, cache_dir=cache_dir, tracking_uri=registry.tracking_uri)
+    registry.corrupt(version)  # the good copy stays in the cache
+    result = check_servable(tracking_uri=registry.tracking_uri, model_name=registry.model_name, version=version,
+                            texts=["where is my parcel"])
+    assert not result.ok
+    assert "model.onnx: size 25 bytes" in result.detail

@@ -15,6 +15,7 @@ from conftest import LABELS
 from test_compress import build_compressed_dir
 
 from langops.config import Params, parse_params
+from langops.model_files import FILES_TAG, decode_manifest
 from langops.pyfunc import predictions_frame, texts_from_input
 from langops.tasks.compress import CompressionResult
 from langops.tasks.register import RegistrationResult, register
@@ -79,6 +80,29 @@ def test_register_creates_a_tagged_described_version(params, run_id, compression
     assert RegistrationResult.load(params.paths.registration) == result  # what a later stage run reads
     assert version.tags["quantized"] == "true"
     assert "tiny-bert" in version.description and run_id in version.description
+
+
+@pytest.mark.model
+def test_version_is_created_with_the_size_and_sha256_of_every_model_file(
+    params, run_id, compression, monkeypatch
+) -> None:
+    import hashlib
+
+    from mlflow import MlflowClient
+
+    def tag_written_later(*args, **kwargs):
+        raise AssertionError("the file manifest must be written with the version, not after it")
+
+    monkeypatch.setattr(MlflowClient, "set_model_version_tag", tag_written_later)
+    result = register_version(params, compression, run_id=run_id)
+
+    manifest = decode_manifest(MlflowClient().get_model_version(result.model_name, result.version).tags[FILES_TAG])
+    files = sorted(path.name for path in compression.out_dir.iterdir())
+    assert sorted(manifest) == files and "serving.json" in files and "model.onnx" in files
+    for name in files:
+        content = (compression.out_dir / name).read_bytes()
+        assert manifest[name].size == len(content)
+        assert manifest[name].sha256 == hashlib.sha256(content).hexdigest()
 
 
 @pytest.mark.model

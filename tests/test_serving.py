@@ -13,7 +13,12 @@ import pytest
 
 from langops.serving.__main__ import parse_settings
 from langops.serving.app import ServerSettings
-from langops.serving.registry import LocalModelSource, ModelSourceError, find_compressed_dir
+from langops.serving.registry import (
+    LocalModelSource,
+    ModelSourceError,
+    download_compressed_dir,
+    find_compressed_dir,
+)
 
 # serving_helpers holds the shared fixtures (compressed_dir, registered); registering it for assertion
 # rewriting before importing it keeps pytest's detailed assert messages there, and silences a warning.
@@ -23,6 +28,7 @@ from conftest import LABELS
 from serving_helpers import (
     LiveServer,
     RegisteredModels,
+    empty_registry,
     free_port,
     running_server,
     served_version,
@@ -275,3 +281,81 @@ def test_requests_never_fail_during_swaps(registered: RegisteredModels) -> None:
     assert failures == []
     assert {header for header, _ in seen} == {first, second}
     assert all(header == body for header, body in seen)
+
+
+@pytest.mark.model
+def test_a_download_that_differs_from_the_registered_files_is_refused_and_not_cached(
+    registered: RegisteredModels, tmp_path: Path
+) -> None:
+    registry = registered.registry
+    with pytest.raises(ModelSourceError, match=r"model\.onnx: size 25 bytes, expected \d+"):
+        download_compressed_dir(registry.model_name, registered.broken, cache_dir=tmp_path,
+                                tracking_uri=registry.tracking_uri)
+    assert not list(tmp_path.rglob("model.onnx")), "a refused download must not stay in the cache"
+
+
+@pytest.mark.model
+def test_a_tampered_cached_copy_is_downloaded_again(registered: RegisteredModels, tmp_path: Path) -> None:
+    registry, version = registered.registry, registered.good[0]
+
+    def fetch() -> Path:
+        return download_compressed_dir(registry.model_name, version, cache_dir=tmp_path,
+                                       tracking_uri=registry.tracking_uri)
+
+    cached = fetch() / "model.onnx"
+    original = cached.read_bytes()
+    cached.write_bytes(bytes([original[0] ^ 0xFF]) + original[1:])  # same size: only the digest tells
+    assert (fetch() / "model.onnx").read_bytes() == original
+
+
+@pytest.mark.model
+def test_a_corrupt_champion_falls_back_to_the_last_served_version_until_restored(
+    compressed_dir: Path, tmp_path: Path
+) -> None:
+    registry = empty_registry(tmp_path)
+    first = registry.register(compressed_dir)
+    registry.set_champion(first)
+    settings = registry.settings()
+    with running_server(settings) as server, server.client() as client:
+        wait_for_version(client, first)
+        second = registry.register(compressed_dir)
+        original = registry.corrupt(second)
+        registry.set_champion(second)
+        reload = client.post("/reload")
+        assert reload.status_code == 409
+        assert f"version {second} refused, still serving {first}" in reload.json()["detail"]
+        assert served_version(client) == first
+        assert client.get("/ready").json() == {"ready": True, "version": first}  # not a fallback: it was live
+
+    # A restart with the same (warm) cache: nothing is live, the alias's version is refused.
+    with running_server(settings.model_copy(update={"port": free_port()})) as server, server.client() as client:
+        wait_for_version(client, first)
+        ready = client.get("/ready")
+        assert ready.status_code == 200 and ready.json()["version"] == first
+        assert f"names version {second}, which was refused" in ready.json()["detail"]
+        assert "model.onnx: size 25 bytes" in ready.json()["detail"]
+        assert f"falling back to version {first}" in ready.json()["detail"]
+        info = client.get("/version").json()
+        assert info["version"] == first and info["fallback_for"] == second
+        assert client.post("/predict", json={"text": "hello"}).json()["version"] == first
+
+        registry.stored_model_file(second).write_bytes(original)
+        reload = client.post("/reload")
+        assert reload.status_code == 200, reload.text
+        assert reload.json()["new_version"] == second
+        assert client.get("/ready").json() == {"ready": True, "version": second}
+        assert client.get("/version").json()["fallback_for"] is None
+
+
+@pytest.mark.model
+def test_a_server_with_no_history_falls_back_to_the_previous_champion(compressed_dir: Path, tmp_path: Path) -> None:
+    registry = empty_registry(tmp_path)
+    first, second = registry.register(compressed_dir), registry.register(compressed_dir)
+    registry.promote(first)
+    registry.promote(second)
+    registry.corrupt(second)
+    with running_server(registry.settings(cache_dir=tmp_path / "empty-cache")) as server, server.client() as client:
+        wait_for_version(client, first)
+        info = client.get("/version").json()
+        assert info["fallback_for"] == second and "model.onnx" in info["refused"][second]
+        assert client.get("/ready").status_code == 200

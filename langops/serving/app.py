@@ -3,7 +3,9 @@
 The live model is a single reference. A background poller (and ``POST /reload``) loads a new version
 beside it, checks it answers a smoke prediction, and only then replaces the reference; each request
 keeps the model it started with. So a swap never fails a request, and a version that cannot load or
-answer is refused while the old one keeps serving.
+answer is refused while the old one keeps serving. When nothing is live yet (a start or a restart) and
+the alias's version is refused, the server falls back to the last good version rather than serve nothing,
+says so on ``/ready`` and ``/version``, and swaps to the alias's version once it loads.
 
 Requests are scored through a micro-batcher (``batching``): concurrent texts share one onnxruntime
 call, the queue of waiting texts is bounded (503 with ``Retry-After`` beyond it), and on shutdown
@@ -191,6 +193,10 @@ class ModelHolder:
     Versions that failed are remembered with their reason, so the poller does not download and load a
     broken version every few seconds; an explicit reload retries them. Writers hold a lock and replace
     ``_current`` and ``_refused`` wholesale, so readers (requests, /version) never wait or see half an update.
+
+    With nothing live, a refused alias version makes the holder try the source's ``fallback_versions``
+    (last served here, then earlier champions): an old good model beats none. ``fallback_for`` then
+    names the alias's version it stands in for, until the alias names a version that loads.
     """
 
     def __init__(self, source: Source, *, num_threads: int) -> None:
@@ -199,6 +205,7 @@ class ModelHolder:
         self._current: LoadedModel | None = None
         self._refused: dict[str, str] = {}
         self._last_error: str | None = None
+        self._fallback_for: str | None = None
         self._lock = threading.Lock()
 
     @property
@@ -212,6 +219,11 @@ class ModelHolder:
     @property
     def last_error(self) -> str | None:
         return self._last_error
+
+    @property
+    def fallback_for(self) -> str | None:
+        """The alias's version, refused, that the live model stands in for; None when it is the alias's."""
+        return self._fallback_for
 
     def refresh(self, *, retry_refused: bool) -> Refresh:
         """Make the alias's version live if it is new and works; otherwise keep the current model.
@@ -227,23 +239,63 @@ class ModelHolder:
                 self._last_error = str(exc)
                 raise
             if target == old:
+                self._fallback_for = None
                 return Refresh(old, old, target)
             if target in self._refused and not retry_refused:
+                if self._fallback_for is not None:  # the fallback now stands in for this version
+                    self._fallback_for = target
                 return Refresh(old, old, target, refused=self._refused[target])
             try:
                 candidate = self._load(target)
             except Exception as exc:  # whatever breaks a candidate, the live model stays
-                reason = f"{type(exc).__name__}: {exc}"
-                self._refused = {**self._refused, target: reason}
+                reason = self._refuse(target, exc)
                 self._last_error = f"version {target} refused: {reason}"
-                logger.error("refused %s version %s, still serving %s: %s", self.source.model_name, target,
-                             old or "nothing", reason, exc_info=exc)
-                return Refresh(old, old, target, refused=reason)
-            self._current = candidate
+                if self._current is None:
+                    self._fall_back(target)
+                elif self._fallback_for is not None:
+                    self._fallback_for = target
+                new = self._current.version if self._current else None
+                return Refresh(old, new, target, refused=reason)
+            self._go_live(candidate, fallback_for=None)
             self._refused = {version: why for version, why in self._refused.items() if version != target}
             self._last_error = None
             logger.info("now serving %s version %s (was %s)", candidate.name, target, old or "nothing")
             return Refresh(old, target, target)
+
+    def _refuse(self, version: str, exc: Exception) -> str:
+        reason = f"{type(exc).__name__}: {exc}"
+        self._refused = {**self._refused, version: reason}
+        logger.error("refused %s version %s, still serving %s: %s", self.source.model_name, version,
+                     self._current.version if self._current else "nothing", reason, exc_info=exc)
+        return reason
+
+    def _fall_back(self, refused: str) -> None:
+        """Serve the first earlier good version that loads, standing in for the refused ``refused``."""
+        try:
+            versions = [version for version in self.source.fallback_versions() if version != refused]
+        except ModelSourceError as exc:
+            logger.error("no fallback for refused version %s: %s", refused, exc)
+            return
+        for version in versions:
+            try:
+                candidate = self._load(version)
+            except Exception as exc:  # try the next one
+                self._refuse(version, exc)
+                continue
+            self._go_live(candidate, fallback_for=refused)
+            logger.warning("version %s refused and nothing was live: serving %s version %s instead",
+                           refused, candidate.name, version)
+            return
+        logger.error("version %s refused and no earlier version loads (tried %s)", refused, versions)
+
+    def _go_live(self, candidate: LoadedModel, *, fallback_for: str | None) -> None:
+        """Make ``candidate`` live and remember it, so a restart can fall back to it."""
+        self._fallback_for = fallback_for  # first: /ready never pairs a fallback note with the alias's version
+        self._current = candidate
+        try:
+            self.source.record_served(candidate.version)
+        except (ModelSourceError, OSError) as exc:  # serving goes on; only a later fallback loses this hint
+            logger.warning("cannot record version %s as last served: %s", candidate.version, exc)
 
     def _load(self, version: str) -> LoadedModel:
         classifier = load_serving_classifier(self.source.fetch(version), num_threads=self.num_threads)
@@ -409,7 +461,7 @@ class HealthResponse(BaseModel):
 class ReadyResponse(BaseModel):
     ready: bool
     version: str | None = None
-    detail: str | None = None
+    detail: str | None = Field(None, description="why not ready, or why a fallback version is served")
 
 
 class VersionResponse(BaseModel):
@@ -419,6 +471,9 @@ class VersionResponse(BaseModel):
     source: str
     loaded_at: str | None
     refused: dict[str, str]
+    fallback_for: str | None = Field(
+        description="the alias's version, refused, that the served fallback stands in for (null: none)"
+    )
     settings: dict[str, Any] = Field(description="how the server runs: workers, batching, limits, auth variable, log")
     settings_fingerprint: str = Field(description="hash of every setting; deploy restarts the server when it differs")
 
@@ -541,11 +596,19 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     @app.get("/ready", response_model=ReadyResponse, responses={503: {"model": ReadyResponse}})
     async def ready() -> JSONResponse:
-        """200 once a model is loaded and has answered a smoke prediction, else 503 with the reason."""
-        live = holder.current
+        """200 once a model is loaded and has answered a smoke prediction, else 503 with the reason.
+
+        A fallback is ready too (it answers), with a ``detail`` saying which version it stands in for.
+        """
+        live, refused = holder.current, holder.fallback_for
         if live is None:
             detail = holder.last_error or "no model loaded yet"
             return JSONResponse({"ready": False, "detail": detail}, status_code=503)
+        if refused is not None:
+            reason = holder.refused.get(refused, "reason unknown")
+            detail = (f"{holder.source.model_name}@{holder.source.alias} names version {refused}, which was "
+                      f"refused ({reason}); falling back to version {live.version}")
+            return JSONResponse({"ready": True, "version": live.version, "detail": detail})
         return JSONResponse({"ready": True, "version": live.version})
 
     @app.get("/version", response_model=VersionResponse)
@@ -559,6 +622,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
             "source": holder.source.kind,
             "loaded_at": live.loaded_at if live else None,
             "refused": dict(holder.refused),
+            "fallback_for": holder.fallback_for,
             "settings": tuning,
             "settings_fingerprint": fingerprint,
         }
@@ -637,7 +701,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
         }
         if outcome.refused is not None:
             serving = outcome.new_version or "nothing"
-            detail = f"version {outcome.target} refused, still serving {serving}: {outcome.refused}"
+            doing = "falling back to" if outcome.swapped else "still serving"
+            detail = f"version {outcome.target} refused, {doing} {serving}: {outcome.refused}"
             return JSONResponse({**body, "detail": detail}, status_code=409)
         return JSONResponse(body)
 

@@ -4,6 +4,8 @@ The promotion gate runs this before moving the ``champion`` alias (as TFX's Infr
 version whose artifacts cannot be downloaded, whose graph cannot load, or whose answers are not a
 distribution over its labels is never promoted, whatever its metrics say. A fresh process catches what
 an in-process check cannot: a pickled class that no longer imports, a missing file in the registry copy.
+The version is downloaded afresh into a temporary folder, never taken from a cache, and checked against
+the files registered with it (``download_compressed_dir``): the check judges what the registry holds now.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,14 +28,13 @@ class ServableResult:
 
 
 def check_servable(
-    *, tracking_uri: str, model_name: str, version: str, texts: list[str], cache_dir: Path, timeout_s: float = 300.0
+    *, tracking_uri: str, model_name: str, version: str, texts: list[str], timeout_s: float = 300.0
 ) -> ServableResult:
     """Run the check in a child process; never raises for a model problem, reports it instead."""
     started = time.perf_counter()
     command = [
         sys.executable, "-m", "langops.serving.infra_check",
         "--tracking-uri", tracking_uri, "--model-name", model_name, "--version", str(version),
-        "--cache-dir", str(cache_dir),
     ]
     try:
         done = subprocess.run(
@@ -57,14 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", required=True)
     parser.add_argument("--model-name", required=True)
     parser.add_argument("--version", required=True)
-    parser.add_argument("--cache-dir", type=Path, required=True)
     args = parser.parse_args(argv)
     texts = json.loads(sys.stdin.read() or "[]")
 
-    source = ModelSource(args.tracking_uri, args.model_name, cache_dir=args.cache_dir)
-    classifier = OnnxClassifier.load(source.fetch(args.version))
-    check_smoke_prediction(classifier)
-    answers = classifier.predict(texts)
+    with tempfile.TemporaryDirectory(prefix="langops-servable-") as download_dir:
+        source = ModelSource(args.tracking_uri, args.model_name, cache_dir=Path(download_dir))
+        classifier = OnnxClassifier.load(source.fetch(args.version))
+        check_smoke_prediction(classifier)
+        answers = classifier.predict(texts)
     if len(answers) != len(texts) or any(a["label"] not in classifier.labels for a in answers):
         raise SystemExit(f"answers do not match the {len(texts)} texts sent")
     print(json.dumps({"answered": len(answers)}))
