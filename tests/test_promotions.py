@@ -438,8 +438,9 @@ def _dead_owner() -> dict[str, str]:
 
 @pytest.mark.unit
 def test_runs_left_running_by_a_killed_process_are_closed_with_the_reason_by_the_next_command(registry):
-    import langops.tracking as tracking
     from mlflow import MlflowClient
+
+    import langops.tracking as tracking
 
     client = MlflowClient()
     experiment = client.get_experiment_by_name(registry.tracking.experiment).experiment_id
@@ -470,8 +471,9 @@ def test_runs_left_running_by_a_killed_process_are_closed_with_the_reason_by_the
 @pytest.mark.unit
 def test_a_promotion_whose_process_died_after_moving_the_champion_shows_in_history(registry):
     """The alias moved, then the process died before closing its record: history must show the move."""
-    import langops.tracking as tracking
     from mlflow import MlflowClient
+
+    import langops.tracking as tracking
 
     promote(registry, "1")
     client = MlflowClient()

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from pipeline_helpers import TINY_RECIPE
 from safetensors.torch import load_file
 
 from langops.config import TrainConfig
 from langops.tasks.train import length_grouped_batches, train
-from pipeline_helpers import TINY_RECIPE
 
 
 def _cfg(base, **overrides) -> TrainConfig:
