@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     log_file = configure_logging(params.project.state_dir, command=args.command, verbose=args.verbose)
     try:
-        use_local_state(params)
+        if args.command != "relocate":  # the one command for a moved project
+            use_local_state(params)
         return args.handler(params, args)
     except ConfigError as exc:
         print(f"langops: {exc}", file=sys.stderr)
@@ -83,8 +84,11 @@ def use_local_state(params: Params) -> None:
     database lives in ``PREFECT_HOME``; pointing that at ``.langops/prefect`` keeps all state in one
     folder. Must run before Prefect is imported.
     """
+    from langops.relocation import check_location
+
     state = params.project.state_dir
     state.mkdir(parents=True, exist_ok=True)
+    check_location(params)  # a moved project stops here, before anything writes to the old place
     os.environ.setdefault("PREFECT_HOME", str(state / "prefect"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
@@ -173,6 +177,11 @@ def _parser() -> argparse.ArgumentParser:
     history = sub.add_parser("history", parents=[common], help="list the champion's promotions and rollbacks")
     history.add_argument("--limit", type=int, default=20, help="newest events to show (default: 20)")
     history.set_defaults(handler=_history)
+
+    relocate = sub.add_parser(
+        "relocate", parents=[common], help="after moving the project folder: point its MLflow store at the new place"
+    )
+    relocate.set_defaults(handler=_relocate)
 
     rollback = sub.add_parser("rollback", parents=[common], help="serve previous_champion again (recorded)")
     rollback.add_argument("--reason", required=True, help="why; kept in the promotion log")
@@ -381,6 +390,18 @@ def _history(params: Params, args: argparse.Namespace) -> int:
     print(f"promotion history of {model}, newest first")
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[4])
+    return 0
+
+
+def _relocate(params: Params, args: argparse.Namespace) -> int:
+    from langops.relocation import relocate
+
+    moved = relocate(params)
+    if moved.old_state_dir == moved.new_state_dir:
+        print(f"{moved.new_state_dir} has not moved: nothing to rewrite")
+        return 0
+    rows = ", ".join(f"{column} {count}" for column, count in sorted(moved.rewritten.items())) or "no rows"
+    print(f"MLflow store now points at {moved.new_state_dir} (was {moved.old_state_dir}); rewrote {rows}")
     return 0
 
 
