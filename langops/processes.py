@@ -161,22 +161,26 @@ def _signal(process: psutil.Process, signum: int) -> None:
 _reaper: subprocess.Popen[bytes] | None = None
 
 
-def reap_helpers_on_exit() -> None:
-    """Make this process's helpers die with it, however it dies (once per process; later calls do nothing).
+def reap_helpers_on_exit(*helper_pids: int) -> None:
+    """Make this process's helpers die with it, however it dies.
 
     A watcher process in its own session holds the read end of a pipe whose write end only this process
-    has. It notes this process's descendants in the same session every ``REAPER_SNAPSHOT_S``; when the pipe
-    reaches end-of-file (this process exited, normally or by SIGKILL) it stops the ones still running:
-    SIGTERM, then SIGKILL after ``LEFTOVER_TIMEOUT_S``. Processes started in their own session (the model
-    server, ``langops up`` services) are meant to outlive the command and are left alone.
+    has; it starts on the first call. It takes down, when the pipe reaches end-of-file (this process
+    exited, normally or by SIGKILL), the helpers named here (a later call can name more) and the
+    descendants it saw in this process's session, which it notes every ``REAPER_SNAPSHOT_S``: SIGTERM,
+    then SIGKILL after ``LEFTOVER_TIMEOUT_S``. Processes started in their own session (the model server,
+    ``langops up`` services) are meant to outlive the command and are left alone unless named.
     """
     global _reaper
-    if _reaper is not None and _reaper.poll() is None:
-        return
-    _reaper = subprocess.Popen(
-        [sys.executable, "-m", "langops.processes", "--reap-helpers-of", str(os.getpid())],
-        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
+    if _reaper is None or _reaper.poll() is not None:
+        _reaper = subprocess.Popen(
+            [sys.executable, "-m", "langops.processes", "--reap-helpers-of", str(os.getpid())],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+    if helper_pids:
+        assert _reaper.stdin is not None
+        _reaper.stdin.write("".join(f"{pid}\n" for pid in helper_pids).encode())
+        _reaper.stdin.flush()
 
 
 def _reap_helpers_of(parent_pid: int) -> None:
@@ -187,16 +191,26 @@ def _reap_helpers_of(parent_pid: int) -> None:
         session = os.getsid(parent_pid)
     except (psutil.Error, OSError):
         return
+    named: list[psutil.Process] = []  # captured at once: their start times tell a reused pid apart later
     parent_gone = threading.Event()
-    threading.Thread(target=lambda: (sys.stdin.buffer.read(), parent_gone.set()), daemon=True).start()
-    helpers: list[psutil.Process] = []
+
+    def read_names() -> None:
+        for line in sys.stdin.buffer:  # ends at end-of-file: the parent is gone
+            try:
+                named.append(psutil.Process(int(line)))
+            except (ValueError, psutil.Error):
+                continue
+        parent_gone.set()
+
+    threading.Thread(target=read_names, daemon=True).start()
+    seen: list[psutil.Process] = []
     while not parent_gone.wait(REAPER_SNAPSHOT_S):
         try:
-            helpers = [child for child in parent.children(recursive=True) if _in_session(child, session)]
-        except psutil.Error:  # a short-lived child (git, a compiler) ended mid-listing, or the parent did
+            seen = [child for child in parent.children(recursive=True) if _in_session(child, session)]
+        except Exception:  # a short-lived child ended mid-listing, or the parent did: keep the last snapshot
             if not parent.is_running():
-                break  # keep the last snapshot
-    running = [helper for helper in helpers if _running(helper)]  # is_running also checks the start time
+                break
+    running = [helper for helper in {*named, *seen} if _running(helper)]  # is_running checks the start time
     for helper in running:
         _signal(helper, signal.SIGTERM)
     _, alive = psutil.wait_procs(running, timeout=LEFTOVER_TIMEOUT_S)

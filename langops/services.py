@@ -234,6 +234,8 @@ def start_temporary_prefect_server(params: Params) -> str | None:
         raise
     finally:
         prefect_log.setLevel(level)
+    if server.server_process is not None:
+        reap_helpers_on_exit(server.server_process.pid)  # named, not only seen: it dies with this process
     log.info("temporary Prefect server up at %s after %.1f s", server.api_url, time.perf_counter() - started)
     return server.api_url
 

@@ -130,22 +130,24 @@ def test_the_reaper_takes_down_a_killed_commands_helpers_but_not_its_detached_se
         "reap_helpers_on_exit()\n"
         "helper = subprocess.Popen(['sleep', '300'])\n"
         "detached = subprocess.Popen(['sleep', '300'], start_new_session=True)\n"
-        "print(helper.pid, detached.pid, flush=True)\n"
+        "named = subprocess.Popen(['sleep', '300'], start_new_session=True)\n"
+        "reap_helpers_on_exit(named.pid)\n"
+        "print(helper.pid, detached.pid, named.pid, flush=True)\n"
         "time.sleep(300)\n"
     )
     command = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    helper_pid, detached_pid = (int(pid) for pid in command.stdout.readline().split())
-    helper, detached = psutil.Process(helper_pid), psutil.Process(detached_pid)
+    helper, detached, named = (psutil.Process(int(pid)) for pid in command.stdout.readline().split())
     try:
-        time.sleep(1.5)  # the reaper notes helpers every 0.5 s
+        time.sleep(1.5)  # the reaper notes the helpers it sees every 0.5 s
         command.kill()
         command.wait()
 
-        psutil.wait_procs([helper], timeout=20)
-        assert not helper.is_running() or helper.status() == psutil.STATUS_ZOMBIE
+        psutil.wait_procs([helper, named], timeout=20)
+        for process in (helper, named):  # seen in the command's session, or named though detached
+            assert not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
         assert detached.is_running() and detached.status() != psutil.STATUS_ZOMBIE
     finally:
-        for process in (helper, detached):
+        for process in (helper, detached, named):
             if process.is_running():
                 process.kill()
         command.stdout.close()
