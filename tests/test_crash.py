@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -49,11 +50,16 @@ GONE_WITHIN_S = 30.0  # the reaper notices a death at once and gives a helper 5 
 
 
 def _langops(root: Path, *args: str, crash_at: str | None = None) -> subprocess.CompletedProcess:
+    """Run a command; its output goes through files, not pipes, which a process it left behind would hold open."""
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME", CRASH_AT_ENV)}
     if crash_at is not None:
         env[CRASH_AT_ENV] = crash_at
-    return subprocess.run([sys.executable, "-m", "langops.cli", *args], cwd=root, env=env, capture_output=True,
-                          text=True, timeout=900, check=False)
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        code = subprocess.run([sys.executable, "-m", "langops.cli", *args], cwd=root, env=env, stdout=out,
+                              stderr=err, timeout=900, check=False).returncode
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(args, code, out.read(), err.read())
 
 
 def _leftovers(root: Path) -> list[str]:
