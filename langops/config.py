@@ -382,10 +382,22 @@ class ServerConfig(_Section):
         description="environment variable holding the bearer token (unset or empty: no auth)",
     )
     prediction_log_sample_rate: float = Field(1.0, ge=0, le=1, description="share of requests logged")
-    prediction_log_hash_texts: bool = Field(True, description="log sha256 of each text instead of the text")
+    prediction_log_text: Literal["none", "sha256", "raw"] = Field(
+        "none", description="what the prediction log keeps of each text: none (its length and token counts "
+        "only), sha256 (a digest: joins to your own store, but short texts can be guessed back), raw (the text "
+        "itself: needed by `langops feedback export`)",
+    )
     prediction_log_max_bytes: int = Field(10_485_760, ge=1024, description="size of one log file before it rotates")
     prediction_log_backups: int = Field(5, ge=1, description="rotated log files kept")
     prediction_log_queue: int = Field(10_000, ge=1, description="records waiting for the writer before drops")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, values: Any) -> Any:
+        if isinstance(values, dict) and "prediction_log_hash_texts" in values:
+            raise ValueError("prediction_log_hash_texts was replaced by prediction_log_text: none | sha256 | raw "
+                             "(true was sha256, false was raw)")
+        return values
 
 
 class DeployConfig(ServerConfig):
