@@ -487,8 +487,8 @@ class MonitorConfig(_Section):
     Every test's p-value is corrected for the number of tests (``correction``), so the whole monitor's
     false alarm rate on windows without drift stays at most ``alpha``. A test flags drift when its corrected
     p-value is at most ``alpha`` *and* its effect reaches its floor (``*_floor``): the floors are the 95th
-    percentile of each score over windows of ``max_rows`` rows without drift (``benchmarks/monitoring.py
-    --calibrate``), so a large window does not alarm on a shift too small to matter.
+    percentile of each score over 1000-row windows without drift (``benchmarks/monitoring.py --calibrate``),
+    so a large window does not alarm on a shift smaller than a 1000-row window's own noise.
     """
 
     window_hours: float = Field(24.0, gt=0, description="a window holds the predictions logged in the last hours")

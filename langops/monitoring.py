@@ -34,8 +34,10 @@ The checks, and what each answers:
 False alarms: the six tests with p-values are corrected together (Holm by default, or Bonferroni), so on
 windows without drift the chance that any of them alarms is at most ``alpha``. A test flags drift only when
 its corrected p-value is at most ``alpha`` *and* its score reaches a floor; floors are calibrated on windows
-without drift (``benchmarks/monitoring.py --calibrate``: the 95th percentile of each score over windows of
-``max_rows`` rows), so a large window does not alarm on a shift smaller than a full window's own noise.
+without drift (``benchmarks/monitoring.py --calibrate``: the 95th percentile of each score over 1000-row
+windows of demo tickets, rounded up), so a large window does not alarm on a shift smaller than a 1000-row
+window's own noise. The floors never raise the false alarm rate (a flag needs the corrected p-value too);
+they trade a little power on large windows for alarms that matter.
 
 Why no library: Alibi Detect (MMD, classifier drift) needs numpy<2 and pandas<2.3 and would downgrade
 transformers; NannyML (CBPE, domain classifier) and Evidently (embedding drift) install beside the pinned stack
@@ -611,9 +613,9 @@ def detect_drift(
     labels = list(labels or reference["probabilities"].iloc[0].keys())
     times = current["time"] if len(current) else pd.Series([], dtype="datetime64[ns, UTC]")
     span = (times.min().isoformat(), times.max().isoformat()) if len(current) else (None, None)
-    base = dict(rows=len(current), reference_rows=len(reference), start=span[0], end=span[1],
-                versions=tuple(sorted(current["version"].unique())) if len(current) else (),
-                alpha=cfg.alpha, correction=cfg.correction, skipped_lines=skipped_lines)
+    base = {"rows": len(current), "reference_rows": len(reference), "start": span[0], "end": span[1],
+                "versions": tuple(sorted(current["version"].unique())) if len(current) else (),
+                "alpha": cfg.alpha, "correction": cfg.correction, "skipped_lines": skipped_lines}
     if len(current) < cfg.min_rows:
         reason = f"{len(current)} rows in the window, {cfg.min_rows} needed for a verdict"
         return DriftReport(verdict="no_verdict", reasons=(reason,), checks=(), **base)
