@@ -517,10 +517,10 @@ class MonitorConfig(_Section):
     @model_validator(mode="after")
     def _enough_permutations(self) -> MonitorConfig:
         smallest = 1 / (self.permutations + 1)
-        if smallest > self.alpha / 6:  # the strictest Holm level of the six tests
+        if smallest > self.alpha / 8:  # the strictest Holm level of the eight tests
             raise ValueError(
-                f"permutations={self.permutations} cannot reach p={self.alpha / 6:.4g} (alpha / 6 tests); "
-                f"use at least {int(6 / self.alpha)}"
+                f"permutations={self.permutations} cannot reach p={self.alpha / 8:.4g} (alpha / 8 tests); "
+                f"use at least {int(8 / self.alpha)}"
             )
         return self
 

@@ -27,11 +27,14 @@ The checks, and what each answers:
   is the mean calibrated probability of the predicted class and the expected macro-F1 is built from expected
   confusion counts (TP_k = sum of p_k over rows predicted k, FP_k = sum of 1 - p_k over them, FN_k = sum of
   p_k over rows predicted otherwise). Flagged when it falls more than ``accuracy_drop_margin`` below the
-  reference's real accuracy. It has no p-value: its noise at ``min_rows`` rows is far below the margin.
+  reference's real accuracy by more than ``accuracy_drop_margin`` and a one-sided z-test (the estimate's and
+  the reference accuracy's standard errors) rejects "no drop".
 * ``feedback_accuracy``: real accuracy and macro-F1 on window rows whose feedback label arrived (joined by
-  ``request_id``), judged once ``min_feedback_rows`` have.
+  ``request_id``), judged once ``min_feedback_rows`` have: flagged when it is more than the margin below the
+  reference's and a one-sided binomial test rejects "as accurate as the reference".
 
-False alarms: the six tests with p-values are corrected together (Holm by default, or Bonferroni), so on
+False alarms: every test with a p-value (six on the inputs and outputs, two on accuracy) is corrected with
+the others (Holm by default, or Bonferroni), so on
 windows without drift the chance that any of them alarms is at most ``alpha``. A test flags drift only when
 its corrected p-value is at most ``alpha`` *and* its score reaches a floor; floors are calibrated on windows
 without drift (``benchmarks/monitoring.py --calibrate``: the 95th percentile of each score over 1000-row
@@ -522,9 +525,15 @@ def check_estimated_accuracy(ref_probs: np.ndarray, cur_probs: np.ndarray, ref_t
     known = ref_true >= 0
     calibrator = fit_calibrator(ref_probs[known], ref_true[known], labels)
     ref_accuracy, ref_f1 = real_metrics(ref_true, ref_probs.argmax(axis=1), len(labels))
-    est_accuracy, est_f1 = expected_metrics(calibrator.apply(cur_probs))
+    calibrated = calibrator.apply(cur_probs)
+    est_accuracy, est_f1 = expected_metrics(calibrated)
     drop = ref_accuracy - est_accuracy
-    return Check("estimated_accuracy", drop, cfg.accuracy_drop_margin, drop > cfg.accuracy_drop_margin,
+    # one-sided z-test of "no drop": the estimate's and the reference accuracy's standard errors together
+    se = math.sqrt(calibrated.max(axis=1).var() / len(calibrated) + ref_accuracy * (1 - ref_accuracy) / known.sum())
+    from scipy.stats import norm
+
+    p = float(norm.sf(drop / se)) if se > 0 else float(drop <= 0)
+    return Check("estimated_accuracy", drop, cfg.accuracy_drop_margin, False, raw_p_value=p,
                  details={"estimated_accuracy": est_accuracy, "estimated_macro_f1": est_f1,
                           "reference_accuracy": ref_accuracy, "reference_macro_f1": ref_f1,
                           "raw_mean_confidence": float(cur_probs.max(axis=1).mean())},
@@ -550,7 +559,11 @@ def check_feedback_accuracy(current: pd.DataFrame, cur_probs: np.ndarray, refere
                      details=details, note="no reference accuracy to compare with")
     drop = reference_accuracy - accuracy
     judged = count >= cfg.min_feedback_rows
-    return Check("feedback_accuracy", drop, cfg.accuracy_drop_margin, judged and drop > cfg.accuracy_drop_margin,
+    from scipy.stats import binomtest
+
+    correct = int(round(accuracy * count))
+    p = float(binomtest(correct, count, min(max(reference_accuracy, 1e-9), 1 - 1e-9), alternative="less").pvalue)
+    return Check("feedback_accuracy", drop, cfg.accuracy_drop_margin, False, raw_p_value=p if judged else None,
                  judged=judged, details=details,
                  note="" if judged else f"{count} feedback labels, {cfg.min_feedback_rows} needed")
 
@@ -628,34 +641,37 @@ def detect_drift(
         check_embedding_classifier(ref_emb, cur_emb, cfg),
         check_embedding_mmd(ref_emb, cur_emb, cfg),
     ]
-    adjusted = adjust_p_values([c.raw_p_value or 1.0 for c in tested], cfg.correction)
-    tested = [_decide(c, p, cfg.alpha) for c, p in zip(tested, adjusted, strict=True)]
     ref_probs, cur_probs = probability_matrix(reference, labels), probability_matrix(current, labels)
     ref_true = _label_ids(reference[TRUE_LABEL], labels) if TRUE_LABEL in reference else None
     estimated = check_estimated_accuracy(ref_probs, cur_probs, ref_true, labels, cfg)
     ref_accuracy = estimated.details.get("reference_accuracy")
     feedback = check_feedback_accuracy(current, cur_probs, ref_accuracy, labels, cfg)
-    checks = (*tested, estimated, feedback)
+    checks = [*tested, estimated, feedback]
+    family = [i for i, c in enumerate(checks) if c.raw_p_value is not None]  # every check judged by a test
+    adjusted = adjust_p_values([checks[i].raw_p_value for i in family], cfg.correction)  # type: ignore[misc]
+    for i, p in zip(family, adjusted, strict=True):
+        checks[i] = _decide(checks[i], p, cfg.alpha)
     reasons = tuple(_reason(c, cfg) for c in checks if c.drifted)
     verdict: Verdict = "drift" if reasons else "ok"
     if not reasons:
         reasons = (f"no check flagged drift on {len(current)} rows",)
-    return DriftReport(verdict=verdict, reasons=reasons, checks=checks,
+    return DriftReport(verdict=verdict, reasons=reasons, checks=tuple(checks),
                        histograms=_histograms(reference, current), **base)
 
 
 def _decide(check: Check, p: float, alpha: float) -> Check:
     from dataclasses import replace
 
-    significant = p <= alpha
-    return replace(check, p_value=p, drifted=significant and check.score >= check.threshold)
+    reaches = check.score > check.threshold if check.name.endswith("accuracy") else check.score >= check.threshold
+    return replace(check, p_value=p, drifted=p <= alpha and reaches)
 
 
 def _reason(check: Check, cfg: MonitorConfig) -> str:
-    if check.p_value is not None:
+    if not check.name.endswith("accuracy"):
         return (f"{check.name}: score {check.score:.4g} >= floor {check.threshold:.4g} and corrected p "
                 f"{check.p_value:.3g} <= {cfg.alpha:g}")
-    return f"{check.name}: accuracy {check.score:.3f} below the reference's, more than the margin {check.threshold:g}"
+    return (f"{check.name}: accuracy {check.score:.3f} below the reference's (more than the margin "
+            f"{check.threshold:g}), corrected p {check.p_value:.3g} <= {cfg.alpha:g}")
 
 
 # --------------------------------------------------------------------------------------------- the report

@@ -211,3 +211,17 @@ def test_write_report_writes_markdown_json_and_plots(reference, tmp_path):
     summary = json.loads((tmp_path / "report" / "report.json").read_text())
     assert summary["verdict"] == "drift"
     assert {c["name"] for c in summary["checks"]} >= {"embedding_mmd", "estimated_accuracy"}
+
+
+def test_a_drop_within_the_noise_of_few_feedback_labels_is_not_flagged(reference):
+    window = synthetic(400, seed=9)
+    ref_accuracy = float((reference["label"] == reference[TRUE_LABEL]).mean())
+    right = int(round((ref_accuracy - 0.08) * 60))  # 60 labels, 8 points below the reference: past the margin
+    window[TRUE_LABEL] = None
+    window.loc[: right - 1, TRUE_LABEL] = window.loc[: right - 1, "label"]
+    window.loc[right:59, TRUE_LABEL] = np.where(window.loc[right:59, "label"] == "account", "billing", "account")
+    check = detect_drift(reference, window, CFG).check("feedback_accuracy")
+    assert check.details["rows"] == 60
+    assert check.score > CFG.accuracy_drop_margin
+    assert check.judged and not check.drifted  # the binomial test: 60 labels cannot tell 8 points from noise
+    assert check.p_value is not None and check.p_value > CFG.alpha
