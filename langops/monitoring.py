@@ -561,7 +561,7 @@ def check_feedback_accuracy(current: pd.DataFrame, cur_probs: np.ndarray, refere
     judged = count >= cfg.min_feedback_rows
     from scipy.stats import binomtest
 
-    correct = int(round(accuracy * count))
+    correct = round(accuracy * count)
     p = float(binomtest(correct, count, min(max(reference_accuracy, 1e-9), 1 - 1e-9), alternative="less").pvalue)
     return Check("feedback_accuracy", drop, cfg.accuracy_drop_margin, False, raw_p_value=p if judged else None,
                  judged=judged, details=details,

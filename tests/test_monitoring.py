@@ -216,7 +216,7 @@ def test_write_report_writes_markdown_json_and_plots(reference, tmp_path):
 def test_a_drop_within_the_noise_of_few_feedback_labels_is_not_flagged(reference):
     window = synthetic(400, seed=9)
     ref_accuracy = float((reference["label"] == reference[TRUE_LABEL]).mean())
-    right = int(round((ref_accuracy - 0.08) * 60))  # 60 labels, 8 points below the reference: past the margin
+    right = round((ref_accuracy - 0.08) * 60)  # 60 labels, 8 points below the reference: past the margin
     window[TRUE_LABEL] = None
     window.loc[: right - 1, TRUE_LABEL] = window.loc[: right - 1, "label"]
     window.loc[right:59, TRUE_LABEL] = np.where(window.loc[right:59, "label"] == "account", "billing", "account")
