@@ -215,7 +215,7 @@ def _prediction_log_dir(params: Params, args: argparse.Namespace) -> Path:
 
 
 def _feedback_import(params: Params, args: argparse.Namespace) -> int:
-    from langops.monitoring import FEEDBACK_IMPORT_FILE, FeedbackError, import_feedback
+    from langops.prediction_records import FEEDBACK_IMPORT_FILE, FeedbackError, import_feedback
 
     log_dir = _prediction_log_dir(params, args)
     try:
@@ -228,7 +228,7 @@ def _feedback_import(params: Params, args: argparse.Namespace) -> int:
 
 
 def _feedback_export(params: Params, args: argparse.Namespace) -> int:
-    from langops.monitoring import NoTextsKept, export_feedback
+    from langops.prediction_records import NoTextsKept, export_feedback
 
     try:
         result = export_feedback(_prediction_log_dir(params, args), args.output)

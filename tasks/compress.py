@@ -237,7 +237,7 @@ def write_reference(path: Path, classifier: OnnxClassifier, texts: Sequence[str]
     """
     import pandas as pd
 
-    from langops.monitoring import prediction_rows
+    from langops.prediction_records import prediction_rows
 
     scores = classifier.score(texts, SCORE_BATCH_SIZE)
     rows = prediction_rows(

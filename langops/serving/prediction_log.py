@@ -1,7 +1,7 @@
 """Sampled, size-bounded JSONL logs written off the request path: predictions and feedback.
 
 Each scored text of a sampled request becomes one JSON line in ``predictions.jsonl`` (the schema is
-``langops.monitoring``'s); each feedback label one line in ``feedback.jsonl`` beside it. A file rotates at
+``langops.prediction_records``'s); each feedback label one line in ``feedback.jsonl`` beside it. A file rotates at
 ``max_bytes`` and ``backups`` old files are kept, so the disk used is bounded. Requests only put entries
 on a bounded queue; a background thread formats and writes them. When the writer falls behind, new
 entries are refused and counted instead of slowing requests down (predictions are dropped; feedback is
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from langops.monitoring import FEEDBACK_FILE, Feedback, TextPolicy, feedback_lines, prediction_rows, utc_now
+from langops.prediction_records import FEEDBACK_FILE, Feedback, TextPolicy, feedback_lines, prediction_rows, utc_now
 
 if TYPE_CHECKING:
     from langops.onnx_model import Scores
