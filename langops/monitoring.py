@@ -4,7 +4,7 @@ A *window* is the model server's prediction log (``predictions*.jsonl``, rotated
 ``monitor.window_hours``, one model version, at most ``monitor.max_rows`` rows; the *reference* is the same
 columns for the champion's test split, scored by the shipped model at registration, with its true labels in
 ``true_label``. ``detect_drift(reference, window, cfg)`` compares them and returns a small frozen
-``DriftReport``; ``write_report`` writes ``report.md``, ``report.json`` and the plots. Plain functions, no
+``DriftReport``; ``write_report`` writes ``drift-report.md``, ``drift-report.json`` and the plots. Plain functions, no
 Prefect and no MLflow, so a flow, the CLI and the tests call the same code.
 
 The checks, and what each answers:
@@ -676,8 +676,8 @@ def _reason(check: Check, cfg: MonitorConfig) -> str:
 
 # --------------------------------------------------------------------------------------------- the report
 
-REPORT_MD = "report.md"
-REPORT_JSON = "report.json"
+REPORT_MD = "drift-report.md"
+REPORT_JSON = "drift-report.json"
 PLOTS = {"confidence": "confidence.png", "text_length": "text_length.png", "scores": "scores.png"}
 
 
@@ -748,7 +748,7 @@ def plot_scores(report: DriftReport, path: Path) -> Path:
 
 
 def write_report(report: DriftReport, folder: Path) -> Path:
-    """``report.md`` (with the plots linked), ``report.json`` and the PNGs under ``folder``; returns report.md."""
+    """``drift-report.md`` (with the plots linked), ``drift-report.json`` and the PNGs under ``folder``; returns drift-report.md."""
     folder.mkdir(parents=True, exist_ok=True)
     text = report.to_markdown()
     if report.checks:

@@ -208,7 +208,7 @@ def test_write_report_writes_markdown_json_and_plots(reference, tmp_path):
     for png in ("confidence.png", "text_length.png", "scores.png"):
         assert f"]({png})" in text
         assert (tmp_path / "report" / png).read_bytes()[:4] == b"\x89PNG"
-    summary = json.loads((tmp_path / "report" / "report.json").read_text())
+    summary = json.loads((tmp_path / "report" / "drift-report.json").read_text())
     assert summary["verdict"] == "drift"
     assert {c["name"] for c in summary["checks"]} >= {"embedding_mmd", "estimated_accuracy"}
 

@@ -21,7 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from langops.prediction_records import FEEDBACK_FILE, Feedback, TextPolicy, feedback_lines, prediction_rows, utc_now
+from langops.prediction_records import (
+    FEEDBACK_FILE,
+    Feedback,
+    TextPolicy,
+    feedback_lines,
+    prediction_rows,
+    utc_now,
+)
 
 if TYPE_CHECKING:
     from langops.onnx_model import Scores
