@@ -187,7 +187,63 @@ def _parser() -> argparse.ArgumentParser:
     rollback.add_argument("--reason", required=True, help="why; kept in the promotion log")
     rollback.add_argument("--actor", default=os.environ.get("USER") or "cli", help="who (default: $USER or cli)")
     rollback.set_defaults(handler=_rollback)
+
+    feedback = sub.add_parser("feedback", help="true labels for served predictions: import them, export a dataset")
+    feedback_sub = feedback.add_subparsers(dest="feedback_command", required=True)
+    log_dir_help = "the server's prediction log folder (default: <state_dir>/server/predictions, where deploy-model puts it)"
+    feedback_import = feedback_sub.add_parser(
+        "import", parents=[common], help="append request_id,label rows (CSV or JSONL) to the feedback log",
+    )
+    feedback_import.add_argument("file", type=Path, help="a .csv with header request_id,label, or .jsonl objects")
+    feedback_import.add_argument("--log-dir", type=Path, help=log_dir_help)
+    feedback_import.set_defaults(handler=_feedback_import)
+    feedback_export = feedback_sub.add_parser(
+        "export", parents=[common],
+        help="join feedback to the logged predictions and write a text,label CSV (needs prediction_log_text: raw)",
+    )
+    feedback_export.add_argument("--output", type=Path, default=Path("data/feedback.csv"),
+                                 help="the CSV to write (default: data/feedback.csv); then `dvc add` it")
+    feedback_export.add_argument("--log-dir", type=Path, help=log_dir_help)
+    feedback_export.set_defaults(handler=_feedback_export)
     return parser
+
+
+def _prediction_log_dir(params: Params, args: argparse.Namespace) -> Path:
+    from langops.serving.app import PREDICTION_LOG_DIR, SERVER_DIR
+
+    return args.log_dir or params.project.state_dir / SERVER_DIR / PREDICTION_LOG_DIR
+
+
+def _feedback_import(params: Params, args: argparse.Namespace) -> int:
+    from langops.prediction_records import FEEDBACK_IMPORT_FILE, FeedbackError, import_feedback
+
+    log_dir = _prediction_log_dir(params, args)
+    try:
+        added = import_feedback(args.file, log_dir)
+    except FeedbackError as exc:
+        print(f"langops: {exc}", file=sys.stderr)
+        return 2
+    print(f"imported {added} feedback labels into {log_dir / FEEDBACK_IMPORT_FILE}")
+    return 0
+
+
+def _feedback_export(params: Params, args: argparse.Namespace) -> int:
+    from langops.prediction_records import NoTextsKept, export_feedback
+
+    try:
+        result = export_feedback(_prediction_log_dir(params, args), args.output)
+    except (FileNotFoundError, NoTextsKept) as exc:
+        print(f"langops: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {result.rows} labelled texts to {result.output} from {result.feedback} feedback labels")
+    skipped = {"naming no logged prediction (not logged, sampled out or rotated away)": result.unmatched,
+               "whose prediction was logged without its text (prediction_log_text is not raw)": result.without_text,
+               "with a label the answering model does not have": result.unknown_label}
+    for why, count in skipped.items():
+        if count:
+            print(f"  skipped {count} {why}")
+    print(f"track it with: dvc add {result.output}   train on it with: --set data.source={result.output}")
+    return 0
 
 
 def _run(params: Params, args: argparse.Namespace) -> int:

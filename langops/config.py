@@ -382,10 +382,22 @@ class ServerConfig(_Section):
         description="environment variable holding the bearer token (unset or empty: no auth)",
     )
     prediction_log_sample_rate: float = Field(1.0, ge=0, le=1, description="share of requests logged")
-    prediction_log_hash_texts: bool = Field(True, description="log sha256 of each text instead of the text")
+    prediction_log_text: Literal["none", "sha256", "raw"] = Field(
+        "none", description="what the prediction log keeps of each text: none (its length and token counts "
+        "only), sha256 (a digest: joins to your own store, but short texts can be guessed back), raw (the text "
+        "itself: needed by `langops feedback export`)",
+    )
     prediction_log_max_bytes: int = Field(10_485_760, ge=1024, description="size of one log file before it rotates")
     prediction_log_backups: int = Field(5, ge=1, description="rotated log files kept")
     prediction_log_queue: int = Field(10_000, ge=1, description="records waiting for the writer before drops")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, values: Any) -> Any:
+        if isinstance(values, dict) and "prediction_log_hash_texts" in values:
+            raise ValueError("prediction_log_hash_texts was replaced by prediction_log_text: none | sha256 | raw "
+                             "(true was sha256, false was raw)")
+        return values
 
 
 class DeployConfig(ServerConfig):
@@ -481,6 +493,50 @@ def _check_sweep_key(key: str) -> None:
         node = node.model_fields[part].annotation
 
 
+class MonitorConfig(_Section):
+    """Production monitoring: which logged predictions make a window and when a window counts as drifted.
+
+    Every test's p-value is corrected for the number of tests (``correction``), so the whole monitor's
+    false alarm rate on windows without drift stays at most ``alpha``. A test flags drift when its corrected
+    p-value is at most ``alpha`` *and* its effect reaches its floor (``*_floor``): the floors are the 95th
+    percentile of each score over 1000-row windows without drift (``benchmarks/monitoring.py --calibrate``),
+    so a large window does not alarm on a shift smaller than a 1000-row window's own noise.
+    """
+
+    window_hours: float = Field(24.0, gt=0, description="a window holds the predictions logged in the last hours")
+    max_rows: int = Field(5000, ge=1, description="most recent rows of the window that are judged")
+    min_rows: int = Field(200, ge=2, description="below this the monitor gives no verdict")
+    alpha: float = Field(0.05, gt=0, lt=1, description="family-wise false alarm rate over all tests")
+    correction: Literal["holm", "bonferroni"] = "holm"
+    low_confidence: float = Field(0.5, gt=0, lt=1, description="a top probability below this is low confidence")
+    psi_bins: int = Field(10, ge=2, description="quantile bins of the reference for the confidence PSI")
+    label_psi_floor: float = Field(0.015, ge=0, description="population stability index of the predicted labels")
+    confidence_ks_floor: float = Field(0.05, ge=0, description="KS statistic of the top probability")
+    length_ks_floor: float = Field(0.06, ge=0, description="KS statistic of the text length in characters")
+    unknown_ks_floor: float = Field(0.01, ge=0, description="KS statistic of the unknown-token share")
+    classifier_auc_floor: float = Field(0.53, ge=0.5, le=1, description="cross-validated ROC AUC, reference vs window")
+    classifier_folds: int = Field(5, ge=2)
+    classifier_max_rows: int = Field(5000, ge=10, description="rows of each side the domain classifier sees")
+    mmd_floor: float = Field(0.0005, ge=0, description="unbiased MMD^2 (RBF kernel, median-heuristic bandwidth)")
+    mmd_max_rows: int = Field(500, ge=10, description="rows of each side in the MMD test (cost grows with the square)")
+    permutations: int = Field(500, ge=20, description="label permutations of the MMD test")
+    accuracy_drop_margin: float = Field(
+        0.05, gt=0, lt=1, description="estimated (or fed-back) accuracy this far below the reference's is drift"
+    )
+    min_feedback_rows: int = Field(50, ge=1, description="feedback labels needed to judge the real accuracy")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _enough_permutations(self) -> MonitorConfig:
+        smallest = 1 / (self.permutations + 1)
+        if smallest > self.alpha / 8:  # the strictest Holm level of the eight tests
+            raise ValueError(
+                f"permutations={self.permutations} cannot reach p={self.alpha / 8:.4g} (alpha / 8 tests); "
+                f"use at least {int(8 / self.alpha)}"
+            )
+        return self
+
+
 class TrackingConfig(_Section):
     """MLflow. ``uri: null`` means the embedded SQLite store under ``project.state_dir``."""
 
@@ -507,6 +563,7 @@ with warnings.catch_warnings():
         services: ServicesConfig = ServicesConfig()
         tracking: TrackingConfig = TrackingConfig()
         sweep: SweepConfig = SweepConfig()
+        monitor: MonitorConfig = MonitorConfig()
 
         def resolved(self, root: Path) -> Params:
             """Make every relative path absolute against ``root`` (the folder holding params.yaml)."""

@@ -5,12 +5,18 @@ casing and punctuation, filler phrases, a second sentence borrowed from a relate
 that asks for a refund, a technical problem that mentions logging in), a few vague tickets and a little
 label noise. A TF-IDF + logistic-regression baseline lands around 78-84% on a held-out split, so a model
 that does much worse is broken and one that scores 100% is suspicious.
+
+``drift=`` makes the tickets a model in production would meet after the world changed, for monitoring demos
+and tests: ``new_topic`` (a share of tickets about warranty repairs, a kind the model never saw, labelled
+``warranty``), ``new_vocabulary`` (the same classes written about new products, devices and apps, with slang
+and emoji) or ``class_mix`` (the same tickets in very different class shares).
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Literal
 
 import pandas as pd
 
@@ -356,37 +362,98 @@ SLOT_GENERATORS: dict[str, Callable[[random.Random], str]] = {
 }
 
 
+# ------------------------------------------------------------------------------------------- drift
+
+Drift = Literal["new_topic", "new_vocabulary", "class_mix"]
+DRIFTS: tuple[str, ...] = ("new_topic", "new_vocabulary", "class_mix")
+NEW_TOPIC_LABEL = "warranty"
+NEW_TOPIC_SHARE = 0.3  # share of tickets replaced by the new kind under drift="new_topic"
+NEW_TOPIC_TEMPLATES: tuple[str, ...] = (
+    "My {product} stopped working after {days} months, is it still under warranty?",
+    "I'd like to file a warranty claim for the {product}, the hinge snapped.",
+    "Where do I send the {product} for repair under the two-year guarantee?",
+    "The repair centre in {city} says my {product} warranty is void, why?",
+    "Can I extend the warranty on the {product} I bought {when}?",
+    "The replacement {product} you sent under warranty has the same defect.",
+    "How long does a warranty repair of the {product} usually take?",
+    "Do I need the original receipt to claim the manufacturer guarantee on my {product}?",
+    "The technician who came to fix the {product} under warranty never showed up on {date}.",
+    "Is accidental damage to the {product} covered by the extended protection plan?",
+)
+# Class shares under drift="class_mix": the small classes become large and the large ones small.
+DRIFTED_CLASS_WEIGHTS: dict[str, float] = {
+    "technical": 0.06,
+    "billing": 0.08,
+    "shipping": 0.36,
+    "account": 0.08,
+    "cancellation": 0.30,
+    "feedback": 0.12,
+}
+# Slot values under drift="new_vocabulary": products, devices, apps and plans the reference never named.
+NEW_SLOT_VALUES: dict[str, tuple[str, ...]] = {
+    **SLOT_VALUES,
+    "product": ("e-bike battery", "VR headset", "heat pump", "sourdough starter kit", "drone gimbal",
+                "solar power bank", "espresso tamper", "smart ring", "bidet seat", "pickleball paddle",
+                "3D printer nozzle", "kombucha brewing jar"),
+    "device": ("Quest 3", "Steam Deck", "Pixel Fold", "Galaxy Z Flip", "Framework laptop", "Vision Pro",
+               "Nothing Phone", "Kindle Scribe"),
+    "browser": ("Arc", "Vivaldi", "Opera GX", "DuckDuckGo browser"),
+    "feature": ("AR try-on", "crypto wallet", "buy-now-pay-later widget", "AI stylist chatbot",
+                "carbon footprint tracker", "QR code scanner"),
+    "plan": ("Ultra bundle", "Flex pass", "Creator tier", "Eco membership"),
+    "carrier": ("InPost locker", "the cargo bike courier", "Evri", "the drone drop service"),
+}
+NEW_FILLERS: tuple[str, ...] = (
+    "ngl this is so mid 😤",
+    "fr fr pls fix 🙏🙏",
+    "lowkey annoyed rn 😡",
+    "no cap this is the 3rd time 💀",
+    "ty in advance ✌️",
+    "smh 🤦",
+    "istg if this isn't sorted by friday 😠",
+)
+NEW_FILLER_RATE = 0.6
+
+
 class _Slots(dict[str, str]):
     """Fills one sentence's slots lazily, sampling only the slots it uses, each once."""
 
-    def __init__(self, rng: random.Random) -> None:
+    def __init__(self, rng: random.Random, vocabulary: Mapping[str, tuple[str, ...]] = SLOT_VALUES) -> None:
         super().__init__()
         self._rng = rng
+        self._vocabulary = vocabulary
 
     def __missing__(self, key: str) -> str:
         base = key.rstrip("0123456789")  # {product2} is a second, independent product
         if base in SLOT_GENERATORS:
             value = SLOT_GENERATORS[base](self._rng)
         else:
-            value = self._rng.choice(SLOT_VALUES[base]).format_map(self)
+            value = self._rng.choice(self._vocabulary[base]).format_map(self)
         self[key] = value
         return value
 
 
-def generate_demo_dataset(labels: Sequence[str], n_rows: int, seed: int) -> pd.DataFrame:
+def generate_demo_dataset(
+    labels: Sequence[str], n_rows: int, seed: int, *, drift: Drift | None = None
+) -> pd.DataFrame:
     """Generate ``n_rows`` support tickets over ``labels``, the same frame for the same seed.
 
     Args:
         labels: classes to generate, any subset of ``DEMO_LABELS``.
         n_rows: number of tickets; every class gets at least one.
         seed: the only source of randomness.
+        drift: None for the usual tickets, or one of ``DRIFTS`` (module docstring); ``new_topic`` replaces
+            ``NEW_TOPIC_SHARE`` of the tickets by warranty tickets labelled ``NEW_TOPIC_LABEL``.
 
     Returns:
         A frame with columns ``text`` and ``label``, rows in random order.
 
     Raises:
-        ValueError: a label has no vocabulary, or ``n_rows`` is smaller than the number of labels.
+        ValueError: a label has no vocabulary, ``n_rows`` is smaller than the number of labels, or an unknown
+            drift.
     """
+    if drift is not None and drift not in DRIFTS:
+        raise ValueError(f"unknown drift {drift!r}; use one of {list(DRIFTS)} or None")
     unknown = [label for label in labels if label not in TEMPLATES]
     if unknown:
         raise ValueError(
@@ -395,17 +462,47 @@ def generate_demo_dataset(labels: Sequence[str], n_rows: int, seed: int) -> pd.D
     if n_rows < len(labels):
         raise ValueError(f"n_rows={n_rows} is smaller than the number of labels ({len(labels)})")
     rng = random.Random(seed)
-    true_labels = allocate_labels(labels, n_rows, rng)
+    weights = DRIFTED_CLASS_WEIGHTS if drift == "class_mix" else CLASS_WEIGHTS
+    true_labels = allocate_labels(labels, n_rows, rng, weights=weights)
     seen: set[str] = set()
-    texts = [write_unique_ticket(label, rng, seen) for label in true_labels]
+    if drift == "new_vocabulary":
+        texts = [write_unique_ticket(label, rng, seen, vocabulary=NEW_SLOT_VALUES) for label in true_labels]
+        texts = [f"{text} {rng.choice(NEW_FILLERS)}" if rng.random() < NEW_FILLER_RATE else text for text in texts]
+    else:
+        texts = [write_unique_ticket(label, rng, seen) for label in true_labels]
     observed = [flip_label(label, labels, rng) for label in true_labels]
+    if drift == "new_topic":
+        drift_rng = random.Random(f"{seed}-new_topic")
+        for i in sorted(drift_rng.sample(range(n_rows), round(NEW_TOPIC_SHARE * n_rows))):
+            texts[i] = write_new_topic_ticket(drift_rng, seen)
+            observed[i] = NEW_TOPIC_LABEL
     return pd.DataFrame({TEXT: texts, LABEL: observed})
 
 
-def allocate_labels(labels: Sequence[str], n_rows: int, rng: random.Random) -> list[str]:
-    """Exact class counts from ``CLASS_WEIGHTS`` (largest remainder), shuffled: no class is lost by chance."""
-    weights = [CLASS_WEIGHTS[label] for label in labels]
-    shares = [w / sum(weights) * n_rows for w in weights]
+def write_new_topic_ticket(rng: random.Random, seen: set[str]) -> str:
+    """A warranty ticket (the kind ``drift="new_topic"`` adds), noisy like the others and unique."""
+    for _ in range(MAX_ATTEMPTS):
+        sentences = [rng.choice(NEW_TOPIC_TEMPLATES)]
+        if rng.random() < EXTRA_SENTENCE_RATE:
+            sentences.append(rng.choice(NEW_TOPIC_TEMPLATES))
+        if rng.random() < 0.4:
+            sentences.insert(0, rng.choice(GREETINGS))
+        if rng.random() < 0.3:
+            sentences.append(rng.choice(SIGN_OFFS))
+        slots = _Slots(rng)
+        text = add_noise(" ".join(dict.fromkeys(sentence.format_map(slots) for sentence in sentences)), rng)
+        if text.casefold() not in seen:
+            break
+    seen.add(text.casefold())
+    return text
+
+
+def allocate_labels(
+    labels: Sequence[str], n_rows: int, rng: random.Random, *, weights: Mapping[str, float] = CLASS_WEIGHTS
+) -> list[str]:
+    """Exact class counts from ``weights`` (largest remainder), shuffled: no class is lost by chance."""
+    chosen = [weights[label] for label in labels]
+    shares = [w / sum(chosen) * n_rows for w in chosen]
     counts = [max(1, int(share)) for share in shares]
     by_remainder = sorted(range(len(labels)), key=lambda i: shares[i] - int(shares[i]), reverse=True)
     for i in by_remainder[: n_rows - sum(counts)]:
@@ -422,20 +519,24 @@ def flip_label(label: str, labels: Sequence[str], rng: random.Random) -> str:
     return rng.choice([other for other in labels if other != label])
 
 
-def write_unique_ticket(label: str, rng: random.Random, seen: set[str]) -> str:
+def write_unique_ticket(
+    label: str, rng: random.Random, seen: set[str], *, vocabulary: Mapping[str, tuple[str, ...]] = SLOT_VALUES
+) -> str:
     """A ticket whose case-folded text is not in ``seen`` (then added to it).
 
     Repeated tickets would land in both train and test and fail validate's leakage check.
     """
     for _ in range(MAX_ATTEMPTS):
-        text = write_ticket(label, rng)
+        text = write_ticket(label, rng, vocabulary=vocabulary)
         if text.casefold() not in seen:
             break
     seen.add(text.casefold())
     return text
 
 
-def write_ticket(label: str, rng: random.Random) -> str:
+def write_ticket(
+    label: str, rng: random.Random, *, vocabulary: Mapping[str, tuple[str, ...]] = SLOT_VALUES
+) -> str:
     """One ticket: greeting, the main sentence(s), maybe a related class's sentence and filler, sign-off."""
     if rng.random() < VAGUE_RATE:
         sentences = [rng.choice(VAGUE)]
@@ -452,7 +553,7 @@ def write_ticket(label: str, rng: random.Random) -> str:
         sentences.insert(0, rng.choice(GREETINGS))
     if rng.random() < 0.3:
         sentences.append(rng.choice(SIGN_OFFS))
-    text = " ".join(dict.fromkeys(sentence.format_map(_Slots(rng)) for sentence in sentences))
+    text = " ".join(dict.fromkeys(sentence.format_map(_Slots(rng, vocabulary)) for sentence in sentences))
     return add_noise(text, rng)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,64 @@ FP32_MODEL_FILE = "model_fp32.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 SERVING_FILE = "serving.json"
 SERVING_KEYS = ("max_length", "pad_token")  # what load() needs from serving.json
+LOGITS_OUTPUT = "logits"
+# The second graph output: the last layer's hidden state at the first token ([CLS]), the pooled sentence
+# representation. Projected to EMBEDDING_DIM by a fixed seeded Gaussian matrix stored beside the graph, so
+# the server and the reference set computed at compress time use the same one.
+EMBEDDING_OUTPUT = "embedding"
+PROJECTION_FILE = "embedding_projection.npy"
+EMBEDDING_DIM = 32
+PROJECTION_SEED = 0
 # The encoder inputs a BERT-family graph may declare; each is produced by the tokenizer.
 SUPPORTED_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+@dataclass(frozen=True)
+class Scores:
+    """What one scoring call gives per text: probabilities, embeddings and what the tokenizer saw.
+
+    ``embeddings`` is None for a model exported before the graph had an embedding output. ``tokens``
+    counts each text's tokens before truncation, special tokens excluded; ``unknown_share`` is the share
+    of them that are the tokenizer's unknown token (0 for an empty text).
+    """
+
+    probs: np.ndarray  # (n, labels) float64
+    embeddings: np.ndarray | None  # (n, EMBEDDING_DIM) float32, L2-normalised
+    tokens: np.ndarray  # (n,) int64
+    unknown_share: np.ndarray  # (n,) float64
+
+    def __len__(self) -> int:
+        return len(self.probs)
+
+    def rows(self, start: int, end: int) -> Scores:
+        """The scores of texts ``start:end``."""
+        return Scores(self.probs[start:end], None if self.embeddings is None else self.embeddings[start:end],
+                      self.tokens[start:end], self.unknown_share[start:end])
+
+    @staticmethod
+    def concat(parts: Sequence[Scores]) -> Scores:
+        if len(parts) == 1:
+            return parts[0]
+        embeddings = [part.embeddings for part in parts]
+        return Scores(
+            np.concatenate([part.probs for part in parts]),
+            None if any(e is None for e in embeddings) else np.concatenate(embeddings),  # type: ignore[arg-type]
+            np.concatenate([part.tokens for part in parts]),
+            np.concatenate([part.unknown_share for part in parts]),
+        )
+
+
+def embedding_projection(hidden_size: int, *, dim: int = EMBEDDING_DIM, seed: int = PROJECTION_SEED) -> np.ndarray:
+    """The fixed random projection of the pooled representation: a seeded Gaussian (hidden_size, dim) matrix."""
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((hidden_size, dim)) / np.sqrt(dim)).astype(np.float32)
+
+
+def project_embeddings(pooled: np.ndarray, projection: np.ndarray) -> np.ndarray:
+    """Pooled representations projected and L2-normalised (a zero vector stays zero)."""
+    projected = pooled.astype(np.float32) @ projection
+    norms = np.sqrt((projected * projected).sum(axis=1, keepdims=True))  # cheaper than np.linalg.norm per call
+    return projected / np.maximum(norms, 1e-12)
 
 
 class OnnxClassifier:
@@ -34,13 +91,20 @@ class OnnxClassifier:
     ``run`` and the tokenizer's encode are thread-safe and the object is not mutated after ``load``.
     """
 
-    def __init__(self, session: Any, tokenizer: Any, labels: Sequence[str], max_length: int) -> None:
+    def __init__(
+        self, session: Any, tokenizer: Any, labels: Sequence[str], max_length: int,
+        projection: np.ndarray | None = None,
+    ) -> None:
         self._session = session
         self._tokenizer = tokenizer
         self.labels = list(labels)
         self.max_length = max_length
         self.input_names = [node.name for node in session.get_inputs()]
-        self._output_name = session.get_outputs()[0].name
+        outputs = [node.name for node in session.get_outputs()]
+        self._output_name = outputs[0]
+        # Embeddings need both the graph output and its projection; older models have neither.
+        self.projection = projection if EMBEDDING_OUTPUT in outputs else None
+        self._unknown_id = _unknown_token_id(tokenizer)
 
     @classmethod
     def load(
@@ -88,11 +152,13 @@ class OnnxClassifier:
             str(directory / model_file), options, providers=["CPUExecutionProvider"]
         )
         check_graph(session, n_labels=len(labels), source=directory / model_file)
-        return cls(session, tokenizer, labels, serving["max_length"])
+        return cls(session, tokenizer, labels, serving["max_length"], projection=load_projection(directory))
 
     def encode(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         """Token arrays for one batch, padded to its longest text, holding only the graph's inputs."""
-        encodings = self._tokenizer.encode_batch(list(texts))
+        return self._arrays(self._tokenizer.encode_batch(list(texts)))
+
+    def _arrays(self, encodings: Sequence[Any]) -> dict[str, np.ndarray]:
         arrays = {
             "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
             "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
@@ -113,6 +179,31 @@ class OnnxClassifier:
         ]
         return np.concatenate(batches)
 
+    def score(self, texts: Sequence[str], batch_size: int = 64) -> Scores:
+        """Probabilities, embeddings and token counts for ``texts``: one onnxruntime call per batch.
+
+        The logits and the pooled representation come from the same call (two graph outputs); the token
+        counts from the same tokenisation.
+        """
+        texts = _as_text_list(texts)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        parts = []
+        for start in range(0, len(texts), batch_size):
+            encodings = self._tokenizer.encode_batch(texts[start : start + batch_size])
+            if self.projection is None:
+                (logits,) = self._session.run([self._output_name], self._arrays(encodings))
+                embeddings = None
+            else:
+                logits, pooled = self._session.run([self._output_name, EMBEDDING_OUTPUT], self._arrays(encodings))
+                embeddings = project_embeddings(pooled, self.projection)
+            tokens, unknown = token_counts(encodings, self._unknown_id)
+            parts.append(Scores(softmax(logits.astype(np.float64)), embeddings, tokens, unknown))
+        if not parts:
+            empty = None if self.projection is None else np.empty((0, self.projection.shape[1]), np.float32)
+            return Scores(np.empty((0, len(self.labels))), empty, np.empty(0, np.int64), np.empty(0))
+        return Scores.concat(parts)
+
     def predict_proba(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """Class probabilities, shape (len(texts), len(labels)), columns in ``labels`` order."""
         return softmax(self.predict_logits(texts, batch_size).astype(np.float64))
@@ -127,6 +218,48 @@ class OnnxClassifier:
             }
             for row in probs
         ]
+
+
+def load_projection(directory: Path) -> np.ndarray | None:
+    """The embedding projection stored with the model, or None for a model compressed before it existed.
+
+    Raises:
+        ValueError: the file is there but is not a 2-D float matrix.
+    """
+    path = Path(directory) / PROJECTION_FILE
+    if not path.is_file():
+        return None
+    projection = np.load(path, allow_pickle=False)
+    if projection.ndim != 2 or projection.dtype.kind != "f":
+        raise ValueError(f"{path} holds a {projection.dtype} array of shape {projection.shape}, "
+                         "expected a 2-D float matrix (hidden size, embedding dim)")
+    return projection.astype(np.float32)
+
+
+def token_counts(encodings: Sequence[Any], unknown_id: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Per text: tokens before truncation (special and padding tokens excluded) and the unknown token's share.
+
+    Truncation keeps the rest of a long text in ``overflowing``, so counting it there costs no second
+    tokenisation.
+    """
+    tokens = np.zeros(len(encodings), dtype=np.int64)
+    unknown = np.zeros(len(encodings), dtype=np.float64)
+    for index, encoding in enumerate(encodings):
+        n_tokens = n_unknown = 0
+        for part in (encoding, *encoding.overflowing):
+            for token_id, special in zip(part.ids, part.special_tokens_mask, strict=True):
+                if not special:
+                    n_tokens += 1
+                    n_unknown += token_id == unknown_id
+        tokens[index] = n_tokens
+        unknown[index] = n_unknown / n_tokens if n_tokens else 0.0
+    return tokens, unknown
+
+
+def _unknown_token_id(tokenizer: Any) -> int | None:
+    """The id of the tokenizer's unknown token (WordPiece's ``[UNK]``); None for a model without one."""
+    unk_token = getattr(getattr(tokenizer, "model", None), "unk_token", None)
+    return tokenizer.token_to_id(unk_token) if unk_token else None
 
 
 def load_tokenizer(path: Path, *, max_length: int, pad_token: str) -> Any:

@@ -36,12 +36,26 @@ from langops.io import (
     write_labels,
 )
 from langops.metrics import classification_metrics, metrics_for_dvc, softmax
-from langops.onnx_model import FP32_MODEL_FILE, MODEL_FILE, SERVING_FILE, TOKENIZER_FILE, OnnxClassifier
+from langops.onnx_model import (
+    EMBEDDING_DIM,
+    EMBEDDING_OUTPUT,
+    FP32_MODEL_FILE,
+    LOGITS_OUTPUT,
+    MODEL_FILE,
+    PROJECTION_FILE,
+    PROJECTION_SEED,
+    SERVING_FILE,
+    TOKENIZER_FILE,
+    OnnxClassifier,
+    embedding_projection,
+)
 
 TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer_config.json")
 SUMMARY_FILE = "compress.json"
 METRICS_FILE = "metrics.json"  # in the report dir: the numbers DVC compares
-OUTPUT_NAME = "logits"
+OUTPUT_NAME = LOGITS_OUTPUT
+REFERENCE_FILE = "reference.parquet"  # the test split scored by the shipped model: monitoring's reference
+REFERENCE_ENDPOINT = "reference"
 # One weight scale per output channel: BERT projections have a few outlier columns that would
 # otherwise set the scale for all. On MiniLM (fitted head, 300 rows) per-tensor gave int8 max |logit
 # diff| 1.61 and label agreement 0.917; per-channel 0.95 and 0.967. No reduce_range: 7-bit weights are
@@ -147,6 +161,7 @@ def compress(
                 opset=cfg.opset,
                 quantized=cfg.quantize,
             )
+            np.save(staging / PROJECTION_FILE, embedding_projection(model.config.hidden_size))
             fp32 = OnnxClassifier.load(staging, model_file=FP32_MODEL_FILE, num_threads=cfg.num_threads)
             if not cfg.quantize:
                 shutil.copyfile(staging / FP32_MODEL_FILE, staging / MODEL_FILE)
@@ -170,6 +185,7 @@ def compress(
         latency = measure_latency(fp32, texts, runs=cfg.latency_runs, prefix="fp32_")
         if cfg.quantize:
             latency |= measure_latency(shipped, texts, runs=cfg.latency_runs, prefix="int8_")
+        reference_rows = write_reference(staging / REFERENCE_FILE, shipped, texts, [labels[i] for i in y_true])
         sizes = {"torch": weights_size_mb(model_dir), "fp32_onnx": file_size_mb(staging / FP32_MODEL_FILE)}
         if cfg.quantize:
             sizes["int8_onnx"] = file_size_mb(staging / MODEL_FILE)
@@ -187,6 +203,8 @@ def compress(
                 "latency_ms": latency,
                 "latency_threads": cfg.num_threads,
                 "metrics": metrics,
+                "reference": {"file": REFERENCE_FILE, "rows": reference_rows, "split": "test",
+                              "size_mb": file_size_mb(staging / REFERENCE_FILE)},
             },
         )
         swap_in(staging, out_dir)
@@ -209,8 +227,55 @@ def check_label_map(id2label: dict[int, str], labels: Sequence[str]) -> None:
         raise ValueError(f"model config labels {model_labels} differ from labels.json {list(labels)}")
 
 
+def write_reference(path: Path, classifier: OnnxClassifier, texts: Sequence[str], true_labels: Sequence[str]) -> int:
+    """Score ``texts`` with the shipped model and write the rows in the prediction log's schema.
+
+    This is what monitoring compares live traffic with, so it is scored by the same graph, tokenizer and
+    projection the server uses. Rows carry no time, ``request_id`` ``test-<row>``, and empty
+    ``model_name``/``version`` (the version exists only once registered); ``true_label`` is added.
+    Returns the number of rows.
+    """
+    import pandas as pd
+
+    from langops.prediction_records import prediction_rows
+
+    scores = classifier.score(texts, SCORE_BATCH_SIZE)
+    rows = prediction_rows(
+        request_id="test", endpoint=REFERENCE_ENDPOINT, model_name="", version="", texts=list(texts),
+        labels=classifier.labels, scores=scores, text_policy="none",
+    )
+    frame = pd.DataFrame(rows)
+    frame["true_label"] = list(true_labels)
+    frame.to_parquet(path, index=False)
+    return len(frame)
+
+
+def with_embedding_output(model: Any, names: Sequence[str]) -> Any:
+    """``model`` as a module whose forward takes ``names`` positionally and returns (logits, embedding).
+
+    The embedding is the last layer's hidden state at the first token ([CLS]): the pooled sentence
+    representation every BERT-family head starts from. It shares the encoder with the logits, so the
+    server gets both from one onnxruntime call.
+    """
+    import torch
+
+    class LogitsAndEmbedding(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, *inputs: Any) -> tuple[Any, Any]:
+            output = self.model(**dict(zip(names, inputs, strict=True)), output_hidden_states=True)
+            return output.logits, output.hidden_states[-1][:, 0]
+
+    return LogitsAndEmbedding().eval()
+
+
 def export_onnx(model: Any, tokenizer: Any, path: Path, *, opset: int) -> Path:
     """Trace the torch classifier to ONNX with dynamic batch and sequence axes.
+
+    The graph has two outputs: ``logits`` (first: what parity, the pyfunc and quantisation check) and
+    ``embedding``, the pooled representation monitoring projects to ``EMBEDDING_DIM`` dimensions.
 
     The TorchScript exporter (``dynamo=False``) is used on purpose. Both exporters give the same
     logits (max diff ~1e-7 on MiniLM), but onnxruntime's BERT fuser recognises only the TorchScript
@@ -231,6 +296,7 @@ def export_onnx(model: Any, tokenizer: Any, path: Path, *, opset: int) -> Path:
     # (BERT's tokenizer lists token_type_ids before attention_mask, which would swap the two).
     names = [name for name in inspect.signature(model.forward).parameters if name in sample]
     axes = {name: {0: "batch", 1: "sequence"} for name in names}
+    traced = with_embedding_output(model, names)
     with warnings.catch_warnings():
         # Known and handled: the exporter's deprecation (see above); tracer notes on shape checks in
         # transformers' mask code, which check_parity verifies at other batch and sequence sizes; and
@@ -240,13 +306,12 @@ def export_onnx(model: Any, tokenizer: Any, path: Path, *, opset: int) -> Path:
         warnings.filterwarnings("ignore", message="Exporting aten::index operator of advanced indexing")
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         torch.onnx.export(
-            model,
-            (),
+            traced,
+            tuple(sample[name] for name in names),
             str(path),
-            kwargs={name: sample[name] for name in names},
             input_names=names,
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={**axes, OUTPUT_NAME: {0: "batch"}},
+            output_names=[OUTPUT_NAME, EMBEDDING_OUTPUT],
+            dynamic_axes={**axes, OUTPUT_NAME: {0: "batch"}, EMBEDDING_OUTPUT: {0: "batch"}},
             opset_version=opset,
             dynamo=False,
         )
@@ -401,6 +466,8 @@ def write_serving_files(
             "pad_token": pad_token,
             "input_names": [node.name for node in graph.input],
             "output_name": OUTPUT_NAME,
+            "embedding": {"output": EMBEDDING_OUTPUT, "projection_file": PROJECTION_FILE, "dim": EMBEDDING_DIM,
+                          "seed": PROJECTION_SEED, "pooling": "last hidden state of the first token ([CLS])"},
             "opset": opset,
             "quantized": quantized,
         },

@@ -135,7 +135,7 @@ def test_command_line_passes_only_given_options(tmp_path: Path) -> None:
 def test_command_line_takes_the_settings_whole_from_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """What the deploy step starts the server with: every setting in one file; options still override it."""
     settings = ServerSettings(tracking_uri="sqlite:///registry.db", model_name="m", max_batch_size=8,
-                              prediction_log_hash_texts=False, cache_dir=tmp_path / "models")
+                              prediction_log_text="raw", cache_dir=tmp_path / "models")
     settings_file = tmp_path / "settings.json"
     settings_file.write_text(settings.model_dump_json())
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://elsewhere:5000")  # the file's URI wins over the variable

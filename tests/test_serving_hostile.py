@@ -38,9 +38,11 @@ GENERATED_REQUESTS = 1500  # across every operation; about half a minute on two 
 
 
 @pytest.fixture(scope="module")
-def server(compressed_dir: Path) -> Iterator[LiveServer]:
-    """The default limits (1 MiB bodies), so hostile bodies reach the parsers; a short body read timeout."""
-    settings = ServerSettings(model_dir=compressed_dir, port=free_port(), body_read_timeout_s=STALL_TIMEOUT_S)
+def server(compressed_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """The default limits (1 MiB bodies), so hostile bodies reach the parsers; a short body read timeout; the
+    prediction log on, so /feedback is fuzzed all the way to its log."""
+    settings = ServerSettings(model_dir=compressed_dir, port=free_port(), body_read_timeout_s=STALL_TIMEOUT_S,
+                              prediction_log_dir=tmp_path_factory.mktemp("hostile-log"))
     with running_server(settings) as live, live.client() as client:
         wait_for_version(client, "local")
         yield live

@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from langops.config import DeployConfig, ServerConfig
+from langops.onnx_model import Scores
 from langops.serving.app import ServerSettings, parse_model_uri
 from langops.serving.prediction_log import PredictionLog, PredictionLogConfig
 
@@ -286,7 +287,7 @@ def test_bearer_token(compressed_dir: Path, monkeypatch: pytest.MonkeyPatch) -> 
 def test_prediction_log_hashes_and_rotates(compressed_dir: Path, tmp_path: Path) -> None:
     log_dir = tmp_path / "predictions"
     settings = ServerSettings(model_dir=compressed_dir, port=free_port(), prediction_log_dir=log_dir,
-                              prediction_log_max_bytes=2048, prediction_log_backups=2)
+                              prediction_log_max_bytes=2048, prediction_log_backups=2, prediction_log_text="sha256")
     with running_server(settings) as live, live.client() as client:
         wait_for_version(client, "local")
         for index in range(40):
@@ -312,16 +313,24 @@ def _logged_hashes(log_dir: Path) -> dict[str, str]:
     return {text: digest for text, digest in wanted.items() if any(part.startswith(digest) for part in found)}
 
 
+def _scores(probs: np.ndarray) -> Scores:
+    """Scores as the classifier returns them, for log tests that need no model."""
+    n = len(probs)
+    embeddings = np.full((n, 32), 1 / np.sqrt(32), dtype=np.float32)
+    return Scores(probs, embeddings, np.full(n, 3), np.zeros(n))
+
+
 @pytest.mark.unit
 def test_prediction_log_sampling_and_plain_texts(tmp_path: Path) -> None:
     import random
 
-    config = PredictionLogConfig(directory=tmp_path, sample_rate=0.25, hash_texts=False, max_bytes=10**6,
+    config = PredictionLogConfig(directory=tmp_path, sample_rate=0.25, text="raw", max_bytes=10**6,
                                  backups=1, queue_size=10_000)
     log = PredictionLog(config, rng=random.Random(7))
-    probs = np.array([[0.7, 0.2, 0.1]])
+    scores = _scores(np.array([[0.7, 0.2, 0.1]]))
     for index in range(2000):
-        log.record(endpoint="/predict", model_name="m", version="1", texts=[f"t{index}"], labels=LABELS, probs=probs)
+        log.record(request_id=f"r{index}", endpoint="/predict", model_name="m", version="1", texts=[f"t{index}"],
+                   labels=LABELS, scores=scores)
     log.close()
     records = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     assert 400 < len(records) < 600  # 2000 x 0.25, with room for chance
@@ -331,13 +340,14 @@ def test_prediction_log_sampling_and_plain_texts(tmp_path: Path) -> None:
 @pytest.mark.unit
 def test_prediction_log_drops_and_counts_when_the_queue_is_full(tmp_path: Path) -> None:
     dropped: list[int] = []
-    config = PredictionLogConfig(directory=tmp_path, sample_rate=1.0, hash_texts=True, max_bytes=10**6,
+    config = PredictionLogConfig(directory=tmp_path, sample_rate=1.0, text="sha256", max_bytes=10**6,
                                  backups=1, queue_size=1)
     log = PredictionLog(config, on_dropped=dropped.append)
     started = time.perf_counter()
-    for _ in range(2000):
-        log.record(endpoint="/predict", model_name="m", version="1", texts=["a", "b"], labels=LABELS,
-                   probs=np.full((2, 3), 1 / 3))
+    scores = _scores(np.full((2, 3), 1 / 3))
+    for index in range(2000):
+        log.record(request_id=f"r{index}", endpoint="/predict", model_name="m", version="1", texts=["a", "b"],
+                   labels=LABELS, scores=scores)
     elapsed = time.perf_counter() - started
     log.close()
     written = len((tmp_path / "predictions.jsonl").read_text().splitlines())

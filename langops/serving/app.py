@@ -40,7 +40,12 @@ from langops.aliases import CHAMPION
 from langops.config import DeployConfig, ServerConfig
 from langops.serving.batching import MicroBatcher, Overloaded, ShuttingDown
 from langops.serving.metrics import ServerMetrics
-from langops.serving.middleware import DOCS_ASSETS, VERSION_HEADER, ServingMiddleware, error_body
+from langops.serving.middleware import (
+    DOCS_ASSETS,
+    VERSION_HEADER,
+    ServingMiddleware,
+    error_body,
+)
 from langops.serving.registry import (
     LocalModelSource,
     ModelSource,
@@ -51,8 +56,8 @@ from langops.serving.registry import (
 from langops.serving.request_json import JsonTooComplex, load_json
 
 if TYPE_CHECKING:
-    from langops.onnx_model import OnnxClassifier
-    from langops.serving.prediction_log import PredictionLog
+    from langops.onnx_model import OnnxClassifier, Scores
+    from langops.serving.prediction_log import FeedbackLog, PredictionLog
 
 logger = logging.getLogger(__name__)
 
@@ -330,7 +335,7 @@ def load_serving_classifier(directory: Path, *, num_threads: int) -> OnnxClassif
     session = ort.InferenceSession(str(Path(directory) / MODEL_FILE), options, providers=["CPUExecutionProvider"])
     pad_token = json.loads((Path(directory) / SERVING_FILE).read_text())["pad_token"]
     tokenizer = load_tokenizer(Path(directory) / TOKENIZER_FILE, max_length=checked.max_length, pad_token=pad_token)
-    return OnnxClassifier(session, tokenizer, checked.labels, checked.max_length)
+    return OnnxClassifier(session, tokenizer, checked.labels, checked.max_length, projection=checked.projection)
 
 
 def check_smoke_prediction(classifier: OnnxClassifier) -> None:
@@ -413,6 +418,33 @@ class PredictRequest(BaseModel):
 
     def all_texts(self) -> list[str]:
         return self.texts if self.texts is not None else [self.text or ""]
+
+
+class FeedbackItem(BaseModel):
+    """A label for one scored text, named by the id the server gave it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: StrictStr = Field(
+        description="the text's id, '<X-Request-Id>-<index of the text in the request>', or the X-Request-Id "
+        "of a request of one text", max_length=80,
+    )
+    label: StrictStr = Field(description="the true label: one of the served model's labels", max_length=200)
+
+
+FEEDBACK_EXAMPLES = {
+    "one": {"summary": "one label", "value": {"request_id": "9f1c2a7e5b3d4c6f8a0b1c2d3e4f5a6b-0", "label": "billing"}},
+    "list": {"summary": "several labels", "value": [
+        {"request_id": "9f1c2a7e5b3d4c6f8a0b1c2d3e4f5a6b-0", "label": "billing"},
+        {"request_id": "order-4711-1", "label": "shipping"}]},
+}
+
+
+class FeedbackResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"accepted": 1, "request_ids": ["order-4711-1"]}]})
+
+    accepted: int = Field(description="labels queued for the feedback log")
+    request_ids: list[str] = Field(description="the ids they name, in request order")
 
 
 class Prediction(BaseModel):
@@ -513,12 +545,14 @@ def create_app(settings: ServerSettings) -> FastAPI:
         on_queue=metrics.queue_depth.set,
     )
     prediction_log: list[PredictionLog] = []  # filled while the app runs
+    feedback_log: list[FeedbackLog] = []
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         batcher.start()
         if settings.prediction_log_dir is not None:
             prediction_log.append(_open_prediction_log(settings, metrics))
+            feedback_log.append(_open_feedback_log(settings))
         poller = AliasPoller(holder, settings.poll_seconds)
         poller.start()
         try:
@@ -528,6 +562,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
             poller.stop()
             for log in prediction_log:
                 log.close()
+            for feedback in feedback_log:
+                feedback.close()
 
     app = FastAPI(
         title="langops text classifier",
@@ -553,8 +589,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
         return Response(error_body(request.url.path, exc.message, exc.status_code), exc.status_code,
                         headers=exc.headers, media_type="application/json")
 
-    async def score(texts: list[str], endpoint: str) -> tuple[LoadedModel, np.ndarray]:
-        """Probabilities from the live model through the batcher; refusals become RequestRefused."""
+    async def score(texts: list[str], endpoint: str, request_id: str) -> tuple[LoadedModel, Scores]:
+        """Scores from the live model through the batcher, counted and logged; refusals become RequestRefused."""
         if len(texts) > settings.max_request_texts:
             raise RequestRefused(413, f"{len(texts)} texts in one request; the limit is {settings.max_request_texts}")
         for index, text in enumerate(texts):
@@ -571,18 +607,21 @@ def create_app(settings: ServerSettings) -> FastAPI:
         if live is None:
             raise RequestRefused(503, holder.last_error or "no model loaded yet")
         if not texts:  # MLflow's formats allow an empty list, which the pyfunc answers with no rows
-            return live, np.empty((0, len(live.classifier.labels)), dtype=np.float32)
+            return live, live.classifier.score([])
         try:
-            probs = await batcher.predict_proba(live.classifier, texts)
+            scores = await batcher.score(live.classifier, texts)
         except Overloaded as exc:
             raise RequestRefused(503, str(exc), {"Retry-After": str(settings.retry_after_s)}) from exc
         except ShuttingDown as exc:
             raise RequestRefused(503, str(exc), {"Connection": "close"}) from exc
         metrics.texts.labels(endpoint).inc(len(texts))
+        best = scores.probs.argmax(axis=1)
+        metrics.observe_predictions(live.version, live.classifier.labels, best.tolist(),
+                                    scores.probs[np.arange(len(best)), best].tolist())
         for log in prediction_log:
-            log.record(endpoint=endpoint, model_name=live.name, version=live.version, texts=texts,
-                       labels=live.classifier.labels, probs=probs)
-        return live, probs
+            log.record(request_id=request_id, endpoint=endpoint, model_name=live.name, version=live.version,
+                       texts=texts, labels=live.classifier.labels, scores=scores)
+        return live, scores
 
     @app.get("/health", response_model=HealthResponse)
     async def health() -> dict[str, str]:
@@ -648,8 +687,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
     async def predict(request: Request) -> Response:
         """Label and per-class probabilities for each text, and the version that answered."""
         body = _parse_predict_request(await request.body())
-        live, probs = await score(body.all_texts(), "/predict")
-        labels = live.classifier.labels
+        live, scores = await score(body.all_texts(), "/predict", request.state.request_id)
+        labels, probs = live.classifier.labels, scores.probs
         predictions = [
             {"label": labels[int(row.argmax())], "confidence": float(row.max()),
              "probabilities": {label: float(p) for label, p in zip(labels, row, strict=True)}}
@@ -682,9 +721,42 @@ def create_app(settings: ServerSettings) -> FastAPI:
                 parsed = parse_invocation(raw, content_type, live.classifier.labels)
         except InvocationError as exc:
             return Response(exc.body, exc.status_code, media_type=exc.media_type)
-        live, probs = await score(parsed.texts, "/invocations")
-        return Response(predictions_json(probs, live.classifier.labels), media_type="application/json",
+        live, scores = await score(parsed.texts, "/invocations", request.state.request_id)
+        return Response(predictions_json(scores.probs, live.classifier.labels), media_type="application/json",
                         headers={VERSION_HEADER: live.version})
+
+    @app.post(
+        "/feedback",
+        status_code=202,
+        response_model=FeedbackResponse,
+        responses={**_ERRORS, 409: {"model": ErrorResponse, "description": "the server keeps no prediction log"}},
+        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+            "schema": {"oneOf": [FeedbackItem.model_json_schema(),
+                                 {"type": "array", "items": FeedbackItem.model_json_schema(), "minItems": 1}]},
+            "examples": FEEDBACK_EXAMPLES}}}},
+    )
+    async def feedback(request: Request) -> JSONResponse:
+        """The true label of scored texts, named by their ids (see ``X-Request-Id``); written to the feedback log."""
+        from langops.prediction_records import FeedbackError, check_feedback
+
+        items = _parse_feedback_request(await request.body(), max_items=settings.max_request_texts)
+        if not feedback_log:
+            raise RequestRefused(409, "feedback is off: this server keeps no prediction log (prediction_log_dir "
+                                 "unset; deploy.prediction_log: false), so there is nothing to join labels to")
+        live = holder.current
+        if live is None:
+            raise RequestRefused(503, holder.last_error or "no model loaded yet: labels cannot be checked")
+        try:
+            checked = [check_feedback(item.request_id, item.label, labels=live.classifier.labels, where=f"item {index}")
+                       for index, item in enumerate(items)]
+        except FeedbackError as exc:
+            raise RequestRefused(422, str(exc)) from exc
+        if not feedback_log[0].record(checked):
+            raise RequestRefused(503, "the feedback log is behind; retry later",
+                                 {"Retry-After": str(settings.retry_after_s)})
+        metrics.feedback.inc(len(checked))
+        return JSONResponse({"accepted": len(checked), "request_ids": [item.request_id for item in checked]},
+                            status_code=202)
 
     @app.post("/reload")
     async def reload() -> JSONResponse:
@@ -742,6 +814,39 @@ def _parse_predict_request(raw: bytes) -> PredictRequest:
         raise RequestRefused(422, "; ".join(_describe(error) for error in exc.errors())) from exc
 
 
+def _parse_feedback_request(raw: bytes, *, max_items: int) -> list[FeedbackItem]:
+    """A /feedback body: one ``{"request_id", "label"}`` object or a list of them.
+
+    Raises:
+        RequestRefused: 400 for bytes that are not UTF-8 JSON, 413 for more than ``max_items`` items, 422 for
+            JSON of the wrong shape (the field named).
+    """
+    try:
+        data = load_json(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise RequestRefused(400, f"request body is not valid UTF-8: byte {exc.start} is {raw[exc.start:exc.start + 1]!r}") from exc
+    except JsonTooComplex as exc:
+        raise RequestRefused(400, f"request body refused: {exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise RequestRefused(400, f'request body is not valid JSON: {exc}; send {{"request_id": "...", "label": "..."}}') from exc
+    many = isinstance(data, list)
+    if many and not data:
+        raise RequestRefused(422, "request body: empty list: send at least one {\"request_id\", \"label\"} object")
+    if many and len(data) > max_items:
+        raise RequestRefused(413, f"{len(data)} feedback items in one request; the limit is {max_items}")
+    items = []
+    for index, item in enumerate(data if many else [data]):
+        try:
+            items.append(FeedbackItem.model_validate(item))
+        except ValidationError as exc:
+            prefix = f"item {index}: " if many else ""
+            messages = "; ".join(_describe_feedback(error) for error in exc.errors())
+            if not isinstance(item, dict):
+                messages = 'must be a JSON object like {"request_id": "...", "label": "..."}'
+            raise RequestRefused(422, prefix + messages) from exc
+    return items
+
+
 def _serve_docs_offline(app: FastAPI) -> None:
     """``/docs`` with Swagger UI's scripts and styles served from the ``swagger-ui-bundle`` package under
     ``/docs/assets``, so the page works on a machine with no way out (and leaks no visit to a CDN)."""
@@ -769,7 +874,7 @@ def _open_prediction_log(settings: ServerSettings, metrics: ServerMetrics) -> Pr
     config = PredictionLogConfig(
         directory=settings.prediction_log_dir,
         sample_rate=settings.prediction_log_sample_rate,
-        hash_texts=settings.prediction_log_hash_texts,
+        text=settings.prediction_log_text,
         max_bytes=settings.prediction_log_max_bytes,
         backups=settings.prediction_log_backups,
         queue_size=settings.prediction_log_queue,
@@ -780,10 +885,27 @@ def _open_prediction_log(settings: ServerSettings, metrics: ServerMetrics) -> Pr
                          on_written=metrics.prediction_log_written.inc)
 
 
+def _open_feedback_log(settings: ServerSettings) -> FeedbackLog:
+    from langops.serving.prediction_log import FeedbackLog, feedback_file_name
+
+    assert settings.prediction_log_dir is not None
+    return FeedbackLog(settings.prediction_log_dir / feedback_file_name(settings.workers, os.getpid()),
+                       max_bytes=settings.prediction_log_max_bytes, backups=settings.prediction_log_backups,
+                       queue_size=settings.prediction_log_queue)
+
+
 def _invocations_openapi() -> dict[str, Any]:
     from langops.serving.invocations import INVOCATIONS_OPENAPI
 
     return INVOCATIONS_OPENAPI
+
+
+def _describe_feedback(error: Any) -> str:
+    """One pydantic error of a feedback item as ``field: message``."""
+    field = ".".join(str(part) for part in error["loc"]) or "item"
+    if error["type"] == "extra_forbidden":
+        return f'{field}: unknown field: send "request_id" and "label"'
+    return f"{field}: {error['msg']}"
 
 
 def _describe(error: Any) -> str:

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import numpy as np
+from langops.onnx_model import Scores
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ PADDING_WASTE = 1.5  # most padded characters per real character in one onnxrunt
 class Scorer(Protocol):
     """What the batcher scores with: the live model's classifier."""
 
-    def predict_proba(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray: ...
+    def score(self, texts: Sequence[str], batch_size: int = 64) -> Scores: ...
 
 
 class Overloaded(RuntimeError):
@@ -49,7 +49,7 @@ class ShuttingDown(RuntimeError):
 class _Job:
     scorer: Scorer
     texts: list[str]
-    future: asyncio.Future[np.ndarray]
+    future: asyncio.Future[Scores]
     enqueued: float = field(default_factory=time.monotonic)
 
 
@@ -99,8 +99,8 @@ class MicroBatcher:
             await self._collector
         self._executor.shutdown(wait=True)
 
-    async def predict_proba(self, scorer: Scorer, texts: Sequence[str]) -> np.ndarray:
-        """Probabilities for ``texts`` (rows in input order), scored in shared batches.
+    async def score(self, scorer: Scorer, texts: Sequence[str]) -> Scores:
+        """Probabilities, embeddings and token counts for ``texts`` (rows in input order), scored in shared batches.
 
         Raises:
             ShuttingDown: the server is stopping.
@@ -124,7 +124,7 @@ class MicroBatcher:
         self._on_queue(self._queued_texts)
         self._wakeup.set()
         parts = await asyncio.gather(*futures)
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return Scores.concat(parts)
 
     async def _collect(self) -> None:
         assert self._wakeup is not None
@@ -161,9 +161,9 @@ class MicroBatcher:
                 continue
             for call_size in call_sizes:
                 self._on_batch(call_size)
-            for job, probs in zip(batch, results, strict=True):
+            for job, scores in zip(batch, results, strict=True):
                 if not job.future.done():
-                    job.future.set_result(probs)
+                    job.future.set_result(scores)
 
     def _take_batch(self) -> list[_Job]:
         """The oldest jobs that fit in one batch and share the oldest one's model (a swap splits batches)."""
@@ -178,8 +178,8 @@ class MicroBatcher:
         return batch
 
 
-def _score(batch: list[_Job]) -> tuple[list[np.ndarray], list[int]]:
-    """Runs on the inference thread: probabilities per job, and the size of each onnxruntime call.
+def _score(batch: list[_Job]) -> tuple[list[Scores], list[int]]:
+    """Runs on the inference thread: scores per job, and the size of each onnxruntime call.
 
     A batch is padded to its longest text, so one long sentence among short ones multiplies the work.
     Jobs are therefore sorted by length and cut into runs whose padded size stays within
@@ -203,10 +203,10 @@ def _score(batch: list[_Job]) -> tuple[list[np.ndarray], list[int]]:
     results: list[Any] = [None] * len(batch)
     for run in runs:
         texts = [text for index in run for text in batch[index].texts]
-        probs = batch[run[0]].scorer.predict_proba(texts, batch_size=len(texts))
+        scores = batch[run[0]].scorer.score(texts, batch_size=len(texts))
         start = 0
         for index in run:
             end = start + len(batch[index].texts)
-            results[index] = probs[start:end]
+            results[index] = scores.rows(start, end)
             start = end
     return results, [sum(len(batch[index].texts) for index in run) for run in runs]

@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+CONFIDENCE_BUCKETS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 
 
 class ServerMetrics:
@@ -51,7 +52,25 @@ class ServerMetrics:
         self.prediction_log_written = Counter(
             "langops_prediction_log_written", "prediction log records written", registry=self.registry,
         )
+        self.predictions = Counter(
+            "langops_predictions", "texts scored, by the model version that answered and the label it gave",
+            ["version", "label"], registry=self.registry,
+        )
+        self.confidence = Histogram(
+            "langops_prediction_confidence", "probability of the predicted label, by model version",
+            ["version"], buckets=CONFIDENCE_BUCKETS, registry=self.registry,
+        )
+        self.feedback = Counter(
+            "langops_feedback", "feedback labels accepted by POST /feedback", registry=self.registry,
+        )
         self._live: tuple[str, str] | None = None
+
+    def observe_predictions(self, version: str, labels: list[str], best: list[int], confidence: list[float]) -> None:
+        """Count each text's label and its confidence under the version that answered."""
+        histogram = self.confidence.labels(version)
+        for index, value in zip(best, confidence, strict=True):
+            self.predictions.labels(version, labels[index]).inc()
+            histogram.observe(value)
 
     def set_model(self, model_name: str, version: str) -> None:
         """Point the info gauge at the live version (only one series is 1 at a time)."""

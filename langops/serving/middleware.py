@@ -12,19 +12,22 @@ import asyncio
 import hmac
 import json
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from langops.prediction_records import is_safe_request_id
 from langops.serving.metrics import ServerMetrics
 
 VERSION_HEADER = "X-Model-Version"
+REQUEST_ID_HEADER = "X-Request-Id"
 DOCS_ASSETS = "/docs/assets"  # Swagger UI's scripts and styles, served by the server itself
 ENDPOINTS = frozenset(
     {"/health", "/ready", "/version", "/metrics", "/predict", "/invocations", "/reload", "/openapi.json",
-     "/docs", DOCS_ASSETS, "/ping"}
+     "/docs", DOCS_ASSETS, "/ping", "/feedback"}
 )
 CLIENT_CLOSED = 499  # nginx's status for a client that went away before its request was read: not a server error
 PUBLIC_PATHS = frozenset({"/health", "/ping"})  # liveness; /ping is the name MLflow clients poll
@@ -59,13 +62,17 @@ class ServingMiddleware:
         path = scope["path"]
         endpoint = _endpoint(path)
         status = 500
+        request_id = request_id_of(scope)
+        scope.setdefault("state", {})["request_id"] = request_id
 
         async def send_with_version(message: Message) -> None:
-            """Records the status; names the live version, except to a caller refused for want of a token."""
+            """Records the status and names the request; names the live version, except to a caller refused
+            for want of a token."""
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
                 headers = MutableHeaders(scope=message)
+                headers[REQUEST_ID_HEADER] = request_id
                 version = self.live_version()
                 if status != 401 and VERSION_HEADER not in headers and version is not None:
                     headers.append(VERSION_HEADER, version)
@@ -140,6 +147,21 @@ class ServingMiddleware:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
+
+
+def request_id_of(scope: Scope) -> str:
+    """The client's ``X-Request-Id`` when it is a safe token (bounded length and charset), else a new one.
+
+    An unsafe id is replaced rather than refused: it would otherwise reach logs, CSV files and headers.
+    """
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            if len(value) <= 64:
+                candidate = value.decode("latin-1")
+                if is_safe_request_id(candidate):
+                    return candidate
+            break
+    return uuid.uuid4().hex
 
 
 class ClientDisconnected(Exception):

