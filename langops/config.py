@@ -514,8 +514,10 @@ class MonitorConfig(_Section):
     confidence_ks_floor: float = Field(0.05, ge=0, description="KS statistic of the top probability")
     length_ks_floor: float = Field(0.06, ge=0, description="KS statistic of the text length in characters")
     unknown_ks_floor: float = Field(0.01, ge=0, description="KS statistic of the unknown-token share")
-    classifier_auc_floor: float = Field(0.53, ge=0.5, le=1, description="cross-validated ROC AUC, reference vs window")
-    classifier_folds: int = Field(5, ge=2)
+    classifier_auc_floor: float = Field(0.53, ge=0.5, le=1, description="held-out ROC AUC, reference vs window")
+    classifier_holdout: float = Field(
+        0.5, gt=0, lt=1, description="share of each side the domain classifier scores without having seen it"
+    )
     classifier_max_rows: int = Field(5000, ge=10, description="rows of each side the domain classifier sees")
     mmd_floor: float = Field(0.0005, ge=0, description="unbiased MMD^2 (RBF kernel, median-heuristic bandwidth)")
     mmd_max_rows: int = Field(500, ge=10, description="rows of each side in the MMD test (cost grows with the square)")
