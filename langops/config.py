@@ -49,6 +49,7 @@ class PathsConfig(_Section):
     promotion: Path = Path("reports/promotion")
     deployment: Path = Path("reports/deployment")
     sweep: Path = Path("models/sweep")  # one folder per sweep trial: <sweep>/<trial>/{trained,checkpoints}
+    monitoring: Path = Path("reports/monitoring")  # one folder per monitor run: <monitoring>/<UTC time>/
 
 
 SPLITS = ("train", "validation", "test")
@@ -527,6 +528,16 @@ class MonitorConfig(_Section):
     )
     min_feedback_rows: int = Field(50, ge=1, description="feedback labels needed to judge the real accuracy")
     seed: int = 0
+    log_dir: Path | None = Field(
+        None, description="the prediction log and feedback folder; null: where the deployed server writes them, "
+        "<state_dir>/server/predictions"
+    )
+    retrain_feedback_rows: int = Field(
+        500, ge=1, description="feedback labels given since the newest registered version that ask for retraining"
+    )
+    cooldown_hours: float = Field(
+        24.0, ge=0, description="after a monitor event, no other is emitted for the model for this many hours"
+    )
 
     @model_validator(mode="after")
     def _enough_permutations(self) -> MonitorConfig:
@@ -581,6 +592,9 @@ with warnings.catch_warnings():
                     "project": self.project.model_copy(update={"state_dir": _absolute(root, self.project.state_dir)}),
                     "paths": PathsConfig(**paths),
                     "data": self.data.model_copy(update={"source": source}),
+                    "monitor": self.monitor.model_copy(
+                        update={"log_dir": None if self.monitor.log_dir is None else _absolute(root, self.monitor.log_dir)}
+                    ),
                 }
             )
 
