@@ -195,7 +195,7 @@ def log_report(params: Params, model: MonitoredModel, checked: WindowCheck) -> s
     Returns:
         The run id (the event's payload carries it).
     """
-    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.entities import Metric, Param
 
     client = _client(params)
     experiment_id = _monitoring_experiment(client, params)
@@ -315,16 +315,15 @@ def decide_event(
         event = event or EVENT_FEEDBACK
         reasons.append(f"{feedback_labels} feedback labels since the last training (retrain at {retrain_feedback_rows})")
     if event is None:
-        return EventDecision(None, (f"no drift, no accuracy drop past {accuracy_margin:g}, and {feedback_labels} "
-                                    f"feedback labels since the last training (< {retrain_feedback_rows}): "
-                                    "nothing emitted",))
+        quiet = (f"no drift, no accuracy drop past {accuracy_margin:g}, and {feedback_labels} feedback labels "
+                 f"since the last training (< {retrain_feedback_rows}): nothing emitted")
+        return EventDecision(None, (quiet,))
     if last_emitted is not None:
         until = last_emitted + timedelta(hours=cooldown_hours)
         if now < until:
-            return EventDecision(
-                None, (*reasons, f"cool-down: the last event was at {last_emitted.isoformat()}, none before "
-                                 f"{until.isoformat()} ({cooldown_hours:g} h)"),
-                suppressed=event, next_allowed=until.isoformat())
+            held = (f"cool-down: the last event was at {last_emitted.isoformat()}, none before "
+                    f"{until.isoformat()} ({cooldown_hours:g} h)")
+            return EventDecision(None, (*reasons, held), suppressed=event, next_allowed=until.isoformat())
     return EventDecision(event, tuple(reasons))
 
 

@@ -706,8 +706,8 @@ def deployment_triggers(spec: dict[str, Any], source: Path) -> list[Any]:
     Raises:
         ServiceError: a trigger is not a valid Prefect trigger (the message names the deployment and why).
     """
-    from pydantic import TypeAdapter, ValidationError
     from prefect.events import DeploymentTriggerTypes
+    from pydantic import TypeAdapter, ValidationError
 
     adapter = TypeAdapter(DeploymentTriggerTypes)
     triggers = []
