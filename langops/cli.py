@@ -188,9 +188,17 @@ def _parser() -> argparse.ArgumentParser:
     rollback.add_argument("--actor", default=os.environ.get("USER") or "cli", help="who (default: $USER or cli)")
     rollback.set_defaults(handler=_rollback)
 
+    monitor = sub.add_parser(
+        "monitor", parents=[common],
+        help="judge the champion's recent predictions for drift; publish the report; emit a retraining event when due",
+    )
+    monitor.add_argument("--version", help="the model version to judge (default: the champion)")
+    monitor.set_defaults(handler=_monitor)
+
     feedback = sub.add_parser("feedback", help="true labels for served predictions: import them, export a dataset")
     feedback_sub = feedback.add_subparsers(dest="feedback_command", required=True)
-    log_dir_help = "the server's prediction log folder (default: <state_dir>/server/predictions, where deploy-model puts it)"
+    log_dir_help = ("the server's prediction log folder (default: monitor.log_dir, else <state_dir>/server/predictions, "
+                    "where deploy-model puts it)")
     feedback_import = feedback_sub.add_parser(
         "import", parents=[common], help="append request_id,label rows (CSV or JSONL) to the feedback log",
     )
@@ -209,9 +217,36 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _prediction_log_dir(params: Params, args: argparse.Namespace) -> Path:
-    from langops.serving.app import PREDICTION_LOG_DIR, SERVER_DIR
+    from langops.monitor import prediction_log_dir
 
-    return args.log_dir or params.project.state_dir / SERVER_DIR / PREDICTION_LOG_DIR
+    return args.log_dir or prediction_log_dir(params)
+
+
+def _monitor(params: Params, args: argparse.Namespace) -> int:
+    """Run the monitor flow once; exit 0 whatever the verdict (the report and the event say it), 1 when there is
+    nothing to monitor."""
+    from langops.monitor import MonitorError, find_model
+    from langops.services import start_temporary_prefect_server
+
+    try:
+        find_model(params, args.version)  # no champion or no such version: say so before a server starts
+    except MonitorError as exc:
+        print(f"langops: {exc}", file=sys.stderr)
+        return 1
+    start_temporary_prefect_server(params)
+    from langops.flows.monitor import monitor_pipeline
+
+    result = monitor_pipeline(params_path=str(Path(args.params).resolve()), overrides=list(args.overrides),
+                              version=args.version)
+    print(f"{result.model_name} version {result.version}: {result.verdict} on {result.rows} rows")
+    for reason in result.reasons:
+        print(f"  - {reason}")
+    print(f"report: {result.report_dir}   MLflow run: {result.run_id}")
+    if result.event:
+        print(f"emitted {result.event}: " + "; ".join(result.event_reasons))
+    else:
+        print("no event: " + "; ".join(result.event_reasons))
+    return 0
 
 
 def _feedback_import(params: Params, args: argparse.Namespace) -> int:

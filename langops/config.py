@@ -49,6 +49,7 @@ class PathsConfig(_Section):
     promotion: Path = Path("reports/promotion")
     deployment: Path = Path("reports/deployment")
     sweep: Path = Path("models/sweep")  # one folder per sweep trial: <sweep>/<trial>/{trained,checkpoints}
+    monitoring: Path = Path("reports/monitoring")  # one folder per monitor run: <monitoring>/<UTC time>/
 
 
 SPLITS = ("train", "validation", "test")
@@ -514,8 +515,10 @@ class MonitorConfig(_Section):
     confidence_ks_floor: float = Field(0.05, ge=0, description="KS statistic of the top probability")
     length_ks_floor: float = Field(0.06, ge=0, description="KS statistic of the text length in characters")
     unknown_ks_floor: float = Field(0.01, ge=0, description="KS statistic of the unknown-token share")
-    classifier_auc_floor: float = Field(0.53, ge=0.5, le=1, description="cross-validated ROC AUC, reference vs window")
-    classifier_folds: int = Field(5, ge=2)
+    classifier_auc_floor: float = Field(0.53, ge=0.5, le=1, description="held-out ROC AUC, reference vs window")
+    classifier_holdout: float = Field(
+        0.5, gt=0, lt=1, description="share of each side the domain classifier scores without having seen it"
+    )
     classifier_max_rows: int = Field(5000, ge=10, description="rows of each side the domain classifier sees")
     mmd_floor: float = Field(0.0005, ge=0, description="unbiased MMD^2 (RBF kernel, median-heuristic bandwidth)")
     mmd_max_rows: int = Field(500, ge=10, description="rows of each side in the MMD test (cost grows with the square)")
@@ -525,6 +528,16 @@ class MonitorConfig(_Section):
     )
     min_feedback_rows: int = Field(50, ge=1, description="feedback labels needed to judge the real accuracy")
     seed: int = 0
+    log_dir: Path | None = Field(
+        None, description="the prediction log and feedback folder; null: where the deployed server writes them, "
+        "<state_dir>/server/predictions"
+    )
+    retrain_feedback_rows: int = Field(
+        500, ge=1, description="feedback labels given since the newest registered version that ask for retraining"
+    )
+    cooldown_hours: float = Field(
+        24.0, ge=0, description="after a monitor event, no other is emitted for the model for this many hours"
+    )
 
     @model_validator(mode="after")
     def _enough_permutations(self) -> MonitorConfig:
@@ -579,6 +592,9 @@ with warnings.catch_warnings():
                     "project": self.project.model_copy(update={"state_dir": _absolute(root, self.project.state_dir)}),
                     "paths": PathsConfig(**paths),
                     "data": self.data.model_copy(update={"source": source}),
+                    "monitor": self.monitor.model_copy(
+                        update={"log_dir": None if self.monitor.log_dir is None else _absolute(root, self.monitor.log_dir)}
+                    ),
                 }
             )
 

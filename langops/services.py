@@ -676,9 +676,10 @@ def _apply_deployment(api_url: str, spec: dict[str, Any], *, pull_steps: list[di
         else:
             raise ServiceError(f"{source}: deployment {name!r} has a schedule that is neither cron nor interval: {item}")
         schedules.append(DeploymentScheduleCreate(schedule=schedule, active=item.get("active", True)))
+    triggers = deployment_triggers(spec, source)
     pool = spec.get("work_pool") or {}
     with temporary_settings(updates={PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
-        client.create_deployment(
+        deployment_id = client.create_deployment(
             flow_id=client.create_flow_from_name(flow.name),
             name=name,
             entrypoint=entrypoint,
@@ -694,6 +695,30 @@ def _apply_deployment(api_url: str, spec: dict[str, Any], *, pull_steps: list[di
             pull_steps=pull_steps,
             paused=spec.get("paused", False),
         )
+        # As `prefect deploy` does: the deployment's automations are replaced by the ones its triggers declare.
+        client.delete_resource_owned_automations(f"prefect.deployment.{deployment_id}")
+        for trigger in triggers:
+            trigger.set_deployment_id(deployment_id)
+            client.create_automation(trigger.as_automation())
+
+
+def deployment_triggers(spec: dict[str, Any], source: Path) -> list[Any]:
+    """The ``triggers:`` of a deployment in ``prefect.yaml``, validated as Prefect's deployment triggers.
+
+    Raises:
+        ServiceError: a trigger is not a valid Prefect trigger (the message names the deployment and why).
+    """
+    from prefect.events import DeploymentTriggerTypes
+    from pydantic import TypeAdapter, ValidationError
+
+    adapter = TypeAdapter(DeploymentTriggerTypes)
+    triggers = []
+    for number, item in enumerate(spec.get("triggers") or [], start=1):
+        try:
+            triggers.append(adapter.validate_python({"name": f"{spec.get('name')}__automation_{number}", **item}))
+        except ValidationError as exc:
+            raise ServiceError(f"{source}: deployment {spec.get('name')!r}, trigger {number}: {exc}") from exc
+    return triggers
 
 
 def _fill_placeholders(value: Any, values: dict[str, str], source: Path) -> Any:

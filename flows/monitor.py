@@ -1,0 +1,89 @@
+"""Production monitoring as a Prefect flow: judge the champion's recent predictions, publish the report, and
+emit an event that retrains when drift, an accuracy drop or enough new feedback asks for it.
+
+The flow only composes the steps of ``langops.monitor``: find the model (verified download) → check the window
+(reference vs prediction log, report under ``paths.monitoring``) → log the report (MLflow run in
+``<experiment>-monitoring``) and publish it (markdown artifact ``drift-report``) → decide → emit
+(``langops.monitor.drift`` / ``langops.monitor.feedback``; the ``langops-training`` deployment's trigger in
+``prefect.yaml`` runs the training pipeline on them) → remember the emission for the cool-down.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from langops import monitor
+from langops.config import Params, load_params
+from langops.flows.pipeline import RETRY
+from langops.monitor import EventDecision, MonitoredModel, MonitorResult, WindowCheck
+
+ARTIFACT_KEY = "drift-report"
+
+find_model = task(monitor.find_model, name="monitor-find-model", cache_policy=NO_CACHE, **RETRY)
+check_window = task(monitor.check_window, name="monitor-check-window", cache_policy=NO_CACHE)
+log_report = task(monitor.log_report, name="monitor-log-report", cache_policy=NO_CACHE)
+
+
+@task(name="monitor-publish-report", cache_policy=NO_CACHE)
+def publish_report(model: MonitoredModel, checked: WindowCheck, run_id: str) -> None:
+    """The report as the flow run's markdown artifact ``drift-report``."""
+    header = (f"**{model.model_name} version {model.version}**: MLflow run `{run_id}`, report files in "
+              f"`{checked.report_dir}`\n\n")
+    create_markdown_artifact(header + checked.markdown, key=ARTIFACT_KEY,
+                             description=f"Drift report: {checked.verdict} on {checked.rows} rows")
+
+
+@task(name="monitor-decide", cache_policy=NO_CACHE)
+def decide(params: Params, model: MonitoredModel, checked: WindowCheck, now: datetime) -> EventDecision:
+    """Read when the last event was emitted, then the pure decision."""
+    cfg = params.monitor
+    return monitor.decide_event(
+        verdict=checked.verdict, accuracy_drops=checked.accuracy_drops, accuracy_margin=checked.accuracy_margin,
+        feedback_labels=checked.feedback_labels, retrain_feedback_rows=cfg.retrain_feedback_rows,
+        last_emitted=monitor.last_event(params, model.model_name), now=now, cooldown_hours=cfg.cooldown_hours,
+    )
+
+
+@task(name="monitor-emit", cache_policy=NO_CACHE)
+def emit(params: Params, model: MonitoredModel, checked: WindowCheck, decision: EventDecision, run_id: str) -> str | None:
+    """Emit the decided event, then record it on the monitoring run (the cool-down starts there)."""
+    from prefect.events import emit_event
+
+    assert decision.event is not None
+    emitted_at = datetime.now(timezone.utc)
+    event = emit_event(event=decision.event, resource=monitor.event_resource(model),
+                       payload=monitor.event_payload(checked, decision, run_id), occurred=emitted_at)
+    event_id = str(event.id) if event is not None else None
+    monitor.record_event(params, run_id, decision.event, emitted_at, event_id)
+    return event_id
+
+
+@flow(name="langops-monitor", log_prints=True)
+def monitor_pipeline(params_path: str = "params.yaml", overrides: list[str] | None = None,
+                     version: str | None = None) -> MonitorResult:
+    """Judge the served model's recent predictions against its test split; ask for retraining when due.
+
+    Args:
+        params_path: the project's params file (``monitor:`` and ``paths.monitoring`` are read).
+        overrides: ``key=value`` changes to params for this run, e.g. ``monitor.window_hours=6``.
+        version: the model version to judge (default: the champion).
+    """
+    logger = get_run_logger()
+    params = load_params(params_path, overrides or [])
+    now = datetime.now(timezone.utc)
+    model = find_model(params, version)
+    checked = check_window(params, model, now=now)
+    run_id = log_report(params, model, checked)
+    publish_report(model, checked, run_id)
+    decision = decide(params, model, checked, now)
+    event_id = emit(params, model, checked, decision, run_id) if decision.event else None
+    logger.info("%s version %s: %s on %d rows; %s", model.model_name, model.version, checked.verdict, checked.rows,
+                f"emitted {decision.event}" if decision.event else "; ".join(decision.reasons))
+    return MonitorResult(model_name=model.model_name, version=model.version, verdict=checked.verdict,
+                         rows=checked.rows, reasons=checked.reasons, report_dir=str(checked.report_dir),
+                         run_id=run_id, event=decision.event, event_reasons=decision.reasons, event_id=event_id,
+                         suppressed=decision.suppressed)
