@@ -94,6 +94,11 @@ def _offline(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+    yield
+    # mlflow.set_tracking_uri exports the URI; a test that calls it must not hand its store to the next
+    # module's fixtures, which are set up before this fixture runs for that module's first test.
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        os.environ.pop(name, None)
 
 
 KEYWORDS = {
