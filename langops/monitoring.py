@@ -760,13 +760,15 @@ def plot_scores(report: DriftReport, path: Path) -> Path:
                                       gridspec_kw={"width_ratios": [1, 1]})
     colours = ["#cc3311" if c.drifted else "#4477aa" for c in checks]
     y = np.arange(len(checks))
-    right.barh(y, np.nan_to_num(ratios), color=colours)
+    # A log scale: ratios run from far below the floor to thousands of times above it in one report.
+    right.barh(y, np.clip(np.nan_to_num(ratios), 1e-2, None), color=colours, left=1e-2)
+    right.set_xscale("log")
     right.axvline(1.0, color="black", linestyle="--", linewidth=1)
     right.set_yticks(y, [f"{n}  ({c.score:.3g} / {c.threshold:.3g})" for n, c in zip(names, checks, strict=True)])
     for i, ratio in enumerate(ratios):
         if math.isnan(ratio):
-            right.text(0.02, i, "no floor: the p-value decides", va="center", fontsize=8, color="#555555")
-    right.set_xlabel("score / floor (drift needs >= 1)")
+            right.text(0.012, i, "no floor: the p-value decides", va="center", fontsize=8, color="#555555")
+    right.set_xlabel("score / floor, log scale (drift needs >= 1)")
     right.invert_yaxis()
     ty = np.arange(len(tested))
     strength = [-math.log10(max(c.p_value or 1.0, 1e-12)) for c in tested]
