@@ -169,6 +169,11 @@ class ValidateConfig(_Section):
     severity: dict[str, Literal["error", "warn"]] = Field(
         default_factory=lambda: dict(DEFAULT_SEVERITY), description="check -> error | warn; unnamed checks keep the default"
     )
+    champion_drift: Literal["warn", "error", "off"] = Field(
+        "warn", description="new training data against the champion's (label mix, lengths, embeddings, with the "
+        "monitor's tests): warn, stop the run, or skip"
+    )
+    champion_drift_rows: int = Field(2000, ge=10, description="training rows the champion embeds for the comparison")
 
     @field_validator("severity", mode="before")
     @classmethod

@@ -55,7 +55,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -280,10 +280,10 @@ class DriftReport:
         """JSON-able: what a flow logs, publishes or turns into an event."""
         return _jsonable(asdict(self))
 
-    def to_markdown(self) -> str:
+    def to_markdown(self, heading: str = "Monitoring") -> str:
         """The report for people: the verdict and its reasons first, then every check."""
         title = {"ok": "OK: no drift", "drift": "DRIFT", "no_verdict": "No verdict"}[self.verdict]
-        lines = [f"# Monitoring: {title}", ""]
+        lines = [f"# {heading}: {title}", ""]
         span = f"{self.start} to {self.end}" if self.start else "no rows"
         lines += [f"- window: {self.rows} rows, {span}, versions {', '.join(self.versions) or '-'}",
                   f"- reference: {self.reference_rows} rows",
@@ -665,9 +665,40 @@ def detect_drift(
                        histograms=_histograms(reference, current), **base)
 
 
-def _decide(check: Check, p: float, alpha: float) -> Check:
-    from dataclasses import replace
+def compare_training_data(
+    reference: pd.DataFrame, current: pd.DataFrame, cfg: MonitorConfig, *, labels: Sequence[str]
+) -> DriftReport:
+    """New training data against the data the champion was judged on, with the monitor's tests.
 
+    Both frames hold one row per text: ``true_label`` (the data's own label), ``text_chars`` and, when the
+    champion's graph has one, ``embedding`` (the champion's embedding of the text). The checks are the
+    label mix (chi-square, PSI), the text length (KS) and the two embedding tests, corrected together as
+    ``detect_drift`` corrects its family; the verdict is ``drift`` when any flags.
+    """
+    base = {"rows": len(current), "reference_rows": len(reference), "start": None, "end": None, "versions": (),
+            "alpha": cfg.alpha, "correction": cfg.correction}
+    if min(len(current), len(reference)) < cfg.min_rows:
+        reason = f"{len(current)} new and {len(reference)} reference rows; {cfg.min_rows} of each needed for a verdict"
+        return DriftReport(verdict="no_verdict", reasons=(reason,), checks=(), **base)
+    ref_labels = reference.assign(label=reference[TRUE_LABEL])
+    cur_labels = current.assign(label=current[TRUE_LABEL])
+    checks = [
+        replace(check_predicted_labels(ref_labels, cur_labels, labels, cfg), name="label_mix"),
+        check_text_length(reference, current, cfg),
+    ]
+    embedded = "embedding" in reference and "embedding" in current
+    if embedded and reference["embedding"].notna().all() and current["embedding"].notna().all():
+        ref_emb, cur_emb = embedding_matrix(reference), embedding_matrix(current)
+        checks += [check_embedding_classifier(ref_emb, cur_emb, cfg), check_embedding_mmd(ref_emb, cur_emb, cfg)]
+    adjusted = adjust_p_values([c.raw_p_value for c in checks], cfg.correction)  # type: ignore[misc]
+    checks = [_decide(check, p, cfg.alpha) for check, p in zip(checks, adjusted, strict=True)]
+    reasons = tuple(_reason(c, cfg) for c in checks if c.drifted)
+    verdict: Verdict = "drift" if reasons else "ok"
+    return DriftReport(verdict=verdict, reasons=reasons or (f"no check flagged drift on {len(current)} rows",),
+                       checks=tuple(checks), **base)
+
+
+def _decide(check: Check, p: float, alpha: float) -> Check:
     reaches = check.score > check.threshold if check.name.endswith("accuracy") else check.score >= check.threshold
     return replace(check, p_value=p, drifted=p <= alpha and reaches)
 
@@ -729,13 +760,15 @@ def plot_scores(report: DriftReport, path: Path) -> Path:
                                       gridspec_kw={"width_ratios": [1, 1]})
     colours = ["#cc3311" if c.drifted else "#4477aa" for c in checks]
     y = np.arange(len(checks))
-    right.barh(y, np.nan_to_num(ratios), color=colours)
+    # A log scale: ratios run from far below the floor to thousands of times above it in one report.
+    right.barh(y, np.clip(np.nan_to_num(ratios), 1e-2, None), color=colours, left=1e-2)
+    right.set_xscale("log")
     right.axvline(1.0, color="black", linestyle="--", linewidth=1)
     right.set_yticks(y, [f"{n}  ({c.score:.3g} / {c.threshold:.3g})" for n, c in zip(names, checks, strict=True)])
     for i, ratio in enumerate(ratios):
         if math.isnan(ratio):
-            right.text(0.02, i, "no floor: the p-value decides", va="center", fontsize=8, color="#555555")
-    right.set_xlabel("score / floor (drift needs >= 1)")
+            right.text(0.012, i, "no floor: the p-value decides", va="center", fontsize=8, color="#555555")
+    right.set_xlabel("score / floor, log scale (drift needs >= 1)")
     right.invert_yaxis()
     ty = np.arange(len(tested))
     strength = [-math.log10(max(c.p_value or 1.0, 1e-12)) for c in tested]

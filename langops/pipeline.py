@@ -25,14 +25,14 @@ from langops.config import Params
 from langops.io import jsonable, read_json, read_split, read_test_rows, write_json
 from langops.lineage import git_commit
 from langops.promotions import current_alias_version, record_decision
-from langops.tasks.compress import CompressionResult, compress
+from langops.tasks.compress import REFERENCE_FILE, CompressionResult, compress
 from langops.tasks.distill import DistillResult, distill
 from langops.tasks.evaluate import EvaluationResult, evaluate
 from langops.tasks.prepare import PrepareResult, prepare
 from langops.tasks.promote import Decision, ModelEvidence, already_champion, decide, with_approval
 from langops.tasks.register import RegistrationResult, register
 from langops.tasks.train import TrainResult, launch_torchrun, rank_info, resolve_devices, train
-from langops.tasks.validate import ValidationResult, validate
+from langops.tasks.validate import DataValidationError, ValidationResult, validate
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +50,67 @@ def run_prepare(params: Params) -> PrepareResult:
 
 
 def run_validate(params: Params, prepared: PrepareResult) -> ValidationResult:
-    """Run the expectation suite; raises ``DataValidationError`` (with the report written) on bad data."""
+    """Run the expectation suite, then compare the data with the champion's; raises ``DataValidationError``
+    (with the report written) on bad data, or on drift from the champion's data when params say so."""
     result = validate(params.data, params.validate, prepared_dir=prepared.out_dir, report_dir=params.paths.validation)
     for warning in result.warnings:
         log.warning("validate: %s", warning)
     if result.warnings:
         log.warning("validate: %d warnings, the run goes on; full report: %s", len(result.warnings), result.report_path)
+    compared = compare_with_champion(params, prepared)
+    if compared is not None and compared.verdict == "drift":
+        reasons = "; ".join(compared.reasons)
+        where = params.paths.validation / CHAMPION_DRIFT_REPORT
+        if params.validate.champion_drift == "error":
+            raise DataValidationError(f"the training data drifted from the champion's (validate.champion_drift is "
+                                      f"error): {reasons}; report: {where}", result)
+        log.warning("validate: the training data drifted from the champion's: %s; report: %s", reasons, where)
     return result
+
+
+CHAMPION_DRIFT_REPORT = "champion-drift.md"
+
+
+def compare_with_champion(params: Params, prepared: PrepareResult) -> Any:
+    """The training split against the champion's reference set (its test split as registered), or None when
+    there is nothing to compare: no champion yet, a champion compressed before reference sets existed, or
+    ``validate.champion_drift: off``. The report goes beside the validation report.
+
+    The champion embeds a sample of the new training texts, so both sides are seen by the same model.
+    """
+    import pandas as pd
+
+    from langops.monitor import MonitorError, find_model
+    from langops.monitoring import TRUE_LABEL, compare_training_data
+    from langops.onnx_model import OnnxClassifier
+    from langops.processes import write_atomic
+
+    if params.validate.champion_drift == "off":
+        return None
+    try:
+        champion = find_model(params)
+    except MonitorError as exc:
+        log.info("validate: nothing to compare the data with: %s", exc)
+        return None
+    reference_file = champion.compressed_dir / REFERENCE_FILE
+    if not reference_file.is_file():
+        log.info("validate: champion %s has no %s (compressed before reference sets): no comparison",
+                 champion.version, REFERENCE_FILE)
+        return None
+    reference = pd.read_parquet(reference_file)
+    train = read_split(prepared.out_dir, "train")
+    sample = train.sample(n=min(len(train), params.validate.champion_drift_rows), random_state=params.project.seed)
+    texts = sample["text"].tolist()
+    scores = OnnxClassifier.load(champion.compressed_dir).score(texts)
+    embeddings = list(scores.embeddings) if scores.embeddings is not None else [None] * len(texts)
+    current = pd.DataFrame({TRUE_LABEL: sample["label"].to_numpy(), "text_chars": [len(t) for t in texts],
+                            "embedding": embeddings})
+    labels = sorted(set(reference[TRUE_LABEL].dropna()) | set(current[TRUE_LABEL]))
+    report = compare_training_data(reference, current, params.monitor, labels=labels)
+    heading = f"Training data against champion {champion.model_name} v{champion.version}'s"
+    write_atomic(params.paths.validation / CHAMPION_DRIFT_REPORT, report.to_markdown(heading))
+    log.info("validate: training data against champion v%s's: %s", champion.version, report.verdict)
+    return report
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from langops.monitoring import (
     TRUE_LABEL,
     adjust_p_values,
     check_embedding_classifier,
+    compare_training_data,
     detect_drift,
     expected_metrics,
     join_feedback,
@@ -248,3 +249,25 @@ def test_the_domain_classifier_p_values_are_uniform_without_drift():
     assert np.mean(p < 0.05) <= 0.08, np.mean(p < 0.05)
     assert np.mean(p < 0.01) <= 0.025, np.mean(p < 0.01)
     assert 0.35 <= np.median(p) <= 0.65  # not conservative either: about half below 0.5
+
+
+@pytest.mark.parametrize("drift", [None, "class_mix", "new_topic", "length"])
+def test_new_training_data_is_compared_with_the_champions_by_label_mix_length_and_embeddings(drift):
+    reference = synthetic(1000, seed=1)
+    training = synthetic(1200, seed=2, drift=drift)
+
+    report = compare_training_data(reference, training, CFG, labels=LABELS)
+
+    flagged = {check.name for check in report.checks if check.drifted}
+    expected = {None: set(), "class_mix": {"label_mix"}, "new_topic": {"embedding_classifier"},
+                "length": {"text_length"}}[drift]
+    assert report.verdict == ("ok" if drift is None else "drift"), report.to_markdown()
+    assert expected <= flagged and (drift is not None or not flagged)
+    assert [c.name for c in report.checks] == ["label_mix", "text_length", "embedding_classifier", "embedding_mmd"]
+
+
+def test_training_data_too_small_to_compare_gets_no_verdict():
+    report = compare_training_data(synthetic(1000, seed=1), synthetic(CFG.min_rows - 1, seed=2), CFG, labels=LABELS)
+
+    assert report.verdict == "no_verdict" and not report.checks
+    assert f"{CFG.min_rows} of each needed" in report.reasons[0]
