@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import KEYWORDS, write_prepared
+
 from langops.config import Params, parse_params
 from langops.io import split_path
 from langops.pipeline import CHAMPION_DRIFT_REPORT, compare_with_champion, run_validate
