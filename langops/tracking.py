@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -40,7 +41,10 @@ def configure_mlflow(params: Params) -> str:
     mlflow.set_experiment(experiment_id=experiment_id)
     if uri not in _swept_stores:  # once per store and process: a search per step would cost seconds
         _swept_stores.add(uri)
-        clean_up_after_dead_processes(client)
+        try:
+            clean_up_after_dead_processes(client)
+        except Exception as exc:  # housekeeping: a store that cannot answer these searches still works
+            logging.getLogger(__name__).warning("could not close the runs of dead processes in %s: %s", uri, exc)
     return experiment_id
 
 
@@ -109,8 +113,12 @@ def _delete_unfinished_versions(client: Any, host: str) -> list[str]:
 
     deleted = []
     for version in client.search_model_versions(f"tags.`{REGISTERING_TAG}` != ''"):
-        owner = json.loads(version.tags[REGISTERING_TAG])
-        if owner.get(OWNER_HOST) != host or _process_alive(int(owner[OWNER_PID]), float(owner[OWNER_STARTED])):
+        try:
+            owner = json.loads(version.tags[REGISTERING_TAG])
+            alive = _process_alive(int(owner[OWNER_PID]), float(owner[OWNER_STARTED]))
+        except (ValueError, KeyError, TypeError):
+            continue  # not a tag this code wrote: leave the version alone
+        if owner.get(OWNER_HOST) != host or alive:
             continue
         client.delete_model_version(version.name, version.version)
         deleted.append(f"{version.name}/{version.version}")
