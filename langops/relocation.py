@@ -40,11 +40,11 @@ def check_location(params: Params) -> None:
     """
     state_dir = params.project.state_dir.resolve()
     recorded = recorded_state_dir(state_dir)
-    if recorded is None:
+    if recorded == state_dir:
+        return
+    if recorded is None or not _embedded_store(params):  # first use, or moved before any path was stored
         if state_dir.is_dir():
             write_json(state_dir / LOCATION_FILE, {"state_dir": str(state_dir)})
-        return
-    if recorded == state_dir or not _embedded_store(params):
         return
     raise ProjectMovedError(
         f"this project's state folder {state_dir} was created at {recorded}: the project was moved or copied. "

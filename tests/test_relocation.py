@@ -75,3 +75,17 @@ def test_relocate_in_a_project_that_has_not_moved_changes_nothing(tmp_path):
     result = _langops("relocate", cwd=tmp_path)
 
     assert result.returncode == 0 and "has not moved: nothing to rewrite" in result.stdout
+
+
+def test_a_project_moved_before_its_store_existed_just_records_its_new_place(tmp_path):
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    params = tiny_project_params(old, Path("no-model"))
+    params["project"]["state_dir"] = ".langops"
+    write_params(old, params)
+    assert _langops("stop", cwd=old).returncode == 0  # records its place; creates no MLflow store
+    assert (old / ".langops" / "location.json").is_file() and not (old / ".langops" / "mlflow.db").exists()
+    shutil.move(old, new)
+
+    assert _langops("history", cwd=new).returncode == 0
+    assert _langops("history", cwd=new).returncode == 0  # and again, now with a store made here
