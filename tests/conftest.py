@@ -94,10 +94,17 @@ def _offline(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
-    yield
-    # mlflow.set_tracking_uri exports the URI; a test that calls it must not hand its store to the next
-    # module's fixtures, which are set up before this fixture runs for that module's first test.
-    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_servers_from_an_earlier_module():
+    """A module's fixtures start from no MLflow store and no Prefect server of an earlier module's.
+
+    ``mlflow.set_tracking_uri`` and `langops up`'s endpoints export these variables, and a test's
+    monkeypatch can restore a value another call set; module fixtures are set up before any test's
+    ``_offline`` runs, and autouse ones first, so this is where they are cleared.
+    """
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "PREFECT_API_URL"):
         os.environ.pop(name, None)
 
 
