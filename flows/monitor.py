@@ -37,29 +37,20 @@ def publish_report(model: MonitoredModel, checked: WindowCheck, run_id: str) -> 
                              description=f"Drift report: {checked.verdict} on {checked.rows} rows")
 
 
-@task(name="monitor-decide", cache_policy=NO_CACHE)
-def decide(params: Params, model: MonitoredModel, checked: WindowCheck, now: datetime) -> EventDecision:
-    """Read when the last event was emitted, then the pure decision."""
-    cfg = params.monitor
-    return monitor.decide_event(
-        verdict=checked.verdict, accuracy_drops=checked.accuracy_drops, accuracy_margin=checked.accuracy_margin,
-        feedback_labels=checked.feedback_labels, retrain_feedback_rows=cfg.retrain_feedback_rows,
-        last_emitted=monitor.last_event(params, model.model_name), now=now, cooldown_hours=cfg.cooldown_hours,
-    )
-
-
-@task(name="monitor-emit", cache_policy=NO_CACHE)
-def emit(params: Params, model: MonitoredModel, checked: WindowCheck, decision: EventDecision, run_id: str) -> str | None:
-    """Emit the decided event, then record it on the monitoring run (the cool-down starts there)."""
+@task(name="monitor-decide-and-emit", cache_policy=NO_CACHE)
+def decide_and_emit(params: Params, model: MonitoredModel, checked: WindowCheck, run_id: str,
+                    now: datetime) -> tuple[EventDecision, str | None]:
+    """Under the model's lock: the cool-down, the decision, and the Prefect event when one is due."""
     from prefect.events import emit_event
 
-    assert decision.event is not None
-    emitted_at = datetime.now(timezone.utc)
-    event = emit_event(event=decision.event, resource=monitor.event_resource(model),
-                       payload=monitor.event_payload(checked, decision, run_id), occurred=emitted_at)
-    event_id = str(event.id) if event is not None else None
-    monitor.record_event(params, run_id, decision.event, emitted_at, event_id)
-    return event_id
+    def emit(decision: EventDecision) -> str | None:
+        assert decision.event is not None
+        event = emit_event(event=decision.event, resource=monitor.event_resource(model),
+                           payload=monitor.event_payload(checked, decision, run_id),
+                           occurred=datetime.now(timezone.utc))
+        return str(event.id) if event is not None else None
+
+    return monitor.decide_and_emit(params, model, checked, run_id, now=now, emit=emit)
 
 
 @flow(name="langops-monitor", log_prints=True)
@@ -79,8 +70,7 @@ def monitor_pipeline(params_path: str = "params.yaml", overrides: list[str] | No
     checked = check_window(params, model, now=now)
     run_id = log_report(params, model, checked)
     publish_report(model, checked, run_id)
-    decision = decide(params, model, checked, now)
-    event_id = emit(params, model, checked, decision, run_id) if decision.event else None
+    decision, event_id = decide_and_emit(params, model, checked, run_id, now)
     logger.info("%s version %s: %s on %d rows; %s", model.model_name, model.version, checked.verdict, checked.rows,
                 f"emitted {decision.event}" if decision.event else "; ".join(decision.reasons))
     return MonitorResult(model_name=model.model_name, version=model.version, verdict=checked.verdict,

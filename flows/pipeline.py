@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from prefect import Task, flow, task
+from prefect import Task, flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE, CachePolicy
 from prefect.flow_runs import pause_flow_run
@@ -22,6 +22,7 @@ from langops import pipeline, stage_cache
 from langops.aliases import CHAMPION
 from langops.config import Params, load_params
 from langops.faults import crash_point
+from langops.monitor import describe_trigger
 from langops.promotions import current_alias_version
 from langops.stages import STAGES, Stage, stage
 from langops.tasks.promote import with_approval
@@ -77,19 +78,23 @@ class StageInputs(CachePolicy):
         return self.key
 
 
-def run_stages(params: Params, results: dict[str, Any], *, first: str | None = None) -> dict[str, Any]:
+def run_stages(
+    params: Params, results: dict[str, Any], *, first: str | None = None, cause: str = ""
+) -> dict[str, Any]:
     """Run the table's stages in order (from ``first``), each with the results of the stages it needs.
 
     ``results`` holds the results so far, by stage name; the new ones are added to it. The stages that
     need more than a task (the validation report, the gate's pause for a person) are composed in
-    ``COMPOSED``; every other stage is its task, cached by its inputs when the table says so.
+    ``COMPOSED``; every other stage is its task, cached by its inputs when the table says so. ``cause``
+    (what started the run) goes with the promotion record.
     """
     names = [s.name for s in STAGES]
     for current in STAGES[names.index(first) if first else 0:]:
         inputs = {stage(need).result: results[need] for need in current.needs}
         crash_point(f"before:{current.name}")
         if current.name in COMPOSED:
-            results[current.name] = COMPOSED[current.name](params, **inputs)
+            extra = {"cause": cause} if current.name == "promote" else {}
+            results[current.name] = COMPOSED[current.name](params, **inputs, **extra)
         elif current.cached:
             results[current.name] = run_cached(current.name, params, **inputs)
         else:
@@ -149,7 +154,8 @@ class PipelineSummary:
 
 @flow(name="langops-training-pipeline", log_prints=True)
 def training_pipeline(
-    params_path: str = "params.yaml", overrides: list[str] | None = None, dataset: str | None = None
+    params_path: str = "params.yaml", overrides: list[str] | None = None, dataset: str | None = None,
+    trigger: dict[str, str] | None = None,
 ) -> PipelineSummary:
     """Train, gate and deploy a text classifier from the dataset and knobs in ``params.yaml``.
 
@@ -157,9 +163,14 @@ def training_pipeline(
         params_path: the project's params file; relative paths in it are relative to its folder.
         overrides: ``key=value`` changes to params for this run, e.g. ``train.epochs=2``.
         dataset: the labelled dataset to train on (a file or folder); shorthand for ``data.source=...``.
+        trigger: the event that started this run, filled in by the deployment's trigger in ``prefect.yaml``
+            (event name and id, the monitoring run and its drift report); kept with the promotion record.
     """
     params = load_params(params_path, [*(overrides or []), *([f"data.source={dataset}"] if dataset else [])])
-    shipped = ship(params, run_stages(params, {}))
+    cause = describe_trigger(trigger) if trigger else ""
+    if cause:
+        get_run_logger().info("started by %s", cause)
+    shipped = ship(params, run_stages(params, {}, cause=cause))
     evaluation, compression = shipped.evaluation, shipped.compression
     summary = PipelineSummary(
         run_id=shipped.trained.run_id,
@@ -217,7 +228,8 @@ class PromotionApproval(RunInput):
     comment: str = ""
 
 
-def promote_challenger(params: Params, prepared: Any, compressed: Any, registered: RegistrationResult):
+def promote_challenger(params: Params, prepared: Any, compressed: Any, registered: RegistrationResult, *,
+                       cause: str = ""):
     """The gate, then (when params ask for it) a person, then the record; the flow pauses in between."""
     decision = decide_promotion(params, prepared, compressed, registered)
     if params.promote.require_approval and decision.promote and not decision.forced:
@@ -235,7 +247,7 @@ def promote_challenger(params: Params, prepared: Any, compressed: Any, registere
             key="promotion-approval",
         )
         decision = with_approval(decision, approved=answer.approve, reviewer=answer.reviewer, comment=answer.comment)
-    return record_promotion(params, decision, registered)
+    return record_promotion(params, decision, registered, cause=cause)
 
 
 def validate_or_stop(params: Params, prepared: Any) -> Any:

@@ -479,8 +479,11 @@ def _history(params: Params, args: argparse.Namespace) -> int:
     rows += [(e.at, e.event, f"{e.from_version or '-'} → {e.to_version}", e.actor, e.reason) for e in events]
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     print(f"promotion history of {model}, newest first")
-    for row in rows:
+    causes = ["", *(e.cause for e in events)]
+    for row, cause in zip(rows, causes):
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[4])
+        if cause:
+            print(" " * (widths[0] + 2) + f"started by {cause}")
     return 0
 
 

@@ -73,6 +73,11 @@ class DataConfig(_Section):
     labels: tuple[str, ...] | None = None
     encoding: str = Field("utf-8", description="of CSV/TSV/JSONL files; a UTF-8 byte-order mark is always allowed")
     demo_rows: int = Field(3000, ge=60)
+    extra_sources: tuple[str, ...] = Field(
+        (), description="more labelled files with the same columns, e.g. the production rows `langops feedback "
+        "export` writes; their rows are split like one file's and added to every split. A file not there yet is "
+        "skipped with a note",
+    )
 
     @field_validator("source")
     @classmethod
@@ -596,7 +601,10 @@ with warnings.catch_warnings():
                 update={
                     "project": self.project.model_copy(update={"state_dir": _absolute(root, self.project.state_dir)}),
                     "paths": PathsConfig(**paths),
-                    "data": self.data.model_copy(update={"source": source}),
+                    "data": self.data.model_copy(update={
+                        "source": source,
+                        "extra_sources": tuple(str(_absolute(root, Path(path))) for path in self.data.extra_sources),
+                    }),
                     "monitor": self.monitor.model_copy(
                         update={"log_dir": None if self.monitor.log_dir is None else _absolute(root, self.monitor.log_dir)}
                     ),

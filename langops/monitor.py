@@ -9,6 +9,7 @@ the report, and ask for retraining when it is due.
   window's rows and accuracy estimate, and the report files.
 * ``decide_event`` (pure): which event, if any, the run asks for, with every reason spelled out; the cool-down.
 * ``last_event`` / ``record_event``: the cool-down's memory, a tag on the monitoring runs.
+* ``decide_and_emit``: the decision and the emission under one lock per model, so runs cannot race the cool-down.
 
 The Prefect parts (tasks, the markdown artifact, ``emit_event``) live in the flow; this module imports no Prefect.
 """
@@ -24,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 from langops.config import Params
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from mlflow import MlflowClient
 
     from langops.monitoring import DriftReport
@@ -327,6 +330,44 @@ def decide_event(
     return EventDecision(event, tuple(reasons))
 
 
+EVENT_LOCK = "monitor-event"  # the lock purpose that serialises the cool-down check and the emission
+
+
+def decide_and_emit(
+    params: Params,
+    model: MonitoredModel,
+    checked: WindowCheck,
+    run_id: str,
+    *,
+    now: datetime,
+    emit: Callable[[EventDecision], str | None],
+) -> tuple[EventDecision, str | None]:
+    """Decide (``decide_event``, after reading the last emission) and, if due, ``emit`` and record it, all under
+    the model's ``monitor-event`` lock: two monitor runs at the same moment cannot both get past the cool-down.
+
+    Args:
+        emit: sends the decided event (the flow's Prefect ``emit_event``); returns the event's id.
+
+    Returns:
+        The decision, and the emitted event's id (None when nothing was emitted).
+    """
+    from langops.promotions import champion_lock
+
+    cfg = params.monitor
+    with champion_lock(params, model.model_name, purpose=EVENT_LOCK):
+        decision = decide_event(
+            verdict=checked.verdict, accuracy_drops=checked.accuracy_drops, accuracy_margin=checked.accuracy_margin,
+            feedback_labels=checked.feedback_labels, retrain_feedback_rows=cfg.retrain_feedback_rows,
+            last_emitted=last_event(params, model.model_name), now=now, cooldown_hours=cfg.cooldown_hours,
+        )
+        if decision.event is None:
+            return decision, None
+        emitted_at = datetime.now(timezone.utc)
+        event_id = emit(decision)
+        record_event(params, run_id, decision.event, emitted_at, event_id)
+        return decision, event_id
+
+
 def event_resource(model: MonitoredModel) -> dict[str, str]:
     """The event's resource: the model version (a trigger matches ``langops.model.*``)."""
     return {"prefect.resource.id": f"{RESOURCE_PREFIX}{model.model_name}.{model.version}",
@@ -339,6 +380,26 @@ def event_payload(checked: WindowCheck, decision: EventDecision, run_id: str) ->
     return {"verdict": checked.verdict, "reasons": list(decision.reasons), "rows": checked.rows,
             "metrics": checked.metrics, "feedback_labels": checked.feedback_labels, "mlflow_run_id": run_id,
             "report_dir": str(checked.report_dir)}
+
+
+def describe_trigger(trigger: dict[str, Any]) -> str:
+    """One line naming the event that started a training run and the drift report behind it (history shows it).
+
+    ``trigger`` is what the training deployment's trigger in ``prefect.yaml`` renders from the event: its
+    name and the payload's ``mlflow_run_id`` and ``report_dir`` (an ``event_id`` too, when given); missing
+    or unrendered keys are left out.
+    """
+    def given(key: str) -> str:
+        value = str(trigger.get(key) or "").strip()
+        return "" if "{{" in value else value
+
+    parts = [given("event") or "an event"]
+    if given("event_id"):
+        parts.append(f"(event {given('event_id')})")
+    details = [f"drift report {given('report_dir')}" if given("report_dir") else "",
+               f"monitoring run {given('monitor_run_id')}" if given("monitor_run_id") else ""]
+    details = [d for d in details if d]
+    return " ".join(parts) + (": " + ", ".join(details) if details else "")
 
 
 @dataclass(frozen=True)

@@ -233,6 +233,7 @@ def run_promote(
     *,
     force_reason: str | None = None,
     actor: str = "pipeline",
+    cause: str = "",
     approve: Callable[[Decision], tuple[bool, str, str]] | None = None,
 ) -> Decision:
     """Decide on the registered version and record the outcome (see ``decide_promotion``).
@@ -249,7 +250,7 @@ def run_promote(
         else:
             approved, reviewer, comment = approve(decision)
             decision = with_approval(decision, approved=approved, reviewer=reviewer, comment=comment)
-    return record_promotion(params, decision, registered, actor=actor)
+    return record_promotion(params, decision, registered, actor=actor, cause=cause)
 
 
 def decide_promotion(
@@ -288,11 +289,12 @@ def decide_promotion(
 
 
 def record_promotion(
-    params: Params, decision: Decision, registered: RegistrationResult, *, actor: str = "pipeline"
+    params: Params, decision: Decision, registered: RegistrationResult, *, actor: str = "pipeline", cause: str = ""
 ) -> Decision:
-    """Apply the decision (tags; the alias only if it passed) and keep it: files, MLflow run, tags."""
+    """Apply the decision (tags; the alias only if it passed) and keep it: files, MLflow run, tags.
+    ``cause`` says what started the run (a monitor event and its report); history shows it."""
     tracking.configure_mlflow(params)
-    champion_after = record_decision(decision, params=params, actor=actor)
+    champion_after = record_decision(decision, params=params, actor=actor, cause=cause)
     written = decision.write(params.paths.promotion, champion_after=champion_after)
     if decision.challenger_version != decision.champion_version:  # else the run keeps the decision that promoted it
         tracking.log_decision(params, registered.run_id, decision, written)

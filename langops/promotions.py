@@ -45,6 +45,8 @@ EVIDENCE_FILE = "evidence.json"
 ANY_CHAMPION = object()  # move_champion's default: move whatever the champion is now
 _LOCAL_SCHEMES = {"", "file", "sqlite"}
 _MAX_TAG_CHARS = 5000
+_HOLDERS = {"champion": "another promotion or rollback", "monitor-event": "another monitor run's event decision"}
+CAUSE_TAG = "langops.cause"  # what started the run that asked for the move (a monitor event, its report)
 
 
 class PromotionError(RuntimeError):
@@ -71,6 +73,7 @@ class PromotionEvent:
     actor: str
     at: str
     record_id: str
+    cause: str = ""  # what started the run that asked, e.g. a monitor event with its drift report
 
     @property
     def changed(self) -> bool:
@@ -82,17 +85,18 @@ def promotions_experiment_name(params: Params) -> str:
     return f"{params.tracking.experiment}-promotions"
 
 
-def lock_name(params: Params, model_name: str | None = None) -> str:
-    """Where the champion lock of a model lives: a lock file path, or a Prefect concurrency limit name."""
+def lock_name(params: Params, model_name: str | None = None, *, purpose: str = "champion") -> str:
+    """Where a model's lock for ``purpose`` lives: a lock file path, or a Prefect concurrency limit name."""
     name = model_name or params.register.model_name
     if _uses_local_store(params):
-        return str(params.project.state_dir / "locks" / f"{name}.lock")
-    return f"langops-champion-{name}"
+        file = f"{name}.lock" if purpose == "champion" else f"{name}.{purpose}.lock"
+        return str(params.project.state_dir / "locks" / file)
+    return f"langops-{purpose}-{name}"
 
 
 @contextlib.contextmanager
 def champion_lock(
-    params: Params, model_name: str | None = None, *, timeout_s: float = LOCK_TIMEOUT_S
+    params: Params, model_name: str | None = None, *, timeout_s: float = LOCK_TIMEOUT_S, purpose: str = "champion"
 ) -> Iterator[str]:
     """Hold the lock that serialises every change of one registered model's champion aliases.
 
@@ -115,6 +119,8 @@ def champion_lock(
         params: resolved params; the tracking URI chooses the kind of lock.
         model_name: the registered model (default ``register.model_name``).
         timeout_s: how long to wait for another holder.
+        purpose: another name serialises something else of the model the same way (``monitor-event``: the
+            monitor's cool-down check and emission).
 
     Yields:
         The lock's name (file path or concurrency limit name), for messages.
@@ -123,12 +129,12 @@ def champion_lock(
         ChampionLockTimeout: the lock was not acquired within ``timeout_s``; the message names it.
         PromotionError: a remote store is configured but no Prefect server is.
     """
-    name = lock_name(params, model_name)
+    name = lock_name(params, model_name, purpose=purpose)
     if _uses_local_store(params):
-        with _file_lock(name, timeout_s):
+        with _file_lock(name, timeout_s, purpose):
             yield name
     else:
-        with _prefect_lock(name, timeout_s):
+        with _prefect_lock(name, timeout_s, purpose):
             yield name
 
 
@@ -142,6 +148,7 @@ def move_champion(
     actor: str,
     evidence: dict[str, Any] | None = None,
     expected_champion: str | None | object = ANY_CHAMPION,
+    cause: str = "",
 ) -> PromotionEvent:
     """Make ``new_champion`` the champion, keep the old one as ``previous_champion``, and log the event.
 
@@ -163,6 +170,7 @@ def move_champion(
         evidence: anything worth keeping beside the event (gate checks, metrics), logged as JSON.
         expected_champion: the champion the caller's decision was made against (None: no champion).
             If another promotion moved the alias since, nothing changes and ``StaleDecision`` is raised.
+        cause: what started the run that asks (a monitor event and its drift report), shown by history.
 
     Returns:
         The recorded event.
@@ -178,11 +186,11 @@ def move_champion(
     with champion_lock(params, model_name):
         return _move_locked(
             client, params, model_name=model_name, new_champion=new_champion, event=event,
-            reason=reason, actor=actor, evidence=evidence or {}, expected_champion=expected_champion,
+            reason=reason, actor=actor, evidence=evidence or {}, expected_champion=expected_champion, cause=cause,
         )
 
 
-def record_decision(decision: Decision, *, params: Params, actor: str = "pipeline") -> str | None:
+def record_decision(decision: Decision, *, params: Params, actor: str = "pipeline", cause: str = "") -> str | None:
     """Record the gate's decision on the challenger's model version and, if it passed, make it champion.
 
     The alias moves through ``move_champion``: under the champion lock, logged in the promotion history,
@@ -207,12 +215,15 @@ def record_decision(decision: Decision, *, params: Params, actor: str = "pipelin
             actor=actor,
             evidence=decision.to_dict(),
             expected_champion=decision.champion_version,
+            cause=cause,
         )
     client = _client(params)
     client.set_registered_model_alias(model_name, CHALLENGER, version)  # the latest version the gate judged
     client.set_model_version_tag(model_name, version, "langops.decision", "promoted" if decision.promote else "rejected")
     client.set_model_version_tag(model_name, version, "langops.decision_reason", decision.reason[:_MAX_TAG_CHARS])
     client.set_model_version_tag(model_name, version, "langops.decided_at", decision.decided_at)
+    if cause:
+        client.set_model_version_tag(model_name, version, CAUSE_TAG, cause[:_MAX_TAG_CHARS])
     return version if decision.promote else decision.champion_version
 
 
@@ -292,6 +303,7 @@ def _move_locked(
     actor: str,
     evidence: dict[str, Any],
     expected_champion: str | None | object = ANY_CHAMPION,
+    cause: str = "",
 ) -> PromotionEvent:
     """The body of a move; the caller holds the champion lock."""
     from mlflow.exceptions import MlflowException
@@ -320,6 +332,7 @@ def _move_locked(
             "langops.to_version": new_champion,
             "langops.actor": actor[:_MAX_TAG_CHARS],
             "langops.reason": reason[:_MAX_TAG_CHARS],
+            **({CAUSE_TAG: cause[:_MAX_TAG_CHARS]} if cause else {}),
             **owner_tags(),
         },
     )
@@ -340,7 +353,7 @@ def _move_locked(
     log.info("%s: champion of %s %s -> %s by %s (%s)", event, model_name, _show(old), new_champion, actor, reason)
     return PromotionEvent(
         event=event, model_name=model_name, from_version=old, to_version=new_champion,
-        reason=reason, actor=actor, at=at, record_id=run_id,
+        reason=reason, actor=actor, at=at, record_id=run_id, cause=cause,
     )
 
 
@@ -408,6 +421,7 @@ def _event_from_run(run: Any) -> PromotionEvent:
         actor=tags.get("langops.actor", ""),
         at=datetime.fromtimestamp(run.info.start_time / 1000, timezone.utc).isoformat(timespec="milliseconds"),
         record_id=run.info.run_id,
+        cause=tags.get(CAUSE_TAG, ""),
     )
 
 
@@ -418,7 +432,7 @@ def _uses_local_store(params: Params) -> bool:
 
 
 @contextlib.contextmanager
-def _file_lock(path: str, timeout_s: float) -> Iterator[None]:
+def _file_lock(path: str, timeout_s: float, purpose: str) -> Iterator[None]:
     from pathlib import Path
 
     from filelock import FileLock, Timeout
@@ -429,8 +443,8 @@ def _file_lock(path: str, timeout_s: float) -> Iterator[None]:
         lock.acquire()
     except Timeout:
         raise ChampionLockTimeout(
-            f"could not take the champion lock {path} within {timeout_s:g}s: another promotion or "
-            "rollback of this model is still running (the lock is freed when its process exits)"
+            f"could not take the {purpose} lock {path} within {timeout_s:g}s: {_HOLDERS.get(purpose, 'another process')} "
+            "of this model is still running (the lock is freed when its process exits)"
         ) from None
     try:
         yield
@@ -439,7 +453,7 @@ def _file_lock(path: str, timeout_s: float) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _prefect_lock(name: str, timeout_s: float) -> Iterator[None]:
+def _prefect_lock(name: str, timeout_s: float, purpose: str) -> Iterator[None]:
     import httpx
     from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
     from prefect.concurrency.sync import concurrency
@@ -448,7 +462,7 @@ def _prefect_lock(name: str, timeout_s: float) -> Iterator[None]:
     api_url = PREFECT_API_URL.value()
     if not api_url:
         raise PromotionError(
-            f"the tracking store is remote, so the champion lock must be shared too: set PREFECT_API_URL "
+            f"the tracking store is remote, so the {purpose} lock must be shared too: set PREFECT_API_URL "
             f"to the team's Prefect server (the lock is its global concurrency limit {name!r}); without it "
             "two promotions from different machines could interleave"
         )
@@ -458,12 +472,12 @@ def _prefect_lock(name: str, timeout_s: float) -> Iterator[None]:
         held.enter_context(concurrency(name, occupy=1, timeout_seconds=timeout_s, strict=True))
     except TimeoutError as exc:
         raise ChampionLockTimeout(
-            f"could not take the champion lock (Prefect global concurrency limit {name!r}) within "
-            f"{timeout_s:g}s: another promotion or rollback of this model is still running"
+            f"could not take the {purpose} lock (Prefect global concurrency limit {name!r}) within "
+            f"{timeout_s:g}s: {_HOLDERS.get(purpose, 'another process')} of this model is still running"
         ) from exc
     except (ConcurrencySlotAcquisitionError, httpx.HTTPError, OSError) as exc:
         raise PromotionError(
-            f"could not take the champion lock (Prefect global concurrency limit {name!r}) on the Prefect "
+            f"could not take the {purpose} lock (Prefect global concurrency limit {name!r}) on the Prefect "
             f"server at {api_url}: {exc}"
         ) from exc
     with held:

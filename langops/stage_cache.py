@@ -92,14 +92,15 @@ def _input_name(dep: Output | str) -> str:
 
 def _input_md5(params: Params, dep: Output | str) -> str | dict[str, str]:
     """The content hash of an input; the raw-data folder stands for ``data.source``'s files (the demo
-    generator for itself).
+    generator for itself) and the ``data.extra_sources`` there so far.
 
     Raises:
         PrepareError: a dataset file named by ``data.source`` is missing or of an unknown format.
     """
     if dep == RAW_DATA:
-        files = source_files(params.data)
-        return {split: _content_md5(path) for split, path in files.items()} if files else "demo"
+        hashes = {split: _content_md5(path) for split, path in source_files(params.data).items()}
+        hashes |= {f"extra:{name}": _content_md5(Path(name)) for name in params.data.extra_sources if Path(name).exists()}
+        return hashes or "demo"
     if isinstance(dep, str):
         return _content_md5(Path(dep))
     return _content_md5(dep.path(params))

@@ -139,7 +139,12 @@ def prepare(data: DataConfig, cfg: PrepareConfig, *, seed: int, out_dir: Path) -
     else:
         given = read_given_splits(data, files)
         origin = _origin(files)
+    extra, extra_found = read_extra_sources(data)
+    if extra_found:
+        origin["extra_sources"] = extra_found
     given = {name: normalise_frame(frame, lowercase=cfg.lowercase) for name, frame in given.items()}
+    if extra is not None:
+        given = add_extra_rows(given, normalise_frame(extra, lowercase=cfg.lowercase), cfg, seed=seed)
     label_whitespace = _merge_counts(frame.attrs.get("label_whitespace", {}) for frame in given.values())
 
     conflicts: dict[str, Any] = {"policy": cfg.label_conflicts, "texts": 0, "rows_dropped": 0, "examples": []}
@@ -204,6 +209,42 @@ def source_files(data: DataConfig) -> dict[str, Path]:
             raise PrepareError(f"data source {path} is a folder; name a file for each split (data.source)")
         format_of(path)
     return files
+
+
+def read_extra_sources(data: DataConfig) -> tuple[pd.DataFrame | None, dict[str, Any]]:
+    """The rows of ``data.extra_sources`` as one frame (None: none there), and what was read for the summary:
+    each file's md5 and rows, or ``"missing"`` for a file not written yet (no feedback exported so far)."""
+    frames, found = [], {}
+    for name in data.extra_sources:
+        path = Path(name)
+        if not path.exists():
+            found[path.name] = "missing"
+            continue
+        frame = read_source(path, text_column=data.text_column, label_column=data.label_column, encoding=data.encoding)
+        frames.append(frame)
+        found[path.name] = {"md5": file_md5(path), "rows": len(frame)}
+    return (pd.concat(frames, ignore_index=True) if frames else None), found
+
+
+def add_extra_rows(
+    given: dict[str, pd.DataFrame], extra: pd.DataFrame, cfg: PrepareConfig, *, seed: int
+) -> dict[str, pd.DataFrame]:
+    """Add the extra sources' rows to the splits without a leak: a text the given splits already hold joins
+    that split; the rest are split like one file (``prepare.validation_size``/``test_size``). One file to
+    split just grows; a split that will be carved from train gets its share through train."""
+    if "all" in given:
+        return {"all": pd.concat([given["all"], extra], ignore_index=True)}
+    grown = dict(given)
+    home = {text: name for name in reversed(list(given)) for text in given[name][TEXT][has_text(given[name])]}
+    placed = extra[TEXT].map(home)
+    for name in given:
+        grown[name] = pd.concat([grown[name], extra[placed == name]], ignore_index=True)
+    parts = split_grouped(extra[placed.isna()].reset_index(drop=True),
+                          {"validation": cfg.validation_size, "test": cfg.test_size}, seed=seed)
+    for name, part in parts.items():
+        target = name if name in grown else "train"
+        grown[target] = pd.concat([grown[target], part], ignore_index=True)
+    return grown
 
 
 def _split_files_in(folder: Path) -> dict[str, Path]:
@@ -325,7 +366,8 @@ def check_source(data: DataConfig) -> None:
     wanted = {"data.text_column": data.text_column, "data.label_column": data.label_column}
     if data.split_column is not None:
         wanted["data.split_column"] = data.split_column
-    for path in source_files(data).values():
+    extra = [Path(name) for name in data.extra_sources if Path(name).exists()]
+    for path in [*source_files(data).values(), *extra]:
         columns, has_rows = _peek(path, data.encoding)
         if not has_rows:
             raise PrepareError(f"{path} has a header but no data rows")
@@ -733,6 +775,13 @@ def describe_changes(summary: dict[str, Any]) -> Iterator[str]:
             yield f"the given splits share texts ({pairs}); prepare.split_overlap: drop removed {dropped}"
         else:
             yield f"the given splits share texts ({pairs}); prepare.split_overlap: fail leaves them for validate"
+    extra = summary.get("extra_sources") or {}
+    if extra:
+        used = ", ".join(f"{name} ({info['rows']} rows)" for name, info in extra.items() if info != "missing")
+        missing = ", ".join(name for name, info in extra.items() if info == "missing")
+        yield ("data.extra_sources: " + "; ".join(part for part in (f"added {used}" if used else "",
+                                                                      f"not there yet: {missing}" if missing else "")
+                                                   if part))
     if summary["label_whitespace"]:
         stripped = ", ".join(f"{raw} ({n} rows)" for raw, n in summary["label_whitespace"].items())
         yield f"labels stripped of surrounding whitespace: {stripped}"

@@ -85,3 +85,43 @@ def test_the_log_folder_defaults_to_the_deployed_servers(tmp_path):
     assert prediction_log_dir(params) == tmp_path / ".langops" / "server" / "predictions"
     chosen = parse_params({"monitor": {"log_dir": "logs/served"}}).resolved(tmp_path)
     assert prediction_log_dir(chosen) == tmp_path / "logs" / "served"
+
+
+def test_two_monitor_runs_at_once_emit_one_event_the_other_is_held_by_the_cool_down(tmp_path):
+    """The cool-down is read, judged and written under one lock: without it both runs read "no event yet"."""
+    import threading
+    import time
+
+    from langops.monitor import MonitoredModel, WindowCheck, decide_and_emit, log_report
+
+    params = parse_params({"project": {"state_dir": str(tmp_path / ".langops")},
+                           "monitor": {"cooldown_hours": 6.0}}).resolved(tmp_path)
+    model = MonitoredModel("langops-classifier", "1", tmp_path, last_registered=NOW.isoformat())
+    (tmp_path / "report").mkdir()
+    checked = WindowCheck(verdict="drift", reasons=("embeddings moved",), rows=300, report_dir=tmp_path / "report",
+                          metrics={"rows": 300.0}, accuracy_drops={}, accuracy_margin=0.05, feedback_labels=0,
+                          skipped_lines=0, markdown="")
+    run_ids = [log_report(params, model, checked) for _ in range(2)]
+    emitted: list[str] = []
+
+    def emit(decision):
+        time.sleep(0.5)  # a slow event API: the window in which an unlocked second run would slip through
+        emitted.append(decision.event)
+        return f"event-{len(emitted)}"
+
+    results: dict[int, tuple] = {}
+
+    def monitor_run(index: int) -> None:
+        results[index] = decide_and_emit(params, model, checked, run_ids[index],
+                                         now=datetime.now(timezone.utc), emit=emit)
+
+    threads = [threading.Thread(target=monitor_run, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert emitted == [EVENT_DRIFT]
+    decisions = sorted((results[i][0] for i in range(2)), key=lambda d: d.event is None)
+    assert decisions[0].event == EVENT_DRIFT and decisions[1].event is None
+    assert decisions[1].suppressed == EVENT_DRIFT and "cool-down" in decisions[1].reasons[-1]

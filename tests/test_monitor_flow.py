@@ -165,7 +165,11 @@ def test_drift_is_reported_emitted_and_retrains_once_while_a_clean_window_emits_
     # The trigger of prefect.yaml, as an automation on this server, scheduled one training run for it.
     runs = wait_for(lambda: training_runs(prefect_api), 1)
     assert len(runs) == 1
-    assert runs[0]["parameters"] == {"params_path": "params.yaml", "overrides": [], "dataset": None}
+    assert runs[0]["parameters"] == {
+        "params_path": "params.yaml", "overrides": [], "dataset": None,
+        "trigger": {"event": EVENT_DRIFT, "monitor_run_id": drifted.run_id,
+                    "report_dir": drifted.report_dir},  # rendered from the event: history links the report
+    }
 
     # The same drift again, within the cool-down: reported, but no second event and no second training.
     flow_run_id, again = run_monitor(params_path)

@@ -286,3 +286,40 @@ def test_data_version_equals_what_dvc_add_writes(tmp_path):
     (out,) = yaml.safe_load((repo / "prepared.dvc").read_text())["outs"]
     assert out["md5"] == dvc_dir_md5(result.out_dir)
     assert out["nfiles"] == 6
+
+
+def test_extra_sources_are_split_like_the_source_and_a_missing_one_is_noted(tmp_path):
+    source = write_source(source_frame(rows_per_class=40), tmp_path / "tickets.csv")
+    feedback = source_frame(rows_per_class=20).assign(body=lambda f: "production " + f["body"])
+    extra = write_source(feedback, tmp_path / "feedback.csv")
+    cfg = PrepareConfig(validation_size=0.2, test_size=0.25)
+    without = prepare(data_config(source), cfg, seed=3, out_dir=tmp_path / "a")
+    grown = prepare(data_config(source, extra_sources=(str(extra), str(tmp_path / "later.csv"))), cfg, seed=3,
+                    out_dir=tmp_path / "b")
+
+    assert sum(grown.rows.values()) == sum(without.rows.values()) + len(feedback)
+    production = {split: read_split(grown.out_dir, split)["text"].str.startswith("production").sum() for split in SPLITS}
+    assert sum(production.values()) == 60 and all(production.values())  # split with the source's rows
+    assert grown.rows == {"train": 99, "validation": 36, "test": 45}  # 180 rows dealt 0.55 / 0.2 / 0.25
+    assert "data.extra_sources: added feedback.csv (60 rows); not there yet: later.csv" in grown.notes
+    summary = read_json(grown.out_dir / "summary.json")
+    assert summary["extra_sources"] == {"feedback.csv": {"md5": file_md5(extra), "rows": 60}, "later.csv": "missing"}
+    assert "extra_sources" not in read_json(without.out_dir / "summary.json")  # unchanged data version without them
+
+
+def test_an_extra_row_whose_text_a_given_split_holds_joins_that_split(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    frame = source_frame(rows_per_class=30)
+    write_source(frame.iloc[::2], folder / "train.csv")
+    write_source(frame.iloc[1::2], folder / "test.csv")
+    repeated_test_text = frame.iloc[1:2].assign(category="billing")
+    new = source_frame(rows_per_class=10).assign(body=lambda f: "new " + f["body"])
+    extra = write_source(pd.concat([repeated_test_text, new]), tmp_path / "feedback.csv")
+
+    result = prepare(data_config(folder, extra_sources=(str(extra),)), PrepareConfig(), seed=1, out_dir=tmp_path / "out")
+
+    splits = {split: read_split(result.out_dir, split) for split in SPLITS}
+    assert (splits["test"]["text"] == frame.iloc[1]["body"]).sum() == 2  # beside its copy: no leak into train
+    assert not set(splits["train"]["text"]) & set(splits["test"]["text"])
+    assert all(splits[split]["text"].str.startswith("new").any() for split in SPLITS)

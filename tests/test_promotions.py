@@ -129,6 +129,26 @@ def test_history_lists_every_event_newest_first_with_its_evidence(registry):
 
 
 @pytest.mark.unit
+def test_history_says_what_started_a_promotion(registry, capsys, monkeypatch):
+    """A retraining started by a monitor event keeps the event and its drift report with the record."""
+    from langops.cli import main
+
+    promote(registry, "1", reason="first model")
+    cause = "langops.monitor.drift: drift report reports/monitoring/20261128T180000Z, monitoring run 4f2a"
+    promote(registry, "2", reason="beats v1", cause=cause)
+
+    assert [e.cause for e in read_history(registry, MODEL)] == [cause, ""]
+    (registry.project.state_dir.parent / "params.yaml").write_text(
+        yaml.safe_dump({"project": {"state_dir": str(registry.project.state_dir)}}))
+    monkeypatch.chdir(registry.project.state_dir.parent)
+    assert main(["history"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    promoted_v2 = next(i for i, line in enumerate(lines) if "1 → 2" in line)
+    assert lines[promoted_v2 + 1].strip() == f"started by {cause}"
+    assert "started by" not in "".join(lines[promoted_v2 + 2:])
+
+
+@pytest.mark.unit
 def test_the_log_is_an_mlflow_experiment_beside_the_pipeline_runs(registry):
     from mlflow import MlflowClient
 

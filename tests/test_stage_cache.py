@@ -86,3 +86,15 @@ def test_the_tracking_store_is_part_of_the_key_of_steps_that_write_to_it(tmp_pat
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert stage_key(train, params) != train_key
     assert stage_key(validate, params) == validate_key
+
+
+def test_prepare_is_run_again_when_an_extra_source_appears_or_changes(tmp_path):
+    feedback = tmp_path / "data" / "raw" / "feedback.csv"
+    params = _project(tmp_path, data={"extra_sources": [str(feedback)]})
+    prepare = stage("prepare")
+    before = stage_key(prepare, params)  # not exported yet: prepare skips it
+    feedback.parent.mkdir(parents=True)
+    feedback.write_text("text,label\nmy parcel never came,shipping\n")
+    exported = stage_key(prepare, params)
+    feedback.write_text("text,label\nmy parcel never came,shipping\nI was charged twice,billing\n")
+    assert len({before, exported, stage_key(prepare, params)}) == 3
