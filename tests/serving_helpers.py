@@ -8,9 +8,10 @@ is built once for both modules (conftest.py belongs to the whole suite).
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,3 +199,37 @@ def compressed_dir(tmp_path_factory: pytest.TempPathFactory, tiny_trained_dir: P
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory: pytest.TempPathFactory, compressed_dir: Path) -> RegisteredModels:
     return make_registry(tmp_path_factory.mktemp("registry"), compressed_dir)
+
+
+class RequestLoop:
+    """A client thread posting predictions until the block ends; it keeps every failure and version."""
+
+    def __init__(self, url: str, texts: Sequence[str] = ()) -> None:
+        self.url, self.failures, self.versions = url, [], set()
+        self.texts = list(texts) or [f"my parcel {i} has not arrived" for i in range(1000)]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=30) as http:
+            for i in itertools.count():
+                if self._stop.is_set() or i >= 20_000:
+                    return
+                try:
+                    reply = http.post(f"{self.url}/predict", json={"text": self.texts[i % len(self.texts)]})
+                except httpx.HTTPError as exc:
+                    self.failures.append(repr(exc))
+                    continue
+                if reply.status_code != 200:
+                    self.failures.append(f"{reply.status_code}: {reply.text[:200]}")
+                else:
+                    self.versions.add(reply.headers["x-model-version"])
+
+    def __enter__(self) -> RequestLoop:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        time.sleep(0.5)
+        self._stop.set()
+        self._thread.join(timeout=60)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import shutil
 import threading
@@ -12,7 +11,7 @@ import httpx
 import pytest
 from mlflow import MlflowClient
 from pipeline_helpers import flow_run_artifacts, tiny_project_params, write_bad_csv, write_params
-from serving_helpers import wait_for_version
+from serving_helpers import RequestLoop, wait_for_version
 
 from langops.config import load_params
 from langops.promotions import read_history
@@ -244,39 +243,6 @@ def _resume_when_paused(known: set[str], answer: dict) -> None:
 
 def _alias(client: MlflowClient, alias: str) -> str:
     return str(client.get_model_version_by_alias("langops-classifier", alias).version)
-
-
-class RequestLoop:
-    """A client thread posting predictions until the block ends; it keeps every failure and version."""
-
-    def __init__(self, url: str) -> None:
-        self.url, self.failures, self.versions = url, [], set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        with httpx.Client(timeout=30) as http:
-            for i in itertools.count():
-                if self._stop.is_set() or i >= 20_000:
-                    return
-                try:
-                    reply = http.post(f"{self.url}/predict", json={"text": f"my parcel {i} has not arrived"})
-                except httpx.HTTPError as exc:
-                    self.failures.append(repr(exc))
-                    continue
-                if reply.status_code != 200:
-                    self.failures.append(f"{reply.status_code}: {reply.text[:200]}")
-                else:
-                    self.versions.add(reply.headers["x-model-version"])
-
-    def __enter__(self) -> RequestLoop:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        time.sleep(0.5)
-        self._stop.set()
-        self._thread.join(timeout=60)
 
 
 # defect -> what the error must name (the failed GX expectation, or the missing column). Short and long texts

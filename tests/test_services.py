@@ -18,22 +18,14 @@ import httpx
 import psutil
 import pytest
 from pipeline_helpers import flow_run_artifacts, free_port, tiny_project_params, write_params
+from services_helpers import down_and_kill_leftovers, langops, ok_json, processes_of
 
 from langops.config import load_params
 
-LANGOPS = Path(sys.executable).parent / "langops"
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 RUN_TIMEOUT_S = 600
 ARTIFACT_KEYS = {"validation-report", "test-metrics", "promotion-decision", "pipeline-summary"}
-
-
-def langops(root: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """Run the CLI in ``root`` as a user would, with no Prefect/MLflow settings inherited from the tests."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
-    return subprocess.run(
-        [str(LANGOPS), *args], check=False, cwd=root, env=env, capture_output=True, text=True, timeout=timeout
-    )
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +44,7 @@ def project(tmp_path_factory, tiny_base_model):
     (root / ".langops").mkdir()
     MlflowClient(tracking_uri=store).create_experiment("made-before-up")
     yield root, params
-    _down_and_kill_leftovers(root)
+    down_and_kill_leftovers(root)
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +64,8 @@ def completed_run(services):
     deployed = langops(root, "deploy", timeout=300)
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
     with httpx.Client(base_url=api, timeout=30) as client:
-        deployment = _ok(client.get("/deployments/name/langops-training-pipeline/langops-training"))
-        flow_run = _ok(client.post(f"/deployments/{deployment['id']}/create_flow_run", json={}))
+        deployment = ok_json(client.get("/deployments/name/langops-training-pipeline/langops-training"))
+        flow_run = ok_json(client.post(f"/deployments/{deployment['id']}/create_flow_run", json={}))
         deadline = time.monotonic() + RUN_TIMEOUT_S
         while time.monotonic() < deadline:
             flow_run = client.get(f"/flow_runs/{flow_run['id']}").json()
@@ -97,7 +89,7 @@ def test_a_taken_port_is_named_and_nothing_starts(project):
     assert f"port {port}" in result.stderr and "mlflow-server" in result.stderr, result.stderr
     assert "services.mlflow_port" in result.stderr and "nothing was started" in result.stderr
     assert not list((root / ".langops" / "services").glob("*.pid"))
-    assert _processes_of(root) == []
+    assert processes_of(root) == []
 
 
 @pytest.mark.services
@@ -263,7 +255,7 @@ def test_down_stops_everything_and_leaves_no_process(completed_run):
     for name in ("prefect-worker", "model-server", "mlflow-server", "prefect-server"):
         assert re.search(rf"^{name}\s+(stopped|killed)", result.stdout, re.MULTILINE), result.stdout
     assert [p.pid for p in tree if _alive(p)] == []
-    assert _processes_of(root) == []
+    assert processes_of(root) == []
     assert not (root / ".langops" / "services" / "endpoints.json").exists()
 
     status = langops(root, "status")
@@ -333,33 +325,9 @@ def test_deploy_without_a_server_or_with_a_bad_prefect_file_says_what_is_wrong(t
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def _ok(reply: httpx.Response):
-    assert reply.status_code in (200, 201), f"{reply.request.method} {reply.url}: {reply.status_code} {reply.text[:1000]}"
-    return reply.json()
-
-
 def _service_pids(root: Path) -> dict[str, int]:
     folder = root / ".langops" / "services"
     return {path.stem: int(path.read_text()) for path in sorted(folder.glob("*.pid"))}
-
-
-def _processes_of(root: Path) -> list[str]:
-    """Live processes whose command line or environment names this project's state folder.
-
-    The MLflow and model servers name it on their command line; the Prefect server, the worker and
-    the flow runs it spawns carry it in ``PREFECT_HOME``.
-    """
-    state = str(root / ".langops")
-    found = []
-    for process in psutil.process_iter(["pid", "cmdline", "status"]):
-        try:
-            cmdline = " ".join(process.info["cmdline"] or [])
-            mentions = state in cmdline or any(state in value for value in process.environ().values())
-        except psutil.Error:
-            continue
-        if mentions and process.info["status"] != psutil.STATUS_ZOMBIE:
-            found.append(f"{process.info['pid']}: {cmdline[:200]}")
-    return found
 
 
 def _wait_for(condition, timeout: float = 30.0) -> None:
@@ -374,27 +342,6 @@ def _alive(process: psutil.Process) -> bool:
         return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
-
-
-def _down_and_kill_leftovers(root: Path) -> None:
-    """Teardown that cannot leave servers behind: `langops down`, then SIGKILL whatever survived."""
-    folder = root / ".langops" / "services"
-    pids = [int(p.read_text()) for p in folder.glob("*.pid")] if folder.is_dir() else []
-    try:
-        langops(root, "down", timeout=120)
-    finally:
-        for pid in pids:
-            try:
-                process = psutil.Process(pid)
-                for leftover in [*process.children(recursive=True), process]:
-                    leftover.kill()
-            except psutil.NoSuchProcess:
-                pass
-        for line in _processes_of(root):
-            try:
-                psutil.Process(int(line.split(":")[0])).kill()
-            except psutil.NoSuchProcess:
-                pass
 
 
 def _chromium(url: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
