@@ -569,8 +569,7 @@ class RolloutController:
         rollout = self.rollout
         if rollout is None:
             return
-        labels, confidences = self._observe(CHAMPION_ROLE, champion, scores, latency_ms, request_id,
-                                            window=rollout.mode == "canary")
+        labels, confidences = self._observe(CHAMPION_ROLE, champion, scores, latency_ms, request_id)
         scorer, challenger = self._scorer, self.challenger
         if rollout.mode == "shadow" and scorer is not None and challenger is not None:
             self._offer(_Mirror(texts, request_id, CHAMPION_ROLE, labels, confidences,
@@ -587,16 +586,15 @@ class RolloutController:
         self._offer(_Mirror(texts, request_id, CHALLENGER_ROLE, labels, confidences, champion.classifier,
                             champion.version))
 
-    def _observe(self, role: Role, model: LoadedModel, scores: Scores, latency_ms: float, request_id: str, *,
-                 window: bool = True) -> tuple[list[str], list[float]]:
+    def _observe(self, role: Role, model: LoadedModel, scores: Scores, latency_ms: float,
+                 request_id: str) -> tuple[list[str], list[float]]:
         best = scores.probs.argmax(axis=1)
         labels = [model.classifier.labels[int(index)] for index in best]
         confidences = scores.probs[np.arange(len(best)), best].tolist()
-        if window:
-            self.window.record_answers(role, latency_ms=latency_ms, labels=labels, confidences=confidences,
-                                       request_id=request_id)
-            self.metrics.rollout_requests.labels(model.version, role, "ok").inc()
-            self.metrics.rollout_latency.labels(model.version, role).observe(latency_ms / 1000)
+        self.window.record_answers(role, latency_ms=latency_ms, labels=labels, confidences=confidences,
+                                   request_id=request_id)
+        self.metrics.rollout_requests.labels(model.version, role, "ok").inc()
+        self.metrics.rollout_latency.labels(model.version, role).observe(latency_ms / 1000)
         return labels, confidences
 
     def _offer(self, item: _Mirror) -> None:
@@ -788,7 +786,7 @@ class RolloutController:
             "refused": dict(self.refused),
             "halted": rollout is not None and self.halted == rollout.rollout_id,
             "window": window.to_dict(),
-            "verdict": (self.last_verdict.to_dict() if self.last_verdict else None),
+            "verdict": judge_canary(window, self.cfg).to_dict() if rollout else None,  # of the window shown
             "last_action": self.last_action,
             "last_error": self.last_error,
             "thresholds": self.cfg.model_dump(mode="json"),
