@@ -9,6 +9,7 @@ import shutil
 import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -23,10 +24,8 @@ from langops.rollouts import current_rollout, end_rollout, start_rollout
 pytest.register_assert_rewrite("serving_helpers")
 pytest_plugins = ["serving_helpers"]
 
-from contextlib import contextmanager  # noqa: E402
-
-from serving_helpers import Registry, empty_registry, wait_for_version, wait_until  # noqa: E402
-from serving_helpers import running_server as _running_server  # noqa: E402
+from serving_helpers import Registry, empty_registry, wait_until
+from serving_helpers import running_server as _running_server
 
 pytestmark = pytest.mark.model
 
@@ -133,7 +132,7 @@ def test_a_shadow_never_changes_a_response_and_reports_how_the_challenger_differ
 
 
 def test_shadow_feedback_gives_each_models_accuracy_on_the_same_requests(registry, tmp_path):
-    registry, champion, _, rotated = registry
+    registry, _, _, rotated = registry
     server_settings = settings(registry).model_copy(update={"prediction_log_dir": tmp_path / "log"})
     with running_server(server_settings) as server, server.client() as client:
         start(registry, "shadow", rotated, RolloutConfig())
@@ -149,7 +148,7 @@ def test_shadow_feedback_gives_each_models_accuracy_on_the_same_requests(registr
 
 @pytest.mark.parametrize("fault", ["crash", "hang"])
 def test_a_crashing_or_hanging_shadow_does_not_touch_the_champions_answers(registry, fault, monkeypatch):
-    registry, champion, same, _ = registry
+    registry, _, same, _ = registry
     texts = TEXTS[:200]
     with running_server(settings(registry)) as plain:
         expected = bodies(load(plain.url, texts))
@@ -270,3 +269,32 @@ def test_one_rollout_at_a_time_and_the_champion_is_never_its_own_challenger(regi
 
     with pytest.raises(MlflowException):
         registry.client().get_model_version_by_alias(registry.model_name, "challenger")
+
+
+def test_the_commands_start_show_and_end_a_rollout_and_the_history_lists_them(registry, tmp_path, capsys):
+    import yaml
+    from pipeline_helpers import free_port
+
+    from langops.cli import main
+
+    registry, champion, same, rotated = registry
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump({"project": {"state_dir": str(registry.root)},
+                                           "deploy": {"port": free_port()}}))
+    common = ["--params", str(params_file)]
+    assert main(["shadow", "start", "--version", rotated, *common]) == 0
+    assert f"shadow of langops-classifier version {rotated} against champion {champion}" in capsys.readouterr().out
+    assert main(["canary", "start", "--version", same, *common]) == 1
+    assert f"a shadow of version {rotated} is in progress" in capsys.readouterr().err
+    assert main(["shadow", "status", *common]) == 0
+    assert "does not answer: no live window" in capsys.readouterr().out
+    assert main(["shadow", "stop", *common]) == 0
+    assert main(["canary", "start", "--version", same, *common]) == 0
+    assert "answering 5% of requests (steps 5%, 25%, 50%, 100%" in capsys.readouterr().out
+    assert main(["canary", "abort", "--reason", "drill", *common]) == 0
+    assert main(["history", *common]) == 0
+    shown = capsys.readouterr().out
+    for event in ("shadow-start", "shadow-stop", "canary-start", "canary-abort"):
+        assert event in shown
+    assert main(["canary", "promote", *common]) == 1
+    assert "no shadow or canary" in capsys.readouterr().err
