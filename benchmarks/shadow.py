@@ -223,10 +223,10 @@ def _report(results: dict[str, list[dict]], servers: dict, args: argparse.Namesp
     print(f"\n{args.clients} clients, {args.rounds} rounds of {args.seconds:g} s per server, alternating "
           f"(cores: {os.cpu_count()}, load average {os.getloadavg()[0]:.2f})")
     print(f"{'server':16} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8} {'errors':>7}   p50 of each round")
-    for name in results:
-        rounds = " ".join(f"{r['p50_ms']:.1f}" for r in results[name])
+    for name, runs in results.items():
+        rounds = " ".join(f"{r['p50_ms']:.1f}" for r in runs)
         print(f"{name:16} {median(name, 'p50_ms'):8.2f} {median(name, 'p99_ms'):8.2f} {median(name, 'rps'):8.1f} "
-              f"{sum(r['errors'] for r in results[name]):7d}   {rounds}")
+              f"{sum(r['errors'] for r in runs):7d}   {rounds}")
     plain, shadow = "champion alone", "with shadow"
     print(f"ratio (with shadow / alone): p50 {median(shadow, 'p50_ms') / median(plain, 'p50_ms'):.3f}, "
           f"p99 {median(shadow, 'p99_ms') / median(plain, 'p99_ms'):.3f}, "
