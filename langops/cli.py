@@ -188,6 +188,35 @@ def _parser() -> argparse.ArgumentParser:
     rollback.add_argument("--actor", default=os.environ.get("USER") or "cli", help="who (default: $USER or cli)")
     rollback.set_defaults(handler=_rollback)
 
+    actor_default = os.environ.get("USER") or "cli"
+    canary = sub.add_parser("canary", help="let the challenger answer a share of live traffic, judged and rolled "
+                            "back automatically (docs/serving.md)")
+    canary_sub = canary.add_subparsers(dest="canary_command", required=True)
+    shadow = sub.add_parser("shadow", help="mirror live traffic to the challenger; the champion answers all")
+    shadow_sub = shadow.add_subparsers(dest="shadow_command", required=True)
+    for mode, commands in (("canary", canary_sub), ("shadow", shadow_sub)):
+        start = commands.add_parser("start", parents=[common], help=f"start a {mode} of a registered version")
+        start.add_argument("--version", required=True, help="the registered version to try (becomes `challenger`)")
+        start.add_argument("--reason", default=f"{mode} started from the command line", help="kept in the log")
+        start.add_argument("--actor", default=actor_default, help="who (default: $USER or cli)")
+        start.set_defaults(handler=_rollout_start, mode=mode)
+        status_of = commands.add_parser("status", parents=[common],
+                                        help="the rollout in the registry and, from the server, its window and verdict")
+        status_of.set_defaults(handler=_rollout_status)
+    for name, command_help, event in (
+        ("abort", "stop the canary now; the champion answers everything (recorded)", "canary-abort"),
+        ("promote", "make the canary's version champion now (recorded, locked like every promotion)", "promote"),
+    ):
+        command = canary_sub.add_parser(name, parents=[common], help=command_help)
+        command.add_argument("--reason", required=name == "abort", default=f"canary {name}d from the command line",
+                             help="why; kept in the promotion log")
+        command.add_argument("--actor", default=actor_default, help="who (default: $USER or cli)")
+        command.set_defaults(handler=_rollout_end, event=event)
+    stop_shadow = shadow_sub.add_parser("stop", parents=[common], help="stop mirroring (recorded with the evidence)")
+    stop_shadow.add_argument("--reason", default="shadow stopped from the command line", help="kept in the log")
+    stop_shadow.add_argument("--actor", default=actor_default, help="who (default: $USER or cli)")
+    stop_shadow.set_defaults(handler=_rollout_end, event="shadow-stop")
+
     monitor = sub.add_parser(
         "monitor", parents=[common],
         help="judge the champion's recent predictions for drift; publish the report; emit a retraining event when due",
@@ -351,6 +380,7 @@ def _serve(params: Params, args: argparse.Namespace) -> int:
     given = {"host": args.host, "port": args.port, "workers": args.workers, "num_threads": args.num_threads,
              "model_dir": args.model_dir}
     serve_what = {"tracking_uri": params.tracking_uri(), "model_name": params.register.model_name, "alias": args.alias,
+                  "experiment": params.tracking.experiment,
                   **{name: value for name, value in given.items() if value is not None}}
     try:
         if args.model_uri:
@@ -517,6 +547,117 @@ def _rollback(params: Params, args: argparse.Namespace) -> int:
         f"or now with: curl -X POST {url}/reload"
     )
     return 0
+
+
+def _rollout_start(params: Params, args: argparse.Namespace) -> int:
+    from langops.rollouts import RolloutError, start_rollout
+
+    try:
+        rollout, event = start_rollout(params, mode=args.mode, version=args.version, cfg=params.deploy.rollout,
+                                       actor=args.actor, reason=args.reason)
+    except RolloutError as exc:
+        print(f"langops: {exc}", file=sys.stderr)
+        return 1
+    cfg = params.deploy.rollout
+    if rollout.mode == "canary":
+        plan = (f"answering {rollout.percent:g}% of requests (steps {', '.join(f'{s:g}%' for s in rollout.steps)}; "
+                f"each judged over {cfg.min_requests} challenger requests; "
+                f"{'promoted' if cfg.auto_promote else 'held for `langops canary promote`'} after the last)")
+    else:
+        plan = f"scoring {cfg.shadow_sample_rate:.0%} of requests off the request path; the champion answers all"
+    print(f"{rollout.mode} of {params.register.model_name} version {rollout.version} against champion "
+          f"{rollout.champion_version}: {plan}\nrecorded as {event.record_id}\n{_tell_server(params)}")
+    return 0
+
+
+def _rollout_end(params: Params, args: argparse.Namespace) -> int:
+    from langops.promotions import PromotionError
+    from langops.rollouts import end_rollout, promote_rollout
+
+    evidence = _server_rollout(params)
+    window = {"server": evidence} if evidence else {}
+    try:
+        if args.event == "promote":
+            event = promote_rollout(params, expected=None, reason=args.reason, actor=args.actor, evidence=window)
+            what = f"version {event.to_version} is champion (was {event.from_version})"
+        else:
+            _, event = end_rollout(params, expected=None, event=args.event, reason=args.reason, actor=args.actor,
+                                   evidence=window)
+            what = f"version {event.to_version} no longer {'answers' if args.event == 'canary-abort' else 'shadows'}"
+    except PromotionError as exc:
+        print(f"langops: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.event}: {what}; recorded as {event.record_id}\n{_tell_server(params)}")
+    return 0
+
+
+def _rollout_status(params: Params, args: argparse.Namespace) -> int:
+    from langops.rollouts import current_rollout
+
+    rollout = current_rollout(params)
+    if rollout is None:
+        print(f"no shadow or canary of {params.register.model_name} in progress")
+    else:
+        step = (f" at {rollout.percent:g}% (step {rollout.step + 1} of {len(rollout.steps)}, since "
+                f"{rollout.step_started_at})" if rollout.mode == "canary" else "")
+        print(f"{rollout.mode} of version {rollout.version} against champion {rollout.champion_version}{step}; "
+              f"started {rollout.started_at}")
+    server = _server_rollout(params)
+    if server is None:
+        print(f"the model server at {params.deploy.host}:{params.deploy.port} does not answer: no live window")
+        return 0
+    window, verdict = server["window"], server.get("verdict")
+    for role in ("champion", "challenger"):
+        stats = window[role]
+        print(f"  {role:10}  {stats['requests']} requests, {stats['errors']} errors, p50 {_ms(stats['p50_ms'])}, "
+              f"p99 {_ms(stats['p99_ms'])}, low confidence {_share(stats['low_confidence_rate'])}, feedback accuracy "
+              f"{_share(stats['accuracy'])} ({stats['feedback']} labels)")
+    print(f"  agreement   {_share(window['agreement'])} on {window['compared']} texts; dropped {window['dropped']}; "
+          f"confidence shift {window['confidence_shift'] if window['confidence_shift'] is not None else '-'}")
+    if verdict:
+        print(f"  verdict     {verdict['outcome']}: " + "; ".join(verdict["reasons"]))
+    if server.get("last_action"):
+        print(f"  last step   {server['last_action']}")
+    return 0
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f} ms"
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def _server_rollout(params: Params) -> dict | None:
+    """The deployed server's ``/rollout`` answer, or None when no server answers."""
+    import httpx
+
+    from langops.tasks.deploy import auth_headers, server_url
+
+    url = server_url(params.deploy.host, params.deploy.port)
+    try:
+        answer = httpx.get(f"{url}/rollout", headers=auth_headers(params.deploy), timeout=5.0, trust_env=False)
+    except httpx.HTTPError:
+        return None
+    return answer.json() if answer.status_code == 200 else None
+
+
+def _tell_server(params: Params) -> str:
+    """Ask the deployed server to follow the change now; say what happened."""
+    import httpx
+
+    from langops.tasks.deploy import auth_headers, server_url
+
+    url = server_url(params.deploy.host, params.deploy.port)
+    try:
+        answer = httpx.post(f"{url}/reload", headers=auth_headers(params.deploy), timeout=60.0, trust_env=False)
+    except httpx.HTTPError:
+        return (f"no model server answers at {url}; a server started later follows this, one running elsewhere "
+                f"on its next poll (every {params.deploy.poll_seconds:g}s)")
+    if answer.status_code >= 400:
+        return f"the model server at {url} did not reload ({answer.status_code}): {answer.text[:300]}"
+    return f"the model server at {url} follows it now (see: langops canary status)"
 
 
 def _closing_summary(params: Params, summary, seconds: float) -> str:

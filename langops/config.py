@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import itertools
 import json
 import os
 import warnings
@@ -359,6 +360,57 @@ class PromoteConfig(_Section):
         return budgets
 
 
+class RolloutConfig(_Section):
+    """Shadow and canary rollouts: the ``challenger`` served beside the champion and judged on live traffic.
+
+    Shadow mirrors a share of requests to the challenger off the request path (the champion answers all);
+    canary lets the challenger answer ``canary_steps[i]`` percent of them, sticky by a route key. A canary
+    is judged over a window of at least ``min_requests`` challenger requests per step: one failed check
+    rolls it back at once, a passed step steps up, a passed last step is promoted (``auto_promote``).
+    Defaults follow Flagger's (success rate >= 99 %, p99 <= 500 ms). See docs/serving.md.
+    """
+
+    shadow_sample_rate: float = Field(1.0, ge=0, le=1, description="share of requests mirrored to the other model")
+    mirror_queue: int = Field(256, ge=1, description="mirrored requests waiting for the other model before drops")
+    challenger_timeout_ms: float = Field(
+        1000.0, gt=0, description="a challenger call slower than this counts as an error; a canary request then "
+        "gets the champion's answer",
+    )
+    route_header: str = Field(
+        "X-Langops-Route-Key", min_length=1, description="request header naming the caller for sticky canary "
+        "assignment; without it the request's text is the key",
+    )
+    canary_steps: tuple[float, ...] = Field(
+        (5.0, 25.0, 50.0, 100.0), min_length=1, description="the challenger's traffic percent at each step, increasing"
+    )
+    min_requests: int = Field(200, ge=1, description="challenger requests a step's window needs before a verdict")
+    min_comparisons: int = Field(50, ge=1, description="texts scored by both models before agreement is judged")
+    min_feedback: int = Field(30, ge=1, description="feedback labels per model before accuracy is judged")
+    judge_every_s: float = Field(1.0, gt=0, description="how often the server judges the canary")
+    auto_promote: bool = Field(True, description="a canary that passes its last step becomes champion")
+    low_confidence: float = Field(0.5, gt=0, lt=1, description="top probability below this is low confidence")
+    max_error_rate: float = Field(0.01, ge=0, le=1, description="challenger errors and timeouts per request")
+    max_p50_ms: float = Field(100.0, gt=0, description="challenger median latency, ms")
+    max_p99_ms: float = Field(500.0, gt=0, description="challenger 99th percentile latency, ms")
+    max_p99_ratio: float | None = Field(None, gt=0, description="challenger p99 / champion p99 (null: not checked)")
+    max_low_confidence_increase: float = Field(
+        0.1, ge=0, le=1, description="challenger low-confidence rate minus the champion's"
+    )
+    min_agreement: float = Field(0.9, ge=0, le=1, description="share of texts where both models give the same label")
+    max_accuracy_drop: float = Field(
+        0.02, ge=0, le=1, description="champion accuracy minus challenger accuracy on feedback labels"
+    )
+
+    @field_validator("canary_steps")
+    @classmethod
+    def _increasing_percents(cls, steps: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not 0 < step <= 100 for step in steps):
+            raise ValueError(f"each step is a percent in (0, 100], got {list(steps)}")
+        if any(later <= earlier for earlier, later in itertools.pairwise(steps)):
+            raise ValueError(f"steps must increase, got {list(steps)}")
+        return steps
+
+
 class ServerConfig(_Section):
     """How the model server runs: where it binds, its processes, batching, request limits, auth, prediction log.
 
@@ -401,6 +453,7 @@ class ServerConfig(_Section):
     prediction_log_max_bytes: int = Field(10_485_760, ge=1024, description="size of one log file before it rotates")
     prediction_log_backups: int = Field(5, ge=1, description="rotated log files kept")
     prediction_log_queue: int = Field(10_000, ge=1, description="records waiting for the writer before drops")
+    rollout: RolloutConfig = RolloutConfig()
 
     @model_validator(mode="before")
     @classmethod

@@ -30,3 +30,30 @@ def crash_point(name: str) -> None:
     """SIGKILL this process here if ``$LANGOPS_CRASH_AT`` names this point."""
     if os.environ.get(CRASH_AT_ENV) == name:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+CHALLENGER_FAULT_ENV = "LANGOPS_CHALLENGER_FAULT"
+CHALLENGER_FAULTS = ("crash", "hang", "slow:<ms>")
+
+
+def challenger_fault() -> str | None:
+    """A fault for the challenger of a shadow or canary, from ``$LANGOPS_CHALLENGER_FAULT``: ``crash`` (every
+    call raises), ``hang`` (every call blocks until the server stops) or ``slow:<ms>`` (every call waits first).
+
+    It is applied after the challenger loaded and answered its smoke prediction, as a model that breaks on
+    live traffic would; the tests and fire drills use it to show the champion's answers are not touched.
+    Read when a challenger loads.
+
+    Raises:
+        ValueError: the variable holds something else.
+    """
+    fault = os.environ.get(CHALLENGER_FAULT_ENV) or None
+    if fault is None or fault in ("crash", "hang"):
+        return fault
+    if fault.startswith("slow:"):
+        try:
+            float(fault.removeprefix("slow:"))
+            return fault
+        except ValueError:
+            pass
+    raise ValueError(f"${CHALLENGER_FAULT_ENV}={fault!r}: expected one of {', '.join(CHALLENGER_FAULTS)}")

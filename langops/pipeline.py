@@ -368,6 +368,7 @@ def run_deploy(params: Params):
         expected_version=champion,
         state_dir=params.project.state_dir,
         stop_timeout_s=params.services.stop_timeout_s,
+        experiment=params.tracking.experiment,
     )
     write_json(record_path, {"deployed": True, **jsonable(asdict(result))})
     return result

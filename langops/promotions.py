@@ -36,6 +36,11 @@ log = logging.getLogger(__name__)
 
 EventKind = Literal["promote", "rollback", "force"]
 EVENTS: tuple[str, ...] = get_args(EventKind)
+# Steps of a shadow or canary rollout (langops.rollouts): recorded in the same log, no champion move.
+RolloutEventKind = Literal[
+    "shadow-start", "shadow-stop", "canary-start", "canary-step", "canary-rollback", "canary-abort"
+]
+ROLLOUT_EVENTS: tuple[str, ...] = get_args(RolloutEventKind)
 
 LOCK_TIMEOUT_S = 120.0
 """How long a promotion waits for another one to finish. Holding the lock takes a few registry calls
@@ -318,25 +323,8 @@ def _move_locked(
             f"the champion of {model_name} is now {_show(old)}, but the decision was made against "
             f"{_show(expected_champion)}: nothing was changed; run the gate again"
         )
-    experiment_id = _promotions_experiment(client, params)
-    started_ms = _next_start_ms(client, experiment_id)
-    at = datetime.fromtimestamp(started_ms / 1000, timezone.utc).isoformat(timespec="milliseconds")
-    record = client.create_run(
-        experiment_id,
-        start_time=started_ms,
-        run_name=f"{event}-{model_name}-v{new_champion}",
-        tags={
-            "langops.event": event,
-            "langops.model_name": model_name,
-            "langops.from_version": old or "",
-            "langops.to_version": new_champion,
-            "langops.actor": actor[:_MAX_TAG_CHARS],
-            "langops.reason": reason[:_MAX_TAG_CHARS],
-            **({CAUSE_TAG: cause[:_MAX_TAG_CHARS]} if cause else {}),
-            **owner_tags(),
-        },
-    )
-    run_id = record.info.run_id
+    run_id, at = _open_record(client, params, event=event, model_name=model_name, from_version=old,
+                              to_version=new_champion, reason=reason, actor=actor, cause=cause)
     try:
         record_evidence = {"event": event, "from_version": old, "to_version": new_champion, **evidence}
         client.log_dict(run_id, jsonable(record_evidence), EVIDENCE_FILE)
@@ -355,6 +343,72 @@ def _move_locked(
         event=event, model_name=model_name, from_version=old, to_version=new_champion,
         reason=reason, actor=actor, at=at, record_id=run_id, cause=cause,
     )
+
+
+def record_event(
+    params: Params,
+    *,
+    model_name: str,
+    event: str,
+    from_version: str | None,
+    to_version: str,
+    reason: str,
+    actor: str,
+    evidence: dict[str, Any] | None = None,
+) -> PromotionEvent:
+    """Write one rollout step (``ROLLOUT_EVENTS``) to the promotion log, with its evidence; no alias moves.
+
+    ``from_version`` is the champion at the time, ``to_version`` the challenger the step is about, so
+    ``langops history`` reads a rollout as it reads a promotion. Callers that change rollout state hold
+    the champion lock, so the log keeps the order the steps happened in.
+
+    Raises:
+        PromotionError: unknown event, blank reason or actor.
+    """
+    if event not in ROLLOUT_EVENTS:
+        raise PromotionError(f"unknown rollout event {event!r}: expected one of {', '.join(ROLLOUT_EVENTS)}")
+    if not reason.strip() or not actor.strip():
+        raise PromotionError(f"a {event} needs a reason and an actor: the log keeps why and who")
+    client = _client(params)
+    run_id, at = _open_record(client, params, event=event, model_name=model_name, from_version=from_version,
+                              to_version=to_version, reason=reason, actor=actor)
+    try:
+        record_evidence = {"event": event, "from_version": from_version, "to_version": to_version, **(evidence or {})}
+        client.log_dict(run_id, jsonable(record_evidence), EVIDENCE_FILE)
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    client.set_terminated(run_id, status="FINISHED")
+    log.info("%s: %s version %s (champion %s) by %s (%s)", event, model_name, to_version, _show(from_version),
+             actor, reason)
+    return PromotionEvent(event=event, model_name=model_name, from_version=from_version, to_version=to_version,
+                          reason=reason, actor=actor, at=at, record_id=run_id)
+
+
+def _open_record(
+    client: MlflowClient, params: Params, *, event: str, model_name: str, from_version: str | None,
+    to_version: str, reason: str, actor: str, cause: str = "",
+) -> tuple[str, str]:
+    """Start the log run of one event (left RUNNING); its id and its time, as the log orders them."""
+    experiment_id = _promotions_experiment(client, params)
+    started_ms = _next_start_ms(client, experiment_id)
+    at = datetime.fromtimestamp(started_ms / 1000, timezone.utc).isoformat(timespec="milliseconds")
+    record = client.create_run(
+        experiment_id,
+        start_time=started_ms,
+        run_name=f"{event}-{model_name}-v{to_version}",
+        tags={
+            "langops.event": event,
+            "langops.model_name": model_name,
+            "langops.from_version": from_version or "",
+            "langops.to_version": to_version,
+            "langops.actor": actor[:_MAX_TAG_CHARS],
+            "langops.reason": reason[:_MAX_TAG_CHARS],
+            **({CAUSE_TAG: cause[:_MAX_TAG_CHARS]} if cause else {}),
+            **owner_tags(),
+        },
+    )
+    return record.info.run_id, at
 
 
 def _check_request(*, event: str, reason: str, actor: str) -> str:

@@ -481,7 +481,8 @@ def _start_model_server(params: Params) -> tuple[bool, list[str]]:
         return False, [f"model server not started: {model} has no champion yet (the pipeline's deploy step starts it)"]
     try:
         result = deploy(params.deploy, tracking_uri=tracking_uri, model_name=model, expected_version=champion,
-                        state_dir=params.project.state_dir, stop_timeout_s=params.services.stop_timeout_s)
+                        state_dir=params.project.state_dir, stop_timeout_s=params.services.stop_timeout_s,
+                        experiment=params.tracking.experiment)
     except DeploymentError as exc:
         return False, [f"model server not started: {exc}"]
     return result.started, []

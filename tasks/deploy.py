@@ -70,6 +70,7 @@ def deploy(
     expected_version: str,
     state_dir: Path,
     stop_timeout_s: float = STOP_TIMEOUT_S,
+    experiment: str = "langops",
 ) -> DeploymentResult:
     """Make the server at ``cfg.host:cfg.port`` serve ``expected_version`` of ``model_name@champion``, as ``cfg`` says.
 
@@ -79,6 +80,7 @@ def deploy(
         expected_version: the version the alias must name (what the promote step decided).
         state_dir: the project's state folder; the server's files go to ``<state_dir>/server``.
         stop_timeout_s: SIGTERM grace before SIGKILL when a server is restarted (``services.stop_timeout_s``).
+        experiment: ``tracking.experiment``: the server logs a canary's steps to ``<experiment>-promotions``.
 
     Returns:
         The server's URL, the version it serves, its pid (None when this step did not start it and
@@ -91,7 +93,8 @@ def deploy(
     """
     server = server_process(state_dir)
     wanted = ServerSettings.from_deploy(
-        cfg, state_dir=state_dir, tracking_uri=tracking_uri, model_name=model_name, alias=CHAMPION
+        cfg, state_dir=state_dir, tracking_uri=tracking_uri, model_name=model_name, alias=CHAMPION,
+        experiment=experiment,
     )
     source = ModelSource(tracking_uri, model_name, alias=CHAMPION, cache_dir=wanted.cache_dir)
     _check_alias(source, expected_version)

@@ -23,8 +23,8 @@ import httpx
 import pytest
 from mlflow import MlflowClient
 from pipeline_helpers import free_port, tiny_project_params, write_params
-from serving_helpers import RequestLoop, wait_for_version
 from services_helpers import down_and_kill_leftovers, langops, ok_json
+from serving_helpers import RequestLoop, wait_for_version
 
 from langops.demo_data import DEMO_LABELS, generate_demo_dataset
 from langops.monitor import EVENT_DRIFT

@@ -22,8 +22,9 @@ import math
 import os
 import tempfile
 import threading
+import time
 import unicodedata
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -42,6 +43,7 @@ from langops.serving.batching import MicroBatcher, Overloaded, ShuttingDown
 from langops.serving.metrics import ServerMetrics
 from langops.serving.middleware import (
     DOCS_ASSETS,
+    ROLE_HEADER,
     VERSION_HEADER,
     ServingMiddleware,
     error_body,
@@ -54,8 +56,10 @@ from langops.serving.registry import (
     Source,
 )
 from langops.serving.request_json import JsonTooComplex, load_json
+from langops.serving.rollout import CHALLENGER_ROLE, CHAMPION_ROLE, RolloutActions, RolloutController
 
 if TYPE_CHECKING:
+    from langops.config import Params
     from langops.onnx_model import OnnxClassifier, Scores
     from langops.serving.prediction_log import FeedbackLog, PredictionLog
 
@@ -89,6 +93,11 @@ class ServerSettings(ServerConfig):
     model_dir: Path | None = Field(None, description="serve this compressed dir instead of the registry")
     prediction_log_dir: Path | None = Field(None, description="write the prediction log here (unset: no log)")
     cache_dir: Path | None = Field(None, description="where registry downloads are kept (default: temp dir)")
+    state_dir: Path | None = Field(
+        None, description="the project's state folder: the champion lock a canary's promotion takes "
+        "(default: the folder of a sqlite tracking store)",
+    )
+    experiment: str = Field("langops", description="tracking.experiment: rollout steps go to <experiment>-promotions")
 
     @model_validator(mode="after")
     def _one_source(self) -> ServerSettings:
@@ -112,6 +121,7 @@ class ServerSettings(ServerConfig):
         values: dict[str, Any] = {
             **deploy.model_dump(include=set(ServerConfig.model_fields)),
             "cache_dir": server_dir / MODEL_CACHE_DIR,
+            "state_dir": Path(state_dir),
             "prediction_log_dir": server_dir / PREDICTION_LOG_DIR if deploy.prediction_log else None,
         }
         return cls(**{**values, **serve})
@@ -133,6 +143,32 @@ class ServerSettings(ServerConfig):
         if self.version is not None:
             return PinnedModelSource(self.tracking_uri, self.model_name, self.version, cache_dir=cache_dir)
         return ModelSource(self.tracking_uri, self.model_name, alias=self.alias, cache_dir=cache_dir)
+
+    def follows_alias(self) -> bool:
+        """Serving a registry alias (not a folder, not a pinned version): the only kind that runs rollouts."""
+        return self.model_dir is None and self.version is None
+
+    def rollout_params(self) -> Params:
+        """The project settings a canary's registry steps need: the store, its lock, the promotion log.
+
+        Raises:
+            ValueError: no ``state_dir`` and a tracking store that is not a local SQLite file.
+        """
+        from langops.config import parse_params
+
+        assert self.tracking_uri and self.model_name
+        state_dir = self.state_dir
+        if state_dir is None:
+            if not self.tracking_uri.startswith("sqlite:///"):
+                raise ValueError("a server of a remote tracking store needs state_dir to run canaries")
+            state_dir = Path(self.tracking_uri.removeprefix("sqlite:///")).parent
+        raw: dict[str, Any] = {"project": {"state_dir": str(state_dir)}, "tracking": {"experiment": self.experiment},
+                               "register": {"model_name": self.model_name}}
+        params = parse_params(raw).resolved(Path(state_dir))
+        if params.tracking_uri() != self.tracking_uri:
+            raw["tracking"]["uri"] = self.tracking_uri
+            params = parse_params(raw).resolved(Path(state_dir))
+        return params
 
     def onnx_threads(self) -> int:
         """Intra-op threads per worker: as set, else the physical cores shared among the workers."""
@@ -302,8 +338,16 @@ class ModelHolder:
         except (ModelSourceError, OSError) as exc:  # serving goes on; only a later fallback loses this hint
             logger.warning("cannot record version %s as last served: %s", candidate.version, exc)
 
-    def _load(self, version: str) -> LoadedModel:
-        classifier = load_serving_classifier(self.source.fetch(version), num_threads=self.num_threads)
+    def load_version(self, version: str, num_threads: int) -> LoadedModel:
+        """Load ``version`` beside the live model (a challenger), smoke-checked; nothing goes live.
+
+        Raises:
+            ModelSourceError, ModelRejected, and whatever loading a broken model raises.
+        """
+        return self._load(version, num_threads=num_threads)
+
+    def _load(self, version: str, *, num_threads: int | None = None) -> LoadedModel:
+        classifier = load_serving_classifier(self.source.fetch(version), num_threads=num_threads or self.num_threads)
         check_smoke_prediction(classifier)
         return LoadedModel(
             classifier=classifier,
@@ -362,8 +406,10 @@ class AliasPoller:
     first check loads the initial model while the server already answers ``/health``.
     """
 
-    def __init__(self, holder: ModelHolder, poll_seconds: float) -> None:
+    def __init__(self, holder: ModelHolder, poll_seconds: float,
+                 followers: tuple[Callable[[], None], ...] = ()) -> None:
         self.holder = holder
+        self.followers = followers  # also checked on each poll (the rollout)
         self.poll_seconds = poll_seconds
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="langops-alias-poller", daemon=True)
@@ -383,6 +429,11 @@ class AliasPoller:
                 logger.warning("alias check failed, keeping the current model: %s", exc)
             except Exception:  # an unexpected error must not end the poller for good
                 logger.exception("alias check crashed, keeping the current model")
+            for follow in self.followers:
+                try:
+                    follow()
+                except Exception as exc:  # noqa: BLE001 - the registry is down: keep what runs
+                    logger.warning("rollout check failed, keeping the current rollout: %r", exc)
             if self._stop.wait(self.poll_seconds):
                 return
 
@@ -544,6 +595,13 @@ def create_app(settings: ServerSettings) -> FastAPI:
         on_batch=metrics.batch_size.observe,
         on_queue=metrics.queue_depth.set,
     )
+    rollout = RolloutController(
+        settings.rollout, champion=lambda: holder.current, load=holder.load_version, metrics=metrics,
+        actions=RolloutActions(settings.rollout_params) if settings.follows_alias() else None,
+        num_threads=settings.onnx_threads(), max_batch_size=settings.max_batch_size,
+        max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue,
+        on_promoted=lambda: _refresh_quietly(holder),
+    )
     prediction_log: list[PredictionLog] = []  # filled while the app runs
     feedback_log: list[FeedbackLog] = []
 
@@ -553,13 +611,15 @@ def create_app(settings: ServerSettings) -> FastAPI:
         if settings.prediction_log_dir is not None:
             prediction_log.append(_open_prediction_log(settings, metrics))
             feedback_log.append(_open_feedback_log(settings))
-        poller = AliasPoller(holder, settings.poll_seconds)
+        rollout.start()
+        poller = AliasPoller(holder, settings.poll_seconds, followers=(rollout.refresh,))
         poller.start()
         try:
             yield
         finally:
             await batcher.close()  # requests still queued are scored before the process exits
             poller.stop()
+            await rollout.close()
             for log in prediction_log:
                 log.close()
             for feedback in feedback_log:
@@ -589,8 +649,13 @@ def create_app(settings: ServerSettings) -> FastAPI:
         return Response(error_body(request.url.path, exc.message, exc.status_code), exc.status_code,
                         headers=exc.headers, media_type="application/json")
 
-    async def score(texts: list[str], endpoint: str, request_id: str) -> tuple[LoadedModel, Scores]:
-        """Scores from the live model through the batcher, counted and logged; refusals become RequestRefused."""
+    async def score(texts: list[str], endpoint: str, request_id: str,
+                    route_header: str | None = None) -> tuple[LoadedModel, Scores, str]:
+        """Scores from the live model through the batcher, counted and logged; refusals become RequestRefused.
+
+        While a canary runs, the requests in its share are answered by the challenger instead; when the
+        challenger fails or is too slow, by the champion. Returns the model that answered and its role.
+        """
         if len(texts) > settings.max_request_texts:
             raise RequestRefused(413, f"{len(texts)} texts in one request; the limit is {settings.max_request_texts}")
         for index, text in enumerate(texts):
@@ -607,21 +672,36 @@ def create_app(settings: ServerSettings) -> FastAPI:
         if live is None:
             raise RequestRefused(503, holder.last_error or "no model loaded yet")
         if not texts:  # MLflow's formats allow an empty list, which the pyfunc answers with no rows
-            return live, live.classifier.score([])
+            return live, live.classifier.score([]), CHAMPION_ROLE
+        canary = rollout.canary_for(route_header, texts) if rollout.rollout is not None else None
+        if canary is not None:
+            challenger, scorer = canary
+            answer = await rollout.score_canary(challenger, scorer, texts, request_id)
+            if answer is not None:
+                record(endpoint, request_id, challenger, texts, answer)
+                rollout.mirror_to_champion(texts, request_id, challenger, answer)
+                return challenger, answer, CHALLENGER_ROLE
+        started = time.perf_counter()
         try:
             scores = await batcher.score(live.classifier, texts)
         except Overloaded as exc:
             raise RequestRefused(503, str(exc), {"Retry-After": str(settings.retry_after_s)}) from exc
         except ShuttingDown as exc:
             raise RequestRefused(503, str(exc), {"Connection": "close"}) from exc
+        record(endpoint, request_id, live, texts, scores)
+        if rollout.rollout is not None:
+            rollout.observe_champion(live, texts, scores, (time.perf_counter() - started) * 1000, request_id)
+        return live, scores, CHAMPION_ROLE
+
+    def record(endpoint: str, request_id: str, answered: LoadedModel, texts: list[str], scores: Scores) -> None:
+        """Count and log the answer under the version that gave it."""
         metrics.texts.labels(endpoint).inc(len(texts))
         best = scores.probs.argmax(axis=1)
-        metrics.observe_predictions(live.version, live.classifier.labels, best.tolist(),
+        metrics.observe_predictions(answered.version, answered.classifier.labels, best.tolist(),
                                     scores.probs[np.arange(len(best)), best].tolist())
         for log in prediction_log:
-            log.record(request_id=request_id, endpoint=endpoint, model_name=live.name, version=live.version,
-                       texts=texts, labels=live.classifier.labels, scores=scores)
-        return live, scores
+            log.record(request_id=request_id, endpoint=endpoint, model_name=answered.name, version=answered.version,
+                       texts=texts, labels=answered.classifier.labels, scores=scores)
 
     @app.get("/health", response_model=HealthResponse)
     async def health() -> dict[str, str]:
@@ -687,7 +767,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
     async def predict(request: Request) -> Response:
         """Label and per-class probabilities for each text, and the version that answered."""
         body = _parse_predict_request(await request.body())
-        live, scores = await score(body.all_texts(), "/predict", request.state.request_id)
+        live, scores, role = await score(body.all_texts(), "/predict", request.state.request_id,
+                                         request.headers.get(settings.rollout.route_header))
         labels, probs = live.classifier.labels, scores.probs
         predictions = [
             {"label": labels[int(row.argmax())], "confidence": float(row.max()),
@@ -695,7 +776,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
             for row in probs
         ]
         content = {"model_name": live.name, "version": live.version, "predictions": predictions}
-        return JSONResponse(content, headers={VERSION_HEADER: live.version})
+        return JSONResponse(content, headers={VERSION_HEADER: live.version, ROLE_HEADER: role})
 
     @app.post(
         "/invocations",
@@ -721,9 +802,10 @@ def create_app(settings: ServerSettings) -> FastAPI:
                 parsed = parse_invocation(raw, content_type, live.classifier.labels)
         except InvocationError as exc:
             return Response(exc.body, exc.status_code, media_type=exc.media_type)
-        live, scores = await score(parsed.texts, "/invocations", request.state.request_id)
+        live, scores, role = await score(parsed.texts, "/invocations", request.state.request_id,
+                                         request.headers.get(settings.rollout.route_header))
         return Response(predictions_json(scores.probs, live.classifier.labels), media_type="application/json",
-                        headers={VERSION_HEADER: live.version})
+                        headers={VERSION_HEADER: live.version, ROLE_HEADER: role})
 
     @app.post(
         "/feedback",
@@ -755,16 +837,29 @@ def create_app(settings: ServerSettings) -> FastAPI:
             raise RequestRefused(503, "the feedback log is behind; retry later",
                                  {"Retry-After": str(settings.retry_after_s)})
         metrics.feedback.inc(len(checked))
+        if rollout.rollout is not None:
+            for item in checked:
+                rollout.feedback(item.request_id, item.label)
         return JSONResponse({"accepted": len(checked), "request_ids": [item.request_id for item in checked]},
                             status_code=202)
 
+    @app.get("/rollout")
+    async def rollout_status() -> dict[str, Any]:
+        """The shadow or canary in progress: its state, the window since its step began, and the last verdict."""
+        return await run_in_threadpool(rollout.status)
+
     @app.post("/reload")
     async def reload() -> JSONResponse:
-        """Check the alias now (same path as the poller) and retry a version refused before."""
+        """Check the alias and the rollout now (same path as the poller) and retry a version refused before."""
         try:
             outcome = await run_in_threadpool(holder.refresh, retry_refused=True)
         except ModelSourceError as exc:
             return JSONResponse({"detail": str(exc)}, status_code=502)
+        try:
+            rollout.refused.clear()
+            await run_in_threadpool(rollout.refresh)
+        except Exception as exc:  # noqa: BLE001 - the champion reloaded; say what the rollout check hit
+            return JSONResponse({"detail": f"rollout check failed: {exc!r}"}, status_code=502)
         body = {
             "old_version": outcome.old_version,
             "new_version": outcome.new_version,
@@ -779,6 +874,14 @@ def create_app(settings: ServerSettings) -> FastAPI:
         return JSONResponse(body)
 
     return app
+
+
+def _refresh_quietly(holder: ModelHolder) -> None:
+    """Check the alias now (after a canary's promotion); a failure leaves it to the next poll."""
+    try:
+        holder.refresh(retry_refused=False)
+    except ModelSourceError as exc:
+        logger.warning("could not load the promoted champion yet: %s", exc)
 
 
 def app_from_env() -> FastAPI:

@@ -63,7 +63,33 @@ class ServerMetrics:
         self.feedback = Counter(
             "langops_feedback", "feedback labels accepted by POST /feedback", registry=self.registry,
         )
+        self.rollout_requests = Counter(
+            "langops_rollout_requests", "requests answered (champion, challenger) or mirrored (shadow) while a "
+            "rollout runs, by version, role and outcome (ok, error, timeout, stalled)",
+            ["version", "role", "outcome"], registry=self.registry,
+        )
+        self.rollout_latency = Histogram(
+            "langops_rollout_latency_seconds", "scoring latency while a rollout runs, by version and role",
+            ["version", "role"], buckets=LATENCY_BUCKETS_S, registry=self.registry,
+        )
+        self.shadow_comparisons = Counter(
+            "langops_shadow_comparisons", "texts scored by both the champion and the challenger, by whether "
+            "their labels agreed", ["champion_version", "challenger_version", "agreed"], registry=self.registry,
+        )
+        self.mirror_dropped = Counter(
+            "langops_mirror_dropped", "mirrored requests dropped instead of waiting (queue_full, stalled)",
+            ["reason"], registry=self.registry,
+        )
+        self.rollout_events = Counter(
+            "langops_rollout_events", "rollout steps the server took (canary-step, canary-rollback, promote)",
+            ["event"], registry=self.registry,
+        )
+        self.rollout_info = Gauge(
+            "langops_rollout_info", "the rollout in progress: the challenger's traffic percent (0 for a "
+            "shadow), by mode and version", ["mode", "version"], registry=self.registry,
+        )
         self._live: tuple[str, str] | None = None
+        self._rollout: tuple[str, str] | None = None
 
     def observe_predictions(self, version: str, labels: list[str], best: list[int], confidence: list[float]) -> None:
         """Count each text's label and its confidence under the version that answered."""
@@ -80,6 +106,15 @@ class ServerMetrics:
             self.model_info.remove(*self._live)
         self.model_info.labels(model_name, version).set(1)
         self._live = (model_name, version)
+
+    def set_rollout(self, mode: str | None, version: str | None, percent: float) -> None:
+        """Point the rollout gauge at the rollout in progress (none: no series)."""
+        wanted = (mode, version) if mode and version else None
+        if self._rollout is not None and self._rollout != wanted:
+            self.rollout_info.remove(*self._rollout)
+        if wanted is not None:
+            self.rollout_info.labels(*wanted).set(percent)
+        self._rollout = wanted
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -23,11 +23,12 @@ from langops.prediction_records import is_safe_request_id
 from langops.serving.metrics import ServerMetrics
 
 VERSION_HEADER = "X-Model-Version"
+ROLE_HEADER = "X-Model-Role"  # champion, or challenger for a canary's answer
 REQUEST_ID_HEADER = "X-Request-Id"
 DOCS_ASSETS = "/docs/assets"  # Swagger UI's scripts and styles, served by the server itself
 ENDPOINTS = frozenset(
     {"/health", "/ready", "/version", "/metrics", "/predict", "/invocations", "/reload", "/openapi.json",
-     "/docs", DOCS_ASSETS, "/ping", "/feedback"}
+     "/docs", DOCS_ASSETS, "/ping", "/feedback", "/rollout"}
 )
 CLIENT_CLOSED = 499  # nginx's status for a client that went away before its request was read: not a server error
 PUBLIC_PATHS = frozenset({"/health", "/ping"})  # liveness; /ping is the name MLflow clients poll
