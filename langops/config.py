@@ -349,6 +349,10 @@ class PromoteConfig(_Section):
     slices: SliceConfig = SliceConfig()
     require_approval: bool = Field(False, description="a person approves a passing challenger before it ships")
     approval_timeout_s: int = Field(3600, ge=10)
+    shadow_evidence: bool = Field(
+        True, description="when the challenger ran as a shadow beside the current champion, its last shadow "
+        "window, judged by deploy.rollout's thresholds, joins the gate (agreement reported, not gated)",
+    )
 
     @field_validator("max_latency_ms")
     @classmethod

@@ -29,7 +29,14 @@ from langops.tasks.compress import REFERENCE_FILE, CompressionResult, compress
 from langops.tasks.distill import DistillResult, distill
 from langops.tasks.evaluate import EvaluationResult, evaluate
 from langops.tasks.prepare import PrepareResult, prepare
-from langops.tasks.promote import Decision, ModelEvidence, already_champion, decide, with_approval
+from langops.tasks.promote import (
+    Decision,
+    ModelEvidence,
+    ShadowEvidence,
+    already_champion,
+    decide,
+    with_approval,
+)
 from langops.tasks.register import RegistrationResult, register
 from langops.tasks.train import TrainResult, launch_torchrun, rank_info, resolve_devices, train
 from langops.tasks.validate import DataValidationError, ValidationResult, validate
@@ -285,7 +292,28 @@ def decide_promotion(
     if champion_version is not None:
         champion_dir = _registered_model_dir(params, champion_version)
         champion = shipped_model_evidence(prepared, champion_dir, champion_version, compare_with=challenger.labels)
-    return decide(challenger, champion, params.promote, force_reason=force_reason)
+    shadow = shadow_evidence(params, challenger.version, champion_version) if params.promote.shadow_evidence else None
+    return decide(challenger, champion, params.promote, force_reason=force_reason, shadow=shadow)
+
+
+def shadow_evidence(params: Params, version: str | None, champion_version: str | None) -> ShadowEvidence | None:
+    """The last ``shadow-stop`` record of ``version`` in the promotion log, if it ran beside ``champion_version``
+    and the server's window was recorded, judged by ``deploy.rollout``'s thresholds; else None."""
+    from langops.promotions import read_evidence, read_history
+    from langops.serving.rollout import Window, judge_canary
+
+    if version is None or champion_version is None:
+        return None
+    stopped = [e for e in read_history(params, params.register.model_name, limit=500)
+               if e.event == "shadow-stop" and e.to_version == version]
+    if not stopped or stopped[0].from_version != champion_version:
+        return None  # never shadowed, or beside another champion: its window says nothing about this one
+    window = (read_evidence(params, stopped[0].record_id).get("server") or {}).get("window")
+    if not window:
+        return None
+    verdict = judge_canary(Window.from_dict(window), params.deploy.rollout)
+    return ShadowEvidence(record_id=stopped[0].record_id, requests=int(window["challenger"]["requests"]),
+                          checks=tuple((c.name, c.passed, c.detail) for c in verdict.checks))
 
 
 def record_promotion(

@@ -134,12 +134,27 @@ class Decision:
         return record, report
 
 
+@dataclass(frozen=True)
+class ShadowEvidence:
+    """The challenger's last shadow run beside the current champion, judged on its live window by
+    ``deploy.rollout``'s thresholds: each check as ``(name, passed, detail)``, ``passed`` None when the
+    window was too small to judge it."""
+
+    record_id: str
+    requests: int
+    checks: tuple[tuple[str, bool | None, str], ...]
+
+
+NOT_GATED_SHADOW_CHECKS = frozenset({"agreement"})  # a better model disagrees exactly where the champion is wrong
+
+
 def decide(
     challenger: ModelEvidence,
     champion: ModelEvidence | None,
     policy: PromoteConfig,
     *,
     force_reason: str | None = None,
+    shadow: ShadowEvidence | None = None,
 ) -> Decision:
     """Judge the challenger; every check is spelled out in the decision, passed or not.
 
@@ -149,8 +164,12 @@ def decide(
     ``min_absolute_change`` and ``min_relative_change`` (for accuracy McNemar's test must also reject),
     and every guard metric must not regress by more than its margin.
 
+    Live evidence: with ``shadow`` (the challenger ran as a shadow beside this champion), every check its
+    window could judge joins the gate as ``shadow:<check>``; agreement with the champion is reported, not gated.
+
     Args:
         force_reason: promote whatever the checks say; the reason is mandatory and recorded.
+        shadow: the challenger's judged shadow window, if there is one.
 
     Raises:
         ValueError: ``force_reason`` is given but blank.
@@ -165,6 +184,8 @@ def decide(
     ]
     if champion is not None:
         checks += _against_champion(challenger, champion, policy)
+    if shadow is not None:
+        checks += _shadow_checks(shadow)
 
     failed = [c for c in checks if not c.passed]
     primary = policy.primary_metric
@@ -186,6 +207,16 @@ def decide(
         forced=force_reason is not None,
         force_reason=force_reason.strip() if force_reason else None,
     )
+
+
+def _shadow_checks(shadow: ShadowEvidence) -> list[Check]:
+    where = f"shadow record {shadow.record_id[:8]}, {shadow.requests} mirrored requests"
+    judged = [(name, passed, detail) for name, passed, detail in shadow.checks if passed is not None]
+    if not judged:
+        return [Check("shadow", True, f"{where}: too few to judge anything (reported, not gated)")]
+    return [Check(f"shadow:{name}", True, f"{detail} ({where}; reported, not gated)")
+            if name in NOT_GATED_SHADOW_CHECKS else Check(f"shadow:{name}", bool(passed), f"{detail} ({where})")
+            for name, passed, detail in judged]
 
 
 def already_champion(version: str, policy: PromoteConfig) -> Decision:

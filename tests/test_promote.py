@@ -249,3 +249,40 @@ def test_a_reviewer_can_stop_a_passing_challenger_and_the_answer_is_recorded():
 
     approved = with_approval(passing, approved=True, reviewer="carol")
     assert approved.promote and approved.checks[-1].passed and approved.reason == passing.reason
+
+
+def _shadowed(**checks):
+    """Shadow evidence whose checks are ``name=(passed, detail)``."""
+    from langops.tasks.promote import ShadowEvidence
+
+    return ShadowEvidence(record_id="f00dfeed" * 4, requests=400,
+                          checks=tuple((name, passed, detail) for name, (passed, detail) in checks.items()))
+
+
+def test_a_shadow_window_that_failed_live_blocks_a_challenger_the_test_split_favours():
+    y = gold(3000)
+    better, champion = evidence("2", y, predictions(y, 0.90, 1)), evidence("1", y, predictions(y, 0.80, 2))
+    shadow = _shadowed(error_rate=(False, "error rate 4.00% (16 of 400 requests failed or timed out) exceeds 1.00%"),
+                       p99_ms=(True, "p99_ms 80 ms within 500 ms"),
+                       agreement=(False, "agreement with the champion 81.00% on 400 texts below 90.00%"),
+                       feedback_accuracy=(None, "feedback accuracy not judged: 3 champion and 4 challenger labels"))
+
+    decision = decide(better, champion, POLICY, shadow=shadow)
+
+    assert not decision.promote
+    assert [c.name for c in decision.failed] == ["shadow:error_rate"]
+    assert "shadow record f00dfeed, 400 mirrored requests" in decision.reason
+    names = {c.name: c for c in decision.checks}
+    assert names["shadow:p99_ms"].passed and "shadow:feedback_accuracy" not in names  # not judged: left out
+    assert names["shadow:agreement"].passed and "reported, not gated" in names["shadow:agreement"].detail
+    assert decide(better, champion, POLICY, shadow=_shadowed(p99_ms=(True, "p99_ms 80 ms within 500 ms"))).promote
+
+
+def test_a_shadow_window_too_small_to_judge_is_reported_not_gated():
+    y = gold(3000)
+    shadow = _shadowed(error_rate=(None, "0 errors in 12 requests; judged at 200"))
+    decision = decide(evidence("2", y, predictions(y, 0.90, 1)), evidence("1", y, predictions(y, 0.80, 2)), POLICY,
+                      shadow=shadow)
+    assert decision.promote
+    (note,) = [c for c in decision.checks if c.name.startswith("shadow")]
+    assert note.name == "shadow" and "too few to judge anything" in note.detail

@@ -514,3 +514,25 @@ def test_a_promotion_whose_process_died_after_moving_the_champion_shows_in_histo
     assert client.get_run(unfinished.info.run_id).info.status == "KILLED"
     assert [(event.from_version, event.to_version) for event in read_history(registry, MODEL)] == [
         ("1", "2"), (None, "1")]
+
+
+@pytest.mark.unit
+def test_the_gate_reads_the_last_shadow_window_of_the_challenger_beside_the_current_champion(registry):
+    from langops.pipeline import shadow_evidence
+    from langops.promotions import record_event
+    from langops.serving.rollout import ModelStats, Window
+
+    promote(registry, "1")
+    crashing = Window(champion=ModelStats(requests=400, errors=0, p50_ms=4.0, p99_ms=9.0),
+                      challenger=ModelStats(requests=400, errors=40, p50_ms=5.0, p99_ms=12.0), compared=360, agreed=350)
+    for version, window in (("2", crashing), ("3", Window())):
+        record_event(registry, model_name=MODEL, event="shadow-stop", from_version="1", to_version=version,
+                     reason="enough traffic seen", actor="alice", evidence={"server": {"window": window.to_dict()}})
+
+    judged = shadow_evidence(registry, "2", "1")
+    assert judged is not None and judged.requests == 400
+    checks = {name: passed for name, passed, _ in judged.checks}
+    assert checks["error_rate"] is False and checks["p99_ms"] is True and checks["agreement"] is True
+    assert shadow_evidence(registry, "2", "3") is None  # shadowed beside version 1: says nothing about 3
+    assert shadow_evidence(registry, "4", "1") is None  # never shadowed
+    assert all(passed is None for _, passed, _ in shadow_evidence(registry, "3", "1").checks)  # an empty window

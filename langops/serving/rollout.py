@@ -121,6 +121,17 @@ class Window:
     def agreement(self) -> float | None:
         return self.agreed / self.compared if self.compared else None
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Window:
+        """The window ``to_dict`` wrote (e.g. into a ``shadow-stop`` record's evidence)."""
+        def stats(values: dict[str, Any]) -> ModelStats:
+            return ModelStats(**{name: values[name] for name in ModelStats.__dataclass_fields__ if name in values})
+
+        return cls(champion=stats(data["champion"]), challenger=stats(data["challenger"]), compared=data["compared"],
+                   agreed=data["agreed"], disagreements=dict(data.get("disagreements") or {}),
+                   confidence_shift=data.get("confidence_shift"), dropped=data.get("dropped", 0),
+                   seconds=data.get("seconds", 0.0))
+
     def to_dict(self) -> dict[str, Any]:
         def stats(model: ModelStats) -> dict[str, Any]:
             return {**asdict(model), "error_rate": model.error_rate, "accuracy": model.accuracy}
