@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 
@@ -44,13 +44,23 @@ if TYPE_CHECKING:
     from langops.config import Params, RolloutConfig
     from langops.onnx_model import Scores
     from langops.rollouts import Rollout
-    from langops.serving.app import LoadedModel
     from langops.serving.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
 
 BUCKETS = 10_000
 Role = Literal["champion", "challenger"]
+
+
+class LoadedModel(Protocol):
+    """What the server loaded (``langops.serving.app.LoadedModel``; not imported: app imports this module)."""
+
+    @property
+    def classifier(self) -> Any: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def version(self) -> str: ...
 CHAMPION_ROLE: Role = "champion"
 CHALLENGER_ROLE: Role = "challenger"
 LATENCY_SAMPLES = 50_000  # latencies kept per role and window for the percentiles
