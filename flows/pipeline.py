@@ -164,7 +164,7 @@ def training_pipeline(
         overrides: ``key=value`` changes to params for this run, e.g. ``train.epochs=2``.
         dataset: the labelled dataset to train on (a file or folder); shorthand for ``data.source=...``.
         trigger: the event that started this run, filled in by the deployment's trigger in ``prefect.yaml``
-            (event name and id, the monitoring run and its drift report); kept with the promotion record.
+            (the event's name, its monitoring run and drift report); kept with the promotion record.
     """
     params = load_params(params_path, [*(overrides or []), *([f"data.source={dataset}"] if dataset else [])])
     cause = describe_trigger(trigger) if trigger else ""

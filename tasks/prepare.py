@@ -777,11 +777,10 @@ def describe_changes(summary: dict[str, Any]) -> Iterator[str]:
             yield f"the given splits share texts ({pairs}); prepare.split_overlap: fail leaves them for validate"
     extra = summary.get("extra_sources") or {}
     if extra:
-        used = ", ".join(f"{name} ({info['rows']} rows)" for name, info in extra.items() if info != "missing")
-        missing = ", ".join(name for name, info in extra.items() if info == "missing")
-        yield ("data.extra_sources: " + "; ".join(part for part in (f"added {used}" if used else "",
-                                                                      f"not there yet: {missing}" if missing else "")
-                                                   if part))
+        used = [f"{name} ({info['rows']} rows)" for name, info in extra.items() if info != "missing"]
+        missing = [name for name, info in extra.items() if info == "missing"]
+        parts = ([f"added {', '.join(used)}"] if used else []) + ([f"not there yet: {', '.join(missing)}"] if missing else [])
+        yield "data.extra_sources: " + "; ".join(parts)
     if summary["label_whitespace"]:
         stripped = ", ".join(f"{raw} ({n} rows)" for raw, n in summary["label_whitespace"].items())
         yield f"labels stripped of surrounding whitespace: {stripped}"
