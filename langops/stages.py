@@ -217,7 +217,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "promote", adapter_name="run_promote",
-        params=("promote", "register.model_name", "tracking"),
+        params=("promote", "deploy.rollout", "register.model_name", "tracking"),
         deps=(REGISTRATION,),
         outs=(PROMOTION,),
         code=("langops.tasks.promote",),
