@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -83,6 +84,19 @@ def pytest_collection_modifyitems(config, items):
             + "\n  ".join(wrong)
             + "\nmark a whole module with `pytestmark = pytest.mark.<tier>` or one test with `@pytest.mark.<tier>`"
         )
+
+
+@pytest.fixture(autouse=True)
+def _no_langops_log_handlers_left_behind():
+    """``langops.cli.main`` run in-process installs a console handler on this test's captured stderr; it goes
+    with the test, so a later test's logging never writes to a closed stream."""
+    yield
+    from langops.logs import INSTALLED
+
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, INSTALLED, False)]:
+        root.removeHandler(handler)
+        handler.close()
 
 
 @pytest.fixture(autouse=True)

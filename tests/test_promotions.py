@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import logging
 import multiprocessing
 import shutil
 import subprocess
@@ -133,7 +132,6 @@ def test_history_lists_every_event_newest_first_with_its_evidence(registry):
 def test_history_says_what_started_a_promotion(registry, capsys, monkeypatch):
     """A retraining started by a monitor event keeps the event and its drift report with the record."""
     from langops.cli import main
-    from langops.logs import INSTALLED
 
     promote(registry, "1", reason="first model")
     cause = "langops.monitor.drift: drift report reports/monitoring/20261128T180000Z, monitoring run 4f2a"
@@ -143,13 +141,7 @@ def test_history_says_what_started_a_promotion(registry, capsys, monkeypatch):
     (registry.project.state_dir.parent / "params.yaml").write_text(
         yaml.safe_dump({"project": {"state_dir": str(registry.project.state_dir)}}))
     monkeypatch.chdir(registry.project.state_dir.parent)
-    try:
-        assert main(["history"]) == 0
-    finally:  # the CLI's console handler holds this test's captured stderr: later tests must not log to it
-        root = logging.getLogger()
-        for handler in [h for h in root.handlers if getattr(h, INSTALLED, False)]:
-            root.removeHandler(handler)
-            handler.close()
+    assert main(["history"]) == 0
     lines = capsys.readouterr().out.splitlines()
     promoted_v2 = next(i for i, line in enumerate(lines) if "1 → 2" in line)
     assert lines[promoted_v2 + 1].strip() == f"started by {cause}"
