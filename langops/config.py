@@ -276,8 +276,8 @@ class DistillConfig(_Section):
 
     enabled: bool = False
     layers: int = Field(3, ge=1, description="the student's encoder layers, taken evenly from the teacher's")
-    epochs: int = Field(3, ge=1)
-    max_steps: int | None = Field(2000, ge=1)
+    epochs: int = Field(4, ge=1)
+    max_steps: int | None = Field(4000, ge=1, description="optimiser step budget: large datasets stop here")
     batch_size: int = Field(32, ge=1)
     learning_rate: float = Field(1e-4, gt=0)
     temperature: float = Field(2.0, gt=0, description="softens the teacher's and the student's logits in the KL term")

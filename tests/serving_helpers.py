@@ -77,6 +77,21 @@ def running_server(settings: ServerSettings) -> Iterator[LiveServer]:
         thread.join(30)
 
 
+@contextmanager
+def serving_local(settings: ServerSettings) -> Iterator[LiveServer]:
+    """A live server for ``settings``, once it answers with its local model (``model_dir``)."""
+    with running_server(settings) as live, live.client() as client:
+        wait_for_version(client, "local")
+        yield live
+
+
+@pytest.fixture
+def client(server: LiveServer) -> Iterator[httpx.Client]:
+    """A client of the test module's own ``server`` fixture."""
+    with server.client() as client:
+        yield client
+
+
 def build_compressed_dir(root: Path, trained_dir: Path) -> Path:
     """A compressed dir made by the real compress step from the tiny trained model."""
     from langops.config import CompressConfig

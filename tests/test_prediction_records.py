@@ -20,7 +20,7 @@ pytest.register_assert_rewrite("serving_helpers")
 pytest_plugins = ["serving_helpers"]
 from conftest import LABELS
 from pipeline_helpers import REPO_PARAMS
-from serving_helpers import LiveServer, free_port, running_server, wait_for_version, wait_until
+from serving_helpers import LiveServer, free_port, running_server, serving_local, wait_until
 
 from langops.prediction_records import FEEDBACK_FILE
 from langops.serving.app import ServerSettings
@@ -49,15 +49,8 @@ def log_dir(project: Path) -> Path:
 def server(compressed_dir: Path, log_dir: Path) -> Iterator[LiveServer]:
     settings = ServerSettings(model_dir=compressed_dir, port=free_port(), prediction_log_dir=log_dir,
                               prediction_log_text="raw", max_request_texts=8)
-    with running_server(settings) as live, live.client() as client:
-        wait_for_version(client, "local")
+    with serving_local(settings) as live:
         yield live
-
-
-@pytest.fixture
-def client(server: LiveServer) -> Iterator[httpx.Client]:
-    with server.client() as client:
-        yield client
 
 
 def logged(log_dir: Path, request_id_prefix: str, count: int) -> list[dict]:

@@ -28,7 +28,7 @@ from langops.serving.app import ServerSettings
 
 pytest.register_assert_rewrite("serving_helpers")
 pytest_plugins = ["serving_helpers"]
-from serving_helpers import LiveServer, free_port, running_server, wait_for_version, wait_until
+from serving_helpers import LiveServer, free_port, running_server, serving_local, wait_until
 
 DEEP = "[" * 100_000 + "]" * 100_000
 LONG_INTEGER = "1" * (sys.get_int_max_str_digits() + 1)  # one digit past what int() may convert from a string
@@ -43,15 +43,8 @@ def server(compressed_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     prediction log on, so /feedback is fuzzed all the way to its log."""
     settings = ServerSettings(model_dir=compressed_dir, port=free_port(), body_read_timeout_s=STALL_TIMEOUT_S,
                               prediction_log_dir=tmp_path_factory.mktemp("hostile-log"))
-    with running_server(settings) as live, live.client() as client:
-        wait_for_version(client, "local")
+    with serving_local(settings) as live:
         yield live
-
-
-@pytest.fixture
-def client(server: LiveServer) -> Iterator[httpx.Client]:
-    with server.client() as client:
-        yield client
 
 
 def still_serving(client: httpx.Client) -> bool:

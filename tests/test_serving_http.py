@@ -29,7 +29,7 @@ from langops.serving.prediction_log import PredictionLog, PredictionLogConfig
 pytest.register_assert_rewrite("serving_helpers")
 pytest_plugins = ["serving_helpers"]
 from conftest import LABELS
-from serving_helpers import LiveServer, free_port, running_server, wait_for_version, wait_until
+from serving_helpers import LiveServer, free_port, running_server, serving_local, wait_for_version, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 TEXTS = ["my invoice is wrong", "where is my parcel?", "the app crashes when I log in"]
@@ -40,15 +40,8 @@ BODY_LIMIT = 4096
 def server(compressed_dir: Path) -> Iterator[LiveServer]:
     settings = ServerSettings(model_dir=compressed_dir, port=free_port(), max_request_texts=8, max_text_chars=200,
                               max_body_bytes=BODY_LIMIT)
-    with running_server(settings) as live, live.client() as client:
-        wait_for_version(client, "local")
+    with serving_local(settings) as live:
         yield live
-
-
-@pytest.fixture
-def client(server: LiveServer) -> Iterator[httpx.Client]:
-    with server.client() as client:
-        yield client
 
 
 @pytest.fixture(scope="module")
