@@ -146,10 +146,11 @@ class PipelineSummary:
     decision_reason: str
     champion_version: str | None
     test_metrics: dict[str, float]
-    int8_metrics: dict[str, float]
+    int8_metrics: dict[str, float]  # of the model that ships
     majority_baseline_accuracy: float
     server_url: str | None
     tracking_uri: str
+    shipped_model: str = "int8 ONNX"  # what ships: "int8 ONNX", "fp32 ONNX", "int8 ONNX of the 3-layer student"
 
 
 @flow(name="langops-training-pipeline", log_prints=True)
@@ -184,6 +185,7 @@ def training_pipeline(
         majority_baseline_accuracy=evaluation.metrics["majority_baseline_accuracy"],
         server_url=shipped.deployment.url if shipped.deployment is not None else None,
         tracking_uri=params.tracking_uri(),
+        shipped_model=shipped.shipped_model,
     )
     links = ui_links(summary.tracking_uri, run_id=summary.run_id, model_name=summary.model_name, version=summary.version)
     for key, url in links.items():
@@ -203,6 +205,7 @@ class Shipped:
     decision: Any
     deployment: Any
     champion_version: str | None
+    shipped_model: str  # the compressed graph's precision, and whether it is the distilled student's
 
 
 def ship_trained_model(params: Params, prepared: Any, trained: Any) -> Shipped:
@@ -217,7 +220,11 @@ def ship(params: Params, results: dict[str, Any]) -> Shipped:
     publish_metrics(evaluation.metrics, compression)
     create_markdown_artifact(decision.to_markdown(), key="promotion-decision", description="Promotion gate decision")
     champion = current_alias_version(params.register.model_name, CHAMPION)
-    return Shipped(results["train"], evaluation, compression, results["register"], decision, results["deploy"], champion)
+    distilled = results.get("distill")
+    shipped_model = f"{compression.shipped} ONNX" + (
+        f" of the {distilled.layers}-layer student" if distilled is not None and distilled.shipped else "")
+    return Shipped(results["train"], evaluation, compression, results["register"], decision, results["deploy"],
+                   champion, shipped_model)
 
 
 class PromotionApproval(RunInput):
@@ -278,7 +285,7 @@ def publish_metrics(metrics: dict[str, Any], compression: Any) -> None:
     create_table_artifact(rows, key="test-metrics-per-class", description="Per-class metrics of the torch model on the test split")
     overall = [
         {"model": "torch (fp32)", "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "ece": metrics["ece"]},
-        {"model": "onnx int8 (shipped)", "accuracy": compression.metrics["accuracy"],
+        {"model": f"{compression.shipped} ONNX (shipped)", "accuracy": compression.metrics["accuracy"],
          "macro_f1": compression.metrics["macro_f1"], "ece": compression.metrics["ece"]},
     ]
     create_table_artifact(overall, key="test-metrics", description="Test-split metrics, torch vs the shipped model")
@@ -293,7 +300,7 @@ def summary_markdown(summary: PipelineSummary, links: dict[str, str] | None = No
             f"- gate: {summary.decision_reason}",
             f"- champion now: version {summary.champion_version}",
             f"- test accuracy / macro-F1 (torch): {summary.test_metrics['accuracy']:.4f} / {summary.test_metrics['macro_f1']:.4f}",
-            f"- test accuracy / macro-F1 (int8 ONNX): {summary.int8_metrics['accuracy']:.4f} / {summary.int8_metrics['macro_f1']:.4f}",
+            f"- test accuracy / macro-F1 ({summary.shipped_model}): {summary.int8_metrics['accuracy']:.4f} / {summary.int8_metrics['macro_f1']:.4f}",
             f"- majority-class baseline accuracy: {summary.majority_baseline_accuracy:.4f}",
             f"- MLflow run: `{summary.run_id}` in `{summary.tracking_uri}`"
             + (f" ([run]({links['mlflow-run']}), [model version]({links['model-version']}))" if links else ""),

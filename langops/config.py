@@ -272,10 +272,17 @@ class EvaluateConfig(_Section):
 
 
 class DistillConfig(_Section):
-    """A student with fewer layers, distilled from the fine-tuned model; when enabled it is what ships."""
+    """A student with fewer layers, distilled from the fine-tuned model, ships in its place when it holds up.
 
-    enabled: bool = False
+    It does when the teacher has more encoder layers than ``layers`` and the student's validation macro-F1
+    is at most ``max_val_drop`` below the teacher's; otherwise the teacher ships and the step says why.
+    """
+
+    enabled: bool = True
     layers: int = Field(3, ge=1, description="the student's encoder layers, taken evenly from the teacher's")
+    max_val_drop: float = Field(
+        0.01, ge=0, le=1, description="validation macro-F1 the student may lose against the teacher and still ship"
+    )
     epochs: int = Field(4, ge=1)
     max_steps: int | None = Field(4000, ge=1, description="optimiser step budget: large datasets stop here")
     batch_size: int = Field(32, ge=1)

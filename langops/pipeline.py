@@ -211,7 +211,7 @@ def run_compress(
     """Compress the model that ships: the distilled student when there is one, else the trained model."""
     result = compress(
         params.compress,
-        trained_dir=distilled.out_dir if distilled.enabled else trained.result.out_dir,
+        trained_dir=distilled.out_dir if distilled.shipped else trained.result.out_dir,
         prepared_dir=prepared.out_dir,
         out_dir=params.paths.compressed,
         report_dir=params.paths.compression,

@@ -286,13 +286,16 @@ def log_compression(params: Params, run_id: str, result: Any) -> None:
 
 
 def log_distillation(params: Params, run_id: str, result: Any) -> None:
-    """The student's size and validation macro-F1 beside its teacher's: what distillation cost."""
+    """Which model ships and why; a trained student's size and validation macro-F1 beside its teacher's."""
     import mlflow
 
     with resumed_run(params, run_id):
-        mlflow.log_metrics({"student_layers": result.layers, "student_val_macro_f1": result.val_macro_f1,
-                            "teacher_val_macro_f1": result.teacher_val_macro_f1, "student_seconds": result.seconds,
-                            "student_temperature": result.temperature})
+        mlflow.set_tags({"langops.shipped_model": "student" if result.shipped else "teacher",
+                         "langops.distill": result.reason[:5000]})
+        if result.val_macro_f1 is not None:
+            mlflow.log_metrics({"student_layers": result.layers, "student_val_macro_f1": result.val_macro_f1,
+                                "teacher_val_macro_f1": result.teacher_val_macro_f1,
+                                "student_seconds": result.seconds, "student_temperature": result.temperature})
 
 
 def log_decision(params: Params, run_id: str, decision: Any, files: tuple[Path, ...]) -> None:

@@ -6,7 +6,9 @@ training texts to match the teacher's logits (softened by ``temperature``) and t
 calibrated like the teacher and written in the train step's layout, so compress, the gate and the server
 take it as they take any trained model: the gate judges it as the model that ships.
 
-With ``compress.distill.enabled`` false the step writes only its summary and the teacher ships.
+The student ships only when it holds up: the teacher must have more encoder layers than the student would,
+and the student's validation macro-F1 must be within ``max_val_drop`` of the teacher's. Otherwise, or with
+``compress.distill.enabled`` false, the teacher ships, and ``distill.json`` and the log say why.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ MODEL_DIR = "model"
 class DistillResult:
     out_dir: Path
     enabled: bool
+    shipped: bool = False  # the student is the model compress takes; else the teacher
+    reason: str = ""  # why the student ships, or why the teacher does
     layers: int | None = None  # the student's encoder layers
     teacher_layers: int | None = None
     kept_layers: tuple[int, ...] = ()  # which teacher layers the student started from
@@ -68,6 +72,7 @@ class DistillResult:
             raise FileNotFoundError(f"{path} not found: run the distill step first")
         summary = read_json(path)
         summary["kept_layers"] = tuple(summary.get("kept_layers", ()))
+        summary.setdefault("shipped", summary["enabled"])  # written before students could be refused
         return cls(**{**summary, "out_dir": Path(out_dir)})
 
 
@@ -77,10 +82,7 @@ def distill(
     """Train the student and write it (``model/``, ``labels.json``, ``distill.json``) to ``out_dir``."""
     out_dir = Path(out_dir)
     if not cfg.enabled:
-        shutil.rmtree(out_dir, ignore_errors=True)
-        result = DistillResult(out_dir=out_dir, enabled=False)
-        write_json(out_dir / SUMMARY_FILE, _summary(result))
-        return result
+        return _teacher_ships(out_dir, enabled=False, reason="compress.distill.enabled is false")
 
     started = time.perf_counter()
     seed_everything(seed)
@@ -89,6 +91,9 @@ def distill(
     labels = read_labels(trained_dir)
     label_ids = {name: i for i, name in enumerate(labels)}
     teacher, tokenizer = load_trained_classifier(Path(trained_dir) / "model")
+    too_shallow = _why_no_student(teacher, cfg.layers)
+    if too_shallow:
+        return _teacher_ships(out_dir, enabled=True, reason=too_shallow)
     train_df, val_df = read_split(prepared_dir, "train"), read_split(prepared_dir, "validation")
     val_y = np.array([label_ids[y] for y in val_df[LABEL]])
 
@@ -133,8 +138,15 @@ def distill(
                                   val_y)
     fold_temperature(student, calibration.temperature)
 
+    drop = teacher_val_f1 - best_f1
+    shipped = drop <= cfg.max_val_drop
+    reason = (f"the student's validation macro-F1 {best_f1:.4f} is {drop:+.4f} from the teacher's "
+              f"{teacher_val_f1:.4f}, {'within' if shipped else 'beyond'} compress.distill.max_val_drop "
+              f"{cfg.max_val_drop}" + ("" if shipped else ": the teacher ships"))
+    (log.info if shipped else log.warning)("distil: %s", reason)
     result = DistillResult(
-        out_dir=out_dir, enabled=True, layers=cfg.layers, teacher_layers=teacher.config.num_hidden_layers,
+        out_dir=out_dir, enabled=True, shipped=shipped, reason=reason,
+        layers=cfg.layers, teacher_layers=teacher.config.num_hidden_layers,
         kept_layers=kept, steps=steps, teacher_val_macro_f1=teacher_val_f1, val_macro_f1=best_f1,
         temperature=calibration.temperature, seconds=time.perf_counter() - started,
     )
@@ -171,6 +183,28 @@ def distillation_loss(
         log_target=True, reduction="batchmean",
     ) * temperature**2
     return alpha * soft + (1 - alpha) * torch.nn.functional.cross_entropy(student_logits, target)
+
+
+def _why_no_student(teacher: torch.nn.Module, layers: int) -> str:
+    """Why ``teacher`` cannot give a ``layers``-layer student, or "" when it can."""
+    try:
+        depth = len(_encoder_layers(teacher))
+    except ValueError as exc:
+        return f"{exc}: the teacher ships"
+    if layers >= depth:
+        return (f"the teacher has {depth} encoder layers, no more than compress.distill.layers {layers}: "
+                "the teacher ships")
+    return ""
+
+
+def _teacher_ships(out_dir: Path, *, enabled: bool, reason: str) -> DistillResult:
+    """No student: only the summary is written, saying why."""
+    if enabled:
+        log.warning("distil: %s", reason)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    result = DistillResult(out_dir=out_dir, enabled=enabled, shipped=False, reason=reason)
+    write_json(out_dir / SUMMARY_FILE, _summary(result))
+    return result
 
 
 def _encoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:

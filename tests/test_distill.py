@@ -42,7 +42,9 @@ def test_the_loss_is_zero_only_when_the_student_matches_teacher_and_labels():
 
 @pytest.mark.model
 def test_the_student_ships_through_compress_register_and_the_gate(tmp_path, tiny_base_model):
-    distill = {"enabled": True, "layers": 1, "epochs": 2, "batch_size": 16, "learning_rate": 1e-3, "num_threads": 1}
+    # A tiny random teacher's student may lose more than the default margin; here it ships whatever it scores.
+    distill = {"enabled": True, "layers": 1, "epochs": 2, "batch_size": 16, "learning_rate": 1e-3, "num_threads": 1,
+               "max_val_drop": 1.0}
     write_params(tmp_path, tiny_project_params(
         tmp_path, tiny_base_model,
         compress={"min_label_agreement": 0.5, "max_fp32_logit_diff": 0.01, "latency_runs": 5, "distill": distill},
@@ -51,6 +53,7 @@ def test_the_student_ships_through_compress_register_and_the_gate(tmp_path, tiny
     results = {stage.name: run_stage(stage.name, params) for stage in STAGES if stage.name != "deploy"}
 
     student = results["distill"]
+    assert student.shipped and "within compress.distill.max_val_drop" in student.reason
     assert student.enabled and student.layers == 1 and student.teacher_layers == 2 and student.kept_layers == (1,)
     assert json.loads((params.paths.student / "model" / "config.json").read_text())["num_hidden_layers"] == 1
     shipped = OnnxClassifier.load(results["compress"].out_dir)
@@ -61,3 +64,41 @@ def test_the_student_ships_through_compress_register_and_the_gate(tmp_path, tiny
     assert decision.promote, decision.reason  # the first model: the gate judged the student and passed it
     probabilities = shipped.predict_proba(["my card was charged twice"])
     assert np.isclose(probabilities.sum(), 1.0)
+
+
+def _teacher_and_student_graphs(tmp_path, tiny_base_model, distill: dict):
+    write_params(tmp_path, tiny_project_params(
+        tmp_path, tiny_base_model,
+        compress={"min_label_agreement": 0.5, "max_fp32_logit_diff": 0.01, "latency_runs": 5, "distill": distill},
+    ))
+    params = load_params(tmp_path / "params.yaml")
+    results = {}
+    for name in ("prepare", "train", "distill", "compress"):
+        results[name] = run_stage(name, params)
+    return params, results
+
+
+@pytest.mark.model
+def test_a_teacher_no_deeper_than_the_student_ships_itself_and_says_why(tmp_path, tiny_base_model, caplog):
+    params, results = _teacher_and_student_graphs(tmp_path, tiny_base_model, {"layers": 3})  # enabled by default
+    student = results["distill"]
+    assert student.enabled and not student.shipped
+    assert student.reason == ("the teacher has 2 encoder layers, no more than compress.distill.layers 3: "
+                              "the teacher ships")
+    assert "the teacher ships" in caplog.text
+    assert not (params.paths.student / "model").exists()
+    assert json.loads((params.paths.student / "distill.json").read_text())["reason"] == student.reason
+    assert results["compress"].sizes_mb["fp32_onnx"] > results["train"].result.total_params * 4 / 1e6 * 0.9
+
+
+@pytest.mark.model
+def test_a_student_that_loses_more_than_the_margin_is_kept_out_and_the_teacher_ships(tmp_path, tiny_base_model):
+    # One epoch at a learning rate that wrecks the student: far below a teacher trained for its task.
+    distill = {"layers": 1, "epochs": 1, "batch_size": 16, "learning_rate": 0.5, "num_threads": 1,
+               "max_val_drop": 0.0}
+    params, results = _teacher_and_student_graphs(tmp_path, tiny_base_model, distill)
+    student = results["distill"]
+    assert student.val_macro_f1 < student.teacher_val_macro_f1, "the wrecked student should score below its teacher"
+    assert not student.shipped and student.reason.endswith("beyond compress.distill.max_val_drop 0.0: the teacher ships")
+    assert (params.paths.student / "model").is_dir()  # kept for a look, not shipped
+    assert results["compress"].sizes_mb["fp32_onnx"] > results["train"].result.total_params * 4 / 1e6 * 0.9
