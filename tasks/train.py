@@ -351,7 +351,7 @@ def _train(
         state.stopped_early = state.bad_epochs >= cfg.early_stopping_patience or state.diverged
         state.finished = state.stopped_early or state.steps >= total_steps or epoch >= epochs
         if ranks.is_main:
-            log.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in metrics.items()})
+            log.info("epoch %d: %s", epoch, {k: float(f"{v:.4g}") for k, v in metrics.items()})
             _save_checkpoint(checkpoint_dir, fingerprint, state, model, optimizer, scheduler)
             if on_epoch_end is not None:
                 on_epoch_end(metrics, epoch)
