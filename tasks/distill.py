@@ -140,8 +140,9 @@ def distill(
 
     drop = teacher_val_f1 - best_f1
     shipped = drop <= cfg.max_val_drop
-    reason = (f"the student's validation macro-F1 {best_f1:.4f} is {drop:+.4f} from the teacher's "
-              f"{teacher_val_f1:.4f}, {'within' if shipped else 'beyond'} compress.distill.max_val_drop "
+    reason = (f"the student's validation macro-F1 {best_f1:.4f} is {abs(drop):.4f} "
+              f"{'below' if drop >= 0 else 'above'} the teacher's {teacher_val_f1:.4f}, "
+              f"{'within' if shipped else 'beyond'} compress.distill.max_val_drop "
               f"{cfg.max_val_drop}" + ("" if shipped else ": the teacher ships"))
     (log.info if shipped else log.warning)("distil: %s", reason)
     result = DistillResult(
