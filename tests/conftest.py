@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+# Before any test module imports them: their asserts report values like the tests' own.
+pytest.register_assert_rewrite("serving_helpers", "pipeline_helpers", "services_helpers", "postgres_helpers")
+
 LABELS = ["billing", "shipping", "technical"]
 
 

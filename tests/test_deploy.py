@@ -26,7 +26,6 @@ from langops.tasks.deploy import (
 )
 
 # Shared fixtures (compressed_dir, registered) live in serving_helpers; see test_serving.py.
-pytest.register_assert_rewrite("serving_helpers")
 pytest_plugins = ["serving_helpers"]
 from serving_helpers import RegisteredModels, empty_registry, free_port, running_server
 

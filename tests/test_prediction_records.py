@@ -16,7 +16,6 @@ import pandas as pd
 import pytest
 import yaml
 
-pytest.register_assert_rewrite("serving_helpers")
 pytest_plugins = ["serving_helpers"]
 from conftest import LABELS
 from pipeline_helpers import REPO_PARAMS

@@ -22,7 +22,6 @@ from langops.serving.registry import (
 
 # serving_helpers holds the shared fixtures (compressed_dir, registered); registering it for assertion
 # rewriting before importing it keeps pytest's detailed assert messages there, and silences a warning.
-pytest.register_assert_rewrite("serving_helpers")
 pytest_plugins = ["serving_helpers"]
 from conftest import LABELS
 from serving_helpers import (

@@ -26,7 +26,6 @@ from schemathesis import GenerationMode
 
 from langops.serving.app import ServerSettings
 
-pytest.register_assert_rewrite("serving_helpers")
 pytest_plugins = ["serving_helpers"]
 from serving_helpers import LiveServer, free_port, running_server, serving_local, wait_until
 

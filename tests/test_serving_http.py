@@ -26,7 +26,6 @@ from langops.onnx_model import Scores
 from langops.serving.app import ServerSettings, parse_model_uri
 from langops.serving.prediction_log import PredictionLog, PredictionLogConfig
 
-pytest.register_assert_rewrite("serving_helpers")
 pytest_plugins = ["serving_helpers"]
 from conftest import LABELS
 from serving_helpers import LiveServer, free_port, running_server, serving_local, wait_for_version, wait_until

@@ -20,7 +20,6 @@ import httpx
 import pandas as pd
 import pytest
 
-pytest.register_assert_rewrite("serving_helpers")
 pytest_plugins = ["serving_helpers"]
 from serving_helpers import RegisteredModels, free_port, running_server, wait_for_version, wait_until
 

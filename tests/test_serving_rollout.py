@@ -21,7 +21,6 @@ from langops.io import LABELS_FILE
 from langops.promotions import read_evidence, read_history
 from langops.rollouts import current_rollout, end_rollout, start_rollout
 
-pytest.register_assert_rewrite("serving_helpers")
 pytest_plugins = ["serving_helpers"]
 
 from serving_helpers import Registry, empty_registry, wait_until

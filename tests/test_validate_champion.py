@@ -15,7 +15,6 @@ from langops.pipeline import CHAMPION_DRIFT_REPORT, compare_with_champion, run_v
 from langops.tasks.prepare import PrepareResult
 from langops.tasks.validate import DataValidationError
 
-pytest.register_assert_rewrite("serving_helpers")
 pytest_plugins = ["serving_helpers"]
 from serving_helpers import Registry, empty_registry  # noqa: E402
 
