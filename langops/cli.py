@@ -8,11 +8,15 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from langops.aliases import CHAMPION
 from langops.config import ConfigError, Params, load_params
 from langops.logs import FILE_ONLY, configure_logging
 from langops.stages import STAGES, render_dvc_yaml, run_stage
+
+if TYPE_CHECKING:
+    import httpx
 
 log = logging.getLogger("langops.cli")
 
@@ -629,30 +633,30 @@ def _share(value: float | None) -> str:
     return "-" if value is None else f"{value:.1%}"
 
 
-def _server_rollout(params: Params) -> dict | None:
-    """The deployed server's ``/rollout`` answer, or None when no server answers."""
+def _call_server(params: Params, method: str, path: str, *, timeout: float) -> tuple[str, httpx.Response | None]:
+    """The deployed server's URL and its answer to ``method path`` (None when no server answers)."""
     import httpx
 
     from langops.tasks.deploy import auth_headers, server_url
 
     url = server_url(params.deploy.host, params.deploy.port)
     try:
-        answer = httpx.get(f"{url}/rollout", headers=auth_headers(params.deploy), timeout=5.0, trust_env=False)
+        return url, httpx.request(method, f"{url}{path}", headers=auth_headers(params.deploy), timeout=timeout,
+                                  trust_env=False)
     except httpx.HTTPError:
-        return None
-    return answer.json() if answer.status_code == 200 else None
+        return url, None
+
+
+def _server_rollout(params: Params) -> dict | None:
+    """The deployed server's ``/rollout`` answer, or None when no server answers."""
+    _, answer = _call_server(params, "GET", "/rollout", timeout=5.0)
+    return answer.json() if answer is not None and answer.status_code == 200 else None
 
 
 def _tell_server(params: Params) -> str:
     """Ask the deployed server to follow the change now; say what happened."""
-    import httpx
-
-    from langops.tasks.deploy import auth_headers, server_url
-
-    url = server_url(params.deploy.host, params.deploy.port)
-    try:
-        answer = httpx.post(f"{url}/reload", headers=auth_headers(params.deploy), timeout=60.0, trust_env=False)
-    except httpx.HTTPError:
+    url, answer = _call_server(params, "POST", "/reload", timeout=60.0)
+    if answer is None:
         return (f"no model server answers at {url}; a server started later follows this, one running elsewhere "
                 f"on its next poll (every {params.deploy.poll_seconds:g}s)")
     if answer.status_code >= 400:
