@@ -31,23 +31,17 @@ from serving_helpers import (
     free_port,
     running_server,
     served_version,
+    serving_local,
     wait_for_version,
     wait_until,
 )
 
 
 @pytest.fixture(scope="module")
-def local_server(compressed_dir: Path) -> Iterator[LiveServer]:
+def server(compressed_dir: Path) -> Iterator[LiveServer]:
     settings = ServerSettings(model_dir=compressed_dir, port=free_port(), max_request_texts=8, max_text_chars=200)
-    with running_server(settings) as server, server.client() as client:
-        wait_for_version(client, "local")
-        yield server
-
-
-@pytest.fixture
-def client(local_server: LiveServer) -> Iterator[httpx.Client]:
-    with local_server.client() as client:
-        yield client
+    with serving_local(settings) as live:
+        yield live
 
 
 def check_predictions(body: dict, count: int) -> None:
