@@ -300,6 +300,10 @@ class CompressConfig(_Section):
         "same in any batch; dynamic: scales per batch at run time (faster, batch-dependent)",
     )
     calibration_rows: int = Field(256, ge=1, description="training rows that calibrate static activation scales")
+    reduce_range: bool = Field(
+        False, description="7-bit weights: for CPUs without VNNI, whose u8s8 kernels add pairs of products "
+        "in a saturating int16 (benchmarks/int8_saturation.py measures what that changes)",
+    )
     distill: DistillConfig = DistillConfig()
     min_label_agreement: float = Field(0.95, ge=0, le=1)
     max_fp32_logit_diff: float = Field(1e-3, gt=0)

@@ -58,9 +58,9 @@ REFERENCE_FILE = "reference.parquet"  # the test split scored by the shipped mod
 REFERENCE_ENDPOINT = "reference"
 # One weight scale per output channel: BERT projections have a few outlier columns that would
 # otherwise set the scale for all. On MiniLM (fitted head, 300 rows) per-tensor gave int8 max |logit
-# diff| 1.61 and label agreement 0.917; per-channel 0.95 and 0.967. No reduce_range: 7-bit weights are
-# for CPUs without VNNI, where u8s8 products can saturate; on a VNNI CPU they measured within noise.
-QUANTIZATION = {"weight_type": "QInt8", "per_channel": True, "reduce_range": False}
+# diff| 1.61 and label agreement 0.917; per-channel 0.95 and 0.967. ``compress.reduce_range`` (7-bit
+# weights) is for CPUs without VNNI, where u8s8 pairs of products can saturate int16.
+QUANTIZATION = {"weight_type": "QInt8", "per_channel": True}
 # Static int8 quantises the weight MatMuls of the unfused graph with activation scales fixed by
 # calibration (QDQ; onnxruntime fuses the pairs into integer kernels when it loads the graph), so a
 # text's answer is the same alone or in any batch. The feed-forward output projections stay fp32: their
@@ -166,10 +166,11 @@ def compress(
             if not cfg.quantize:
                 shutil.copyfile(staging / FP32_MODEL_FILE, staging / MODEL_FILE)
             elif cfg.quantization == "dynamic":
-                quantize_onnx(staging / FP32_MODEL_FILE, staging / MODEL_FILE)
+                quantize_onnx(staging / FP32_MODEL_FILE, staging / MODEL_FILE, reduce_range=cfg.reduce_range)
             else:
                 calibration = calibration_texts(prepared_dir, cfg.calibration_rows)
-                quantize_static_onnx(exported, staging / MODEL_FILE, [fp32.encode([text]) for text in calibration])
+                quantize_static_onnx(exported, staging / MODEL_FILE, [fp32.encode([text]) for text in calibration],
+                                     reduce_range=cfg.reduce_range)
         shipped = OnnxClassifier.load(staging, num_threads=cfg.num_threads) if cfg.quantize else fp32
         with torch.inference_mode():
             torch_logits = predict_torch_logits(model, tokenizer, texts, max_length=max_length)
@@ -333,7 +334,7 @@ def optimize_onnx(src: Path, dst: Path, *, num_heads: int, hidden_size: int) -> 
     return {op: count for op, count in optimized.get_fused_operator_statistics().items() if count}
 
 
-def quantize_onnx(src: Path, dst: Path) -> Path:
+def quantize_onnx(src: Path, dst: Path, *, reduce_range: bool = False) -> Path:
     """Dynamic int8 quantisation: QInt8 weights, activations quantised per batch at run time.
 
     ``DefaultTensorType`` is needed because ONNX shape inference cannot type the outputs of the fused
@@ -347,7 +348,7 @@ def quantize_onnx(src: Path, dst: Path) -> Path:
         str(dst),
         weight_type=QuantType.QInt8,
         per_channel=QUANTIZATION["per_channel"],
-        reduce_range=QUANTIZATION["reduce_range"],
+        reduce_range=reduce_range,
         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
     )
     return dst
@@ -357,9 +358,10 @@ def quantization_summary(cfg: CompressConfig) -> dict[str, Any] | None:
     """How the shipped model was quantised, as ``compress.json`` records it."""
     if not cfg.quantize:
         return None
+    weights = {**QUANTIZATION, "reduce_range": cfg.reduce_range}
     if cfg.quantization == "dynamic":
-        return {"method": "dynamic", **QUANTIZATION}
-    return {"method": "static", "format": "QDQ", **QUANTIZATION, "activation_type": "QUInt8",
+        return {"method": "dynamic", **weights}
+    return {"method": "static", "format": "QDQ", **weights, "activation_type": "QUInt8",
             "calibration": "MinMax", "calibration_rows": cfg.calibration_rows, "kept_fp32": STATIC_SKIPPED}
 
 
@@ -369,7 +371,9 @@ def calibration_texts(prepared_dir: Path, rows: int) -> list[str]:
     return train_texts.sample(n=min(rows, len(train_texts)), random_state=0).tolist()
 
 
-def quantize_static_onnx(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]]) -> Path:
+def quantize_static_onnx(
+    src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], *, reduce_range: bool = False
+) -> Path:
     """Static int8 (QDQ) of the exported, unfused graph: weights per channel, activations with one scale
     per tensor from ``feeds`` (one calibration text each), the weight MatMuls but the feed-forward output
     projections quantised."""
@@ -408,7 +412,7 @@ def quantize_static_onnx(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]
             op_types_to_quantize=["MatMul", "Gather"],
             nodes_to_quantize=nodes,
             per_channel=QUANTIZATION["per_channel"],
-            reduce_range=QUANTIZATION["reduce_range"],
+            reduce_range=reduce_range,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,

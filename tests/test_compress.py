@@ -230,3 +230,27 @@ def test_dynamic_int8_stays_an_option(tmp_path, tiny_trained_dir) -> None:
     summary = json.loads((result.out_dir / "compress.json").read_text())
     assert summary["quantization"]["method"] == "dynamic" and result.quantized
     assert result.sizes_mb["int8_onnx"] < result.sizes_mb["fp32_onnx"]
+
+
+def _matmul_weight_range(model_path: Path) -> int:
+    """The largest |int8 weight| of the graph's quantised MatMuls."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(model_path)).graph
+    weights = [numpy_helper.to_array(i) for i in graph.initializer if i.name.endswith("_quantized")]
+    return int(max(np.abs(w.astype(np.int32)).max() for w in weights if w.ndim == 2 and w.dtype == np.int8))
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("quantization", ["static", "dynamic"])
+def test_reduce_range_quantises_to_7_bit_weights_that_cannot_saturate_int16_pairs(
+    tmp_path, tiny_trained_dir, compressed: CompressionResult, quantization
+) -> None:
+    cfg = TEST_CONFIG.model_copy(update={"quantization": quantization, "reduce_range": True})
+    result = build_compressed_dir(tmp_path, tiny_trained_dir, cfg)
+    assert json.loads((result.out_dir / "compress.json").read_text())["quantization"]["reduce_range"] is True
+    # two u8 activations (at most 255) times weights of at most 64 stay under int16's 32767
+    assert _matmul_weight_range(result.out_dir / MODEL_FILE) <= 64
+    assert json.loads((compressed.out_dir / "compress.json").read_text())["quantization"]["reduce_range"] is False
+    assert _matmul_weight_range(compressed.out_dir / MODEL_FILE) == 127
