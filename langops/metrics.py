@@ -22,14 +22,42 @@ def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray, n_bins: in
         return float("nan")
     confidence = probs.max(axis=1)
     correct = probs.argmax(axis=1) == y_true
+    return float(_binned_ece(confidence, correct[None, :].astype(float), n_bins)[0])
+
+
+def calibrated_ece_range(
+    confidence: np.ndarray, n_bins: int = 15, *, draws: int = 1000, seed: int = 0
+) -> tuple[float, float]:
+    """The ECE a perfectly calibrated model with these top-label confidences would measure on this many
+    rows: its median and 95th percentile over ``draws`` simulated test sets, each row right with
+    probability equal to its confidence.
+
+    ECE is biased upwards on small test sets (on SST-2's 872 dev rows a perfectly calibrated model
+    measures about 0.02), so a measured ECE is only evidence of miscalibration above the 95th percentile.
+    """
+    confidence = np.asarray(confidence, dtype=float)
+    if len(confidence) == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    eces = np.concatenate([
+        _binned_ece(confidence, (rng.random((min(100, draws - start), len(confidence))) < confidence).astype(float),
+                    n_bins)
+        for start in range(0, draws, 100)
+    ])
+    return float(np.median(eces)), float(np.percentile(eces, 95))
+
+
+def _binned_ece(confidence: np.ndarray, correct: np.ndarray, n_bins: int) -> np.ndarray:
+    """ECE of each row of ``correct`` (draws × rows, 1.0 where right) against the same ``confidence``."""
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     bins = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, n_bins - 1)
-    ece = 0.0
-    for b in range(n_bins):
-        in_bin = bins == b
-        if in_bin.any():
-            ece += in_bin.mean() * abs(confidence[in_bin].mean() - correct[in_bin].mean())
-    return float(ece)
+    counts = np.bincount(bins, minlength=n_bins)
+    one_hot = np.zeros((len(confidence), n_bins))
+    one_hot[np.arange(len(confidence)), bins] = 1.0
+    used = counts > 0
+    mean_confidence = (confidence @ one_hot)[used] / counts[used]
+    accuracy = (correct @ one_hot)[:, used] / counts[used]
+    return np.abs(accuracy - mean_confidence) @ (counts[used] / len(confidence))
 
 
 def classification_metrics(

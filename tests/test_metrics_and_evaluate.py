@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from langops.config import EvaluateConfig
-from langops.metrics import classification_metrics, expected_calibration_error
+from langops.metrics import calibrated_ece_range, classification_metrics, expected_calibration_error
 from langops.tasks.evaluate import evaluate
 
 
@@ -32,6 +32,30 @@ def test_calibration_error_is_zero_for_calibrated_and_large_for_overconfident():
     assert expected_calibration_error(calibrated, y) == pytest.approx(0.0, abs=0.01)
     overconfident = np.tile([0.99, 0.01], (100, 1))
     assert expected_calibration_error(overconfident, y) == pytest.approx(0.49, abs=0.01)
+
+
+def _calibrated_predictions(confidence: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two-class probabilities that say ``confidence`` for class 0, and labels right that often."""
+    y = (np.random.default_rng(seed).random(len(confidence)) >= confidence).astype(int)
+    return np.stack([confidence, 1 - confidence], axis=1), y
+
+
+@pytest.mark.unit
+def test_calibrated_ece_range_holds_a_perfectly_calibrated_models_ece_95_times_in_100():
+    confidence = np.random.default_rng(0).uniform(0.55, 1.0, 800)
+    median, p95 = calibrated_ece_range(confidence)
+    measured = np.array([expected_calibration_error(*_calibrated_predictions(confidence, seed)) for seed in range(300)])
+    assert 0.01 < median < p95 < 0.05  # 800 rows: far from the 0 a perfect model has on infinite data
+    assert np.median(measured) == pytest.approx(median, rel=0.1)
+    assert 0.02 <= (measured > p95).mean() <= 0.09
+
+
+@pytest.mark.unit
+def test_calibrated_ece_range_narrows_as_the_test_set_grows():
+    confidence = np.random.default_rng(0).uniform(0.55, 1.0, 200)
+    _, small = calibrated_ece_range(confidence)
+    _, large = calibrated_ece_range(np.tile(confidence, 25))
+    assert large < small / 3
 
 
 @pytest.mark.unit
