@@ -3,12 +3,14 @@
 onnxruntime's u8s8 integer kernels multiply with VPMADDUBSW on AVX2 (and on AVX-512 without VNNI): each
 pair of adjacent u8 × s8 products is added into an int16 that saturates at ±32767, before the int32
 accumulation. VNNI's VPDPBUSD accumulates in int32 and never saturates. A machine has one kernel or the
-other, so this benchmark replays the shipped graph's quantised MatMuls in torch with the graph's own
-int8 weights, weight scales and calibrated activation scales:
+other, so this benchmark replays the shipped static (QDQ) graph in torch: its quantised MatMuls with
+the graph's own int8 weights, weight scales and calibrated activation scales, and every other tensor
+the graph quantises (the embedding tables and lookups, the LayerNorm outputs, the MatMul outputs):
 
-- **exact**: the integer products in int32, as VNNI computes them. Its labels are compared with
+- **exact**: the integer products summed in int32, as VNNI computes them. Its labels are compared with
   onnxruntime's on this machine: that is the check that the replay is the int8 model.
-- **saturating**: the same, with each adjacent pair of products clipped to int16 first, as AVX2 does.
+- **saturating**: the same, with each pair of products along the inner dimension (k, k + 1 for even k,
+  as the kernel packs them) clipped to int16 first, as AVX2 does.
 
 It prints the share of saturated pairs per kind of layer, and the labels, accuracy and macro-F1 of torch
 fp32, onnxruntime int8, the exact replay and the saturating replay, side by side. With ``--reduce-range``
