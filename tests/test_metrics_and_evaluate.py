@@ -75,7 +75,8 @@ def test_evaluate_writes_metrics_plots_and_predictions(tiny_trained_dir, prepare
     test_rows = len(pd.read_parquet(prepared_dir / "test.parquet"))
     assert saved["rows"] == test_rows == np.sum(saved["confusion_matrix"])
     for_dvc = json.loads(result.metrics_path.read_text())  # numbers only: DVC makes a column of every leaf
-    headline = ("rows", "accuracy", "macro_f1", "ece", "majority_baseline_accuracy", "ece_uncalibrated", "temperature")
+    headline = ("rows", "accuracy", "macro_f1", "ece", "majority_baseline_accuracy", "ece_uncalibrated", "temperature",
+                "ece_if_calibrated_p95")
     assert for_dvc == {**{k: saved[k] for k in headline},
                        "f1": {key: row["f1"] for key, row in saved["per_class"].items()}}
     confusion = pd.read_csv(result.confusion_csv)
