@@ -3,6 +3,7 @@ overload, batching, the prediction log and graceful shutdown."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -18,6 +19,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
 import yaml
 
@@ -395,27 +397,72 @@ def _accepts(url: str) -> bool:
     return True
 
 
-@pytest.mark.services
-def test_workers_share_the_port(compressed_dir: Path) -> None:
+def _start_two_workers(compressed_dir: Path) -> tuple[subprocess.Popen, str, Path]:
+    """A two-worker server in its own process group, its output in a file (an orphaned worker holding a pipe
+    would hang the reader)."""
     port = free_port()
+    output = compressed_dir.parent / f"two-workers-{port}.log"
     process = subprocess.Popen(
         [sys.executable, "-m", "langops.serving", "--model-dir", str(compressed_dir), "--port", str(port),
          "--workers", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "LANGOPS_SERVER_TOKEN": ""},
+        stdout=output.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "LANGOPS_SERVER_TOKEN": ""},
     )
-    url = f"http://127.0.0.1:{port}"
+    return process, f"http://127.0.0.1:{port}", output
+
+
+def _workers(process: subprocess.Popen) -> list[psutil.Process]:
+    """The uvicorn workers of ``process`` (multiprocessing children, not its resource tracker)."""
+    return [p for p in psutil.process_iter() if _in_group(p, process.pid) and p.pid != process.pid
+            and "spawn_main" in " ".join(p.cmdline())]
+
+
+def _in_group(process: psutil.Process, group: int) -> bool:
     try:
-        wait_until(lambda: _ready(url), what="the two-worker server")
+        return os.getpgid(process.pid) == group and process.status() != psutil.STATUS_ZOMBIE
+    except (psutil.Error, ProcessLookupError):
+        return False
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(10)
+
+
+@pytest.mark.services
+def test_workers_share_the_port(compressed_dir: Path) -> None:
+    process, url, output = _start_two_workers(compressed_dir)
+    try:
+        wait_until(lambda: _ready(url) or process.poll() is not None, what="the two-worker server")
+        assert process.poll() is None, output.read_text()
         with httpx.Client(base_url=url, timeout=30, trust_env=False) as client:
             answers = [client.post("/predict", json={"text": f"hello {i}"}) for i in range(6)]
-        assert all(a.status_code == 200 for a in answers)
+        assert all(a.status_code == 200 for a in answers), [(a.status_code, a.text[:300]) for a in answers]
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) in (0, -signal.SIGTERM)
     finally:
-        if process.poll() is None:
-            process.kill()
-        output = process.communicate()[0]
-    assert output.count("Application startup complete") == 2, output
+        _kill_group(process)
+    assert output.read_text().count("Application startup complete") == 2, output.read_text()
+
+
+@pytest.mark.services
+def test_workers_stop_when_their_supervisor_is_killed(compressed_dir: Path) -> None:
+    process, url, output = _start_two_workers(compressed_dir)
+    try:
+        wait_until(lambda: _ready(url) or process.poll() is not None, what="the two-worker server")
+        assert process.poll() is None, output.read_text()
+        workers = _workers(process)
+        assert len(workers) == 2, [w.cmdline() for w in workers]
+        process.kill()  # SIGKILL: the supervisor cannot pass anything on to its workers
+        process.wait(10)
+        gone, alive = psutil.wait_procs(workers, timeout=30)
+        assert not alive, f"orphaned workers still serve: {[w.pid for w in alive]}\n{output.read_text()}"
+        assert not _accepts(url)
+        assert output.read_text().count("this worker stops") == 2, output.read_text()
+    finally:
+        _kill_group(process)
 
 
 @pytest.mark.unit

@@ -889,7 +889,25 @@ def app_from_env() -> FastAPI:
     raw = os.environ.get(SETTINGS_ENV)
     if not raw:
         raise RuntimeError(f"{SETTINGS_ENV} is not set: start workers through langops.serving.server.serve")
+    _stop_when_orphaned()
     return create_app(ServerSettings.model_validate_json(raw))
+
+
+def _stop_when_orphaned(interval_s: float = 1.0) -> None:
+    """Stop this worker, as SIGTERM does (requests in flight finish), once the process that started it is
+    gone. A supervisor killed with SIGKILL (or by the OOM killer) cannot stop its workers, and they would
+    go on serving, orphaned, holding the port against the next server."""
+    import signal
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval_s)
+        logger.warning("the server's supervisor (pid %d) is gone: this worker stops", parent)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="langops-orphan-watch", daemon=True).start()
 
 
 def _parse_predict_request(raw: bytes) -> PredictRequest:
