@@ -181,11 +181,10 @@ class ReplayedLinear(torch.nn.Module):
         return y.reshape(*shape[:-1], -1).to(x.dtype)
 
 
-def replay(trained_dir: Path, onnx_path: Path, texts: list[str], max_length: int, *, saturate: bool
+def replay(trained_dir: Path, graph: QdqGraph, texts: list[str], max_length: int, *, saturate: bool
            ) -> tuple[np.ndarray, dict[str, list[int]]]:
     """Logits of the int8 graph replayed in torch, and per kind of layer [saturated pairs, all pairs]."""
     model, tokenizer = load_trained_classifier(trained_dir / "model")
-    graph = read_qdq_graph(onnx_path)
     counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     with torch.no_grad():
         params = dict(model.named_parameters())
@@ -253,9 +252,10 @@ def main() -> int:
         torch_fp32 = predict_logits(model, tokenizer, texts, max_length=max_length)
         logits = {"torch fp32": torch_fp32, "onnxruntime int8 (this CPU)": onnxruntime_int8}
         started = time.perf_counter()
-        exact, _ = replay(trained_dir, static.out_dir / "model.onnx", texts, max_length, saturate=False)
+        graph = read_qdq_graph(static.out_dir / "model.onnx")
+        exact, _ = replay(trained_dir, graph, texts, max_length, saturate=False)
         logits["replay, int32 pairs (VNNI)"] = exact
-        saturating, counts = replay(trained_dir, static.out_dir / "model.onnx", texts, max_length, saturate=True)
+        saturating, counts = replay(trained_dir, graph, texts, max_length, saturate=True)
         logits["replay, int16 pairs (AVX2)"] = saturating
         replay_seconds = time.perf_counter() - started
         if args.reduce_range:

@@ -27,7 +27,8 @@ def static_int8(request, tmp_path_factory, tiny_trained_dir):
 @pytest.mark.model
 def test_the_exact_replay_answers_as_the_onnxruntime_int8_graph(static_int8, tiny_trained_dir) -> None:
     onnxruntime_logits = OnnxClassifier.load(static_int8).predict_logits(TEXTS, batch_size=1)
-    replayed, counts = replay(tiny_trained_dir, static_int8 / MODEL_FILE, TEXTS, MAX_LENGTH, saturate=False)
+    replayed, counts = replay(tiny_trained_dir, read_qdq_graph(static_int8 / MODEL_FILE), TEXTS, MAX_LENGTH,
+                              saturate=False)
     np.testing.assert_allclose(replayed, onnxruntime_logits, atol=0.05)
     assert (replayed.argmax(1) == onnxruntime_logits.argmax(1)).all()
     assert {"attention.self.query", "intermediate.dense"} <= counts.keys()
@@ -35,9 +36,10 @@ def test_the_exact_replay_answers_as_the_onnxruntime_int8_graph(static_int8, tin
 
 @pytest.mark.model
 def test_saturation_changes_nothing_when_no_pair_can_reach_int16s_limit(static_int8, tiny_trained_dir) -> None:
-    largest_weight = max(np.abs(q.weight).max() for q in read_qdq_graph(static_int8 / MODEL_FILE).matmuls)
-    exact, _ = replay(tiny_trained_dir, static_int8 / MODEL_FILE, TEXTS, MAX_LENGTH, saturate=False)
-    saturating, counts = replay(tiny_trained_dir, static_int8 / MODEL_FILE, TEXTS, MAX_LENGTH, saturate=True)
+    graph = read_qdq_graph(static_int8 / MODEL_FILE)
+    largest_weight = max(np.abs(q.weight).max() for q in graph.matmuls)
+    exact, _ = replay(tiny_trained_dir, graph, TEXTS, MAX_LENGTH, saturate=False)
+    saturating, counts = replay(tiny_trained_dir, graph, TEXTS, MAX_LENGTH, saturate=True)
     saturated = sum(pairs for pairs, _ in counts.values())
     if 2 * 255 * largest_weight <= INT16_MAX:  # 7-bit weights
         assert saturated == 0

@@ -397,18 +397,29 @@ def _accepts(url: str) -> bool:
     return True
 
 
-def _start_two_workers(compressed_dir: Path) -> tuple[subprocess.Popen, str, Path]:
-    """A two-worker server in its own process group, its output in a file (an orphaned worker holding a pipe
-    would hang the reader)."""
+@contextlib.contextmanager
+def _two_workers(compressed_dir: Path) -> Iterator[tuple[subprocess.Popen, str, Path]]:
+    """A ready two-worker server in its own process group, its output in a file (an orphaned worker
+    holding a pipe would hang the reader); the whole group is killed on the way out."""
     port = free_port()
     output = compressed_dir.parent / f"two-workers-{port}.log"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "langops.serving", "--model-dir", str(compressed_dir), "--port", str(port),
-         "--workers", "2"],
-        stdout=output.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "LANGOPS_SERVER_TOKEN": ""},
-    )
-    return process, f"http://127.0.0.1:{port}", output
+    with output.open("w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "langops.serving", "--model-dir", str(compressed_dir), "--port", str(port),
+             "--workers", "2"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "LANGOPS_SERVER_TOKEN": ""},
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _ready(url) or process.poll() is not None, what="the two-worker server")
+        assert process.poll() is None, output.read_text()
+        yield process, url, output
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(10)
 
 
 def _workers(process: subprocess.Popen) -> list[psutil.Process]:
@@ -424,45 +435,28 @@ def _in_group(process: psutil.Process, group: int) -> bool:
         return False
 
 
-def _kill_group(process: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(10)
-
-
 @pytest.mark.services
 def test_workers_share_the_port(compressed_dir: Path) -> None:
-    process, url, output = _start_two_workers(compressed_dir)
-    try:
-        wait_until(lambda: _ready(url) or process.poll() is not None, what="the two-worker server")
-        assert process.poll() is None, output.read_text()
+    with _two_workers(compressed_dir) as (process, url, output):
         with httpx.Client(base_url=url, timeout=30, trust_env=False) as client:
             answers = [client.post("/predict", json={"text": f"hello {i}"}) for i in range(6)]
         assert all(a.status_code == 200 for a in answers), [(a.status_code, a.text[:300]) for a in answers]
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) in (0, -signal.SIGTERM)
-    finally:
-        _kill_group(process)
     assert output.read_text().count("Application startup complete") == 2, output.read_text()
 
 
 @pytest.mark.services
 def test_workers_stop_when_their_supervisor_is_killed(compressed_dir: Path) -> None:
-    process, url, output = _start_two_workers(compressed_dir)
-    try:
-        wait_until(lambda: _ready(url) or process.poll() is not None, what="the two-worker server")
-        assert process.poll() is None, output.read_text()
+    with _two_workers(compressed_dir) as (process, url, output):
         workers = _workers(process)
         assert len(workers) == 2, [w.cmdline() for w in workers]
         process.kill()  # SIGKILL: the supervisor cannot pass anything on to its workers
         process.wait(10)
-        gone, alive = psutil.wait_procs(workers, timeout=30)
+        _, alive = psutil.wait_procs(workers, timeout=30)
         assert not alive, f"orphaned workers still serve: {[w.pid for w in alive]}\n{output.read_text()}"
         assert not _accepts(url)
         assert output.read_text().count("this worker stops") == 2, output.read_text()
-    finally:
-        _kill_group(process)
 
 
 @pytest.mark.unit
