@@ -39,6 +39,7 @@ class PathsConfig(_Section):
     """Outputs of each step; ``dvc.yaml`` interpolates these so the paths are written once."""
 
     prepared: Path = Path("data/prepared")
+    prepare_report: Path = Path("reports/prepare")  # split_changes.json: what a new data version moved
     validation: Path = Path("reports/validation")
     trained: Path = Path("models/trained")
     checkpoints: Path = Path("models/checkpoints")
@@ -124,10 +125,18 @@ class DataConfig(_Section):
 
 
 class PrepareConfig(_Section):
-    """How prepare splits and cleans. It never makes a leak: every copy of a text lands in one split."""
+    """How prepare splits and cleans. It never makes a leak: every copy of a text lands in one split.
+
+    A text's split comes from a hash of the text and ``split_seed`` alone (``langops.text_hashes``), so a
+    dataset that grows keeps every old text in its split.
+    """
 
     validation_size: float = Field(0.15, gt=0, lt=0.5)
     test_size: float = Field(0.15, gt=0, lt=0.5)
+    split_seed: int = Field(
+        0, description="salts the hash that deals texts to splits; changing it deals every text anew, so the "
+        "test split then holds texts an earlier model trained on (the gate removes those rows)",
+    )
     lowercase: bool = False
     deduplicate: bool = Field(
         False, description="true: keep one copy of each normalised text; false: keep every copy, all in one split"
@@ -158,8 +167,9 @@ DEFAULT_SEVERITY: dict[str, str] = {
     "label_form": "error",
     "label_variants": "warn",
     "label_conflicts": "error",
-    "class_min_rows": "error",
-    "class_in_every_split": "error",
+    "class_min_rows": "warn",
+    "class_in_every_split": "warn",
+    "class_usable": "error",
     "duplicate_rate": "warn",
     "no_train_leak": "error",
     "no_validation_leak": "error",
@@ -358,6 +368,14 @@ class PromoteConfig(_Section):
     )
     max_size_mb: float = Field(200.0, gt=0)
     slices: SliceConfig = SliceConfig()
+    min_compared_rows: int = Field(
+        100, ge=1, description="test rows neither model trained on that a comparison with the champion needs; "
+        "fewer: the gate refuses to judge and says why",
+    )
+    min_class_rows: int = Field(
+        50, ge=1, description="a class's recall guard is gated only on at least this many of its compared rows; "
+        "below, it is reported",
+    )
     require_approval: bool = Field(False, description="a person approves a passing challenger before it ships")
     approval_timeout_s: int = Field(3600, ge=10)
     shadow_evidence: bool = Field(

@@ -438,6 +438,9 @@ def generate_demo_dataset(
 ) -> pd.DataFrame:
     """Generate ``n_rows`` support tickets over ``labels``, the same frame for the same seed.
 
+    Tickets are written one after another, each from the ones before it only, so a larger ``n_rows`` gives
+    the smaller frame followed by new rows: raising ``data.demo_rows`` grows the demo as a team's data grows.
+
     Args:
         labels: classes to generate, any subset of ``DEMO_LABELS``.
         n_rows: number of tickets; every class gets at least one.
@@ -461,16 +464,20 @@ def generate_demo_dataset(
         )
     if n_rows < len(labels):
         raise ValueError(f"n_rows={n_rows} is smaller than the number of labels ({len(labels)})")
-    rng = random.Random(seed)
     weights = DRIFTED_CLASS_WEIGHTS if drift == "class_mix" else CLASS_WEIGHTS
-    true_labels = allocate_labels(labels, n_rows, rng, weights=weights)
+    # Separate streams: the classes and their label noise do not depend on how a drift writes the texts.
+    true_labels = draw_labels(labels, n_rows, random.Random(f"{seed}-labels"), weights=weights)
+    flip_rng = random.Random(f"{seed}-label-noise")
+    observed = [flip_label(label, labels, flip_rng) for label in true_labels]
+    rng = random.Random(seed)
     seen: set[str] = set()
     if drift == "new_vocabulary":
-        texts = [write_unique_ticket(label, rng, seen, vocabulary=NEW_SLOT_VALUES) for label in true_labels]
-        texts = [f"{text} {rng.choice(NEW_FILLERS)}" if rng.random() < NEW_FILLER_RATE else text for text in texts]
+        texts = []
+        for label in true_labels:
+            text = write_unique_ticket(label, rng, seen, vocabulary=NEW_SLOT_VALUES)
+            texts.append(f"{text} {rng.choice(NEW_FILLERS)}" if rng.random() < NEW_FILLER_RATE else text)
     else:
         texts = [write_unique_ticket(label, rng, seen) for label in true_labels]
-    observed = [flip_label(label, labels, rng) for label in true_labels]
     if drift == "new_topic":
         drift_rng = random.Random(f"{seed}-new_topic")
         for i in sorted(drift_rng.sample(range(n_rows), round(NEW_TOPIC_SHARE * n_rows))):
@@ -497,19 +504,15 @@ def write_new_topic_ticket(rng: random.Random, seen: set[str]) -> str:
     return text
 
 
-def allocate_labels(
+def draw_labels(
     labels: Sequence[str], n_rows: int, rng: random.Random, *, weights: Mapping[str, float] = CLASS_WEIGHTS
 ) -> list[str]:
-    """Exact class counts from ``weights`` (largest remainder), shuffled: no class is lost by chance."""
+    """Each class once, in random order, then classes drawn by ``weights``: no class is lost by chance, and
+    the first rows never depend on how many follow."""
+    first = list(labels)
+    rng.shuffle(first)
     chosen = [weights[label] for label in labels]
-    shares = [w / sum(chosen) * n_rows for w in chosen]
-    counts = [max(1, int(share)) for share in shares]
-    by_remainder = sorted(range(len(labels)), key=lambda i: shares[i] - int(shares[i]), reverse=True)
-    for i in by_remainder[: n_rows - sum(counts)]:
-        counts[i] += 1
-    allocated = [label for label, count in zip(labels, counts, strict=True) for _ in range(count)]
-    rng.shuffle(allocated)
-    return allocated
+    return first[:n_rows] + rng.choices(list(labels), weights=chosen, k=max(0, n_rows - len(first)))
 
 
 def flip_label(label: str, labels: Sequence[str], rng: random.Random) -> str:

@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from langops import tracking
 from langops.aliases import CHAMPION
 from langops.config import Params
@@ -30,6 +32,7 @@ from langops.tasks.distill import DistillResult, distill
 from langops.tasks.evaluate import EvaluationResult, evaluate
 from langops.tasks.prepare import PrepareResult, prepare
 from langops.tasks.promote import (
+    ComparedRows,
     Decision,
     ModelEvidence,
     ShadowEvidence,
@@ -49,7 +52,8 @@ NO_APPROVER = "nobody"
 
 
 def run_prepare(params: Params) -> PrepareResult:
-    result = prepare(params.data, params.prepare, seed=params.project.seed, out_dir=params.paths.prepared)
+    result = prepare(params.data, params.prepare, seed=params.project.seed, out_dir=params.paths.prepared,
+                     report_dir=params.paths.prepare_report)
     log.info("prepared %s rows into %s (data version %s)", result.rows, result.out_dir, result.data_version)
     for note in result.notes:
         log.info("prepare: %s", note)
@@ -59,7 +63,8 @@ def run_prepare(params: Params) -> PrepareResult:
 def run_validate(params: Params, prepared: PrepareResult) -> ValidationResult:
     """Run the expectation suite, then compare the data with the champion's; raises ``DataValidationError``
     (with the report written) on bad data, or on drift from the champion's data when params say so."""
-    result = validate(params.data, params.validate, prepared_dir=prepared.out_dir, report_dir=params.paths.validation)
+    result = validate(params.data, params.validate, prepared_dir=prepared.out_dir, report_dir=params.paths.validation,
+                      prepare_notes=prepared.notes)
     for warning in result.warnings:
         log.warning("validate: %s", warning)
     if result.warnings:
@@ -288,12 +293,35 @@ def decide_promotion(
         texts=read_split(prepared.out_dir, "test")["text"].head(32).tolist(),
     )
     challenger = replace(challenger, servable=servable.ok, servable_detail=servable.detail)
-    champion = None
+    champion = compared = None
     if champion_version is not None:
         champion_dir = _registered_model_dir(params, champion_version)
         champion = shipped_model_evidence(prepared, champion_dir, champion_version, compare_with=challenger.labels)
+        compared = compared_rows(prepared, {f"champion version {champion_version}": champion_dir,
+                                            f"challenger version {registered.version}": compressed.out_dir})
     shadow = shadow_evidence(params, challenger.version, champion_version) if params.promote.shadow_evidence else None
-    return decide(challenger, champion, params.promote, force_reason=force_reason, shadow=shadow)
+    return decide(challenger, champion, params.promote, compared=compared, force_reason=force_reason, shadow=shadow)
+
+
+def compared_rows(prepared: PrepareResult, model_dirs: dict[str, Path]) -> ComparedRows:
+    """The test rows that none of the models (name -> shipped folder) trained or was selected on, by their
+    training manifests; a model shipped before manifests is named, and nothing is removed for it."""
+    from langops.text_hashes import MANIFEST_FILE, TextManifest, text_hashes
+
+    hashes = text_hashes(read_split(prepared.out_dir, "test")["text"].astype(str))
+    keep = np.ones(len(hashes), dtype=bool)
+    removed: dict[str, int] = {}
+    without: list[str] = []
+    for name, model_dir in model_dirs.items():
+        try:
+            manifest = TextManifest.load(Path(model_dir) / MANIFEST_FILE)
+        except FileNotFoundError:
+            without.append(name.rpartition(" ")[2])
+            continue
+        for split, seen in manifest.seen(hashes).items():
+            removed[f"{name}'s {split} split"] = int((seen & keep).sum())
+            keep &= ~seen
+    return ComparedRows(keep=tuple(bool(k) for k in keep), removed=removed, without_manifest=tuple(without))
 
 
 def shadow_evidence(params: Params, version: str | None, champion_version: str | None) -> ShadowEvidence | None:
@@ -406,7 +434,7 @@ def run_deploy(params: Params):
 
 
 def load_prepared(params: Params) -> PrepareResult:
-    return PrepareResult.load(params.paths.prepared)
+    return PrepareResult.load(params.paths.prepared, params.paths.prepare_report)
 
 
 def load_validated(params: Params) -> ValidationResult:

@@ -31,7 +31,7 @@ from types import ModuleType
 from typing import Any, Literal
 
 from langops.config import Params
-from langops.tasks import compress, evaluate, register, validate
+from langops.tasks import compress, evaluate, prepare, register, validate
 
 RAW_DATA = "data/raw"  # where dvc.yaml looks for the dataset (data.source may name files anywhere)
 
@@ -123,7 +123,9 @@ def _call_step(current: Stage, params: Params, **results: Any) -> Any:
     return _step_function(current)(section, **results, out_dir=getattr(params.paths, current.outs[0].folder))
 
 
-PREPARED = Output("prepared")
+# Kept in place while `dvc repro` runs prepare, which compares the new version's splits with it.
+PREPARED = Output("prepared", persist=True)
+SPLIT_CHANGES = Output("prepare_report", prepare.SPLIT_CHANGES_FILE, kind="metrics", cache=False)
 VALIDATION_REPORT = Output("validation", validate.REPORT_FILE, cache=False)
 VALIDATION_SUMMARY = Output("validation", validate.SUMMARY_FILE, kind="metrics", cache=False)
 TRAINED = Output("trained")
@@ -149,7 +151,7 @@ STAGES: tuple[Stage, ...] = (
         "prepare", adapter_name="run_prepare",
         params=("project.seed", "data", "prepare"),
         deps=(RAW_DATA,),
-        outs=(PREPARED,),
+        outs=(PREPARED, SPLIT_CHANGES),
         code=("langops.tasks.prepare", "langops.demo_data"),
         result="prepared", loader_name="load_prepared",
         cached=True, retried=True,

@@ -36,6 +36,8 @@ from langops.io import (
     write_labels,
 )
 from langops.metrics import classification_metrics, metrics_for_dvc, softmax
+from langops.model_files import file_sha256
+from langops.text_hashes import MANIFEST_FILE, MANIFEST_SPLITS, TextManifest
 from langops.onnx_model import (
     EMBEDDING_DIM,
     EMBEDDING_OUTPUT,
@@ -88,6 +90,7 @@ class CompressionResult:
     sizes_mb: dict[str, float]
     latency_ms: dict[str, float]
     metrics: dict[str, Any]
+    training_texts: dict[str, Any] | None = None  # the manifest's file, counts per split and sha256
 
     @property
     def shipped(self) -> str:
@@ -106,6 +109,7 @@ class CompressionResult:
             sizes_mb=summary["sizes_mb"],
             latency_ms=summary["latency_ms"],
             metrics=summary["metrics"],
+            training_texts=summary.get("training_texts"),
         )
 
 
@@ -187,6 +191,7 @@ def compress(
         if cfg.quantize:
             latency |= measure_latency(shipped, texts, runs=cfg.latency_runs, prefix="int8_")
         reference_rows = write_reference(staging / REFERENCE_FILE, shipped, texts, [labels[i] for i in y_true])
+        manifest = write_training_manifest(staging / MANIFEST_FILE, prepared_dir)
         sizes = {"torch": weights_size_mb(model_dir), "fp32_onnx": file_size_mb(staging / FP32_MODEL_FILE)}
         if cfg.quantize:
             sizes["int8_onnx"] = file_size_mb(staging / MODEL_FILE)
@@ -206,6 +211,8 @@ def compress(
                 "metrics": metrics,
                 "reference": {"file": REFERENCE_FILE, "rows": reference_rows, "split": "test",
                               "size_mb": file_size_mb(staging / REFERENCE_FILE)},
+                "training_texts": {"file": MANIFEST_FILE, "texts": manifest.counts,
+                                   "sha256": file_sha256(staging / MANIFEST_FILE)},
             },
         )
         swap_in(staging, out_dir)
@@ -226,6 +233,16 @@ def check_label_map(id2label: dict[int, str], labels: Sequence[str]) -> None:
     model_labels = [id2label[i] for i in range(len(id2label))]
     if model_labels != list(labels):
         raise ValueError(f"model config labels {model_labels} differ from labels.json {list(labels)}")
+
+
+def write_training_manifest(path: Path, prepared_dir: Path) -> TextManifest:
+    """The hashed texts of the train and validation splits, shipped beside the model: what it learned from
+    and was selected on, for the gate to leave out of any later comparison (``langops.text_hashes``)."""
+    manifest = TextManifest.from_texts(
+        {split: read_split(prepared_dir, split)["text"].dropna().astype(str) for split in MANIFEST_SPLITS}
+    )
+    manifest.save(path)
+    return manifest
 
 
 def write_reference(path: Path, classifier: OnnxClassifier, texts: Sequence[str], true_labels: Sequence[str]) -> int:

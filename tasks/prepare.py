@@ -50,10 +50,12 @@ from langops.io import (
     write_labels,
 )
 from langops.lineage import dvc_dir_md5, file_md5
+from langops.text_hashes import split_by_hash, text_hashes
 
 log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "summary.json"
+SPLIT_CHANGES_FILE = "split_changes.json"  # in the report folder: what the last new data version moved
 SOURCE_ROW = "source_row"  # "<file>:<line>" of the record each prepared row came from
 SPLIT = "split"
 FORMATS = {
@@ -67,7 +69,6 @@ FORMATS = {
 MAX_EXAMPLES = 5
 MAX_EXAMPLE_CHARS = 80
 HEAD_BYTES = 256 * 1024  # what check_source reads of each file
-NULL_STRATUM = "\0null"
 
 
 class PrepareError(ValueError):
@@ -91,8 +92,8 @@ class PrepareResult:
     notes: tuple[str, ...] = ()
 
     @classmethod
-    def load(cls, out_dir: Path) -> PrepareResult:
-        """The result as the step left it in ``out_dir`` (for a later stage run on its own).
+    def load(cls, out_dir: Path, report_dir: Path | None = None) -> PrepareResult:
+        """The result as the step left it in ``out_dir`` and ``report_dir`` (for a later stage run on its own).
 
         A prepared folder made by other means than this step (the splits and the labels, no summary) loads
         too, with its row counts read from the splits and nothing to say about what prepare did.
@@ -110,18 +111,28 @@ class PrepareResult:
             rows = {name: len(pd.read_parquet(split_path(out_dir, name))) for name in SPLITS
                     if split_path(out_dir, name).is_file()}
             notes = ()
-        return cls(out_dir=out_dir, rows=rows, labels=tuple(read_labels(out_dir)),
-                   data_version=dvc_dir_md5(out_dir), notes=notes)
+        data_version = dvc_dir_md5(out_dir)
+        changes_file = Path(report_dir) / SPLIT_CHANGES_FILE if report_dir is not None else None
+        if changes_file is not None and changes_file.is_file():
+            changes = read_json(changes_file)
+            if changes.get("data_version") == data_version:  # else it describes another version
+                notes = (*notes, describe_split_changes(changes))
+        return cls(out_dir=out_dir, rows=rows, labels=tuple(read_labels(out_dir)), data_version=data_version, notes=notes)
 
 
-def prepare(data: DataConfig, cfg: PrepareConfig, *, seed: int, out_dir: Path) -> PrepareResult:
+def prepare(
+    data: DataConfig, cfg: PrepareConfig, *, seed: int, out_dir: Path, report_dir: Path | None = None
+) -> PrepareResult:
     """Read, normalise, settle repeats and conflicts, and split; then replace ``out_dir`` in one swap.
 
     Args:
         data: where the data is (one file, split files, a folder, or the demo) and its columns and labels.
-        cfg: split sizes, normalisation and the policies for repeats, label conflicts and split overlap.
-        seed: drives the demo generator and the split, so the same inputs give byte-identical outputs.
+        cfg: split sizes and seed, normalisation and the policies for repeats, label conflicts and overlap.
+        seed: drives the demo generator, so the same inputs give byte-identical outputs.
         out_dir: receives ``{train,validation,test}.parquet``, ``labels.json`` and ``summary.json``.
+        report_dir: receives ``split_changes.json``: how many texts kept, joined, left or changed their split
+            since the data version ``out_dir`` held before (kept out of ``out_dir``, so the data version
+            depends on the data alone).
 
     Returns:
         Row counts per split, the label set, ``data_version`` (DVC's md5 of ``out_dir``) and one line per
@@ -144,7 +155,7 @@ def prepare(data: DataConfig, cfg: PrepareConfig, *, seed: int, out_dir: Path) -
         origin["extra_sources"] = extra_found
     given = {name: normalise_frame(frame, lowercase=cfg.lowercase) for name, frame in given.items()}
     if extra is not None:
-        given = add_extra_rows(given, normalise_frame(extra, lowercase=cfg.lowercase), cfg, seed=seed)
+        given = add_extra_rows(given, normalise_frame(extra, lowercase=cfg.lowercase), cfg)
     label_whitespace = _merge_counts(frame.attrs.get("label_whitespace", {}) for frame in given.values())
 
     conflicts: dict[str, Any] = {"policy": cfg.label_conflicts, "texts": 0, "rows_dropped": 0, "examples": []}
@@ -156,14 +167,16 @@ def prepare(data: DataConfig, cfg: PrepareConfig, *, seed: int, out_dir: Path) -
             given[name], dropped = drop_duplicate_texts(given[name])
             duplicates_dropped += dropped
     overlap = split_overlap(given, drop=cfg.split_overlap == "drop")
-    splits, carved = carve_missing_splits(given, cfg, seed=seed)
+    splits, carved = carve_missing_splits(given, cfg)
 
     labels = tuple(data.labels) if data.labels is not None else infer_labels(splits.values())
     summary = {
         **origin,
         "splits_given": sorted((set(given) - {"all"}), key=SPLITS.index),
         "carved": carved,
-        "seed": seed,
+        "split": {"method": "text_hash", "seed": cfg.split_seed, "validation_size": cfg.validation_size,
+                  "test_size": cfg.test_size},
+        **({"seed": seed} if data.is_demo else {}),
         "lowercase": cfg.lowercase,
         "duplicates_dropped": duplicates_dropped,
         "repeated_texts": repeated_text_counts(splits),
@@ -173,13 +186,19 @@ def prepare(data: DataConfig, cfg: PrepareConfig, *, seed: int, out_dir: Path) -
         "rows": {name: len(split) for name, split in splits.items()},
         "class_counts": {name: count_labels(split) for name, split in splits.items()},
     }
-    write_outputs(Path(out_dir), splits, labels, summary)
+    out_dir = Path(out_dir)
+    previous = PreparedTexts.read(out_dir)
+    write_outputs(out_dir, splits, labels, summary)
+    data_version = dvc_dir_md5(out_dir)
+    changes = None
+    if report_dir is not None:
+        changes = record_split_changes(previous, PreparedTexts.read(out_dir), Path(report_dir) / SPLIT_CHANGES_FILE)
     return PrepareResult(
-        out_dir=Path(out_dir),
+        out_dir=out_dir,
         rows=summary["rows"],
         labels=labels,
-        data_version=dvc_dir_md5(Path(out_dir)),
-        notes=tuple(describe_changes(summary)),
+        data_version=data_version,
+        notes=(*describe_changes(summary), *([describe_split_changes(changes)] if changes else [])),
     )
 
 
@@ -226,9 +245,7 @@ def read_extra_sources(data: DataConfig) -> tuple[pd.DataFrame | None, dict[str,
     return (pd.concat(frames, ignore_index=True) if frames else None), found
 
 
-def add_extra_rows(
-    given: dict[str, pd.DataFrame], extra: pd.DataFrame, cfg: PrepareConfig, *, seed: int
-) -> dict[str, pd.DataFrame]:
+def add_extra_rows(given: dict[str, pd.DataFrame], extra: pd.DataFrame, cfg: PrepareConfig) -> dict[str, pd.DataFrame]:
     """Add the extra sources' rows to the splits without a leak: a text the given splits already hold joins
     that split; the rest are split like one file (``prepare.validation_size``/``test_size``). One file to
     split just grows; a split that will be carved from train gets its share through train."""
@@ -239,8 +256,8 @@ def add_extra_rows(
     placed = extra[TEXT].map(home)
     for name in given:
         grown[name] = pd.concat([grown[name], extra[placed == name]], ignore_index=True)
-    parts = split_grouped(extra[placed.isna()].reset_index(drop=True),
-                          {"validation": cfg.validation_size, "test": cfg.test_size}, seed=seed)
+    parts = split_by_text(extra[placed.isna()].reset_index(drop=True),
+                          {"validation": cfg.validation_size, "test": cfg.test_size}, seed=cfg.split_seed)
     for name, part in parts.items():
         target = name if name in grown else "train"
         grown[target] = pd.concat([grown[target], part], ignore_index=True)
@@ -664,65 +681,33 @@ def split_overlap(given: dict[str, pd.DataFrame], *, drop: bool) -> dict[str, An
 
 
 def carve_missing_splits(
-    given: dict[str, pd.DataFrame], cfg: PrepareConfig, *, seed: int
+    given: dict[str, pd.DataFrame], cfg: PrepareConfig
 ) -> tuple[dict[str, pd.DataFrame], dict[str, str]]:
     """The three splits: the user's where given, the rest carved from train (or from the one file)."""
     if "all" in given:
-        parts = split_grouped(given["all"], {"validation": cfg.validation_size, "test": cfg.test_size}, seed=seed)
+        parts = split_by_text(given["all"], {"validation": cfg.validation_size, "test": cfg.test_size}, seed=cfg.split_seed)
         return parts, {"validation": "source", "test": "source"}
     missing = {name: getattr(cfg, f"{name}_size") for name in ("validation", "test") if name not in given}
     splits = dict(given)
     carved: dict[str, str] = {}
     if missing:
-        parts = split_grouped(given["train"], missing, seed=seed)
+        parts = split_by_text(given["train"], missing, seed=cfg.split_seed)
         splits.update(parts)
         carved = dict.fromkeys(missing, "train")
     return {name: splits[name].reset_index(drop=True) for name in SPLITS}, carved
 
 
-def split_grouped(frame: pd.DataFrame, fractions: dict[str, float], *, seed: int) -> dict[str, pd.DataFrame]:
-    """Split ``frame`` into train and the splits in ``fractions``, keeping every copy of a text together.
+def split_by_text(frame: pd.DataFrame, fractions: dict[str, float], *, seed: int) -> dict[str, pd.DataFrame]:
+    """Split ``frame`` into train and the splits in ``fractions`` by a hash of each text (``split_by_hash``).
 
-    Texts (groups of identical rows) are stratified by label: each label's texts are shuffled with ``seed``
-    and dealt out by the fractions, rounding half up. A label with three or more texts gets at least one
-    in every split; with two, one in train and one in the last split named; with one, train only (validate
-    then names the class). Null and blank texts are groups of one. Rows keep their source order within a
-    split.
+    A row's split depends on its text and ``seed`` only, never on the other rows: a grown dataset keeps
+    every old text where it was, every copy of a text lands in one split, and a relabelled text does not
+    move. Null and blank texts stay in train, where validate reports them. Rows keep their source order.
     """
-    names = list(fractions)
-    row_keys = pd.Series([f"\0row{i}" for i in range(len(frame))], index=frame.index)
-    keys = frame[TEXT].astype(object).where(has_text(frame), row_keys)
-    strata = frame[LABEL].astype(object).where(frame[LABEL].notna(), NULL_STRATUM)
-    pairs = pd.DataFrame({"key": keys, "stratum": strata})
-    sizes = pairs.groupby(["key", "stratum"]).size().reset_index(name="n")
-    group_label = sizes.sort_values(["key", "n", "stratum"], ascending=[True, False, True]).drop_duplicates("key")
-    rng = np.random.default_rng(seed)
-    assignment: dict[str, str] = {}
-    for _, group in group_label.groupby("stratum", sort=True):
-        shuffled = list(rng.permutation(sorted(group["key"])))
-        counts = _deal(len(shuffled), [fractions[n] for n in names])
-        start = 0
-        for name, count in zip(names, counts, strict=True):
-            assignment.update(dict.fromkeys(shuffled[start : start + count], name))
-            start += count
-        assignment.update(dict.fromkeys(shuffled[start:], "train"))
-    split_of = keys.map(assignment)
-    return {name: frame[split_of == name].reset_index(drop=True) for name in ["train", *names]}
-
-
-def _deal(n: int, fractions: list[float]) -> list[int]:
-    """How many of ``n`` texts go to each non-train split: rounded half up, one each when ``n`` allows."""
-    counts = [int(n * f + 0.5) for f in fractions]
-    if n >= len(fractions) + 1:
-        counts = [max(c, 1) for c in counts]
-    elif n > 1:
-        counts = [0] * (len(fractions) - 1) + [1]
-    else:
-        counts = [0] * len(fractions)
-    while n - sum(counts) < 1 and any(counts):
-        largest = max(range(len(counts)), key=lambda i: counts[i])
-        counts[largest] -= 1
-    return counts
+    texted = has_text(frame)
+    split_of = pd.Series("train", index=frame.index, dtype=object)
+    split_of[texted] = split_by_hash(frame.loc[texted, TEXT].tolist(), fractions, seed=seed)
+    return {name: frame[split_of == name].reset_index(drop=True) for name in ["train", *fractions]}
 
 
 # ----------------------------------------------------------------------------------------- reporting
@@ -805,6 +790,108 @@ def _merge_counts(counts: Iterable[dict[str, int]]) -> dict[str, int]:
 
 def _shorten(text: str) -> str:
     return text if len(text) <= MAX_EXAMPLE_CHARS else text[:MAX_EXAMPLE_CHARS] + "..."
+
+
+# ------------------------------------------------------------------------------------ split changes
+
+
+@dataclass(frozen=True)
+class PreparedTexts:
+    """Each text of a prepared data version, by its hash (``langops.text_hashes``): its split and label,
+    and whether that split is one the user gave; with how the version was split."""
+
+    data_version: str
+    texts: pd.DataFrame  # hash, text, split, label, given
+    split: dict[str, Any]  # summary["split"]: method, seed, sizes ({} for versions older than hashed splits)
+
+    @classmethod
+    def read(cls, prepared_dir: Path) -> PreparedTexts | None:
+        """None when ``prepared_dir`` holds no complete prepared dataset."""
+        prepared_dir = Path(prepared_dir)
+        if not all(split_path(prepared_dir, name).is_file() for name in SPLITS):
+            return None
+        summary = read_json(prepared_dir / SUMMARY_FILE) if (prepared_dir / SUMMARY_FILE).is_file() else {}
+        given = set(summary.get("splits_given", []))
+        frames = []
+        for name in SPLITS:
+            split = pd.read_parquet(split_path(prepared_dir, name), columns=[TEXT, LABEL])
+            split = split[has_text(split)]
+            frames.append(split.assign(split=name, given=name in given))
+        texts = pd.concat(frames, ignore_index=True)
+        texts.insert(0, "hash", text_hashes(texts[TEXT]))
+        return cls(data_version=dvc_dir_md5(prepared_dir), texts=texts.drop_duplicates("hash").reset_index(drop=True),
+                   split=summary.get("split", {}))
+
+
+def compare_splits(previous: PreparedTexts | None, current: PreparedTexts) -> dict[str, Any]:
+    """How many texts kept, joined, left or changed their split from ``previous`` to ``current``, and why
+    each change happened; a relabelled text is counted apart (it keeps its split)."""
+    if previous is None:
+        return {"previous_data_version": None, "data_version": current.data_version,
+                "texts": {"before": 0, "after": len(current.texts), "joined": len(current.texts)}}
+    merged = previous.texts.merge(current.texts, on="hash", how="outer", suffixes=("_before", "_after"), indicator=True)
+    both = merged[merged["_merge"] == "both"]
+    joined = merged[merged["_merge"] == "right_only"]
+    moved = both[both["split_before"] != both["split_after"]]
+    relabelled = both[both["label_before"] != both["label_after"]]
+    reasons = moved.apply(lambda row: _why_moved(row, previous.split, current.split), axis=1) if len(moved) else pd.Series(dtype=object)
+    return {
+        "previous_data_version": previous.data_version,
+        "data_version": current.data_version,
+        "texts": {"before": len(previous.texts), "after": len(current.texts), "kept": len(both) - len(moved),
+                  "joined": len(joined), "left": int((merged["_merge"] == "left_only").sum()), "changed": len(moved)},
+        "joined_by_split": {name: int((joined["split_after"] == name).sum()) for name in SPLITS},
+        "changed_by_reason": {str(k): int(v) for k, v in reasons.value_counts().sort_index().items()},
+        "changed_examples": [
+            {"text": _shorten(row.text_after), "from": row.split_before, "to": row.split_after, "reason": reason}
+            for row, reason in zip(moved.head(MAX_EXAMPLES).itertuples(), reasons.head(MAX_EXAMPLES), strict=True)
+        ],
+        "relabelled": {"texts": len(relabelled),
+                       "kept_split": int((relabelled["split_before"] == relabelled["split_after"]).sum())},
+    }
+
+
+def _why_moved(row: Any, before: dict[str, Any], after: dict[str, Any]) -> str:
+    if before.get("method") != after.get("method"):
+        return "the version before was split by the older, order-dependent method"
+    if before.get("seed") != after.get("seed"):
+        return "prepare.split_seed changed"
+    if (before.get("validation_size"), before.get("test_size")) != (after.get("validation_size"), after.get("test_size")):
+        return "prepare.validation_size or test_size changed"
+    if row.given_before or row.given_after:
+        return "its split is one you gave"
+    return "unexplained"
+
+
+def record_split_changes(previous: PreparedTexts | None, current: PreparedTexts | None, path: Path) -> dict[str, Any]:
+    """Write ``compare_splits`` to ``path``. The same data prepared again keeps the record of how that
+    version came to be, so a rerun neither hides nor rewrites the last change."""
+    if current is None:
+        raise FileNotFoundError("prepare wrote no complete dataset to compare")
+    if previous is not None and previous.data_version == current.data_version and path.is_file():
+        kept = read_json(path)
+        if kept.get("data_version") == current.data_version:
+            return kept
+    changes = compare_splits(previous, current)
+    write_json(path, changes)
+    return changes
+
+
+def describe_split_changes(changes: dict[str, Any]) -> str:
+    """One line for the log and the validation report."""
+    texts = changes["texts"]
+    if changes["previous_data_version"] is None:
+        return f"split: {texts['after']} texts dealt by their hash; no earlier data version to compare with"
+    joined = ", ".join(f"{name} {n}" for name, n in changes["joined_by_split"].items() if n)
+    line = (f"split since data version {changes['previous_data_version'][:12]}: {texts['kept']} texts kept their "
+            f"split, {texts['joined']} joined" + (f" ({joined})" if joined else "")
+            + f", {texts['left']} left, {texts['changed']} changed split")
+    if texts["changed"]:
+        line += " (" + ", ".join(f"{n}: {why}" for why, n in changes["changed_by_reason"].items()) + ")"
+    relabelled = changes["relabelled"]
+    if relabelled["texts"]:
+        line += f"; {relabelled['texts']} relabelled texts, {relabelled['kept_split']} of them kept their split"
+    return line
 
 
 # ------------------------------------------------------------------------------------------- writing

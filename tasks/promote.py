@@ -55,6 +55,7 @@ class ModelEvidence:
     servable: bool | None = None
     servable_detail: str = "not checked"
     text_lengths: tuple[int, ...] | None = None
+    probabilities: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_probabilities(
@@ -63,13 +64,32 @@ class ModelEvidence:
         """Evidence from a model's class probabilities on the test rows (metrics computed here)."""
         from langops.metrics import classification_metrics
 
+        probs = np.asarray(probs, dtype=float)
         metrics = classification_metrics(np.asarray(y_true), probs, labels)
         flat = {k: float(metrics[k]) for k in ("accuracy", "macro_f1", "ece")}
         flat |= {f"recall_{key}": row["recall"] for key, row in metrics["per_class"].items()}
         return cls(
             version=version, labels=tuple(labels), y_true=tuple(int(y) for y in y_true),
-            y_pred=tuple(int(p) for p in np.asarray(probs).argmax(axis=1)), metrics=flat, **extra,
+            y_pred=tuple(int(p) for p in probs.argmax(axis=1)), metrics=flat, probabilities=probs, **extra,
         )
+
+    def on_rows(self, keep: np.ndarray) -> ModelEvidence:
+        """The same model's evidence on the rows ``keep`` marks, its metrics computed on them alone.
+
+        Raises:
+            ValueError: the evidence has no per-row probabilities to recompute from.
+        """
+        from dataclasses import replace
+
+        if self.probabilities is None or self.y_true is None:
+            raise ValueError(f"version {self.version}'s evidence has no per-row probabilities to restrict")
+        keep = np.asarray(keep, dtype=bool)
+        lengths = tuple(np.asarray(self.text_lengths)[keep].tolist()) if self.text_lengths is not None else None
+        subset = ModelEvidence.from_probabilities(
+            self.version, self.labels, np.asarray(self.y_true)[keep], self.probabilities[keep], text_lengths=lengths
+        )
+        return replace(self, y_true=subset.y_true, y_pred=subset.y_pred, metrics=subset.metrics,
+                       text_lengths=lengths, probabilities=subset.probabilities)
 
     @property
     def evaluated(self) -> bool:
@@ -87,6 +107,41 @@ class Check:
 
 
 @dataclass(frozen=True)
+class ComparedRows:
+    """The test rows two models are compared on: only texts neither trained nor was selected on.
+
+    A champion judged on texts it trained on gets the gap between its training and test accuracy for free;
+    every such row is removed first, by the models' training manifests (``langops.text_hashes``).
+    ``removed`` counts each removed row once, under the first reason that holds, in the order
+    champion train, champion validation, challenger train, challenger validation.
+    """
+
+    keep: tuple[bool, ...]
+    removed: dict[str, int] = field(default_factory=dict)
+    without_manifest: tuple[str, ...] = ()  # versions whose training texts are unknown (shipped before manifests)
+
+    @property
+    def total(self) -> int:
+        return len(self.keep)
+
+    @property
+    def compared(self) -> int:
+        return int(sum(self.keep))
+
+    def describe(self) -> str:
+        removed = ", ".join(f"{n} in {why}" for why, n in self.removed.items() if n)
+        line = f"{self.compared} of {self.total} test rows" + (f" (removed: {removed})" if removed else ", none removed")
+        if self.without_manifest:
+            line += (f"; version {', '.join(self.without_manifest)} has no training manifest (shipped before "
+                     "manifests), so rows it trained on could not be removed")
+        return line
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"test_rows": self.total, "compared": self.compared, "removed": dict(self.removed),
+                "without_manifest": list(self.without_manifest)}
+
+
+@dataclass(frozen=True)
 class Decision:
     promote: bool
     reason: str
@@ -97,6 +152,7 @@ class Decision:
     forced: bool = False
     force_reason: str | None = None
     approval: dict[str, Any] | None = None
+    compared_rows: dict[str, Any] | None = None  # ComparedRows.to_dict() when there was a champion
     decided_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     @property
@@ -116,6 +172,7 @@ class Decision:
             f"- challenger: version {self.challenger_version}",
             f"- champion before: {('version ' + self.champion_version) if self.champion_version else 'none'}",
             f"- primary metric: `{self.primary_metric}`",
+            *([f"- compared on: {_describe_compared(self.compared_rows)}"] if self.compared_rows else []),
             f"- reason: {self.reason}",
             f"- decided at: {self.decided_at}",
         ]
@@ -132,6 +189,12 @@ class Decision:
         report = out_dir / DECISION_REPORT
         report.write_text(self.to_markdown())
         return record, report
+
+
+def _describe_compared(compared: dict[str, Any]) -> str:
+    removed = ", ".join(f"{n} in {why}" for why, n in compared["removed"].items() if n)
+    return (f"{compared['compared']} of {compared['test_rows']} test rows that neither model trained on"
+            + (f" (removed: {removed})" if removed else ""))
 
 
 @dataclass(frozen=True)
@@ -153,16 +216,18 @@ def decide(
     champion: ModelEvidence | None,
     policy: PromoteConfig,
     *,
+    compared: ComparedRows | None = None,
     force_reason: str | None = None,
     shadow: ShadowEvidence | None = None,
 ) -> Decision:
     """Judge the challenger; every check is spelled out in the decision, passed or not.
 
     Absolute checks (any model): parity with the torch model, servable (loaded and answered in a fresh
-    process, as the server loads it), ``thresholds``, latency and size budgets.
-    Against a champion (on the same rows): the primary metric's paired bootstrap interval must clear
-    ``min_absolute_change`` and ``min_relative_change`` (for accuracy McNemar's test must also reject),
-    and every guard metric must not regress by more than its margin.
+    process, as the server loads it), ``thresholds``, latency and size budgets, on the whole test split.
+    Against a champion (on the same rows, less those ``compared`` removes because either model trained on
+    them; fewer than ``min_compared_rows`` left is a refusal to judge): the primary metric's paired
+    bootstrap interval must clear ``min_absolute_change`` and ``min_relative_change`` (for accuracy
+    McNemar's test must also reject), and every guard metric must not regress by more than its margin.
 
     Live evidence: with ``shadow`` (the challenger ran as a shadow beside this champion), every check its
     window could judge joins the gate as ``shadow:<check>``; agreement with the champion is reported, not gated.
@@ -183,7 +248,7 @@ def decide(
         *_budgets(challenger, policy),
     ]
     if champion is not None:
-        checks += _against_champion(challenger, champion, policy)
+        checks += _against_champion(challenger, champion, policy, compared)
     if shadow is not None:
         checks += _shadow_checks(shadow)
 
@@ -206,6 +271,7 @@ def decide(
         checks=tuple(checks),
         forced=force_reason is not None,
         force_reason=force_reason.strip() if force_reason else None,
+        compared_rows=compared.to_dict() if compared is not None and champion is not None else None,
     )
 
 
@@ -277,7 +343,9 @@ def _budgets(challenger: ModelEvidence, policy: PromoteConfig) -> list[Check]:
     return checks
 
 
-def _against_champion(challenger: ModelEvidence, champion: ModelEvidence, policy: PromoteConfig) -> list[Check]:
+def _against_champion(
+    challenger: ModelEvidence, champion: ModelEvidence, policy: PromoteConfig, compared: ComparedRows | None
+) -> list[Check]:
     if champion.labels and tuple(champion.labels) != tuple(challenger.labels):
         return [Check("same_labels", False, describe_label_change(champion, challenger))]
     if not champion.evaluated:
@@ -286,7 +354,25 @@ def _against_champion(challenger: ModelEvidence, champion: ModelEvidence, policy
         return [Check("challenger_evaluated", False, "the challenger has no per-row predictions")]
     if champion.y_true != challenger.y_true or tuple(champion.labels) != tuple(challenger.labels):
         return [Check("same_rows", False, "champion and challenger were scored on different rows or label sets")]
-    checks = [_primary(challenger, champion, policy)]
+    checks: list[Check] = []
+    if compared is not None:
+        if compared.total != len(challenger.y_true):
+            return [Check("compared_rows", False, f"the row selection covers {compared.total} rows, the evidence "
+                          f"{len(challenger.y_true)}")]
+        enough = compared.compared >= policy.min_compared_rows
+        detail = f"compared on {compared.describe()}"
+        if not enough:
+            detail += (f": fewer than promote.min_compared_rows ({policy.min_compared_rows}), too few to judge. Add "
+                       "labelled rows neither model has seen (a new text lands in test with probability "
+                       "prepare.test_size), lower promote.min_compared_rows, or ship it anyway with "
+                       "`langops promote --force REASON`")
+        checks.append(Check("compared_rows", enough, detail, float(compared.compared), float(policy.min_compared_rows)))
+        if not enough:
+            return checks
+        if compared.compared < compared.total:
+            keep = np.asarray(compared.keep, dtype=bool)
+            challenger, champion = challenger.on_rows(keep), champion.on_rows(keep)
+    checks.append(_primary(challenger, champion, policy))
     if policy.primary_metric == "accuracy":
         checks.append(_mcnemar(challenger, champion, policy.mcnemar_alpha))
     checks += _guards(challenger, champion, policy)
@@ -346,10 +432,15 @@ def _mcnemar(challenger: ModelEvidence, champion: ModelEvidence, alpha: float) -
 
 
 def _guards(challenger: ModelEvidence, champion: ModelEvidence, policy: PromoteConfig) -> list[Check]:
+    """Each guard metric's regression against the champion; a class's recall on fewer than
+    ``min_class_rows`` rows is reported, not gated (three rows of thirty are already a 0.10 move)."""
     checks = []
+    keys = label_keys(challenger.labels)
+    class_rows = {f"recall_{keys[label]}": int(n) for label, n in
+                  zip(challenger.labels, np.bincount(np.asarray(challenger.y_true, dtype=int),
+                                                     minlength=len(challenger.labels)), strict=True)}
     for pattern, margin in sorted(policy.guards.items()):
-        keys = label_keys(challenger.labels).values()
-        metrics = [f"{pattern[:-1]}{key}" for key in keys] if pattern.endswith("*") else [pattern]
+        metrics = [f"{pattern[:-1]}{key}" for key in keys.values()] if pattern.endswith("*") else [pattern]
         for metric in metrics:
             ours, theirs = challenger.metrics.get(metric), champion.metrics.get(metric)
             name = f"guard:{metric}"
@@ -358,11 +449,13 @@ def _guards(challenger: ModelEvidence, champion: ModelEvidence, policy: PromoteC
                 checks.append(Check(name, False, f"{metric} is absent for the {missing}"))
                 continue
             regression = (theirs - ours) if greater_is_better(metric) else (ours - theirs)
-            checks.append(Check(
-                name, regression <= margin + 1e-12,
-                f"{ours:.4f} vs champion {theirs:.4f}: regression {regression:+.4f} (allowed <= {margin:.4f})",
-                ours, theirs,
-            ))
+            detail = f"{ours:.4f} vs champion {theirs:.4f}: regression {regression:+.4f}"
+            rows = class_rows.get(metric)
+            if rows is not None and rows < policy.min_class_rows:
+                checks.append(Check(name, True, f"{detail} on {rows} rows of the class (reported, not gated: fewer "
+                                                 f"than promote.min_class_rows, {policy.min_class_rows})", ours, theirs))
+                continue
+            checks.append(Check(name, regression <= margin + 1e-12, f"{detail} (allowed <= {margin:.4f})", ours, theirs))
     return checks
 
 

@@ -32,6 +32,7 @@ from langops.tasks.compress import CompressionResult
 REQUIRED_LINEAGE = ("data_version", "git_commit", "params_hash", "base_model")
 MODEL_ARTIFACT_PATH = "model"
 METRIC_TAG_PREFIX = "metric."
+TRAINING_TEXTS_TAG = "training_texts"  # the hashed train/validation texts shipped in the model's folder
 READY_TIMEOUT_S = 300.0
 # What the pyfunc imports at load time, pinned to what it was verified with here. langops itself is
 # not on a package index: a process loading the model must have it installed (see langops.pyfunc).
@@ -143,6 +144,10 @@ def version_tags(lineage: Mapping[str, str], compression: CompressionResult) -> 
         {f"{METRIC_TAG_PREFIX}{name}": repr(value) for name, value in headline(compression.metrics).items()}
     )
     tags["quantized"] = str(compression.quantized).lower()
+    if compression.training_texts is not None:
+        manifest = compression.training_texts
+        counts = ", ".join(f"{split} {n}" for split, n in manifest["texts"].items())
+        tags[TRAINING_TEXTS_TAG] = f"{manifest['file']} sha256 {manifest['sha256']} ({counts} texts)"
     return tags
 
 

@@ -14,7 +14,7 @@ import math
 import os
 import unicodedata
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,6 +53,7 @@ CHECKS = (  # report order within a split
     "label_conflicts",
     "class_min_rows",
     "class_in_every_split",
+    "class_usable",
     "duplicate_rate",
     "no_train_leak",
     "no_validation_leak",
@@ -133,10 +134,16 @@ class SuiteContext:
     declared: bool
     splits_given: tuple[str, ...]
     class_counts: pd.DataFrame
+    split_sizes: dict[str, float] = field(default_factory=dict)  # prepare's validation/test fractions
+
+    def split_size(self, split: str) -> str:
+        size = self.split_sizes.get(f"{split}_size")
+        return f"{size:g}" if size is not None else "see params.yaml"
 
 
 def validate(
-    data: DataConfig, cfg: ValidateConfig, *, prepared_dir: Path, report_dir: Path
+    data: DataConfig, cfg: ValidateConfig, *, prepared_dir: Path, report_dir: Path,
+    prepare_notes: Sequence[str] | None = None,
 ) -> ValidationResult:
     """Run the expectation suite over every prepared split and write the report.
 
@@ -145,6 +152,8 @@ def validate(
         cfg: thresholds, severities and how many examples to quote.
         prepared_dir: output of the prepare step.
         report_dir: receives ``validation.json`` and ``report.md``.
+        prepare_notes: what prepare did to the rows, for the top of the report (``PrepareResult.notes``);
+            None: read from the prepared summary.
 
     Returns:
         The result, when no error-level check failed; ``result.warnings`` lists failed warn-level checks.
@@ -164,6 +173,7 @@ def validate(
         declared=data.labels is not None,
         splits_given=tuple(prepared_summary.get("splits_given", ())),
         class_counts=class_counts(frames, labels),
+        split_sizes={k: v for k, v in prepared_summary.get("split", {}).items() if k.endswith("_size")},
     )
     outcomes = run_suite(frames, context)
     errors = [o for o in outcomes if o.stops_run]
@@ -177,7 +187,10 @@ def validate(
         warnings=tuple(_one_line(o) for o in warnings),
         stats=describe_data(frames, labels),
     )
-    changes = list(describe_changes(prepared_summary)) if prepared_summary else []
+    if prepare_notes is not None:
+        changes = list(prepare_notes)
+    else:
+        changes = list(describe_changes(prepared_summary)) if prepared_summary else []
     write_report(result, outcomes, prepared_dir=prepared_dir, changes=changes)
     if errors:
         raise DataValidationError(format_failures(errors, warnings, result, cfg.max_examples), result)
@@ -314,6 +327,10 @@ def class_expectations(min_rows: int, labelled: Sequence[str]) -> list[Expectati
             for split in ("validation", "test")
             if split in labelled
         ),
+        gxe.ExpectColumnValuesToBeInSet(
+            column="usable", value_set=[True],
+            meta=_meta("train", "class_usable", "classes with no row in train, or none in validation and test", LABEL),
+        ),
     ]
 
 
@@ -346,7 +363,10 @@ def class_counts(frames: dict[str, pd.DataFrame], labels: Sequence[str]) -> pd.D
     for split, frame in frames.items():
         counts = frame[LABEL].value_counts() if LABEL in frame.columns else pd.Series(dtype=int)
         columns[split] = [int(counts.get(label, 0)) for label in labels]
-    return pd.DataFrame(columns)
+    frame = pd.DataFrame(columns)
+    held_out = sum((frame[split] for split in ("validation", "test") if split in frame.columns), start=0)
+    train = frame["train"] if "train" in frame.columns else 0
+    return frame.assign(usable=(train >= 1) & (held_out >= 1))
 
 
 def label_set(labels: Sequence[str], frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
@@ -461,7 +481,7 @@ def examples_for(
     counts, the repeated texts."""
     if check == "column_present":
         yield f"columns present: {[c for c in frame.columns if c in (TEXT, LABEL)]}"
-    elif check in ("class_min_rows", "class_in_every_split"):
+    elif check in ("class_min_rows", "class_in_every_split", "class_usable"):
         for row in result.get("partial_unexpected_index_list") or []:
             yield _class_line(context.class_counts, row[LABEL])
     elif check == "label_form":
@@ -538,15 +558,27 @@ def fix_for(check: str, split: str, result: dict[str, Any], frame: pd.DataFrame,
         failing = [row[LABEL] for row in result.get("partial_unexpected_index_list") or []]
         smallest = int(context.class_counts.set_index(LABEL).loc[failing, "train"].min()) if failing else 0
         lower = f", or set validate.min_rows_per_class: {smallest}" if smallest > 0 else ""
-        return (f"train needs at least {cfg.min_rows_per_class} rows of every class (validate.min_rows_per_class): "
-                "add rows, merge the class into another, or remove its rows"
+        return (f"these classes have fewer than {cfg.min_rows_per_class} train rows (validate.min_rows_per_class): "
+                "the model learns them from few examples, and their per-class test metrics and the gate's recall "
+                "guard rest on few rows (the gate reports, and does not gate, a class with fewer than "
+                "promote.min_class_rows compared rows). Add rows, merge the class into another, or remove its rows"
                 + (" and leave it out of data.labels" if context.declared else "") + lower)
     if check == "class_in_every_split":
         if given:
             return (f"{in_file} has no row of these classes, so they cannot be evaluated there: add {split} rows "
                     "of each, or merge or remove the classes")
-        return ("every class needs a row in each split (prepare needs at least 3 distinct texts of a class to "
-                "give it one): add rows, merge the class into another, or remove its rows")
+        if split == "validation":
+            return ("early stopping and calibration never see these classes: add rows (each text lands in "
+                    f"validation with probability prepare.validation_size, {context.split_size(split)}), merge "
+                    "the class into another, or remove its rows")
+        return (f"these classes have no test row, so they get no test metrics (each text lands in test with "
+                f"probability prepare.test_size, {context.split_size(split)}): add rows, merge the class into "
+                "another, or remove its rows")
+    if check == "class_usable":
+        return ("a class with no train row cannot be learned, and one with no row in validation or test cannot be "
+                "measured: add rows of it (a text lands in validation or test with probability "
+                "prepare.validation_size + test_size), give a validation or test file that holds it, merge it into "
+                "another class, or remove its rows" + (" and leave it out of data.labels" if context.declared else ""))
     if check == "duplicate_rate":
         texts = frame[TEXT].dropna()
         rate = texts.duplicated().sum() / max(len(texts), 1)
@@ -620,7 +652,8 @@ def describe_outcome(outcome: CheckOutcome) -> str:
         line += f": {outcome.unexpected_count} repeated of {outcome.element_count} rows"
         line += f" (unique proportion {outcome.observed_value:.3f})"
     elif outcome.unexpected_count is not None and outcome.element_count:
-        noun = {"class_min_rows": "classes", "class_in_every_split": "classes", "label_variants": "labels", "label_form": "labels",
+        noun = {"class_min_rows": "classes", "class_in_every_split": "classes", "class_usable": "classes",
+                "label_variants": "labels", "label_form": "labels",
                 "label_conflicts": "texts"}.get(outcome.check, "rows")
         share = f"{outcome.unexpected_percent:.2f}%"
         line += f": {outcome.unexpected_count} of {outcome.element_count} {noun} ({share})"

@@ -91,9 +91,9 @@ def spoil(frame: pd.DataFrame, defect: str) -> pd.DataFrame:
         frame.loc[0:5, "text"] = "ok"
     elif defect == "text_too_long":
         frame.loc[0:5, "text"] = "my order never arrived " * 100
-    elif defect == "class_too_small":
+    elif defect == "single_row_class":  # it cannot be both trained on and measured
         feedback = frame.index[frame["label"] == "feedback"]
-        frame = frame.drop(feedback[3:])
+        frame = frame.drop(feedback[1:])
     elif defect == "duplicates":
         frame = pd.concat([frame, frame.sample(frac=0.3, random_state=0)], ignore_index=True)
     elif defect == "missing_column":

@@ -251,7 +251,7 @@ BAD_DATA = {
     "blank_text": "expect_column_values_to_match_regex",
     "null_text": "expect_column_values_to_not_be_null",
     "unknown_label": "refunds",
-    "class_too_small": "'feedback'",
+    "single_row_class": "'feedback': ",
     "missing_column": "'label'",
 }
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from langops.config import PromoteConfig
-from langops.tasks.promote import ModelEvidence, decide, paired_bootstrap_interval, with_approval
+from langops.tasks.promote import ComparedRows, ModelEvidence, decide, paired_bootstrap_interval, with_approval
 
 pytestmark = pytest.mark.unit
 
@@ -286,3 +286,71 @@ def test_a_shadow_window_too_small_to_judge_is_reported_not_gated():
     assert decision.promote
     (note,) = [c for c in decision.checks if c.name.startswith("shadow")]
     assert note.name == "shadow" and "too few to judge anything" in note.detail
+
+
+# --------------------------------------------------------------- rows neither model trained on
+
+
+def test_rows_the_champion_trained_on_are_removed_before_the_two_are_compared():
+    y = gold(1000)
+    trained_on = np.arange(1000) < 600  # the grown data moved 600 of the champion's training texts to test
+    champion_pred = predictions(y, 0.80, 2)
+    champion_pred[trained_on] = y[trained_on]  # it remembers them
+    challenger_pred = predictions(y, 0.90, 1)
+    compared = ComparedRows(keep=tuple(~trained_on), removed={"champion version 1's train split": 600})
+
+    on_every_row = decide(evidence("2", y, challenger_pred), evidence("1", y, champion_pred), POLICY)
+    on_unseen_rows = decide(evidence("2", y, challenger_pred), evidence("1", y, champion_pred), POLICY, compared=compared)
+
+    assert not on_every_row.promote  # the champion's memory wins on the rows it trained on
+    assert on_unseen_rows.promote
+    primary = next(c for c in on_unseen_rows.checks if c.name == "beats_champion:macro_f1")
+    assert primary.reference < 0.85  # the champion's score on texts it never saw
+    assert on_unseen_rows.compared_rows == {"test_rows": 1000, "compared": 400, "without_manifest": [],
+                                            "removed": {"champion version 1's train split": 600}}
+    record = next(c for c in on_unseen_rows.checks if c.name == "compared_rows")
+    assert record.passed and "400 of 1000 test rows (removed: 600 in champion version 1's train split)" in record.detail
+    assert "compared on: 400 of 1000 test rows that neither model trained on" in on_unseen_rows.to_markdown()
+
+
+def test_too_few_unseen_rows_is_a_refusal_with_the_fix_and_forcing_still_records_the_rows():
+    y = gold(1000)
+    compared = ComparedRows(keep=tuple(np.arange(1000) < 60), removed={"champion version 1's train split": 940})
+    better, champion = evidence("2", y, predictions(y, 0.95, 1)), evidence("1", y, predictions(y, 0.80, 2))
+
+    decision = decide(better, champion, POLICY, compared=compared)
+
+    assert not decision.promote
+    assert [c.name for c in decision.failed] == ["compared_rows"]
+    assert "fewer than promote.min_compared_rows (100), too few to judge" in decision.reason
+    assert "langops promote --force REASON" in decision.reason
+    assert not any(c.name.startswith("beats_champion") for c in decision.checks)
+    forced = decide(better, champion, POLICY, compared=compared, force_reason="new labels, reviewed by hand")
+    assert forced.promote and forced.compared_rows["compared"] == 60
+
+
+def test_a_champion_without_a_manifest_is_compared_on_every_row_and_the_record_says_so():
+    y = gold(500)
+    compared = ComparedRows(keep=(True,) * 500, without_manifest=("1",))
+    decision = decide(evidence("2", y, predictions(y, 0.95, 1)), evidence("1", y, predictions(y, 0.80, 2)), POLICY,
+                      compared=compared)
+    assert decision.promote
+    record = next(c for c in decision.checks if c.name == "compared_rows")
+    assert "version 1 has no training manifest" in record.detail
+
+
+def test_the_recall_guard_of_a_class_with_few_compared_rows_is_reported_not_gated():
+    y = gold(3000)
+    y[y == 2] = 0
+    y[:40] = 2  # a thin class: 40 test rows
+    champion_pred = predictions(y, 0.85, 2)
+    challenger_pred = predictions(y, 0.95, 1)
+    thin = np.flatnonzero(y == 2)
+    champion_pred[thin], challenger_pred[thin] = 2, 0  # the challenger misses every row of the thin class
+
+    decision = decide(evidence("2", y, challenger_pred), evidence("1", y, champion_pred), POLICY)
+    guard = next(c for c in decision.checks if c.name == "guard:recall_technical")
+    assert guard.passed and "on 40 rows of the class (reported, not gated" in guard.detail
+    strict = POLICY.model_copy(update={"min_class_rows": 40})
+    assert "guard:recall_technical" in [c.name for c in decide(evidence("2", y, challenger_pred),
+                                                                 evidence("1", y, champion_pred), strict).failed]

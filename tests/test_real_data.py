@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from langops.config import DataConfig, PrepareConfig, ValidateConfig
 from langops.io import SPLITS, read_json, read_split
-from langops.tasks.prepare import HEAD_BYTES, PrepareError, check_source, prepare, split_grouped
+from langops.tasks.prepare import HEAD_BYTES, PrepareError, check_source, prepare, split_by_text
 from langops.tasks.validate import DataValidationError, validate
 
 pytestmark = pytest.mark.data
@@ -140,13 +140,13 @@ def test_labels_differing_in_case_or_spacing_are_reported_never_silently_merged(
 
     assert prepared.labels == ("Billing", "billing", "shipping")  # case kept: two classes
     assert any("' shipping ' (15 rows)" in note for note in prepared.notes)  # spacing stripped, and said so
-    (warning,) = result.warnings
+    (warning,) = [w for w in result.warnings if "labels that differ" in w]
     assert "labels that differ only in case or spacing" in warning and "'Billing' (30 rows)" in warning
     report = (tmp_path / "report" / "report.md").read_text()
     assert "labels stripped of surrounding whitespace: ' shipping ' (15 rows)" in report
 
 
-def test_77_classes_reach_every_split(tmp_path):
+def test_80_classes_of_30_rows_train_and_a_class_a_split_lacks_is_named(tmp_path):
     labels = [f"intent_{i:02d}" for i in range(77)] + ["reverted_card_payment?", "Refund_not_showing_up", "\U0001f4b3 card"]
     source = write_csv_bytes(tmp_path / "intents.csv", tickets(30, labels=labels))
 
@@ -154,7 +154,12 @@ def test_77_classes_reach_every_split(tmp_path):
 
     assert result.success and len(prepared.labels) == 80
     counts = read_json(prepared.out_dir / "summary.json")["class_counts"]
-    assert all(len(counts[split]) == 80 for split in SPLITS)
+    assert len(counts["train"]) == 80
+    for split in ("validation", "test"):  # each text lands in a split by its hash: a class may miss one
+        missing = sorted(set(labels) - set(counts[split]))
+        warned = [w for w in result.warnings if f"[{split}]" in w and "classes with no row in" in w]
+        assert bool(missing) == bool(warned)
+        assert all(f"{label!r}" in warned[0] for label in missing[:3])
 
 
 @pytest.mark.parametrize(
@@ -269,18 +274,18 @@ def test_deduplicate_keeps_one_copy_of_each_text(tmp_path):
     assert not data["text"].duplicated().any() and result.success
 
 
-def test_a_nine_row_class_stops_the_run_with_its_counts_and_the_fix(tmp_path):
+def test_a_nine_row_class_is_a_warning_with_its_counts_and_the_run_goes_on(tmp_path):
     rows = tickets(60, labels=("DESC", "ENTY", "HUM")) + [(f"what does abbreviation {i} stand for", "ABBR") for i in range(9)]
     source = write_csv_bytes(tmp_path / "questions.csv", rows)
 
-    with pytest.raises(DataValidationError) as err:
-        run(tmp_path, source)
+    prepared, result = run(tmp_path, source)
 
-    message = str(err.value)
-    assert "classes with fewer than 20 rows" in message
-    assert "'ABBR': 7 rows in train; 9 in all (train 7, validation 1, test 1)" in message
-    assert ("fix: train needs at least 20 rows of every class (validate.min_rows_per_class): add rows, merge the "
-            "class into another, or remove its rows, or set validate.min_rows_per_class: 7") in message
+    counts = {split: int((read_split(prepared.out_dir, split)["label"] == "ABBR").sum()) for split in SPLITS}
+    (warning,) = [w for w in result.warnings if "classes with fewer than 20 rows" in w]
+    assert (f"'ABBR': {counts['train']} rows in train; 9 in all (train {counts['train']}, validation "
+            f"{counts['validation']}, test {counts['test']})") in warning
+    assert "their per-class test metrics and the gate's recall guard rest on few rows" in warning
+    assert "or set validate.min_rows_per_class: " in warning
 
 
 def test_user_splits_that_overlap_are_reported_then_dropped_from_train_when_asked(tmp_path):
@@ -357,24 +362,18 @@ texts_with_labels = st.lists(
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(rows=texts_with_labels, seed=st.integers(0, 1000))
-def test_grouped_split_never_puts_one_text_in_two_splits(rows, seed):
+def test_hash_split_never_puts_one_text_in_two_splits(rows, seed):
     frame = pd.DataFrame(rows, columns=["text", "label"])
-    frame["text"] = frame["text"] + frame.groupby("text").cumcount().map(lambda n: "" if n % 3 else "")  # repeats
-    parts = split_grouped(frame, {"validation": 0.15, "test": 0.15}, seed=seed)
-    again = split_grouped(frame, {"validation": 0.15, "test": 0.15}, seed=seed)
+    parts = split_by_text(frame, {"validation": 0.15, "test": 0.15}, seed=seed)
+    again = split_by_text(frame.sample(frac=1, random_state=seed).reset_index(drop=True),  # any row order
+                          {"validation": 0.15, "test": 0.15}, seed=seed)
 
     homes = {}
     for name, part in parts.items():
         for text in part["text"]:
             assert homes.setdefault(text, name) == name
-        pd.testing.assert_frame_equal(part, again[name])
+        assert sorted(part["text"]) == sorted(again[name]["text"])
     assert sum(len(p) for p in parts.values()) == len(frame)
-    labels_per_text = frame.groupby("text")["label"].nunique()
-    unambiguous = set(labels_per_text.index[labels_per_text == 1])
-    for label, group in frame.groupby("label"):
-        in_splits = {name for name, part in parts.items() if (part["label"] == label).any()}
-        if len(set(group["text"]) & unambiguous) >= 3:  # three texts that are surely this label's
-            assert in_splits == {"train", "validation", "test"}
 
 
 # --------------------------------------------------------------------------------------- public datasets

@@ -91,6 +91,14 @@ def thin_class(keep: int) -> Callable[[Splits], None]:
     return mutate
 
 
+def only_in_train(label: str) -> Callable[[Splits], None]:
+    def mutate(splits: Splits) -> None:
+        for split in ("validation", "test"):
+            splits[split] = splits[split][splits[split]["label"] != label].reset_index(drop=True)
+
+    return mutate
+
+
 def duplicate_train(splits: Splits) -> None:
     train = splits["train"]
     train.loc[1:4, "text"] = train.loc[0, "text"]  # 4 repeats of row 0: 13% of 30 rows
@@ -131,24 +139,6 @@ BAD_DATA = {
         "label_not_null",
         "train",
         ["label is null", "1 of 30 rows", "row 3: null"],
-    ),
-    "class under minimum": (
-        thin_class(keep=2),
-        "class_min_rows",
-        "train",
-        ["classes with fewer than 5 rows", "1 of 3 classes", "'technical': 2 rows"],
-    ),
-    "declared class absent": (
-        thin_class(keep=0),
-        "class_min_rows",
-        "train",
-        ["classes with fewer than 5 rows", "'technical': 0 rows (absent) in train"],
-    ),
-    "class missing from test": (
-        lambda splits: splits.update(test=splits["test"][splits["test"]["label"] != "shipping"].reset_index(drop=True)),
-        "class_in_every_split",
-        "test",
-        ["classes with no row in test", "'shipping': 10 rows in train; 13 in all (train 10, validation 3, test 0)"],
     ),
     "conflicting labels": (
         set_cell("train", 10, "text", "train ticket number 0 about billing"),  # row 10 is shipping
@@ -198,6 +188,24 @@ def test_each_kind_of_bad_data_is_named_counted_and_reported(tmp_path, case):
     assert entry["examples"][0].replace("|", "\\|") in report
 
 
+@pytest.mark.parametrize("mutate", [only_in_train("shipping"), thin_class(keep=0)], ids=["only in train", "absent from train"])
+def test_a_class_that_cannot_be_learned_or_measured_stops_the_run_with_its_counts(tmp_path, mutate):
+    splits = clean_splits()
+    mutate(splits)
+
+    with pytest.raises(DataValidationError) as err:
+        run_validate(tmp_path, splits)
+
+    message = str(err.value)
+    assert "classes with no row in train, or none in validation and test (expect_column_values_to_be_in_set): 1 of 3 classes" in message
+    assert ("'shipping': 10 rows in train; 10 in all (train 10, validation 0, test 0)" in message
+            or "'technical': 0 rows (absent) in train" in message)
+    assert "cannot be learned" in message and "cannot be measured" in message
+    assert err.value.result.failed == 1  # the thin-class and per-split findings are warnings beside it
+    assert {e["check"] for e in failing_entries(err.value.result.summary_path.parent) if e["severity"] == "error"} == {
+        "class_usable"}
+
+
 def test_every_problem_is_listed_in_one_error(tmp_path):
     splits = clean_splits()
     for mutate in (
@@ -214,7 +222,7 @@ def test_every_problem_is_listed_in_one_error(tmp_path):
         run_validate(tmp_path, splits)
 
     message = str(err.value)
-    assert "5 of" in message.splitlines()[0] and "(and 1 warnings)" in message.splitlines()[0]
+    assert "5 of" in message.splitlines()[0] and "(and 2 warnings)" in message.splitlines()[0]
     for snippet in (
         "text is null",
         "'refunds'",
@@ -225,13 +233,14 @@ def test_every_problem_is_listed_in_one_error(tmp_path):
         assert snippet in message
     assert message.count("fix: ") == 5
     warnings_part = message.split("warnings (these alone would not stop the run):")[1]
-    assert "text shorter than 3 chars" in warnings_part
+    assert "text shorter than 3 chars" in warnings_part and "classes with fewer than 5 rows" in warnings_part
     assert err.value.result.failed == 5
     assert {e["check"] for e in failing_entries(err.value.result.summary_path.parent)} == {
         "text_not_null",
         "text_min_length",
         "label_known",
         "class_min_rows",
+        "class_usable",
         "no_train_leak",
         "column_present",
     }
@@ -250,6 +259,20 @@ def relabel_some_billing(label: str) -> Callable[[Splits], None]:
 
 # (mutation, warning check, split, snippets in the warning) -- the run goes on
 WARNINGS = {
+    "thin class": (
+        thin_class(keep=2),
+        "class_min_rows",
+        "train",
+        ["classes with fewer than 5 rows", "1 of 3 classes", "'technical': 2 rows in train; 8 in all",
+         "per-class test metrics and the gate's recall guard rest on few rows"],
+    ),
+    "class missing from test": (
+        lambda splits: splits.update(test=splits["test"][splits["test"]["label"] != "shipping"].reset_index(drop=True)),
+        "class_in_every_split",
+        "test",
+        ["classes with no row in test", "'shipping': 10 rows in train; 13 in all (train 10, validation 3, test 0)",
+         "no test metrics"],
+    ),
     "too short": (
         set_cell("train", 6, "text", "ok"),
         "text_min_length",
