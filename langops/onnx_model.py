@@ -93,7 +93,7 @@ class OnnxClassifier:
 
     def __init__(
         self, session: Any, tokenizer: Any, labels: Sequence[str], max_length: int,
-        projection: np.ndarray | None = None,
+        projection: np.ndarray | None = None, training_texts: np.ndarray | None = None,
     ) -> None:
         self._session = session
         self._tokenizer = tokenizer
@@ -105,6 +105,18 @@ class OnnxClassifier:
         # Embeddings need both the graph output and its projection; older models have neither.
         self.projection = projection if EMBEDDING_OUTPUT in outputs else None
         self._unknown_id = _unknown_token_id(tokenizer)
+        # sorted hashes of the texts it trained or was selected on; None for a model shipped before manifests
+        self.training_texts = training_texts
+
+    def trained_on(self, texts: Sequence[str]) -> np.ndarray:
+        """Which of ``texts`` this model trained or was selected on (all False when that is unknown)."""
+        from langops.text_hashes import text_hashes
+
+        if self.training_texts is None or not len(texts):
+            return np.zeros(len(texts), dtype=bool)
+        hashes = text_hashes(texts)
+        found = np.searchsorted(self.training_texts, hashes).clip(max=len(self.training_texts) - 1)
+        return self.training_texts[found] == hashes
 
     @classmethod
     def load(
@@ -152,7 +164,8 @@ class OnnxClassifier:
             str(directory / model_file), options, providers=["CPUExecutionProvider"]
         )
         check_graph(session, n_labels=len(labels), source=directory / model_file)
-        return cls(session, tokenizer, labels, serving["max_length"], projection=load_projection(directory))
+        return cls(session, tokenizer, labels, serving["max_length"], projection=load_projection(directory),
+                   training_texts=load_training_texts(directory))
 
     def encode(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         """Token arrays for one batch, padded to its longest text, holding only the graph's inputs."""
@@ -218,6 +231,17 @@ class OnnxClassifier:
             }
             for row in probs
         ]
+
+
+def load_training_texts(directory: Path) -> np.ndarray | None:
+    """The sorted hashes of every text in the model's training manifest, or None without one."""
+    from langops.text_hashes import MANIFEST_FILE, TextManifest
+
+    path = Path(directory) / MANIFEST_FILE
+    if not path.is_file():
+        return None
+    hashes = TextManifest.load(path).hashes.values()
+    return np.unique(np.concatenate([np.asarray(h, dtype=np.uint64) for h in hashes])) if hashes else None
 
 
 def load_projection(directory: Path) -> np.ndarray | None:

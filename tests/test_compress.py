@@ -67,6 +67,19 @@ def test_writes_the_compressed_layout(compressed: CompressionResult) -> None:
 
 
 @pytest.mark.model
+def test_the_shipped_folder_remembers_which_texts_the_model_trained_on(compressed: CompressionResult) -> None:
+    from langops.io import read_split
+    from langops.onnx_model import OnnxClassifier
+
+    prepared = compressed.out_dir.parent / "prepared"
+    assert compressed.training_texts["texts"] == {"train": 120, "validation": 30}
+    classifier = OnnxClassifier.load(compressed.out_dir)
+    assert classifier.trained_on(read_split(prepared, "train")["text"].tolist()).all()
+    assert classifier.trained_on(read_split(prepared, "validation")["text"].str.upper().tolist()).all()
+    assert not classifier.trained_on(read_split(prepared, "test")["text"].tolist()).any()
+
+
+@pytest.mark.model
 def test_parity_within_bounds(compressed: CompressionResult) -> None:
     parity = compressed.parity
     assert parity["rows"] == 3 * 10 and parity["passed"] is True

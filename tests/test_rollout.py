@@ -169,6 +169,25 @@ def test_the_window_counts_both_models_and_joins_feedback_to_each_models_label()
     assert (seen.challenger.feedback, seen.challenger.accuracy) == (2, 0.5)
 
 
+def test_feedback_on_a_text_either_model_trained_on_is_left_out_of_the_accuracy_comparison():
+    live = RolloutWindow(low_confidence=0.5)
+    trained_on = [True, False, False]  # the champion learnt the first text: it would win it on memory
+    live.record_answers("champion", latency_ms=10, labels=["a", "b", "b"], confidences=[0.9] * 3, request_id="r1",
+                        trained_on=trained_on)
+    live.record_answers("challenger", latency_ms=10, labels=["b", "b", "a"], confidences=[0.9] * 3, request_id="r1",
+                        trained_on=trained_on)
+    for index, label in enumerate(["a", "b", "a"]):
+        live.record_feedback(f"r1-{index}", label)
+
+    seen = live.snapshot()
+    assert (seen.champion.feedback, seen.challenger.feedback) == (2, 2)
+    assert (seen.champion.accuracy, seen.challenger.accuracy) == (0.5, 1.0)
+    assert seen.trained_on == 1 and Window.from_dict(seen.to_dict()).trained_on == 1
+    verdict = judge_canary(seen, LIMITS.model_copy(update={"min_feedback": 2}))
+    feedback = next(check for check in verdict.checks if check.name == "feedback_accuracy")
+    assert "(1 texts a model trained on left out)" in feedback.detail
+
+
 def test_a_request_of_one_text_can_be_named_by_its_own_id_in_feedback():
     live = RolloutWindow(low_confidence=0.5)
     live.record_answers("challenger", latency_ms=1, labels=["a"], confidences=[0.9], request_id="order-7")

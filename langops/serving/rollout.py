@@ -126,6 +126,7 @@ class Window:
     confidence_shift: float | None = None
     dropped: int = 0
     seconds: float = 0.0
+    trained_on: int = 0  # texts either model trained on: left out of feedback accuracy
 
     @property
     def agreement(self) -> float | None:
@@ -140,7 +141,7 @@ class Window:
         return cls(champion=stats(data["champion"]), challenger=stats(data["challenger"]), compared=data["compared"],
                    agreed=data["agreed"], disagreements=dict(data.get("disagreements") or {}),
                    confidence_shift=data.get("confidence_shift"), dropped=data.get("dropped", 0),
-                   seconds=data.get("seconds", 0.0))
+                   seconds=data.get("seconds", 0.0), trained_on=data.get("trained_on", 0))
 
     def to_dict(self) -> dict[str, Any]:
         def stats(model: ModelStats) -> dict[str, Any]:
@@ -149,7 +150,7 @@ class Window:
         return {"champion": stats(self.champion), "challenger": stats(self.challenger), "compared": self.compared,
                 "agreed": self.agreed, "agreement": self.agreement, "disagreements": dict(self.disagreements),
                 "confidence_shift": self.confidence_shift, "dropped": self.dropped,
-                "seconds": round(self.seconds, 3)}
+                "seconds": round(self.seconds, 3), "trained_on": self.trained_on}
 
 
 @dataclass(frozen=True)
@@ -252,16 +253,18 @@ def _agreement_check(window: Window, limits: RolloutConfig) -> Check:
 
 def _accuracy_check(window: Window, limits: RolloutConfig) -> Check:
     champion, challenger, limit = window.champion, window.challenger, limits.max_accuracy_drop
+    left_out = (f" ({window.trained_on} texts a model trained on left out)" if window.trained_on else "")
     if min(champion.feedback, challenger.feedback) < limits.min_feedback:
         return Check("feedback_accuracy", None, None, limit, f"feedback accuracy not judged: {champion.feedback} "
-                     f"champion and {challenger.feedback} challenger labels, {limits.min_feedback} needed each")
+                     f"champion and {challenger.feedback} challenger labels, {limits.min_feedback} needed each"
+                     + left_out)
     assert champion.accuracy is not None and challenger.accuracy is not None
     drop = champion.accuracy - challenger.accuracy
     passed = drop <= limit
     return Check("feedback_accuracy", passed, drop, limit,
                  f"feedback accuracy challenger {challenger.accuracy:.2%} ({challenger.feedback} labels) vs "
                  f"champion {champion.accuracy:.2%} ({champion.feedback}): drop {drop:.2%} "
-                 f"{'within' if passed else 'exceeds'} {limit:.2%}")
+                 f"{'within' if passed else 'exceeds'} {limit:.2%}" + left_out)
 
 
 class RolloutWindow:
@@ -281,19 +284,21 @@ class RolloutWindow:
         self._correct = {CHAMPION_ROLE: 0, CHALLENGER_ROLE: 0}
         self._answers: OrderedDict[str, dict[str, str]] = OrderedDict()
         self._compared = self._agreed = self._dropped = 0
+        self._trained_on: set[str] = set()  # ids of texts a model trained on: no feedback counts for them
         self._shift_sum = 0.0
         self._disagreements: dict[str, int] = {}
 
     def record_answers(self, role: Role, *, latency_ms: float, labels: Sequence[str], confidences: Sequence[float],
-                       request_id: str | None) -> None:
-        """One request ``role`` answered (or, for a shadow, scored): its latency, labels and confidences."""
+                       request_id: str | None, trained_on: Sequence[bool] | None = None) -> None:
+        """One request ``role`` answered (or, for a shadow, scored): its latency, labels and confidences.
+        ``trained_on`` marks texts either model trained on; feedback on them is not counted."""
         with self._lock:
             self._requests[role] += 1
             self._texts[role] += len(labels)
             self._low[role] += sum(1 for value in confidences if value < self.low_confidence)
             self._latencies[role].append(latency_ms)
             if request_id is not None:
-                self._remember(role, request_id, labels)
+                self._remember(role, request_id, labels, trained_on)
 
     def record_error(self, role: Role, *, latency_ms: float | None = None) -> None:
         with self._lock:
@@ -317,10 +322,11 @@ class RolloutWindow:
         with self._lock:
             self._dropped += count
 
-    def remember(self, role: Role, request_id: str, labels: Sequence[str]) -> None:
+    def remember(self, role: Role, request_id: str, labels: Sequence[str],
+                 trained_on: Sequence[bool] | None = None) -> None:
         """Keep the labels ``role`` gave the request's texts, for feedback that names them later."""
         with self._lock:
-            self._remember(role, request_id, labels)
+            self._remember(role, request_id, labels, trained_on)
 
     def record_feedback(self, request_id: str, label: str) -> None:
         """A true label: counted for each model whose label for that text is known."""
@@ -329,15 +335,24 @@ class RolloutWindow:
                 self._feedback[role] += 1
                 self._correct[role] += given == label
 
-    def _remember(self, role: Role, request_id: str, labels: Sequence[str]) -> None:
-        ids = [text_id(request_id, index) for index in range(len(labels))]
+    def _remember(self, role: Role, request_id: str, labels: Sequence[str], trained_on: Sequence[bool] | None) -> None:
+        """A text either model trained on is left out: a model answering texts it learnt would win the
+        feedback comparison on memory (the rule the promotion gate applies to test rows)."""
+        known = list(trained_on) if trained_on is not None else [False] * len(labels)
+        names = [[text_id(request_id, index)] for index in range(len(labels))]
         if len(labels) == 1:
-            ids.append(request_id)  # a request of one text can be named by its own id
-        for key, label in zip(ids, [*labels, *labels[:1]], strict=False):
-            self._answers.setdefault(key, {})[role] = label
-            self._answers.move_to_end(key)
+            names[0].append(request_id)  # a request of one text can be named by its own id
+        for keys, label, seen in zip(names, labels, known, strict=True):
+            if seen:
+                self._trained_on.add(keys[0])
+                continue
+            for key in keys:
+                self._answers.setdefault(key, {})[role] = label
+                self._answers.move_to_end(key)
         while len(self._answers) > ANSWERS_KEPT:
             self._answers.popitem(last=False)
+        while len(self._trained_on) > ANSWERS_KEPT:
+            self._trained_on.pop()
 
     def snapshot(self) -> Window:
         with self._lock:
@@ -356,6 +371,7 @@ class RolloutWindow:
                 agreed=self._agreed, disagreements=dict(self._disagreements),
                 confidence_shift=self._shift_sum / self._compared if self._compared else None,
                 dropped=self._dropped, seconds=time.monotonic() - self.started,
+                trained_on=len(self._trained_on),
             )
 
 
@@ -581,7 +597,7 @@ class RolloutController:
                            challenger.version, outcome, exc)
             return None
         elapsed = (time.perf_counter() - started) * 1000
-        self._observe(CHALLENGER_ROLE, challenger, scores, elapsed, request_id)
+        self._observe(CHALLENGER_ROLE, challenger, scores, elapsed, request_id, texts)
         return scores
 
     def observe_champion(self, champion: LoadedModel, texts: list[str], scores: Scores, latency_ms: float,
@@ -590,7 +606,7 @@ class RolloutController:
         rollout = self.rollout
         if rollout is None:
             return
-        labels, confidences = self._observe(CHAMPION_ROLE, champion, scores, latency_ms, request_id)
+        labels, confidences = self._observe(CHAMPION_ROLE, champion, scores, latency_ms, request_id, texts)
         scorer, challenger = self._scorer, self.challenger
         if rollout.mode == "shadow" and scorer is not None and challenger is not None:
             self._offer(_Mirror(texts, request_id, CHAMPION_ROLE, labels, confidences,
@@ -608,15 +624,24 @@ class RolloutController:
                             champion.version))
 
     def _observe(self, role: Role, model: LoadedModel, scores: Scores, latency_ms: float,
-                 request_id: str) -> tuple[list[str], list[float]]:
+                 request_id: str, texts: Sequence[str]) -> tuple[list[str], list[float]]:
         best = scores.probs.argmax(axis=1)
         labels = [model.classifier.labels[int(index)] for index in best]
         confidences = scores.probs[np.arange(len(best)), best].tolist()
         self.window.record_answers(role, latency_ms=latency_ms, labels=labels, confidences=confidences,
-                                   request_id=request_id)
+                                   request_id=request_id, trained_on=self.trained_on(texts))
         self.metrics.rollout_requests.labels(model.version, role, "ok").inc()
         self.metrics.rollout_latency.labels(model.version, role).observe(latency_ms / 1000)
         return labels, confidences
+
+    def trained_on(self, texts: Sequence[str]) -> list[bool]:
+        """Which texts the champion or the challenger trained or was selected on, by their manifests."""
+        seen = np.zeros(len(texts), dtype=bool)
+        for model in (self._champion(), self.challenger):
+            check = getattr(model.classifier, "trained_on", None) if model is not None else None
+            if check is not None:
+                seen |= np.asarray(check(texts), dtype=bool)
+        return seen.tolist()
 
     def _offer(self, item: _Mirror) -> None:
         """Queue a copy for the mirror without ever waiting: sampled, and dropped (counted) when the queue is full."""
@@ -692,14 +717,16 @@ class RolloutController:
         for mirrored in group:
             end = start + len(mirrored.texts)
             theirs, their_conf = labels[start:end], confidences[start:end]
+            trained_on = self.trained_on(mirrored.texts)
             if other_role == CHALLENGER_ROLE:  # shadow: the challenger's own numbers, and the comparison
                 self.window.record_answers(CHALLENGER_ROLE, latency_ms=elapsed, labels=theirs,
-                                           confidences=their_conf, request_id=mirrored.request_id)
+                                           confidences=their_conf, request_id=mirrored.request_id,
+                                           trained_on=trained_on)
                 self.metrics.rollout_requests.labels(mirrored.other_version, "shadow", "ok").inc()
                 self.metrics.rollout_latency.labels(mirrored.other_version, "shadow").observe(elapsed / 1000)
                 self.window.record_comparison(mirrored.labels, theirs, mirrored.confidences, their_conf)
             else:  # canary: the champion's label for the challenger's texts
-                self.window.remember(CHAMPION_ROLE, mirrored.request_id, theirs)
+                self.window.remember(CHAMPION_ROLE, mirrored.request_id, theirs, trained_on)
                 self.window.record_comparison(theirs, mirrored.labels, their_conf, mirrored.confidences)
             agreed = sum(a == b for a, b in zip(mirrored.labels, theirs, strict=True))
             champion_version = self.rollout.champion_version if self.rollout else None
