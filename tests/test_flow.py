@@ -6,8 +6,10 @@ import json
 import shutil
 import threading
 import time
+from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from mlflow import MlflowClient
 from pipeline_helpers import flow_run_artifacts, tiny_project_params, write_bad_csv, write_params
@@ -278,3 +280,61 @@ def test_bad_data_stops_the_flow_before_training_and_registers_nothing(prefect_s
     if isinstance(err.value, DataValidationError):
         report = flow_run_artifacts(state.state_details.flow_run_id)["validation-report"]
         assert BAD_DATA[defect] in report["data"]
+
+
+EMOTION = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "tweet_eval_emotion" / "train.csv"
+
+
+@pytest.mark.skipif(not EMOTION.is_file(), reason="../shared/datasets/tweet_eval_emotion is not here")
+def test_a_challenger_on_grown_data_is_compared_only_on_rows_neither_model_trained_on(
+    prefect_server, tmp_path, tiny_base_model
+):
+    """Day two: the champion trained on 1,000 public tweets, the challenger on the same file with 100 more."""
+    import pandas as pd
+
+    from langops.flows.pipeline import training_pipeline
+    from langops.io import read_json, read_split
+    from langops.text_hashes import MANIFEST_FILE, TextManifest, text_hashes
+
+    source = tmp_path / "emotion.csv"
+    params = tiny_project_params(tmp_path, tiny_base_model, data={"source": str(source), "labels": None},
+                                 promote={"min_compared_rows": 20})
+    params_path = write_params(tmp_path, params)
+    tweets = pd.read_csv(EMOTION, keep_default_na=False)
+    manifests: dict[str, TextManifest] = {}
+
+    def run_version(rows: int, *overrides: str) -> dict:
+        tweets.head(rows).to_csv(source, index=False)
+        state = training_pipeline(params_path=str(params_path), overrides=list(overrides), return_state=True)
+        assert state.is_completed(), state
+        version = state.result().version
+        manifests[version] = TextManifest.load(tmp_path / "models" / "compressed" / MANIFEST_FILE)
+        return read_json(tmp_path / "reports" / "promotion" / "decision.json")
+
+    def trained_on_by_either(decision: dict) -> int:
+        test = text_hashes(read_split(tmp_path / "data" / "prepared", "test")["text"])
+        models = (manifests[decision["champion_version"]], manifests[decision["challenger_version"]])
+        return int(np.logical_or.reduce([manifest.seen_any(test) for manifest in models]).sum())
+
+    first = run_version(1000)
+    assert first["champion_version"] is None and first["compared_rows"] is None
+
+    grown = run_version(1100)
+    compared = grown["compared_rows"]
+    assert grown["champion_version"] == "1" and grown["challenger_version"] == "2"
+    assert trained_on_by_either(grown) == 0  # no test text of the grown data was trained on by either model
+    assert compared["compared"] == compared["test_rows"] == len(read_split(tmp_path / "data" / "prepared", "test"))
+    assert sum(compared["removed"].values()) == 0
+    changes = read_json(tmp_path / "reports" / "prepare" / "split_changes.json")
+    assert changes["texts"]["changed"] == 0 and changes["texts"]["joined"] > 0
+
+    # A new split seed deals every text anew: the champion's training texts reach the test split, and go.
+    reseeded = run_version(1100, "prepare.split_seed=1")
+    compared = reseeded["compared_rows"]
+    removed = trained_on_by_either(reseeded)
+    assert removed > 50
+    assert sum(compared["removed"].values()) == removed == compared["test_rows"] - compared["compared"]
+    champion = reseeded["champion_version"]
+    assert compared["removed"][f"champion version {champion}'s train split"] > 0
+    gate = next(check for check in reseeded["checks"] if check["name"] == "compared_rows")
+    assert f"{compared['compared']} of {compared['test_rows']} test rows (removed: " in gate["detail"]
