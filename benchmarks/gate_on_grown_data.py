@@ -154,8 +154,8 @@ def print_table(results: list[dict[str, Any]]) -> None:
         cells = (row["side"], f"{row['texts_moved']} of {row['shared_texts']}", str(row["test_rows"]),
                  str(row["compared"]), str(row["champion_trained_on_compared"]),
                  pct(row["champion_macro_f1_compared"]), pct(row["challenger_macro_f1_compared"]),
-                 f"{pct(row['champion_macro_f1_on_its_training_rows']) or '-'} / "
-                 f"{pct(row['champion_macro_f1_on_unseen_rows'])}",
+                 (f"{pct(row['champion_macro_f1_on_its_training_rows']) or '-'} / "
+                  f"{pct(row['champion_macro_f1_on_unseen_rows'])}"),
                  ("promoted" if row["promoted"] else "not promoted") + f": {row['reason'][:160]}")
         print("| " + " | ".join(cells) + " |")
     sys.stdout.flush()

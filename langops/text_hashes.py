@@ -105,7 +105,7 @@ class TextManifest:
 
     @property
     def counts(self) -> dict[str, int]:
-        return {split: int(len(hashes)) for split, hashes in self.hashes.items()}
+        return {split: len(hashes) for split, hashes in self.hashes.items()}
 
     def seen(self, hashes: np.ndarray) -> dict[str, np.ndarray]:
         """For each split of the manifest, a boolean mask: which of ``hashes`` it holds."""

@@ -37,7 +37,6 @@ from langops.io import (
 )
 from langops.metrics import classification_metrics, metrics_for_dvc, softmax
 from langops.model_files import file_sha256
-from langops.text_hashes import MANIFEST_FILE, MANIFEST_SPLITS, TextManifest
 from langops.onnx_model import (
     EMBEDDING_DIM,
     EMBEDDING_OUTPUT,
@@ -51,6 +50,7 @@ from langops.onnx_model import (
     OnnxClassifier,
     embedding_projection,
 )
+from langops.text_hashes import MANIFEST_FILE, MANIFEST_SPLITS, TextManifest
 
 TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer_config.json")
 SUMMARY_FILE = "compress.json"

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from langops.config import PromoteConfig
-from langops.tasks.promote import ComparedRows, ModelEvidence, decide, paired_bootstrap_interval, with_approval
+from langops.tasks.promote import (
+    ComparedRows,
+    ModelEvidence,
+    decide,
+    paired_bootstrap_interval,
+    with_approval,
+)
 
 pytestmark = pytest.mark.unit
 
