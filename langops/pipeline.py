@@ -284,7 +284,7 @@ def decide_promotion(
     tracking.configure_mlflow(params)
     champion_version = current_alias_version(params.register.model_name, CHAMPION)
     if champion_version == registered.version:
-        return already_champion(champion_version, params.promote)
+        return already_champion(champion_version, params.promote, force_reason=force_reason)
     challenger = challenger_evidence(prepared, compressed, registered.version)
     servable = check_servable(
         tracking_uri=params.tracking_uri(),

@@ -209,7 +209,12 @@ def record_decision(decision: Decision, *, params: Params, actor: str = "pipelin
     if version is None:
         raise ValueError("the decision names no challenger version")
     if version == decision.champion_version:
-        return version  # already champion: its aliases and its own decision's tags stay as they are
+        # already champion: its aliases and its own decision's tags stay as they are; a forced request is
+        # still logged (a no-op move), so the history holds what a person asked for and why
+        if decision.forced:
+            move_champion(params, model_name=model_name, new_champion=version, event="force", reason=decision.reason,
+                          actor=actor, evidence=decision.to_dict(), expected_champion=version, cause=cause)
+        return version
     if decision.promote:
         move_champion(
             params,

@@ -162,8 +162,13 @@ class Decision:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def already_champion(self) -> bool:
+        """The challenger is the champion already: nothing was judged and nothing moved."""
+        return self.challenger_version is not None and self.challenger_version == self.champion_version
+
     def to_markdown(self) -> str:
-        verdict = "PROMOTED" if self.promote else "NOT PROMOTED"
+        verdict = "ALREADY CHAMPION" if self.already_champion else "PROMOTED" if self.promote else "NOT PROMOTED"
         if self.forced:
             verdict += " (FORCED)"
         lines = [
@@ -285,16 +290,26 @@ def _shadow_checks(shadow: ShadowEvidence) -> list[Check]:
             for name, passed, detail in judged]
 
 
-def already_champion(version: str, policy: PromoteConfig) -> Decision:
+def already_champion(version: str, policy: PromoteConfig, *, force_reason: str | None = None) -> Decision:
     """The decision when the registered version is the champion already (a rerun that reused a cached
-    model, or ``promote`` run twice): nothing to judge and nothing moves."""
+    model, or ``promote`` run twice): nothing to judge and nothing moves. A forced request is kept as one,
+    with its reason, so the record shows what was asked.
+
+    Raises:
+        ValueError: ``force_reason`` is given but blank.
+    """
+    if force_reason is not None and not force_reason.strip():
+        raise ValueError("forcing a promotion needs a reason")
+    reason = f"version {version} is already the champion; nothing to decide"
     return Decision(
         promote=False,
-        reason=f"version {version} is already the champion; nothing to decide",
+        reason=f"forced ({force_reason.strip()}), but {reason}" if force_reason else reason,
         challenger_version=version,
         champion_version=version,
         primary_metric=policy.primary_metric,
         checks=(Check("already_champion", True, f"the champion alias names version {version}"),),
+        forced=force_reason is not None,
+        force_reason=force_reason.strip() if force_reason else None,
     )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import multiprocessing
 import shutil
 import subprocess
@@ -197,6 +198,26 @@ def test_promoting_the_current_champion_again_is_recorded_but_moves_nothing(regi
     assert (again.from_version, again.to_version, again.changed) == ("2", "2", False)
     assert aliases() == ("2", "1")
     assert len(read_history(registry, MODEL)) == 3
+
+
+@pytest.mark.unit
+def test_forcing_the_current_champion_is_recorded_as_a_forced_request_that_moved_nothing(registry, tmp_path):
+    from langops.promotions import record_decision
+    from langops.tasks.promote import already_champion
+
+    promote(registry, "1")
+    promote(registry, "2")
+    decision = already_champion("2", registry.promote, force_reason="the on-call engineer re-pins it")
+
+    assert record_decision(decision, params=registry, actor="alice") == "2"
+    assert aliases() == ("2", "1")
+    forced = read_history(registry, MODEL)[0]
+    assert (forced.event, forced.from_version, forced.to_version, forced.actor, forced.changed) == (
+        "force", "2", "2", "alice", False)
+    assert "the on-call engineer re-pins it" in forced.reason
+    record, report = decision.write(tmp_path, champion_after="2")
+    assert "# Promotion decision: ALREADY CHAMPION (FORCED)" in report.read_text()
+    assert json.loads(record.read_text())["force_reason"] == "the on-call engineer re-pins it"
 
 
 @pytest.mark.unit
@@ -460,7 +481,7 @@ def _dead_owner() -> dict[str, str]:
 def test_runs_left_running_by_a_killed_process_are_closed_with_the_reason_by_the_next_command(registry):
     from mlflow import MlflowClient
 
-    import langops.tracking as tracking
+    from langops import tracking
 
     client = MlflowClient()
     experiment = client.get_experiment_by_name(registry.tracking.experiment).experiment_id
@@ -493,7 +514,7 @@ def test_a_promotion_whose_process_died_after_moving_the_champion_shows_in_histo
     """The alias moved, then the process died before closing its record: history must show the move."""
     from mlflow import MlflowClient
 
-    import langops.tracking as tracking
+    from langops import tracking
 
     promote(registry, "1")
     client = MlflowClient()
