@@ -1,4 +1,4 @@
-"""Any label name works end to end: generated label sets through prepare, validate, train, evaluate,
+"""Any label name works end to end: generated label sets through prepare, validate, baseline, train, evaluate,
 compress and register, then served, and every answer carries the labels exactly as the user wrote them.
 
 Each example is a whole pipeline on a tiny random BERT, so hypothesis draws few examples; every label
@@ -81,8 +81,9 @@ def test_any_label_set_trains_registers_and_serves_with_its_labels_intact(tiny_b
 
         prepared = pipeline.run_prepare(params)
         pipeline.run_validate(params, prepared)
+        fitted = pipeline.run_baseline(params, prepared)
         trained = pipeline.run_train(params, prepared)
-        evaluation = pipeline.run_evaluate(params, prepared, trained)
+        evaluation = pipeline.run_evaluate(params, prepared, fitted, trained)
         compressed = pipeline.run_compress(params, prepared, trained, pipeline.run_distill(params, prepared, trained))
         registration = pipeline.run_register(params, trained, compressed)
 
