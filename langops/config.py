@@ -217,10 +217,18 @@ class BaselineConfig(_Section):
     min_df: int = Field(2, ge=1, description="an n-gram seen in fewer training texts is no feature")
     max_features: int | None = Field(None, ge=1, description="most frequent n-grams kept by each vectorizer; null: all")
     C: float = Field(10.0, gt=0, description="inverse L2 strength of the logistic regression")
+    class_weight: Literal["auto", "balanced", "none"] = Field(
+        "auto", description="balanced: weigh each class's rows by its inverse frequency; auto: when the largest "
+        "class has 3x the rows of the smallest (the rule of train.class_weights)"
+    )
     solver: Literal["lbfgs", "saga"] = "lbfgs"
     max_iter: int = Field(1000, ge=1)
     tol: float = Field(1e-4, gt=0, description="the solver's stopping tolerance")
     dtype: Literal["float32", "float64"] = Field("float32", description="of the features and the weights")
+    num_threads: int | None = Field(
+        1, ge=1, description="threads of the solver's loss (OpenMP); null: every core. Its matrix products use one "
+        "thread anyway, and on busy cores more threads wait on each other"
+    )
 
     @field_validator("word_ngrams", "char_ngrams")
     @classmethod

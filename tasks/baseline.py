@@ -69,6 +69,7 @@ class BaselineResult:
     row_hashes: dict[str, str]
     description: str
     seconds: float
+    fits: dict[str, Any]  # per scored split: the rows fit on, features, solver iterations, balanced, seconds
 
     @classmethod
     def load(cls, out_dir: Path) -> BaselineResult:
@@ -84,7 +85,7 @@ class BaselineResult:
         summary = read_json(path)
         return cls(out_dir=out_dir, labels=tuple(summary["labels"]), metrics=summary["metrics"],
                    row_hashes=summary["row_hashes"], description=summary["description"],
-                   seconds=float(summary["seconds"]))
+                   seconds=float(summary["seconds"]), fits=summary["fits"])
 
     def predictions(self, split: str, prepared_dir: Path) -> np.ndarray:
         """The baseline's label id for every row of ``split`` (``test`` or ``validation``), in the row
@@ -167,7 +168,6 @@ def baseline(cfg: BaselineConfig, *, prepared: PrepareResult, out_dir: Path) -> 
     labels = tuple(read_labels(prepared_dir))
     splits = {name: read_split(prepared_dir, name) for name in ("train", "validation", "test")}
     ids = {name: _label_ids(frame, labels, name) for name, frame in splits.items()}
-    description = describe(cfg)
 
     started = time.perf_counter()
     metrics: dict[str, Any] = {}
@@ -194,6 +194,7 @@ def baseline(cfg: BaselineConfig, *, prepared: PrepareResult, out_dir: Path) -> 
                  metrics[split]["baseline"]["macro_f1"], metrics[split]["baseline"]["accuracy"], labels[majority],
                  metrics[split]["majority"]["macro_f1"], metrics[split]["majority"]["accuracy"])
     seconds = round(time.perf_counter() - started, 2)
+    description = describe(cfg, balanced=fits["test"]["balanced"])
 
     summary = {"description": description, "labels": list(labels), "metrics": metrics,
                "row_hashes": {name: row_hash(frame) for name, frame in splits.items()},
@@ -208,11 +209,12 @@ def baseline(cfg: BaselineConfig, *, prepared: PrepareResult, out_dir: Path) -> 
     return BaselineResult.load(out_dir)
 
 
-def describe(cfg: BaselineConfig) -> str:
-    """The recipe in one line, as tables and reports name it."""
+def describe(cfg: BaselineConfig, *, balanced: bool) -> str:
+    """The recipe in one line, as tables and reports name it (``balanced``: the fit weighed classes)."""
     word, char = cfg.word_ngrams, cfg.char_ngrams
     return (f"TF-IDF (word {word[0]}-{word[1]}, {cfg.char_analyzer} {char[0]}-{char[1]} n-grams, min_df {cfg.min_df}"
-            f"{', sublinear tf' if cfg.sublinear_tf else ''}) + logistic regression (C {cfg.C:g})")
+            f"{', sublinear tf' if cfg.sublinear_tf else ''}) + logistic regression (C {cfg.C:g}"
+            f"{', balanced class weights' if balanced else ''})")
 
 
 def metrics_for_dvc(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -255,8 +257,10 @@ def _fit(cfg: BaselineConfig, texts: list[str], y: np.ndarray) -> tuple[Any, dic
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import FeatureUnion, Pipeline
+    from threadpoolctl import threadpool_limits
 
     dtype = np.float32 if cfg.dtype == "float32" else np.float64
+    balanced = weigh_classes(cfg, y)
     shared = {"lowercase": cfg.lowercase, "sublinear_tf": cfg.sublinear_tf, "min_df": cfg.min_df,
               "max_features": cfg.max_features, "dtype": dtype}
     model = Pipeline([
@@ -265,9 +269,9 @@ def _fit(cfg: BaselineConfig, texts: list[str], y: np.ndarray) -> tuple[Any, dic
             ("char", TfidfVectorizer(analyzer=cfg.char_analyzer, ngram_range=cfg.char_ngrams, **shared)),
         ])),
         ("classifier", LogisticRegression(C=cfg.C, solver=cfg.solver, max_iter=cfg.max_iter, tol=cfg.tol,
-                                          random_state=0)),
+                                          class_weight="balanced" if balanced else None, random_state=0)),
     ])
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, threadpool_limits(limits=cfg.num_threads):
         warnings.simplefilter("always", ConvergenceWarning)
         try:
             model.fit(texts, y)
@@ -279,7 +283,17 @@ def _fit(cfg: BaselineConfig, texts: list[str], y: np.ndarray) -> tuple[Any, dic
         log.warning("baseline: the logistic regression stopped at baseline.max_iter (%d iterations) before "
                     "converging; its figures are those of the unconverged model", cfg.max_iter)
     features = sum(len(vectorizer.vocabulary_) for _, vectorizer in model.named_steps["features"].transformer_list)
-    return model, {"features": features, "iterations": iterations, "converged": converged}
+    return model, {"features": features, "iterations": iterations, "converged": converged, "balanced": balanced}
+
+
+def weigh_classes(cfg: BaselineConfig, y: np.ndarray) -> bool:
+    """Whether the fit weighs rows by their class's inverse frequency: ``balanced``, or ``auto`` on rows whose
+    largest class has 3x the rows of the smallest (the rule of ``train.class_weights``)."""
+    if cfg.class_weight != "auto":
+        return cfg.class_weight == "balanced"
+    counts = np.bincount(y)
+    present = counts[counts > 0]
+    return bool(present.max() >= 3 * present.min())
 
 
 def _probabilities(model: Any, texts: list[str], n_labels: int) -> np.ndarray:
