@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -200,12 +201,16 @@ def baseline(cfg: BaselineConfig, *, prepared: PrepareResult, out_dir: Path) -> 
                "row_hashes": {name: row_hash(frame) for name, frame in splits.items()},
                "fits": fits, "seconds": seconds}
     out_dir = Path(out_dir)
-    staging = staging_dir(out_dir)
-    for split, arrays in scored.items():
-        np.savez_compressed(staging / FITS[split][1], **arrays)
-    write_json(staging / METRICS_FILE, metrics_for_dvc(metrics))
-    write_json(staging / SUMMARY_FILE, summary)
-    swap_in(staging, out_dir)
+    staging = staging_dir(out_dir)  # written beside, then swapped in: readers never see old and new mixed
+    try:
+        for split, arrays in scored.items():
+            np.savez_compressed(staging / FITS[split][1], **arrays)
+        write_json(staging / METRICS_FILE, metrics_for_dvc(metrics))
+        write_json(staging / SUMMARY_FILE, summary)
+        swap_in(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return BaselineResult.load(out_dir)
 
 

@@ -139,3 +139,16 @@ def test_a_rerun_replaces_the_folder_whole(tmp_path):
     assert "word 1-1, char 3-4" in again.description
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["metrics.json", "baseline.json", "test_predictions.npz", "validation_predictions.npz"])
+
+
+def test_the_stage_runs_on_its_own_from_the_prepared_folder_and_loads_back(tmp_path):
+    from langops.config import parse_params
+    from langops.stages import run_stage, stage
+
+    write_prepared(tmp_path / "prepared")
+    params = parse_params({"paths": {"prepared": str(tmp_path / "prepared"), "baseline": str(tmp_path / "baseline")},
+                           "project": {"state_dir": str(tmp_path / "state")}})
+    result = run_stage("baseline", params)  # what `langops baseline` and `dvc repro` run
+    assert result.out_dir == tmp_path / "baseline"
+    assert stage("baseline").load(params) == result  # what evaluate gets when it runs on its own
+    assert stage("evaluate").needs == ("prepare", "baseline", "train")
