@@ -30,7 +30,17 @@ import numpy as np
 import pandas as pd
 
 from langops.config import BaselineConfig
-from langops.io import LABEL, LABELS_FILE, TEXT, read_json, read_labels, read_split, staging_dir, swap_in, write_json
+from langops.io import (
+    LABEL,
+    LABELS_FILE,
+    TEXT,
+    read_json,
+    read_labels,
+    read_split,
+    staging_dir,
+    swap_in,
+    write_json,
+)
 from langops.tasks.prepare import PrepareResult
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,12 @@ import pandas as pd
 import pytest
 
 from langops.config import BaselineConfig, EvaluateConfig
-from langops.metrics import calibrated_ece_range, classification_metrics, expected_calibration_error, reliability_bins
+from langops.metrics import (
+    calibrated_ece_range,
+    classification_metrics,
+    expected_calibration_error,
+    reliability_bins,
+)
 from langops.tasks.baseline import BaselineResult, StaleBaselineError, baseline
 from langops.tasks.evaluate import evaluate
 from langops.tasks.prepare import PrepareResult
@@ -158,14 +163,15 @@ def test_evaluate_refuses_labels_the_model_never_saw(tiny_trained_dir, prepared_
 def _summary(**overrides):
     from langops.flows.pipeline import PipelineSummary
 
-    fields = dict(
-        run_id="abc", model_name="langops-classifier", version="3", promoted=False, decision_reason="a tie",
-        champion_version="2", test_metrics={"accuracy": 0.81, "macro_f1": 0.79, "ece": 0.02},
-        int8_metrics={"accuracy": 0.8, "macro_f1": 0.78, "ece": 0.03},
-        majority_metrics={"accuracy": 0.24, "macro_f1": 0.065}, baseline_metrics={"accuracy": 0.78, "macro_f1": 0.77},
-        server_url=None, tracking_uri="sqlite:///x.db", shipped_model="int8 ONNX",
-    )
-    return PipelineSummary(**{**fields, **overrides})
+    return PipelineSummary(**{
+        "run_id": "abc", "model_name": "langops-classifier", "version": "3", "promoted": False,
+        "decision_reason": "a tie", "champion_version": "2",
+        "test_metrics": {"accuracy": 0.81, "macro_f1": 0.79, "ece": 0.02},
+        "int8_metrics": {"accuracy": 0.8, "macro_f1": 0.78, "ece": 0.03},
+        "majority_metrics": {"accuracy": 0.24, "macro_f1": 0.065},
+        "baseline_metrics": {"accuracy": 0.78, "macro_f1": 0.77},
+        "server_url": None, "tracking_uri": "sqlite:///x.db", "shipped_model": "int8 ONNX", **overrides,
+    })
 
 
 @pytest.mark.unit
