@@ -147,7 +147,8 @@ class PipelineSummary:
     champion_version: str | None
     test_metrics: dict[str, float]
     int8_metrics: dict[str, float]  # of the model that ships
-    majority_baseline_accuracy: float
+    majority_metrics: dict[str, float]  # the test split's most frequent class for every row
+    baseline_metrics: dict[str, float]  # TF-IDF + logistic regression fit on train + validation (tasks/baseline.py)
     server_url: str | None
     tracking_uri: str
     shipped_model: str = "int8 ONNX"  # what ships: "int8 ONNX", "fp32 ONNX", "int8 ONNX of the 3-layer student"
@@ -182,7 +183,8 @@ def training_pipeline(
         champion_version=shipped.champion_version,
         test_metrics={k: evaluation.metrics[k] for k in ("accuracy", "macro_f1", "ece")},
         int8_metrics={k: compression.metrics[k] for k in ("accuracy", "macro_f1", "ece")},
-        majority_baseline_accuracy=evaluation.metrics["majority_baseline_accuracy"],
+        majority_metrics=majority_metrics(evaluation.metrics),
+        baseline_metrics=baseline_metrics(evaluation.metrics),
         server_url=shipped.deployment.url if shipped.deployment is not None else None,
         tracking_uri=params.tracking_uri(),
         shipped_model=shipped.shipped_model,
@@ -210,8 +212,11 @@ class Shipped:
 
 def ship_trained_model(params: Params, prepared: Any, trained: Any) -> Shipped:
     """Evaluate, compress, register, gate and deploy a trained model (the stages after ``train``); the
-    sweep's best trial ends here."""
-    return ship(params, run_stages(params, {"prepare": prepared, "train": trained}, first="evaluate"))
+    sweep's best trial ends here. The baseline it is evaluated beside comes from the cache when the data
+    and ``baseline`` params are those it was fit for."""
+    baseline = run_cached("baseline", params, prepared=prepared)
+    return ship(params, run_stages(params, {"prepare": prepared, "baseline": baseline, "train": trained},
+                                   first="evaluate"))
 
 
 def ship(params: Params, results: dict[str, Any]) -> Shipped:
@@ -277,18 +282,36 @@ def validate_or_stop(params: Params, prepared: Any) -> Any:
 COMPOSED: dict[str, Callable[..., Any]] = {"validate": validate_or_stop, "promote": promote_challenger}
 
 
+def majority_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The majority class's test figures, from evaluate's metrics."""
+    return {"accuracy": metrics["majority_baseline_accuracy"], "macro_f1": metrics["majority_baseline_macro_f1"]}
+
+
+def baseline_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The TF-IDF baseline's test figures, from evaluate's metrics."""
+    return {"accuracy": metrics["baseline_accuracy"], "macro_f1": metrics["baseline_macro_f1"]}
+
+
+def metrics_table(metrics: dict[str, Any], compression: Any) -> list[dict[str, Any]]:
+    """Every model scored on the test split, side by side: majority class, TF-IDF baseline, torch, shipped."""
+    return [
+        {"model": "majority class", **majority_metrics(metrics), "ece": None},
+        {"model": "TF-IDF + logistic regression (baseline)", **baseline_metrics(metrics),
+         "ece": metrics["baseline"]["ece"]},
+        {"model": "torch (fp32)", "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "ece": metrics["ece"]},
+        {"model": f"{compression.shipped} ONNX (shipped)", "accuracy": compression.metrics["accuracy"],
+         "macro_f1": compression.metrics["macro_f1"], "ece": compression.metrics["ece"]},
+    ]
+
+
 def publish_metrics(metrics: dict[str, Any], compression: Any) -> None:
     rows = [
         {"class": row["label"], **{k: round(v, 4) for k, v in row.items() if k != "label"}}
         for row in metrics["per_class"].values()
     ]
     create_table_artifact(rows, key="test-metrics-per-class", description="Per-class metrics of the torch model on the test split")
-    overall = [
-        {"model": "torch (fp32)", "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "ece": metrics["ece"]},
-        {"model": f"{compression.shipped} ONNX (shipped)", "accuracy": compression.metrics["accuracy"],
-         "macro_f1": compression.metrics["macro_f1"], "ece": compression.metrics["ece"]},
-    ]
-    create_table_artifact(overall, key="test-metrics", description="Test-split metrics, torch vs the shipped model")
+    create_table_artifact(metrics_table(metrics, compression), key="test-metrics",
+                          description="Test-split metrics: majority class and TF-IDF baseline beside torch and the shipped model")
 
 
 def summary_markdown(summary: PipelineSummary, links: dict[str, str] | None = None) -> str:
@@ -299,9 +322,16 @@ def summary_markdown(summary: PipelineSummary, links: dict[str, str] | None = No
             "",
             f"- gate: {summary.decision_reason}",
             f"- champion now: version {summary.champion_version}",
-            f"- test accuracy / macro-F1 (torch): {summary.test_metrics['accuracy']:.4f} / {summary.test_metrics['macro_f1']:.4f}",
-            f"- test accuracy / macro-F1 ({summary.shipped_model}): {summary.int8_metrics['accuracy']:.4f} / {summary.int8_metrics['macro_f1']:.4f}",
-            f"- majority-class baseline accuracy: {summary.majority_baseline_accuracy:.4f}",
+            "",
+            "| test split | accuracy | macro-F1 |",
+            "|---|---|---|",
+            *(f"| {name} | {figures['accuracy']:.4f} | {figures['macro_f1']:.4f} |" for name, figures in (
+                ("majority class", summary.majority_metrics),
+                ("TF-IDF + logistic regression (baseline)", summary.baseline_metrics),
+                ("torch", summary.test_metrics),
+                (summary.shipped_model, summary.int8_metrics),
+            )),
+            "",
             f"- MLflow run: `{summary.run_id}` in `{summary.tracking_uri}`"
             + (f" ([run]({links['mlflow-run']}), [model version]({links['model-version']}))" if links else ""),
             f"- model server: {summary.server_url or 'not deployed'}",

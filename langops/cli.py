@@ -673,9 +673,9 @@ def _closing_summary(params: Params, summary, seconds: float) -> str:
         f"({'promoted to champion' if summary.promoted else 'not promoted'})",
         f"  gate             {summary.decision_reason}",
         f"  champion         version {summary.champion_version}",
-        f"  test accuracy    {summary.test_metrics['accuracy']:.4f} torch, {summary.int8_metrics['accuracy']:.4f} {summary.shipped_model} "
-        f"(majority-class baseline {summary.majority_baseline_accuracy:.4f})",
-        f"  test macro-F1    {summary.test_metrics['macro_f1']:.4f} torch, {summary.int8_metrics['macro_f1']:.4f} {summary.shipped_model}",
+        *(f"  test {name:<12}{summary.test_metrics[key]:.4f} torch, {summary.int8_metrics[key]:.4f} {summary.shipped_model}"
+          f" (TF-IDF baseline {summary.baseline_metrics[key]:.4f}, majority class {summary.majority_metrics[key]:.4f})"
+          for name, key in (("accuracy", "accuracy"), ("macro-F1", "macro_f1"))),
         f"  MLflow run       {summary.run_id}",
     ]
     if summary.server_url:

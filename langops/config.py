@@ -41,6 +41,7 @@ class PathsConfig(_Section):
     prepared: Path = Path("data/prepared")
     prepare_report: Path = Path("reports/prepare")  # split_changes.json: what a new data version moved
     validation: Path = Path("reports/validation")
+    baseline: Path = Path("reports/baseline")
     trained: Path = Path("models/trained")
     checkpoints: Path = Path("models/checkpoints")
     evaluation: Path = Path("reports/evaluation")
@@ -206,6 +207,46 @@ class ValidateConfig(_Section):
         if self.min_text_chars > self.max_text_chars:
             raise ValueError("min_text_chars must not exceed max_text_chars")
         return self
+
+
+class BaselineConfig(_Section):
+    """The TF-IDF + logistic-regression baseline fit beside the model on the same rows (``tasks/baseline.py``).
+
+    Word and character n-gram TF-IDF features side by side (a FeatureUnion), then a multinomial logistic
+    regression. The defaults are the reference recipe users compare with (word 1-2, character 2-5 grams,
+    C = 10); ``min_df``, ``dtype`` and the solver only make it cheaper (README, "The baseline").
+    """
+
+    word_ngrams: tuple[int, int] = Field((1, 2), description="word n-gram range (lower, upper)")
+    char_ngrams: tuple[int, int] = Field((2, 5), description="character n-gram range (lower, upper)")
+    char_analyzer: Literal["char", "char_wb"] = Field(
+        "char", description="char: n-grams across word boundaries; char_wb: n-grams inside words, padded with spaces"
+    )
+    lowercase: bool = True
+    sublinear_tf: bool = Field(False, description="1 + log(tf) instead of the raw count")
+    min_df: int = Field(2, ge=1, description="an n-gram seen in fewer training texts is no feature")
+    max_features: int | None = Field(None, ge=1, description="most frequent n-grams kept by each vectorizer; null: all")
+    C: float = Field(10.0, gt=0, description="inverse L2 strength of the logistic regression")
+    class_weight: Literal["auto", "balanced", "none"] = Field(
+        "auto", description="balanced: weigh each class's rows by its inverse frequency; auto: when the largest "
+        "class has 3x the rows of the smallest (the rule of train.class_weights)"
+    )
+    solver: Literal["lbfgs", "saga"] = "lbfgs"
+    max_iter: int = Field(1000, ge=1)
+    tol: float = Field(1e-4, gt=0, description="the solver's stopping tolerance")
+    dtype: Literal["float32", "float64"] = Field("float32", description="of the features and the weights")
+    num_threads: int | None = Field(
+        1, ge=1, description="threads of the solver's loss (OpenMP); null: every core. Its matrix products use one "
+        "thread anyway, and on busy cores more threads wait on each other"
+    )
+
+    @field_validator("word_ngrams", "char_ngrams")
+    @classmethod
+    def _ngram_range(cls, bounds: tuple[int, int]) -> tuple[int, int]:
+        low, high = bounds
+        if low < 1 or high < low:
+            raise ValueError(f"an n-gram range is (lower, upper) with 1 <= lower <= upper, got {list(bounds)}")
+        return bounds
 
 
 class LoraConfig(_Section):
@@ -663,6 +704,7 @@ with warnings.catch_warnings():
         data: DataConfig = DataConfig()
         prepare: PrepareConfig = PrepareConfig()
         validate: ValidateConfig = ValidateConfig()
+        baseline: BaselineConfig = BaselineConfig()
         train: TrainConfig = TrainConfig()
         evaluate: EvaluateConfig = EvaluateConfig()
         compress: CompressConfig = CompressConfig()

@@ -88,14 +88,16 @@ def classification_metrics(
     precision, recall, f1, support = precision_recall_fscore_support(
         y_true, y_pred, labels=ids, zero_division=0
     )
-    majority = np.bincount(y_true, minlength=len(labels)).max() / max(len(y_true), 1)
+    counts = np.bincount(y_true, minlength=len(labels))
+    majority = np.full(len(y_true), counts.argmax())  # the test split's most frequent class, for every row
     keys = label_keys(labels)
     return {
         "rows": len(y_true),
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "macro_f1": float(f1_score(y_true, y_pred, labels=ids, average="macro", zero_division=0)),
         "ece": expected_calibration_error(probs, y_true, calibration_bins),
-        "majority_baseline_accuracy": float(majority),
+        "majority_baseline_accuracy": float(counts.max() / max(len(y_true), 1)),
+        "majority_baseline_macro_f1": float(f1_score(y_true, majority, labels=ids, average="macro", zero_division=0)),
         "label_keys": {keys[name]: name for name in labels},
         "per_class": {
             keys[name]: {
@@ -111,9 +113,29 @@ def classification_metrics(
     }
 
 
+def reliability_bins(probs: np.ndarray, y_true: np.ndarray, n_bins: int = 15) -> dict[str, list[Any]]:
+    """The reliability diagram's numbers: top-label confidence in ``n_bins`` equal-width bins (the bins of
+    ``expected_calibration_error``), each bin's row count, mean confidence and accuracy (None when empty)."""
+    confidence = np.asarray(probs, dtype=float).max(axis=1)
+    correct = np.asarray(probs).argmax(axis=1) == np.asarray(y_true)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    bins = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, n_bins - 1)
+    counts = np.bincount(bins, minlength=n_bins)
+
+    def per_bin(values: np.ndarray) -> list[float | None]:
+        sums = np.bincount(bins, weights=values.astype(float), minlength=n_bins)
+        return [float(total / count) if count else None for total, count in zip(sums, counts)]
+
+    return {"edges": edges.tolist(), "counts": counts.tolist(), "confidence": per_bin(confidence),
+            "accuracy": per_bin(correct)}
+
+
 # evaluate's: the torch model before calibration, the temperature, and the ECE a perfectly calibrated model
 # with the same confidences stays under 95 times in 100 on as many rows (``calibrated_ece_range``)
 CALIBRATION_KEYS = ("ece_uncalibrated", "temperature", "ece_if_calibrated_p95")
+# evaluate's too: the TF-IDF + logistic-regression baseline (tasks/baseline.py) on the same test rows, and on
+# validation when fit on train alone
+BASELINE_KEYS = ("baseline_accuracy", "baseline_macro_f1", "baseline_val_accuracy", "baseline_val_macro_f1")
 
 
 def headline(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -129,6 +151,6 @@ def metrics_for_dvc(metrics: dict[str, Any]) -> dict[str, Any]:
     label key. The per-class table with the labels, the key map and the confusion matrix stay out: DVC
     would make a column of every string in them."""
     compact = {k: metrics[k] for k in ("rows", "accuracy", "macro_f1", "ece", "majority_baseline_accuracy")}
-    compact |= {k: metrics[k] for k in CALIBRATION_KEYS if k in metrics}
+    compact |= {k: metrics[k] for k in ("majority_baseline_macro_f1", *BASELINE_KEYS, *CALIBRATION_KEYS) if k in metrics}
     compact["f1"] = {key: row["f1"] for key, row in metrics["per_class"].items()}
     return compact

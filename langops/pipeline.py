@@ -27,6 +27,8 @@ from langops.config import Params
 from langops.io import jsonable, read_json, read_split, read_test_rows, write_json
 from langops.lineage import git_commit
 from langops.promotions import current_alias_version, record_decision
+from langops.tasks import baseline as baseline_step
+from langops.tasks.baseline import BaselineResult
 from langops.tasks.compress import REFERENCE_FILE, CompressionResult, compress
 from langops.tasks.distill import DistillResult, distill
 from langops.tasks.evaluate import EvaluationResult, evaluate
@@ -125,6 +127,14 @@ def compare_with_champion(params: Params, prepared: PrepareResult) -> Any:
     return report
 
 
+def run_baseline(params: Params, prepared: PrepareResult) -> BaselineResult:
+    """Fit the TF-IDF + logistic-regression baseline on the prepared splits: what evaluate and the gate set the
+    model beside. It records nothing in MLflow itself (no run is open yet); evaluate logs its figures."""
+    result = baseline_step.baseline(params.baseline, prepared=prepared, out_dir=params.paths.baseline)
+    log.info("baseline: %s, fit twice and scored in %.1f s", result.description, result.seconds)
+    return result
+
+
 @dataclass(frozen=True)
 class TrainRecord:
     """A trained model and where it is recorded: its MLflow run and lineage (``run_id`` is empty on a
@@ -190,13 +200,16 @@ def _run_train_with_torchrun(params: Params, devices: int) -> TrainRecord:
     return TrainRecord.load(params.paths.trained)
 
 
-def run_evaluate(params: Params, prepared: PrepareResult, trained: TrainRecord) -> EvaluationResult:
+def run_evaluate(
+    params: Params, prepared: PrepareResult, baseline: BaselineResult, trained: TrainRecord
+) -> EvaluationResult:
     result = evaluate(
         params.evaluate,
         trained_dir=trained.result.out_dir,
         prepared_dir=prepared.out_dir,
         out_dir=params.paths.evaluation,
         max_length=trained.result.max_length,
+        baseline=baseline,
     )
     tracking.log_evaluation(params, trained.run_id, result)
     return result
@@ -441,6 +454,10 @@ def load_validated(params: Params) -> ValidationResult:
     return ValidationResult.load(params.paths.validation)
 
 
+def load_baseline(params: Params) -> BaselineResult:
+    return BaselineResult.load(params.paths.baseline)
+
+
 def load_trained(params: Params) -> TrainRecord:
     return TrainRecord.load(params.paths.trained)
 
@@ -462,7 +479,7 @@ def load_registered(params: Params) -> RegistrationResult:
 
 
 ADAPTERS: tuple[Callable[..., Any], ...] = (
-    run_prepare, run_validate, run_train, run_evaluate, run_distill, run_compress, run_register,
+    run_prepare, run_validate, run_baseline, run_train, run_evaluate, run_distill, run_compress, run_register,
     run_promote, decide_promotion, record_promotion, run_deploy,
 )
 

@@ -31,7 +31,7 @@ from types import ModuleType
 from typing import Any, Literal
 
 from langops.config import Params
-from langops.tasks import compress, evaluate, prepare, register, validate
+from langops.tasks import baseline, compress, evaluate, prepare, register, validate
 
 RAW_DATA = "data/raw"  # where dvc.yaml looks for the dataset (data.source may name files anywhere)
 
@@ -128,10 +128,15 @@ PREPARED = Output("prepared", persist=True)
 SPLIT_CHANGES = Output("prepare_report", prepare.SPLIT_CHANGES_FILE, kind="metrics", cache=False)
 VALIDATION_REPORT = Output("validation", validate.REPORT_FILE, cache=False)
 VALIDATION_SUMMARY = Output("validation", validate.SUMMARY_FILE, kind="metrics", cache=False)
+BASELINE_SUMMARY = Output("baseline", baseline.SUMMARY_FILE)
+BASELINE_TEST_PREDICTIONS = Output("baseline", baseline.TEST_PREDICTIONS)
+BASELINE_VALIDATION_PREDICTIONS = Output("baseline", baseline.VALIDATION_PREDICTIONS)
+BASELINE_METRICS = Output("baseline", baseline.METRICS_FILE, kind="metrics", cache=False)
 TRAINED = Output("trained")
 CHECKPOINTS = Output("checkpoints", cache=False, persist=True)
 EVALUATION_PREDICTIONS = Output("evaluation", evaluate.PREDICTIONS_CSV, cache=False)
 EVALUATION_PNG = Output("evaluation", evaluate.CONFUSION_PNG, cache=False)
+RELIABILITY_PNG = Output("evaluation", evaluate.RELIABILITY_PNG, cache=False)
 EVALUATION_DETAILS = Output("evaluation", evaluate.DETAILS_FILE, cache=False)
 EVALUATION_METRICS = Output("evaluation", evaluate.METRICS_FILE, kind="metrics", cache=False)
 EVALUATION_CONFUSION = Output(
@@ -144,7 +149,7 @@ COMPRESSION_METRICS = Output("compression", compress.METRICS_FILE, kind="metrics
 REGISTRATION = Output("registration", register.SUMMARY_FILE, cache=False)
 PROMOTION = Output("promotion", cache=False)
 DEPLOYMENT = Output("deployment", cache=False)
-DVC_IMAGE_PLOTS = (EVALUATION_PNG,)  # shown by `dvc plots show` as they are
+DVC_IMAGE_PLOTS = (EVALUATION_PNG, RELIABILITY_PNG)  # shown by `dvc plots show` as they are
 
 STAGES: tuple[Stage, ...] = (
     Stage(
@@ -167,6 +172,17 @@ STAGES: tuple[Stage, ...] = (
         cached=True,
     ),
     Stage(
+        "baseline", adapter_name="run_baseline",
+        params=("baseline",),
+        deps=(PREPARED,),
+        after=(VALIDATION_SUMMARY,),  # never fit on data that failed validation; its report is no input
+        outs=(BASELINE_SUMMARY, BASELINE_TEST_PREDICTIONS, BASELINE_VALIDATION_PREDICTIONS, BASELINE_METRICS),
+        code=("langops.tasks.baseline",),
+        needs=("prepare",),
+        result="baseline", loader_name="load_baseline",
+        cached=True,
+    ),
+    Stage(
         "train", adapter_name="run_train",
         params=("project.seed", "train"),
         deps=(PREPARED,),
@@ -180,10 +196,11 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "evaluate", adapter_name="run_evaluate",
         params=("evaluate",),
-        deps=(PREPARED, TRAINED),
-        outs=(EVALUATION_PREDICTIONS, EVALUATION_PNG, EVALUATION_DETAILS, EVALUATION_METRICS, EVALUATION_CONFUSION),
+        deps=(PREPARED, TRAINED, BASELINE_SUMMARY, BASELINE_TEST_PREDICTIONS),
+        outs=(EVALUATION_PREDICTIONS, EVALUATION_PNG, RELIABILITY_PNG, EVALUATION_DETAILS, EVALUATION_METRICS,
+              EVALUATION_CONFUSION),
         code=("langops.tasks.evaluate",),
-        needs=("prepare", "train"),
+        needs=("prepare", "baseline", "train"),
         result="evaluated", loader_name="load_evaluated",
         cached=True,
     ),

@@ -263,12 +263,26 @@ def training_run(params: Params, lineage: dict[str, str], *, validation_dir: Pat
 
 
 def log_evaluation(params: Params, run_id: str, result: Any) -> None:
-    """Test metrics of the torch model (per class by label key) and every evaluation file."""
+    """Test metrics of the torch model (per class by label key), the majority class's and the TF-IDF
+    baseline's beside them, and every evaluation file (the confusion matrix and reliability diagram too).
+
+    The baseline's are ``test_baseline_accuracy`` / ``test_baseline_macro_f1`` (fit on train + validation)
+    and ``val_baseline_accuracy`` / ``val_baseline_macro_f1`` (fit on train alone), the majority class's
+    ``test_majority_baseline_accuracy`` / ``test_majority_baseline_macro_f1``.
+    """
     import mlflow
 
+    metrics = result.metrics
+    beside = {"test_majority_baseline_accuracy": metrics["majority_baseline_accuracy"],
+              "test_majority_baseline_macro_f1": metrics["majority_baseline_macro_f1"],
+              "test_baseline_accuracy": metrics["baseline_accuracy"],
+              "test_baseline_macro_f1": metrics["baseline_macro_f1"],
+              "val_baseline_accuracy": metrics["baseline_val_accuracy"],
+              "val_baseline_macro_f1": metrics["baseline_val_macro_f1"]}
     with resumed_run(params, run_id):
-        mlflow.log_metrics(headline(result.metrics, prefix="test_"))
-        mlflow.log_metric("test_majority_baseline_accuracy", result.metrics["majority_baseline_accuracy"])
+        mlflow.log_metrics(headline(metrics, prefix="test_"))
+        mlflow.log_metrics({name: float(value) for name, value in beside.items()})
+        mlflow.set_tag("langops.baseline", metrics["baseline"]["model"])
         mlflow.log_artifacts(str(result.metrics_path.parent), "evaluation")
 
 

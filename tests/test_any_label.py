@@ -1,4 +1,4 @@
-"""Any label name works end to end: generated label sets through prepare, validate, train, evaluate,
+"""Any label name works end to end: generated label sets through prepare, validate, baseline, train, evaluate,
 compress and register, then served, and every answer carries the labels exactly as the user wrote them.
 
 Each example is a whole pipeline on a tiny random BERT, so hypothesis draws few examples; every label
@@ -81,8 +81,9 @@ def test_any_label_set_trains_registers_and_serves_with_its_labels_intact(tiny_b
 
         prepared = pipeline.run_prepare(params)
         pipeline.run_validate(params, prepared)
+        fitted = pipeline.run_baseline(params, prepared)
         trained = pipeline.run_train(params, prepared)
-        evaluation = pipeline.run_evaluate(params, prepared, trained)
+        evaluation = pipeline.run_evaluate(params, prepared, fitted, trained)
         compressed = pipeline.run_compress(params, prepared, trained, pipeline.run_distill(params, prepared, trained))
         registration = pipeline.run_register(params, trained, compressed)
 
@@ -140,11 +141,13 @@ def test_a_77_intent_dataset_runs_through_langops_run_to_a_served_model(tmp_path
                                 text=True, timeout=900)
         assert result.returncode == 0, result.stderr[-3000:]
         assert "langops-classifier version 1 (promoted to champion)" in result.stdout
+        assert "(TF-IDF baseline " in result.stdout and "majority class " in result.stdout
 
         details = json.loads((tmp_path / "reports" / "evaluation" / "details.json").read_text())
         assert sorted(details["label_keys"].values()) == sorted(INTENT_LABELS)
         for_dvc = json.loads((tmp_path / "reports" / "evaluation" / "metrics.json").read_text())
         assert set(for_dvc["f1"]) == set(details["label_keys"])
+        assert for_dvc["baseline_macro_f1"] > 0.5 > for_dvc["majority_baseline_macro_f1"]  # 77 keyword pairs: learnable
         reply = httpx.post(f"http://127.0.0.1:{port}/predict", timeout=30,
                            json={"texts": ["w148 w149 please 7", "w150 w151 please 8", "w152 w153 please 9"]})
         assert reply.status_code == 200, reply.text

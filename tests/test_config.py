@@ -36,6 +36,8 @@ def test_overrides_parse_yaml_values():
         ("train.method=qlora", "train.method: Input should be 'lora' or 'full'"),
         ("data.labels=[a]", "data.labels: Value error, declare at least two labels"),
         ("validate.min_text_chars=50", "min_text_chars must not exceed max_text_chars"),
+        ("baseline.char_ngrams=[5, 2]", "baseline.char_ngrams: Value error, an n-gram range is (lower, upper)"),
+        ("baseline.C=0", "baseline.C: Input should be greater than 0"),
     ],
 )
 def test_bad_values_are_rejected_with_the_key_named(override, message, tmp_path):

@@ -17,7 +17,7 @@ from pipeline_helpers import tiny_project_params, write_params
 pytestmark = pytest.mark.flow
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ["prepare", "validate", "train", "evaluate", "distill", "compress", "register", "promote", "deploy"]
+STAGES = ["prepare", "validate", "baseline", "train", "evaluate", "distill", "compress", "register", "promote", "deploy"]
 
 
 def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -61,7 +61,10 @@ def test_dvc_repro_runs_every_stage_then_nothing_then_only_what_a_param_change_t
     shown = _run(["dvc", "metrics", "show", "--json"], dvc_project)
     assert "macro_f1" in shown.stdout
     plots = json.loads(_run(["dvc", "plots", "show", "--json"], dvc_project).stdout)
-    assert {"reports/evaluation/confusion.csv", "reports/evaluation/confusion_matrix.png"} <= set(plots["data"])
+    assert {"reports/evaluation/confusion.csv", "reports/evaluation/confusion_matrix.png",
+            "reports/evaluation/reliability_diagram.png"} <= set(plots["data"])
+    baseline = json.loads((dvc_project / "reports/baseline/metrics.json").read_text())
+    assert baseline["test"]["baseline"]["macro_f1"] == pytest.approx(metrics["baseline_macro_f1"])
     pushed = _run(["dvc", "push"], dvc_project)
     assert "pushed" in pushed.stdout and any((dvc_project / ".langops" / "dvc-remote").rglob("*"))
 
@@ -83,6 +86,7 @@ def test_dvc_repro_runs_every_stage_then_nothing_then_only_what_a_param_change_t
     _run(["git", "-c", "user.email=t@example.invalid", "-c", "user.name=t", "commit", "-qm", "baseline"], dvc_project)
     experiment = _run(["dvc", "exp", "run", "-S", "train.learning_rate=0.02"], dvc_project)
     assert "Running stage 'prepare'" not in experiment.stdout and "Running stage 'validate'" not in experiment.stdout
+    assert "Running stage 'baseline'" not in experiment.stdout  # a train knob leaves the baseline as it was
     assert "Running stage 'train'" in experiment.stdout and "Running stage 'register'" in experiment.stdout
     diff = json.loads(_run(["dvc", "metrics", "diff", "--all", "--json"], dvc_project).stdout)
     accuracy = diff["reports/evaluation/metrics.json"]["accuracy"]

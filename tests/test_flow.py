@@ -76,11 +76,17 @@ def test_pipeline_registers_promotes_and_serves_then_a_tie_leaves_the_champion(p
         assert version.tags.get(tag), f"lineage tag {tag} missing: {version.tags}"
     assert version.tags["langops.decision"] == "promoted"
     run = client.get_run(summary.run_id)
-    assert {"test_accuracy", "test_macro_f1", "int8_test_accuracy", "val_macro_f1"} <= set(run.data.metrics)
+    assert {"test_accuracy", "test_macro_f1", "int8_test_accuracy", "val_macro_f1", "test_baseline_macro_f1",
+            "test_baseline_accuracy", "val_baseline_macro_f1", "test_majority_baseline_macro_f1"} <= set(run.data.metrics)
     assert run.data.params["train.method"] == "full"
-    assert {"validation-report", "test-metrics", "promotion-decision", "pipeline-summary"} <= set(
-        flow_run_artifacts(state.state_details.flow_run_id)
-    )
+    artifacts = flow_run_artifacts(state.state_details.flow_run_id)
+    assert {"validation-report", "test-metrics", "promotion-decision", "pipeline-summary"} <= set(artifacts)
+    side_by_side = json.dumps(artifacts["test-metrics"]["data"])
+    assert all(model in side_by_side for model in ("majority class", "TF-IDF", "torch (fp32)", "(shipped)"))
+    assert "TF-IDF + logistic regression (baseline)" in artifacts["pipeline-summary"]["data"]
+    assert summary.baseline_metrics["macro_f1"] == run.data.metrics["test_baseline_macro_f1"]
+    evaluation_files = {f.path for f in client.list_artifacts(summary.run_id, "evaluation")}
+    assert {"evaluation/confusion_matrix.png", "evaluation/reliability_diagram.png"} <= evaluation_files
 
     # The server deployed by the flow answers over real HTTP with the champion's version.
     reply = httpx.post(f"{summary.server_url}/predict", json={"texts": ["I was charged twice for my order"]}, timeout=30)
@@ -105,8 +111,8 @@ def test_pipeline_registers_promotes_and_serves_then_a_tie_leaves_the_champion(p
     shutil.rmtree(root / "models" / "trained")
     second_state = training_pipeline(params_path=str(root / "params.yaml"), return_state=True)
     states = _task_run_states(second_state.state_details.flow_run_id)
-    assert (states["prepare"], states["validate"], states["train"], states["register"]) == (
-        "Cached", "Cached", "Completed", "Completed"
+    assert (states["prepare"], states["validate"], states["baseline"], states["train"], states["register"]) == (
+        "Cached", "Cached", "Cached", "Completed", "Completed"
     ), states
     second = second_state.result()
     assert (second.version, second.promoted, second.champion_version) == ("2", False, "1")
@@ -120,7 +126,7 @@ def test_pipeline_registers_promotes_and_serves_then_a_tie_leaves_the_champion(p
     assert [(e.event, e.from_version, e.to_version, e.actor) for e in history] == [("promote", None, "1", "pipeline")]
 
 
-CACHED_STEPS = ("prepare", "validate", "train", "evaluate", "compress", "register")
+CACHED_STEPS = ("prepare", "validate", "baseline", "train", "evaluate", "compress", "register")
 
 
 FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}

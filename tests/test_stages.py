@@ -82,8 +82,11 @@ def test_no_step_output_is_named_outside_the_step_that_writes_it():
     sources = [*(REPO / "langops").rglob("*.py"), *(REPO / "flows").glob("*.py"), *(REPO / "tasks").glob("*.py")]
     for name in sorted(outputs):
         literal = re.compile(rf"[\"']{re.escape(name)}[\"']")
-        writers = [path.relative_to(REPO).as_posix() for path in sources if literal.search(path.read_text())]
-        assert len(writers) <= 2 and all(w.startswith("tasks/") for w in writers), (name, writers)
+        writers = {path.relative_to(REPO).as_posix() for path in sources if literal.search(path.read_text())}
+        # several steps may each write a file of that name (metrics.json) into their own folder
+        steps = {code_file(module) for stage in STAGES if any(o.file == name for o in stage.outs)
+                 for module in stage.code}
+        assert writers <= steps, (name, sorted(writers - steps))
 
 
 def _first_party_imports() -> dict[str, set[str]]:
