@@ -41,7 +41,7 @@ from langops.metrics import classification_metrics
 from langops.pipeline import challenger_evidence, compared_rows, shipped_model_evidence
 from langops.tasks.compress import compress
 from langops.tasks.prepare import PrepareResult, has_text, prepare
-from langops.tasks.promote import ComparedRows, decide
+from langops.tasks.promote import BASELINE_MARGIN, ComparedRows, decide
 from langops.tasks.train import train
 from langops.text_hashes import MANIFEST_FILE, TextManifest, text_hashes
 
@@ -101,7 +101,9 @@ def judge(side: str, v2: PrepareResult, champion_dir: Path, challenger: Any, par
     champion_ev = shipped_model_evidence(v2, champion_dir, "1", compare_with=challenger_ev.labels)
     rows = compared_rows(v2, {"champion version 1": champion_dir, "challenger version 2": challenger.out_dir})
     compared = rows if side == "after" else ComparedRows(keep=(True,) * rows.total)
-    decision = decide(challenger_ev, champion_ev, params.promote, compared=compared)
+    floors = {k: v for k, v in params.promote.thresholds.items() if k != BASELINE_MARGIN}  # the rows are the point
+    decision = decide(challenger_ev, champion_ev, params.promote.model_copy(update={"thresholds": floors}),
+                      compared=compared)
     keep = np.asarray(compared.keep)
     test = pd.read_parquet(split_path(v2.out_dir, "test"))
     champion_trained = TextManifest.load(champion_dir / MANIFEST_FILE).seen_any(text_hashes(test["text"]))

@@ -240,10 +240,10 @@ class PromotionApproval(RunInput):
     comment: str = ""
 
 
-def promote_challenger(params: Params, prepared: Any, compressed: Any, registered: RegistrationResult, *,
+def promote_challenger(params: Params, prepared: Any, baseline: Any, compressed: Any, registered: RegistrationResult, *,
                        cause: str = ""):
     """The gate, then (when params ask for it) a person, then the record; the flow pauses in between."""
-    decision = decide_promotion(params, prepared, compressed, registered)
+    decision = decide_promotion(params, prepared, baseline, compressed, registered)
     if params.promote.require_approval and decision.promote and not decision.forced:
         create_markdown_artifact(
             decision.to_markdown(), key="promotion-awaiting-approval", description="The gate passed: approve or reject"

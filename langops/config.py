@@ -399,7 +399,11 @@ class PromoteConfig(_Section):
     confidence: float = Field(0.95, gt=0.5, lt=1, description="two-sided level of the bootstrap interval")
     bootstrap_samples: int = Field(2000, ge=100)
     mcnemar_alpha: float = Field(0.05, gt=0, lt=1, description="for accuracy: McNemar's test must reject at this level")
-    thresholds: dict[str, float] = Field(default_factory=lambda: {"macro_f1": 0.5, "accuracy": 0.5})
+    thresholds: dict[str, float] = Field(
+        default_factory=lambda: {"macro_f1": 0.5, "accuracy": 0.5, "baseline_margin": 0.005},
+        description="metric -> floor (a ceiling for ece); baseline_margin: the lower bound of the paired bootstrap "
+        "interval of model - TF-IDF baseline on the primary metric must reach it (absent: no floor)",
+    )
     guards: dict[str, float] = Field(
         default_factory=lambda: {"ece": 0.03, "recall_*": 0.10},
         description="metric -> largest regression allowed vs the champion; recall_* means every class",

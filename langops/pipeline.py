@@ -34,6 +34,7 @@ from langops.tasks.distill import DistillResult, distill
 from langops.tasks.evaluate import EvaluationResult, evaluate
 from langops.tasks.prepare import PrepareResult, prepare
 from langops.tasks.promote import (
+    BASELINE_NAME,
     ComparedRows,
     Decision,
     ModelEvidence,
@@ -253,6 +254,7 @@ def run_register(params: Params, trained: TrainRecord, compressed: CompressionRe
 def run_promote(
     params: Params,
     prepared: PrepareResult,
+    baseline: BaselineResult,
     compressed: CompressionResult,
     registered: RegistrationResult,
     *,
@@ -267,7 +269,7 @@ def run_promote(
     ``approve(decision)`` returns ``(approved, reviewer, comment)``. Without an ``approve`` (the DVC stage,
     the CLI) nobody can be asked, so the challenger is not promoted and the record says why.
     """
-    decision = decide_promotion(params, prepared, compressed, registered, force_reason=force_reason)
+    decision = decide_promotion(params, prepared, baseline, compressed, registered, force_reason=force_reason)
     if params.promote.require_approval and decision.promote and not decision.forced:
         if approve is None:
             decision = with_approval(decision, approved=False, reviewer=NO_APPROVER,
@@ -281,16 +283,18 @@ def run_promote(
 def decide_promotion(
     params: Params,
     prepared: PrepareResult,
+    baseline: BaselineResult,
     compressed: CompressionResult,
     registered: RegistrationResult,
     *,
     force_reason: str | None = None,
 ) -> Decision:
-    """Gather evidence for challenger and champion on the same test rows and run the gate.
+    """Gather evidence for challenger, champion and baseline on the same test rows and run the gate.
 
-    Both are judged as they ship: the challenger's compressed model and the champion's registered one,
-    each scored here on the current test split, so the comparison is paired row by row. The challenger
-    must also load and answer in a fresh process, the way the server will load it.
+    The models are judged as they ship: the challenger's compressed model and the champion's registered
+    one, each scored here on the current test split, so the comparison is paired row by row; the baseline's
+    predictions on those rows come from the baseline step. The challenger must also load and answer in a
+    fresh process, the way the server will load it.
     """
     from langops.serving.infra_check import check_servable
 
@@ -313,7 +317,23 @@ def decide_promotion(
         compared = compared_rows(prepared, {f"champion version {champion_version}": champion_dir,
                                             f"challenger version {registered.version}": compressed.out_dir})
     shadow = shadow_evidence(params, challenger.version, champion_version) if params.promote.shadow_evidence else None
-    return decide(challenger, champion, params.promote, compared=compared, force_reason=force_reason, shadow=shadow)
+    return decide(challenger, champion, params.promote, baseline=baseline_evidence(prepared, baseline, challenger.labels),
+                  compared=compared, force_reason=force_reason, shadow=shadow)
+
+
+def baseline_evidence(prepared: PrepareResult, baseline: BaselineResult, labels: Sequence[str]) -> ModelEvidence:
+    """The baseline's per-row test predictions as gate evidence, for the model's labels.
+
+    Raises:
+        StaleBaselineError: the baseline was made for other prepared rows.
+        ValueError: its labels are not the model's.
+    """
+    if tuple(baseline.labels) != tuple(labels):
+        raise ValueError(f"the baseline knows labels {list(baseline.labels)}, the model {list(labels)}: run the "
+                         "baseline step again on this prepared data")
+    texts, y_true = read_test_rows(prepared.out_dir, labels)
+    return ModelEvidence.from_probabilities(BASELINE_NAME, labels, y_true, baseline.test_probabilities(prepared.out_dir),
+                                            text_lengths=tuple(len(t) for t in texts))
 
 
 def compared_rows(prepared: PrepareResult, model_dirs: dict[str, Path]) -> ComparedRows:

@@ -237,10 +237,10 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "promote", adapter_name="run_promote",
         params=("promote", "deploy.rollout", "register.model_name", "tracking"),
-        deps=(REGISTRATION,),
+        deps=(REGISTRATION, BASELINE_SUMMARY, BASELINE_TEST_PREDICTIONS),
         outs=(PROMOTION,),
         code=("langops.tasks.promote",),
-        needs=("prepare", "compress", "register"),
+        needs=("prepare", "baseline", "compress", "register"),
     ),
     Stage(
         "deploy", adapter_name="run_deploy",

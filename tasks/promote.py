@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,8 @@ DECISION_FILE = "decision.json"
 DECISION_REPORT = "decision.md"
 BOOTSTRAP_SEED = 20240601  # fixed: the same evidence always gives the same decision
 LOWER_IS_BETTER = frozenset({"ece"})
+BASELINE_MARGIN = "baseline_margin"  # the key of promote.thresholds that is the floor against the baseline
+BASELINE_NAME = "TF-IDF + logistic regression"
 
 
 def greater_is_better(metric: str) -> bool:
@@ -79,7 +81,6 @@ class ModelEvidence:
         Raises:
             ValueError: the evidence has no per-row probabilities to recompute from.
         """
-        from dataclasses import replace
 
         if self.probabilities is None or self.y_true is None:
             raise ValueError(f"version {self.version}'s evidence has no per-row probabilities to restrict")
@@ -221,6 +222,7 @@ def decide(
     champion: ModelEvidence | None,
     policy: PromoteConfig,
     *,
+    baseline: ModelEvidence | None = None,
     compared: ComparedRows | None = None,
     force_reason: str | None = None,
     shadow: ShadowEvidence | None = None,
@@ -228,7 +230,9 @@ def decide(
     """Judge the challenger; every check is spelled out in the decision, passed or not.
 
     Absolute checks (any model): parity with the torch model, servable (loaded and answered in a fresh
-    process, as the server loads it), ``thresholds``, latency and size budgets, on the whole test split.
+    process, as the server loads it), ``thresholds``, latency and size budgets, on the whole test split;
+    and, with ``thresholds.baseline_margin``, the floor: the primary metric's paired bootstrap interval of
+    challenger - ``baseline`` (TF-IDF + logistic regression on the same test rows) must clear the margin.
     Against a champion (on the same rows, less those ``compared`` removes because either model trained on
     them; fewer than ``min_compared_rows`` left is a refusal to judge): the primary metric's paired
     bootstrap interval must clear ``min_absolute_change`` and ``min_relative_change`` (for accuracy
@@ -250,6 +254,7 @@ def decide(
         _parity(challenger),
         Check("servable", challenger.servable is True, challenger.servable_detail),
         *_thresholds(challenger, policy),
+        *_beats_baseline(challenger, baseline, policy),
         *_budgets(challenger, policy),
     ]
     if champion is not None:
@@ -315,8 +320,6 @@ def already_champion(version: str, policy: PromoteConfig, *, force_reason: str |
 
 def with_approval(decision: Decision, *, approved: bool, reviewer: str, comment: str = "") -> Decision:
     """The decision after a person's review: a rejection stops a passing challenger, and is recorded."""
-    from dataclasses import replace
-
     detail = f"{'approved' if approved else 'rejected'} by {reviewer}" + (f": {comment}" if comment else "")
     return replace(
         decision,
@@ -335,6 +338,8 @@ def _parity(challenger: ModelEvidence) -> Check:
 def _thresholds(challenger: ModelEvidence, policy: PromoteConfig) -> list[Check]:
     checks = []
     for metric, threshold in sorted(policy.thresholds.items()):
+        if metric == BASELINE_MARGIN:
+            continue
         value = challenger.metrics.get(metric)
         name = f"threshold:{metric}"
         if value is None or math.isnan(value):
@@ -344,6 +349,28 @@ def _thresholds(challenger: ModelEvidence, policy: PromoteConfig) -> list[Check]
         else:
             checks.append(Check(name, value <= threshold, f"{value:.4f} <= {threshold:.4f}", value, threshold))
     return checks
+
+
+def _beats_baseline(challenger: ModelEvidence, baseline: ModelEvidence | None, policy: PromoteConfig) -> list[Check]:
+    """The floor: a model that a linear model on n-grams matches is not worth serving."""
+    margin = policy.thresholds.get(BASELINE_MARGIN)
+    if margin is None:
+        return []
+    name = f"beats_baseline:{policy.primary_metric}"
+    if baseline is None or not baseline.evaluated:
+        return [Check(name, False, f"no {BASELINE_NAME} predictions on the test rows to compare with: run the "
+                                   "baseline step (langops baseline)")]
+    if not challenger.evaluated or baseline.y_true != challenger.y_true or baseline.labels != challenger.labels:
+        return [Check(name, False, "the baseline was scored on other test rows or labels than the challenger: "
+                                   "run the baseline step again on this prepared data")]
+    check = _paired_difference(name, challenger, baseline, policy, required=margin, against=BASELINE_NAME)
+    if check.passed:
+        return [check]
+    return [replace(check, detail=check.detail + (
+        f"; the fine-tuned model does not beat a linear model on word and character n-grams here. Try a longer or "
+        "stronger recipe (train.method: full, a higher train.learning_rate, more data), a larger base model "
+        f"(train.base_model), or lower promote.thresholds.{BASELINE_MARGIN} if a tie with the baseline is "
+        "acceptable"))]
 
 
 def _budgets(challenger: ModelEvidence, policy: PromoteConfig) -> list[Check]:
@@ -413,23 +440,35 @@ def describe_label_change(champion: ModelEvidence, challenger: ModelEvidence, sh
 
 
 def _primary(challenger: ModelEvidence, champion: ModelEvidence, policy: PromoteConfig) -> Check:
+    required = max(policy.min_absolute_change,
+                   policy.min_relative_change * _metric(policy.primary_metric, np.asarray(challenger.y_true),
+                                                        np.asarray(champion.y_pred), len(challenger.labels)))
+    check = _paired_difference(f"beats_champion:{policy.primary_metric}", challenger, champion, policy,
+                               required=required, against=f"champion version {champion.version}")
+    if check.interval == (0.0, 0.0) and check.value == check.reference:
+        return replace(check, detail=f"tie: identical predictions ({check.value:.4f}); a tie never replaces the champion")
+    return check
+
+
+def _paired_difference(
+    name: str, ours: ModelEvidence, theirs: ModelEvidence, policy: PromoteConfig, *, required: float, against: str
+) -> Check:
+    """Passes when the lower bound of the paired bootstrap interval of ours - theirs on the primary metric
+    (the same rows resampled for both) reaches ``required``, and ours is ahead on the point values."""
     metric = policy.primary_metric
-    name = f"beats_champion:{metric}"
-    y_true = np.asarray(challenger.y_true)
-    ours, theirs = np.asarray(challenger.y_pred), np.asarray(champion.y_pred)
-    k = len(challenger.labels)
-    point_ours, point_theirs = _metric(metric, y_true, ours, k), _metric(metric, y_true, theirs, k)
-    if np.array_equal(ours, theirs):
-        return Check(name, False, f"tie: identical predictions ({point_ours:.4f}); a tie never replaces the champion",
-                     point_ours, point_theirs, (0.0, 0.0))
+    y_true = np.asarray(ours.y_true)
+    ours_pred, theirs_pred = np.asarray(ours.y_pred), np.asarray(theirs.y_pred)
+    k = len(ours.labels)
+    point_ours, point_theirs = _metric(metric, y_true, ours_pred, k), _metric(metric, y_true, theirs_pred, k)
+    if np.array_equal(ours_pred, theirs_pred):
+        return Check(name, False, f"identical predictions ({point_ours:.4f} each)", point_ours, point_theirs, (0.0, 0.0))
     low, high = paired_bootstrap_interval(
-        metric, y_true, ours, theirs, k, samples=policy.bootstrap_samples, confidence=policy.confidence
+        metric, y_true, ours_pred, theirs_pred, k, samples=policy.bootstrap_samples, confidence=policy.confidence
     )
-    required = max(policy.min_absolute_change, policy.min_relative_change * point_theirs)
     delta = point_ours - point_theirs
     detail = (
-        f"{point_ours:.4f} vs {point_theirs:.4f}: difference {delta:+.4f}, {policy.confidence:.0%} interval "
-        f"[{low:+.4f}, {high:+.4f}] (lower bound needs >= {required:+.4f})"
+        f"{point_ours:.4f} vs {against} {point_theirs:.4f}: difference {delta:+.4f}, {policy.confidence:.0%} "
+        f"interval [{low:+.4f}, {high:+.4f}] (lower bound needs >= {required:+.4f})"
     )
     return Check(name, low >= required and delta > 0, detail, point_ours, point_theirs, (low, high))
 

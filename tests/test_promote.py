@@ -360,3 +360,33 @@ def test_the_recall_guard_of_a_class_with_few_compared_rows_is_reported_not_gate
     strict = POLICY.model_copy(update={"min_class_rows": 40})
     assert "guard:recall_technical" in [c.name for c in decide(evidence("2", y, challenger_pred),
                                                                  evidence("1", y, champion_pred), strict).failed]
+
+
+# --------------------------------------------------------------- the floor: the TF-IDF baseline
+
+
+def test_a_challenger_that_does_not_beat_the_baseline_beyond_noise_is_refused_with_both_figures():
+    y = gold(1000)
+    baseline = evidence("TF-IDF + logistic regression", y, predictions(y, 0.85, 3))
+    policy = POLICY.model_copy(update={"thresholds": {**POLICY.thresholds, "baseline_margin": 0.005}})
+
+    level = decide(evidence("1", y, predictions(y, 0.86, 1)), None, policy, baseline=baseline)
+    ahead = decide(evidence("1", y, predictions(y, 0.95, 1)), None, policy, baseline=baseline)
+
+    assert not level.promote and [c.name for c in level.failed] == ["beats_baseline:macro_f1"]
+    assert "0.8595 vs TF-IDF + logistic regression 0.8494" in level.reason and "lower bound needs >= +0.0050" in level.reason
+    assert "train.method: full" in level.reason
+    assert ahead.promote
+    floor = next(c for c in ahead.checks if c.name == "beats_baseline:macro_f1")
+    assert floor.value > floor.reference and floor.interval[0] >= 0.005
+
+
+def test_without_a_margin_there_is_no_floor_and_without_a_baseline_a_margin_refuses():
+    y = gold(300)
+    no_floor = POLICY.model_copy(update={"thresholds": {"macro_f1": 0.5}})
+    assert not any(c.name.startswith("beats_baseline") for c in decide(evidence("1", y, y), None, no_floor).checks)
+    floor = POLICY.model_copy(update={"thresholds": {"baseline_margin": 0.0}})
+    missing = decide(evidence("1", y, y), None, floor)
+    assert not missing.promote and "run the baseline step" in missing.reason
+    other_rows = decide(evidence("1", y, y), None, floor, baseline=evidence("baseline", gold(300, seed=9), y))
+    assert "scored on other test rows" in other_rows.reason
