@@ -61,7 +61,8 @@ def tiny_project_params(root: Path, base_model: Path, **sections: dict[str, Any]
         },
         "compress": {"min_label_agreement": 0.5, "max_fp32_logit_diff": 0.01, "latency_runs": 5},
         "promote": {
-            "thresholds": {"macro_f1": 0.0, "accuracy": 0.0},
+            "thresholds": {"macro_f1": 0.0, "accuracy": 0.0},  # no baseline floor: a tiny random model would not pass
+            "min_compared_rows": 20,  # 360 demo rows leave about 55 test rows
             "max_latency_ms": {"batch1_p50": 1000.0, "batch1_p95": 2000.0, "batch32_p50": 20000.0, "batch32_p95": 40000.0},
         },
         "deploy": {"enabled": False, "port": free_port(), "poll_seconds": 0.5},
