@@ -81,7 +81,6 @@ class ModelEvidence:
         Raises:
             ValueError: the evidence has no per-row probabilities to recompute from.
         """
-
         if self.probabilities is None or self.y_true is None:
             raise ValueError(f"version {self.version}'s evidence has no per-row probabilities to restrict")
         keep = np.asarray(keep, dtype=bool)
@@ -130,12 +129,7 @@ class ComparedRows:
         return int(sum(self.keep))
 
     def describe(self) -> str:
-        removed = ", ".join(f"{n} in {why}" for why, n in self.removed.items() if n)
-        line = f"{self.compared} of {self.total} test rows" + (f" (removed: {removed})" if removed else ", none removed")
-        if self.without_manifest:
-            line += (f"; version {', '.join(self.without_manifest)} has no training manifest (shipped before "
-                     "manifests), so rows it trained on could not be removed")
-        return line
+        return describe_compared(self.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
         return {"test_rows": self.total, "compared": self.compared, "removed": dict(self.removed),
@@ -178,7 +172,7 @@ class Decision:
             f"- challenger: version {self.challenger_version}",
             f"- champion before: {('version ' + self.champion_version) if self.champion_version else 'none'}",
             f"- primary metric: `{self.primary_metric}`",
-            *([f"- compared on: {_describe_compared(self.compared_rows)}"] if self.compared_rows else []),
+            *([f"- compared on: {describe_compared(self.compared_rows)}"] if self.compared_rows else []),
             f"- reason: {self.reason}",
             f"- decided at: {self.decided_at}",
         ]
@@ -197,10 +191,15 @@ class Decision:
         return record, report
 
 
-def _describe_compared(compared: dict[str, Any]) -> str:
+def describe_compared(compared: dict[str, Any]) -> str:
+    """``ComparedRows.to_dict()`` in words: what was compared, what was removed as trained on, and why."""
     removed = ", ".join(f"{n} in {why}" for why, n in compared["removed"].items() if n)
-    return (f"{compared['compared']} of {compared['test_rows']} test rows that neither model trained on"
-            + (f" (removed: {removed})" if removed else ""))
+    line = (f"{compared['compared']} of {compared['test_rows']} test rows"
+            + (f" (removed as trained on: {removed})" if removed else ", none trained on by either model"))
+    if compared["without_manifest"]:
+        line += (f"; version {', '.join(compared['without_manifest'])} has no training manifest (shipped before "
+                 "manifests), so rows it trained on could not be removed")
+    return line
 
 
 @dataclass(frozen=True)

@@ -343,4 +343,4 @@ def test_a_challenger_on_grown_data_is_compared_only_on_rows_neither_model_train
     champion = reseeded["champion_version"]
     assert compared["removed"][f"champion version {champion}'s train split"] > 0
     gate = next(check for check in reseeded["checks"] if check["name"] == "compared_rows")
-    assert f"{compared['compared']} of {compared['test_rows']} test rows (removed: " in gate["detail"]
+    assert f"{compared['compared']} of {compared['test_rows']} test rows (removed as trained on: " in gate["detail"]

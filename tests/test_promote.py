@@ -315,8 +315,9 @@ def test_rows_the_champion_trained_on_are_removed_before_the_two_are_compared():
     assert on_unseen_rows.compared_rows == {"test_rows": 1000, "compared": 400, "without_manifest": [],
                                             "removed": {"champion version 1's train split": 600}}
     record = next(c for c in on_unseen_rows.checks if c.name == "compared_rows")
-    assert record.passed and "400 of 1000 test rows (removed: 600 in champion version 1's train split)" in record.detail
-    assert "compared on: 400 of 1000 test rows that neither model trained on" in on_unseen_rows.to_markdown()
+    assert record.passed and ("400 of 1000 test rows (removed as trained on: 600 in champion version 1's train split)"
+                              in record.detail)
+    assert "compared on: 400 of 1000 test rows (removed as trained on: 600" in on_unseen_rows.to_markdown()
 
 
 def test_too_few_unseen_rows_is_a_refusal_with_the_fix_and_forcing_still_records_the_rows():
