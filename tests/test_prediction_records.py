@@ -21,12 +21,14 @@ from conftest import LABELS
 from pipeline_helpers import REPO_PARAMS
 from serving_helpers import LiveServer, free_port, running_server, serving_local, wait_until
 
-from langops.prediction_records import FEEDBACK_FILE
+from langops.prediction_records import FEEDBACK_FILE, LoggedTexts, export_feedback
 from langops.serving.app import ServerSettings
 
 RECORD_KEYS = ["time", "request_id", "endpoint", "model_name", "version", "label", "confidence", "probabilities",
                "text_chars", "tokens", "unknown_share", "embedding"]
 TEXTS = ["I was charged twice this month", "where is my ☃ parcel?"]
+PARCEL = "my parcel never arrived and the tracking page is empty"
+CANCEL = "please cancel my subscription today"
 
 
 @pytest.fixture(scope="module")
@@ -239,6 +241,52 @@ def test_export_says_when_the_texts_were_not_kept(tmp_path: Path) -> None:
     with pytest.raises(NoTextsKept, match="prediction_log_text: raw"):
         export_feedback(tmp_path, tmp_path / "out.csv")
     assert not (tmp_path / "out.csv").exists()
+
+
+@pytest.mark.unit
+def test_old_logs_with_a_reused_id_name_several_texts_and_issued_ids_name_one() -> None:
+    old = [{"request_id": "order-4711-0"}, {"request_id": "order-4711-0"}, {"request_id": "single-1-0"},
+           {"request_id": "batch-9-0"}, {"request_id": "batch-9-1"}]
+    issued = "0192f3a1b2c4d5e6f708192a3b4c5d6e"
+    new = [{"request_id": f"{issued}-0", "client_request_id": "order-4711"},
+           {"request_id": f"{issued}-1", "client_request_id": "order-4711"},
+           {"request_id": "f" * 32 + "-0", "client_request_id": None}]
+    logged = LoggedTexts.of_records([*old, *new])
+    assert logged.find("order-4711-0") == [0, 1, 5]  # two old texts and the new request's first
+    assert logged.find("single-1") == [2] and logged.find("single-1-0") == [2]
+    assert logged.find("batch-9") == [3, 4] and logged.find("batch-9-1") == [4]
+    assert logged.find(f"{issued}-1") == [6] and logged.find(issued) == [5, 6]
+    assert logged.find("f" * 32) == [7] and logged.find("nobody-0") == []
+
+
+@pytest.mark.unit
+def test_the_export_leaves_out_an_id_that_names_several_logged_texts_and_says_so(project: Path, tmp_path: Path) -> None:
+    """A log written before the server issued its own ids: both texts of two requests sent as order-4711
+    were logged as order-4711-0, and the export once wrote the last one with the first one's label."""
+    log_dir = tmp_path / "log"
+    log_dir.mkdir()
+    records = [("order-4711-0", PARCEL), ("order-4711-0", CANCEL), ("order-4712-0", "the app crashes on login")]
+    probabilities = {"billing": 0.2, "shipping": 0.5, "technical": 0.3}
+    (log_dir / "predictions.jsonl").write_text("".join(
+        json.dumps({"time": "2025-01-01T00:00:00+00:00", "request_id": rid, "probabilities": probabilities,
+                    "text": text}) + "\n" for rid, text in records))
+    (log_dir / FEEDBACK_FILE).write_text("".join(
+        json.dumps({"time": "2025-01-02T00:00:00+00:00", "request_id": rid, "label": label}) + "\n"
+        for rid, label in [("order-4711-0", "shipping"), ("order-4712-0", "technical")]))
+
+    result = export_feedback(log_dir, tmp_path / "direct.csv")
+    assert (result.rows, result.ambiguous, result.ambiguous_examples) == (1, 1, (("order-4711-0", 2),))
+
+    output = tmp_path / "feedback.csv"
+    exported = _langops("feedback", "export", "--log-dir", str(log_dir), "--output", str(output), cwd=project)
+    assert exported.returncode == 3, exported.stdout + exported.stderr
+    assert "skipped 1 whose id names more than one logged text" in exported.stdout
+    assert "left out 1 feedback labels whose id names more than one logged text ('order-4711-0' names 2 texts" \
+        in exported.stderr and "--skip-ambiguous" in exported.stderr
+    assert pd.read_csv(output).values.tolist() == [["the app crashes on login", "technical"]]
+    accepted = _langops("feedback", "export", "--log-dir", str(log_dir), "--output", str(output), "--skip-ambiguous",
+                        cwd=project)
+    assert accepted.returncode == 0 and "left out 1" in accepted.stderr
 
 
 @pytest.mark.unit
