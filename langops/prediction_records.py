@@ -3,13 +3,15 @@
 One schema serves the server's prediction log, the reference set the compress step writes beside the
 model, and ``langops feedback export``:
 
-``{"time", "request_id", "endpoint", "model_name", "version", "label", "confidence", "probabilities",
-"text_chars", "tokens", "unknown_share", "embedding"}``, plus ``text_sha256`` or ``text`` when
-``prediction_log_text`` says so. ``request_id`` names one text: ``<request id>-<index in the request>``.
+``{"time", "request_id", "client_request_id", "endpoint", "model_name", "version", "label", "confidence",
+"probabilities", "text_chars", "tokens", "unknown_share", "embedding"}``, plus ``text_sha256`` or ``text`` when
+``prediction_log_text`` says so. ``request_id`` names one text: ``<request id>-<index in the request>``, where the
+request id is the one the server issued (``new_request_id``), unique whatever the client sent;
+``client_request_id`` is the client's own ``X-Request-Id`` (or null), which clients may reuse.
 
-Feedback is ``{"time", "request_id", "label"}`` lines in ``feedback*.jsonl`` beside the prediction log. A
-request id may be the client's own ``X-Request-Id``, which clients reuse and retry, so one id may name several
-logged texts: ``LoggedTexts`` joins a label only to a name that fits exactly one logged text.
+Feedback is ``{"time", "request_id", "label"}`` lines in ``feedback*.jsonl`` beside the prediction log. Logs
+written before the server issued its own ids carry the client's id in ``request_id``, so one id may name
+several texts there: ``LoggedTexts`` joins a label only to a name that fits exactly one logged text.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import re
+import time as clock
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -44,8 +48,17 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
+def new_request_id() -> str:
+    """The id the server issues for a request: 32 hex digits, the time in ms (12) then 80 random bits (20).
+
+    Random bits make it unique across worker processes and restarts with no coordination; the time prefix
+    keeps ids in issue order (the index of issued ids stays append-only) and tells when one was issued.
+    """
+    return f"{int(clock.time() * 1000) & 0xFFFF_FFFF_FFFF:012x}{os.urandom(10).hex()}"
+
+
 def is_safe_request_id(value: str) -> bool:
-    """A client's ``X-Request-Id`` is honoured only when this holds; otherwise the server makes one."""
+    """A client's ``X-Request-Id`` is kept (as ``client_request_id``) only when this holds; else it is dropped."""
     return REQUEST_ID_PATTERN.fullmatch(value) is not None
 
 
@@ -65,6 +78,7 @@ def text_id(request_id: str, index: int) -> str:
 def prediction_rows(
     *,
     request_id: str,
+    client_request_id: str | None = None,
     endpoint: str,
     model_name: str,
     version: str,
@@ -82,6 +96,7 @@ def prediction_rows(
         record: dict[str, Any] = {} if time is None else {"time": time}
         record |= {
             "request_id": text_id(request_id, index),
+            "client_request_id": client_request_id,
             "endpoint": endpoint,
             "model_name": model_name,
             "version": version,
