@@ -491,7 +491,7 @@ class ServerConfig(_Section):
         "its id is forgotten and feedback naming it is refused as unknown (`langops feedback import` has no limit)",
     )
     feedback_max_requests: int = Field(
-        1_000_000, ge=1, description="issued ids the server remembers for feedback, newest first (about 100 bytes "
+        1_000_000, ge=1, description="issued ids the server remembers for feedback, newest first (about 150 bytes "
         "each on disk): bounds the window under heavy traffic",
     )
     rollout: RolloutConfig = RolloutConfig()
