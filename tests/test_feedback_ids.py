@@ -200,3 +200,16 @@ def test_the_index_forgets_the_oldest_ids_beyond_its_bound(tmp_path: Path, monke
         assert index.lookup([f"{ids[2]}-0"], now=time.time() + 2 * 3600)[0].texts == 0  # past the window
     finally:
         index.close()
+
+
+@pytest.mark.model
+def test_an_index_that_cannot_open_leaves_predictions_served_and_refuses_feedback_with_the_reason(
+    compressed_dir: Path, log_dir: Path
+) -> None:
+    (log_dir / "issued-ids.sqlite3").mkdir(parents=True)  # a folder where the file should be: SQLite cannot open it
+    with serving_local(settings_for(compressed_dir, log_dir)) as live, live.client() as http:
+        answer = http.post("/predict", json={"text": PARCEL})
+        assert answer.status_code == 200, answer.text
+        refused = http.post("/feedback", json={"request_id": f"{answer.headers['X-Request-Id']}-0", "label": "billing"})
+        assert refused.status_code == 503 and "the index of issued ids did not open" in refused.json()["detail"]
+        assert "unable to open database file" in refused.json()["detail"]
