@@ -231,9 +231,9 @@ def log_files(log_dir: Path, pattern: str) -> list[Path]:
 class LoggedTexts:
     """Every name a logged text answers to, so that a feedback label joins the one text it names or none.
 
-    A text answers to names the server issued, its id (``<request id>-<index>``) and, when its request had one
-    text, the request id; and to names its client chose: ``client_request_id`` (every text of every request
-    that carried it) and ``<client_request_id>-<index>``. Records written before the server issued its own
+    A text answers to names the server issued, its id (``<request id>-<index>``) and its request's id (which
+    names every text of the request: a match only for a request of one text); and to names its client chose:
+    ``client_request_id`` (every text of every request that carried it) and ``<client_request_id>-<index>``. Records written before the server issued its own
     ids (no ``client_request_id`` key) carry the client's id in ``request_id``, so their names are the
     client's. An issued name is looked up first; otherwise every text a client's name fits counts. One text
     found is a match; several, an ambiguous name (a reused or retried id) that must not be resolved to any.
