@@ -245,6 +245,11 @@ def _parser() -> argparse.ArgumentParser:
     feedback_export.add_argument("--output", type=Path, default=Path("data/feedback.csv"),
                                  help="the CSV to write (default: data/feedback.csv); then `dvc add` it")
     feedback_export.add_argument("--log-dir", type=Path, help=log_dir_help)
+    feedback_export.add_argument(
+        "--skip-ambiguous", action="store_true",
+        help="exit 0 even when some labels were left out because their id names more than one logged text "
+        "(a client's id reused in logs written before the server issued its own ids); they are still counted",
+    )
     feedback_export.set_defaults(handler=_feedback_export)
     return parser
 
@@ -296,6 +301,8 @@ def _feedback_import(params: Params, args: argparse.Namespace) -> int:
 
 
 def _feedback_export(params: Params, args: argparse.Namespace) -> int:
+    """Write the dataset; exit 1 when there is none to write, 3 when labels were left out as ambiguous (the CSV
+    holds the rest) unless ``--skip-ambiguous``, else 0."""
     from langops.prediction_records import NoTextsKept, export_feedback
 
     try:
@@ -306,12 +313,22 @@ def _feedback_export(params: Params, args: argparse.Namespace) -> int:
     print(f"wrote {result.rows} labelled texts to {result.output} from {result.feedback} feedback labels")
     skipped = {"naming no logged prediction (not logged, sampled out or rotated away)": result.unmatched,
                "whose prediction was logged without its text (prediction_log_text is not raw)": result.without_text,
-               "with a label the answering model does not have": result.unknown_label}
+               "with a label the answering model does not have": result.unknown_label,
+               "whose id names more than one logged text (ambiguous: never joined to one of them)": result.ambiguous}
     for why, count in skipped.items():
         if count:
             print(f"  skipped {count} {why}")
     print(f"track it with: dvc add {result.output}   train on it with: --set data.source={result.output}")
-    return 0
+    if not result.ambiguous:
+        return 0
+    examples = ", ".join(f"{name!r} names {count} texts" for name, count in result.ambiguous_examples)
+    print(f"langops: left out {result.ambiguous} feedback labels whose id names more than one logged text ({examples}"
+          f"{', ...' if result.ambiguous > len(result.ambiguous_examples) else ''}): a client's own X-Request-Id that "
+          "several requests carried (retried or reused; in logs written before the server issued its own ids, the "
+          "only id there is); no label was joined to a guess. Label "
+          "those texts again by the ids the server issued, or rerun with --skip-ambiguous to accept the dataset "
+          "without them", file=sys.stderr)
+    return 0 if args.skip_ambiguous else 3
 
 
 def _run(params: Params, args: argparse.Namespace) -> int:

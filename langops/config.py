@@ -531,6 +531,14 @@ class ServerConfig(_Section):
     prediction_log_max_bytes: int = Field(10_485_760, ge=1024, description="size of one log file before it rotates")
     prediction_log_backups: int = Field(5, ge=1, description="rotated log files kept")
     prediction_log_queue: int = Field(10_000, ge=1, description="records waiting for the writer before drops")
+    feedback_window_hours: float = Field(
+        168.0, gt=0, description="how long after a prediction POST /feedback accepts a label for it; after that "
+        "its id is forgotten and feedback naming it is refused as unknown (`langops feedback import` has no limit)",
+    )
+    feedback_max_requests: int = Field(
+        1_000_000, ge=1, description="issued ids the server remembers for feedback, newest first (about 150 bytes "
+        "each on disk): bounds the window under heavy traffic",
+    )
     rollout: RolloutConfig = RolloutConfig()
 
     @model_validator(mode="before")

@@ -16,6 +16,7 @@ The Prefect parts (tasks, the markdown artifact, ``emit_event``) live in the flo
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
 
     from langops.monitoring import DriftReport
+
+logger = logging.getLogger(__name__)
 
 EVENT_DRIFT = "langops.monitor.drift"  # the verdict is drift, or the (estimated or fed-back) accuracy dropped
 EVENT_FEEDBACK = "langops.monitor.feedback"  # enough new feedback labels to retrain on
@@ -149,7 +152,12 @@ def check_window(params: Params, model: MonitoredModel, *, now: datetime | None 
     log_dir = prediction_log_dir(params)
     feedback = read_feedback(log_files(log_dir, FEEDBACK_FILES)) if log_dir.is_dir() else read_feedback([])
     loaded = load_window(log_dir, cfg, now=now, version=model.version, model_name=model.model_name, feedback=feedback)
-    report = detect_drift(reference, loaded.frame, cfg, skipped_lines=loaded.skipped_lines)
+    if loaded.ambiguous_feedback:
+        logger.warning("%d feedback ids left out of the window's accuracy: each names more than one logged text "
+                       "(e.g. %s)", loaded.ambiguous_feedback,
+                       ", ".join(f"{name!r}: {count} texts" for name, count in loaded.ambiguous_examples))
+    report = detect_drift(reference, loaded.frame, cfg, skipped_lines=loaded.skipped_lines,
+                          ambiguous_feedback=loaded.ambiguous_feedback)
     folder = (report_root or params.paths.monitoring) / now.strftime("%Y%m%dT%H%M%SZ")
     write_report(report, folder)
     drops = {c.name: float(c.score) for c in report.checks
@@ -176,6 +184,7 @@ def report_metrics(report: DriftReport) -> dict[str, float]:
     """The numbers of a report as flat MLflow metrics: ``<check>.score``/``.p_value``, rows, accuracy estimates."""
     metrics: dict[str, float] = {"rows": float(report.rows), "reference_rows": float(report.reference_rows),
                                  "skipped_lines": float(report.skipped_lines),
+                                 "ambiguous_feedback": float(report.ambiguous_feedback),
                                  "drift": float(report.verdict == "drift"),
                                  "drifted_checks": float(sum(c.drifted for c in report.checks))}
     for check in report.checks:

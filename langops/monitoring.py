@@ -30,8 +30,10 @@ The checks, and what each answers:
   reference's real accuracy by more than ``accuracy_drop_margin`` and a one-sided z-test (the estimate's and
   the reference accuracy's standard errors) rejects "no drop".
 * ``feedback_accuracy``: real accuracy and macro-F1 on window rows whose feedback label arrived (joined by
-  ``request_id``), judged once ``min_feedback_rows`` have: flagged when it is more than the margin below the
-  reference's and a one-sided binomial test rejects "as accurate as the reference".
+  ``request_id`` to the one logged text it names, ``langops.prediction_records.LoggedTexts``; an id that names
+  several, reused by clients in logs written before the server issued its own ids, is left out and counted),
+  judged once ``min_feedback_rows`` have: flagged when it is more than the margin below the reference's and a
+  one-sided binomial test rejects "as accurate as the reference".
 
 False alarms: every test with a p-value (six on the inputs and outputs, two on accuracy) is corrected with
 the others (Holm by default, or Bonferroni), so on
@@ -64,9 +66,12 @@ import numpy as np
 import pandas as pd
 
 from langops.config import MonitorConfig
+from langops.prediction_records import LoggedTexts
 
 LOG_GLOB = "predictions*.jsonl*"  # predictions.jsonl and its rotations predictions.jsonl.1, .2, ...
 TRUE_LABEL = "true_label"  # the feedback label joined onto a window, and the reference's real label
+ISSUED = "issued_id"  # read from a record with client_request_id: its request_id is the server's own
+ID_COLUMNS = ("client_request_id", ISSUED)  # optional in a record (logs before issued ids lack both)
 EMBEDDING_DIM = 32
 REQUIRED: dict[str, tuple[type, ...]] = {
     "time": (str,),
@@ -102,14 +107,16 @@ class LoadedWindow:
     skipped_examples: tuple[str, ...]
     start: datetime
     end: datetime
+    ambiguous_feedback: int = 0  # feedback ids left out: each names several logged texts
+    ambiguous_examples: tuple[tuple[str, int], ...] = ()  # a few of them, with how many texts each names
 
 
 def read_prediction_logs(paths: Iterable[Path]) -> tuple[pd.DataFrame, int, int, tuple[str, ...]]:
     """Parse JSON-lines prediction logs; a corrupt or incomplete line is skipped and counted, never fatal.
 
     Returns:
-        (frame with ``COLUMNS`` plus any ``text``/``text_sha256``, lines read, lines skipped, a few skipped
-        lines' reasons).
+        (frame with ``COLUMNS``, ``ID_COLUMNS`` and any ``text``/``text_sha256``, lines read, lines skipped, a
+        few skipped lines' reasons).
     """
     rows: list[dict[str, Any]] = []
     lines = skipped = 0
@@ -127,12 +134,13 @@ def read_prediction_logs(paths: Iterable[Path]) -> tuple[pd.DataFrame, int, int,
                 except json.JSONDecodeError as error:
                     reason = f"not JSON ({error.msg})"
                 if reason is None:
+                    record[ISSUED] = "client_request_id" in record
                     rows.append(record)
                 else:
                     skipped += 1
                     if len(examples) < 5:
                         examples.append(f"{path.name}:{number}: {reason}")
-    frame = pd.DataFrame(rows, columns=[*COLUMNS, *_optional(rows)])
+    frame = pd.DataFrame(rows, columns=[*COLUMNS, *ID_COLUMNS, *_optional(rows)])
     frame["time"] = pd.to_datetime(frame["time"], utc=True, format="ISO8601")
     frame["confidence"] = frame["confidence"].astype(float)
     frame["unknown_share"] = frame["unknown_share"].astype(float)
@@ -178,14 +186,53 @@ def read_feedback(paths: Iterable[Path]) -> pd.DataFrame:
     return frame
 
 
+@dataclass(frozen=True)
+class FeedbackMatch:
+    """Feedback joined to logged rows: a label per row, and the ids that named no row or several."""
+
+    labels: pd.Series  # the true label of each row (None where no feedback names it alone)
+    unmatched: int
+    ambiguous: dict[str, int]  # id -> how many rows it names: left out, never joined to one of them
+
+
+def match_feedback(frame: pd.DataFrame, feedback: pd.DataFrame) -> FeedbackMatch:
+    """Join each feedback id to the one row of ``frame`` it names (``LoggedTexts``); the latest label wins.
+
+    An id that names several rows (a client's id reused in logs written before the server issued its own)
+    is left out and counted; so is one that names none. Ambiguity is judged among ``frame``'s rows: give it
+    the whole log, not a window cut from it.
+    """
+    logged = LoggedTexts()
+    clients = frame["client_request_id"] if "client_request_id" in frame else pd.Series(None, index=frame.index)
+    issued = frame[ISSUED] if ISSUED in frame else pd.Series(False, index=frame.index)
+    for record_id, client, own in zip(frame["request_id"], clients, issued, strict=True):
+        logged.add(record_id if isinstance(record_id, str) else None, client if isinstance(client, str) else None,
+                   issued=bool(own) if isinstance(own, bool | np.bool_) else False)
+    joined: dict[int, str] = {}
+    unmatched, ambiguous = 0, {}
+    if not feedback.empty:
+        times = pd.to_datetime(feedback["time"], utc=True, errors="coerce", format="ISO8601")
+        latest = feedback.assign(_t=times).sort_values("_t", kind="stable").drop_duplicates("request_id", keep="last")
+        for name, label in zip(latest["request_id"], latest["label"], strict=True):  # oldest first
+            found = logged.find(name)
+            if not found:
+                unmatched += 1
+            elif len(found) > 1:
+                ambiguous[name] = len(found)
+            else:
+                joined.pop(found[0], None)
+                joined[found[0]] = label
+    labels = np.full(len(frame), None, dtype=object)
+    for position, label in joined.items():
+        labels[position] = label
+    return FeedbackMatch(labels=pd.Series(labels, index=frame.index, dtype=object), unmatched=unmatched,
+                         ambiguous=ambiguous)
+
+
 def join_feedback(window: pd.DataFrame, feedback: pd.DataFrame) -> pd.DataFrame:
-    """``window`` with ``true_label`` from ``feedback`` by ``request_id`` (latest feedback wins; else NaN)."""
-    if feedback.empty:
-        return window.assign(**{TRUE_LABEL: pd.Series(None, index=window.index, dtype=object)})
-    latest = feedback.assign(_t=pd.to_datetime(feedback["time"], utc=True, errors="coerce", format="ISO8601"))
-    latest = latest.sort_values("_t", kind="stable").drop_duplicates("request_id", keep="last")
-    labels = latest.set_index("request_id")["label"]
-    return window.assign(**{TRUE_LABEL: window["request_id"].map(labels)})
+    """``window`` with ``true_label`` from ``feedback`` (``match_feedback``: the latest label of the one row an
+    id names; None elsewhere)."""
+    return window.assign(**{TRUE_LABEL: match_feedback(window, feedback).labels})
 
 
 def load_window(
@@ -205,25 +252,29 @@ def load_window(
         now: the window's end (default: the current UTC time).
         version: keep this model version only (default: every version in the window).
         model_name: keep this registered model only.
-        feedback: ``read_feedback`` rows to join by ``request_id`` into ``true_label``.
+        feedback: ``read_feedback`` rows to join into ``true_label`` (``match_feedback``, over the whole log,
+            so an id that names several logged texts is left out even when only one is in the window).
 
     Returns:
-        A ``LoadedWindow`` with the rows sorted by time and the count of corrupt lines skipped.
+        A ``LoadedWindow`` with the rows sorted by time, the count of corrupt lines skipped and of feedback ids
+        left out as ambiguous.
     """
     end = now or datetime.now(timezone.utc)
     start = end - timedelta(hours=cfg.window_hours)
     files = tuple(sorted(Path(log_dir).glob(LOG_GLOB)))
     frame, lines, skipped, examples = read_prediction_logs(files)
+    match = match_feedback(frame, feedback if feedback is not None else pd.DataFrame(columns=["request_id", "label",
+                                                                                              "time"]))
+    frame = frame.assign(**{TRUE_LABEL: match.labels})
     keep = (frame["time"] > pd.Timestamp(start)) & (frame["time"] <= pd.Timestamp(end))
     if version is not None:
         keep &= frame["version"] == version
     if model_name is not None:
         keep &= frame["model_name"] == model_name
     frame = frame[keep].sort_values("time", kind="stable").tail(cfg.max_rows).reset_index(drop=True)
-    frame = join_feedback(frame, feedback if feedback is not None else pd.DataFrame(columns=["request_id", "label",
-                                                                                              "time"]))
     return LoadedWindow(frame=frame, files=files, lines=lines, skipped_lines=skipped,
-                        skipped_examples=examples, start=start, end=end)
+                        skipped_examples=examples, start=start, end=end, ambiguous_feedback=len(match.ambiguous),
+                        ambiguous_examples=tuple(list(match.ambiguous.items())[:5]))
 
 
 # --------------------------------------------------------------------------------------------- results
@@ -269,6 +320,7 @@ class DriftReport:
     checks: tuple[Check, ...]
     histograms: dict[str, Histogram] = field(default_factory=dict)
     skipped_lines: int = 0
+    ambiguous_feedback: int = 0  # feedback ids left out of the join: each names several logged texts
 
     def check(self, name: str) -> Check:
         for check in self.checks:
@@ -290,6 +342,9 @@ class DriftReport:
                   f"- tests corrected by {self.correction} for a family-wise false alarm rate of {self.alpha:g}"]
         if self.skipped_lines:
             lines.append(f"- corrupt log lines skipped: {self.skipped_lines}")
+        if self.ambiguous_feedback:
+            lines.append(f"- feedback left out: {self.ambiguous_feedback} ids each name more than one logged text "
+                         "(a client's id reused before the server issued its own); feedback must name the issued id")
         lines += ["", "## Reasons", ""] + [f"- {reason}" for reason in self.reasons]
         if self.checks:
             lines += ["", "## Checks", "", "| check | score | floor | p (corrected) | drift | details |",
@@ -614,6 +669,7 @@ def detect_drift(
     *,
     labels: Sequence[str] | None = None,
     skipped_lines: int = 0,
+    ambiguous_feedback: int = 0,
 ) -> DriftReport:
     """Compare a window of logged predictions with the reference and give one verdict.
 
@@ -624,6 +680,7 @@ def detect_drift(
         cfg: the ``monitor`` section.
         labels: the model's labels in probability order (default: the reference's probability keys).
         skipped_lines: corrupt log lines ``load_window`` skipped, carried into the report.
+        ambiguous_feedback: feedback ids ``load_window`` left out as ambiguous, carried into the report.
 
     Returns:
         A ``DriftReport``: ``no_verdict`` below ``cfg.min_rows`` rows, else ``drift`` when any check flagged,
@@ -634,7 +691,8 @@ def detect_drift(
     span = (times.min().isoformat(), times.max().isoformat()) if len(current) else (None, None)
     base = {"rows": len(current), "reference_rows": len(reference), "start": span[0], "end": span[1],
                 "versions": tuple(sorted(current["version"].unique())) if len(current) else (),
-                "alpha": cfg.alpha, "correction": cfg.correction, "skipped_lines": skipped_lines}
+                "alpha": cfg.alpha, "correction": cfg.correction, "skipped_lines": skipped_lines,
+                "ambiguous_feedback": ambiguous_feedback}
     if len(current) < cfg.min_rows:
         reason = f"{len(current)} rows in the window, {cfg.min_rows} needed for a verdict"
         return DriftReport(verdict="no_verdict", reasons=(reason,), checks=(), **base)

@@ -3,11 +3,15 @@
 One schema serves the server's prediction log, the reference set the compress step writes beside the
 model, and ``langops feedback export``:
 
-``{"time", "request_id", "endpoint", "model_name", "version", "label", "confidence", "probabilities",
-"text_chars", "tokens", "unknown_share", "embedding"}``, plus ``text_sha256`` or ``text`` when
-``prediction_log_text`` says so. ``request_id`` names one text: ``<request id>-<index in the request>``.
+``{"time", "request_id", "client_request_id", "endpoint", "model_name", "version", "label", "confidence",
+"probabilities", "text_chars", "tokens", "unknown_share", "embedding"}``, plus ``text_sha256`` or ``text`` when
+``prediction_log_text`` says so. ``request_id`` names one text: ``<request id>-<index in the request>``, where the
+request id is the one the server issued (``new_request_id``), unique whatever the client sent;
+``client_request_id`` is the client's own ``X-Request-Id`` (or null), which clients may reuse.
 
-Feedback is ``{"time", "request_id", "label"}`` lines in ``feedback*.jsonl`` beside the prediction log.
+Feedback is ``{"time", "request_id", "label"}`` lines in ``feedback*.jsonl`` beside the prediction log. Logs
+written before the server issued its own ids carry the client's id in ``request_id``, so one id may name
+several texts there: ``LoggedTexts`` joins a label only to a name that fits exactly one logged text.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import re
+import time as clock
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -42,9 +48,26 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
+def new_request_id() -> str:
+    """The id the server issues for a request: 32 hex digits, the time in ms (12) then 80 random bits (20).
+
+    Random bits make it unique across worker processes and restarts with no coordination; the time prefix
+    keeps ids in issue order (the index of issued ids stays append-only) and tells when one was issued.
+    """
+    return f"{int(clock.time() * 1000) & 0xFFFF_FFFF_FFFF:012x}{os.urandom(10).hex()}"
+
+
 def is_safe_request_id(value: str) -> bool:
-    """A client's ``X-Request-Id`` is honoured only when this holds; otherwise the server makes one."""
+    """A client's ``X-Request-Id`` is kept (as ``client_request_id``) only when this holds; else it is dropped."""
     return REQUEST_ID_PATTERN.fullmatch(value) is not None
+
+
+def split_text_id(name: str) -> tuple[str, int] | None:
+    """``(request id, index)`` of a name shaped ``<request id>-<index>``, else None."""
+    request, dash, index = name.rpartition("-")
+    if not dash or not request or not index.isdigit() or len(index) > 6:
+        return None
+    return request, int(index)
 
 
 def text_id(request_id: str, index: int) -> str:
@@ -55,6 +78,7 @@ def text_id(request_id: str, index: int) -> str:
 def prediction_rows(
     *,
     request_id: str,
+    client_request_id: str | None = None,
     endpoint: str,
     model_name: str,
     version: str,
@@ -72,6 +96,7 @@ def prediction_rows(
         record: dict[str, Any] = {} if time is None else {"time": time}
         record |= {
             "request_id": text_id(request_id, index),
+            "client_request_id": client_request_id,
             "endpoint": endpoint,
             "model_name": model_name,
             "version": version,
@@ -203,6 +228,52 @@ def log_files(log_dir: Path, pattern: str) -> list[Path]:
     return sorted(Path(log_dir).glob(pattern), key=age)
 
 
+class LoggedTexts:
+    """Every name a logged text answers to, so that a feedback label joins the one text it names or none.
+
+    A text answers to names the server issued, its id (``<request id>-<index>``) and its request's id (which
+    names every text of the request: a match only for a request of one text); and to names its client chose:
+    ``client_request_id`` (every text of every request that carried it) and ``<client_request_id>-<index>``. Records written before the server issued its own
+    ids (no ``client_request_id`` key) carry the client's id in ``request_id``, so their names are the
+    client's. An issued name is looked up first; otherwise every text a client's name fits counts. One text
+    found is a match; several, an ambiguous name (a reused or retried id) that must not be resolved to any.
+    """
+
+    def __init__(self) -> None:
+        self._issued: dict[str, list[int]] = {}
+        self._chosen: dict[str, list[int]] = {}
+        self.size = 0
+
+    @classmethod
+    def of_records(cls, records: Iterable[dict[str, Any]]) -> LoggedTexts:
+        """The names of prediction records, positions in iteration order (records without a string id too)."""
+        logged = cls()
+        for record in records:
+            record_id, client = record.get("request_id"), record.get("client_request_id")
+            logged.add(record_id if isinstance(record_id, str) else None,
+                       client if isinstance(client, str) else None, issued="client_request_id" in record)
+        return logged
+
+    def add(self, record_id: str | None, client_request_id: str | None, *, issued: bool) -> int:
+        """Add one logged text; returns its position. ``issued``: ``record_id`` is the server's own."""
+        position, self.size = self.size, self.size + 1
+        if record_id is None:
+            return position
+        parts = split_text_id(record_id)
+        names = self._issued if issued else self._chosen
+        names.setdefault(record_id, []).append(position)
+        if parts is not None:
+            names.setdefault(parts[0], []).append(position)
+            if issued and client_request_id is not None:
+                self._chosen.setdefault(client_request_id, []).append(position)
+                self._chosen.setdefault(text_id(client_request_id, parts[1]), []).append(position)
+        return position
+
+    def find(self, name: str) -> list[int]:
+        """Positions of the texts ``name`` names: one is a match, several are ambiguous, none unmatched."""
+        return sorted(set(self._issued.get(name) or self._chosen.get(name, ())))
+
+
 @dataclass(frozen=True)
 class FeedbackExport:
     """What ``export_feedback`` wrote and what it could not use, each counted."""
@@ -213,49 +284,61 @@ class FeedbackExport:
     unmatched: int  # feedback naming no logged prediction (not logged, sampled out, or rotated away)
     without_text: int  # matched, but the prediction was logged without its text
     unknown_label: int  # a label the model that answered does not have
+    ambiguous: int = 0  # feedback naming more than one logged text (an id reused in logs before issued ids)
+    ambiguous_examples: tuple[tuple[str, int], ...] = ()  # a few of those ids and how many texts each names
 
 
 class NoTextsKept(RuntimeError):
     """Feedback matched logged predictions, but none kept its text: nothing to write a dataset from."""
 
 
+def read_feedback_labels(paths: Iterable[Path]) -> dict[str, str]:
+    """The latest label given to each id in feedback logs: by ``time`` where lines carry one, else by file order."""
+    records = [record for record in read_jsonl(paths)
+               if isinstance(record.get("request_id"), str) and isinstance(record.get("label"), str)]
+    records.sort(key=lambda record: str(record.get("time") or ""))  # stable: ties keep file order
+    labels: dict[str, str] = {}
+    for record in records:
+        labels.pop(record["request_id"], None)  # re-inserted: the dict's order is the order labels were given
+        labels[record["request_id"]] = record["label"]
+    return labels
+
+
 def export_feedback(log_dir: Path, output: Path) -> FeedbackExport:
     """Join feedback labels to logged predictions and write a labelled ``text,label`` CSV.
 
-    The latest feedback for a text wins. Feedback may name a text (``<request id>-<index>``) or a
-    request of one text (its bare ``X-Request-Id``). Texts are in the log only with
-    ``prediction_log_text: raw``. The CSV is written to a temporary file and renamed, so it is never half
-    written.
+    Each label joins the one logged text its id names (``LoggedTexts``): the server records feedback under
+    the id it issued for the text; an imported label may also name a request of one text, or a client's own
+    id that exactly one logged text carries. An id that names several logged texts (a client id reused or
+    retried, in logs written before the server issued its own ids) is left out and counted, never joined to
+    one of them. The latest label for a text wins. Texts are in the log only with ``prediction_log_text:
+    raw``. The CSV is written to a temporary file and renamed, so it is never half written.
 
     Raises:
         FileNotFoundError: no feedback in ``log_dir``.
         NoTextsKept: feedback matched predictions, but none was logged with its text.
     """
     log_dir, output = Path(log_dir), Path(output)
-    feedback_paths = log_files(log_dir, FEEDBACK_FILES)
-    labels: dict[str, str] = {}
-    for record in read_jsonl(feedback_paths):
-        if isinstance(record.get("request_id"), str) and isinstance(record.get("label"), str):
-            labels[record["request_id"]] = record["label"]
+    labels = read_feedback_labels(log_files(log_dir, FEEDBACK_FILES))
     if not labels:
         raise FileNotFoundError(f"no feedback in {log_dir} (looked for {FEEDBACK_FILES})")
-    predictions: dict[str, dict[str, Any]] = {}
-    texts_per_request: dict[str, int] = {}
-    for record in read_jsonl(log_files(log_dir, PREDICTION_FILES)):
-        record_id = record.get("request_id")
-        if not isinstance(record_id, str):
-            continue
-        predictions[record_id] = record
-        request, _, _ = record_id.rpartition("-")
-        texts_per_request[request] = texts_per_request.get(request, 0) + 1
-    rows, unmatched, without_text, unknown_label = [], 0, 0, 0
-    for feedback_id, label in labels.items():
-        record = predictions.get(feedback_id)
-        if record is None and texts_per_request.get(feedback_id) == 1:
-            record = predictions.get(text_id(feedback_id, 0))
-        if record is None:
+    predictions = list(read_jsonl(log_files(log_dir, PREDICTION_FILES)))
+    logged = LoggedTexts.of_records(predictions)
+    joined: dict[int, str] = {}
+    unmatched, ambiguous = 0, {}
+    for feedback_id, label in labels.items():  # oldest first: a later label for the same text wins
+        found = logged.find(feedback_id)
+        if not found:
             unmatched += 1
-        elif label not in record.get("probabilities", {}):
+        elif len(found) > 1:
+            ambiguous[feedback_id] = len(found)
+        else:
+            joined.pop(found[0], None)
+            joined[found[0]] = label
+    rows, without_text, unknown_label = [], 0, 0
+    for position, label in joined.items():
+        record = predictions[position]
+        if label not in (record.get("probabilities") or {}):
             unknown_label += 1
         elif not isinstance(record.get("text"), str):
             without_text += 1
@@ -275,4 +358,5 @@ def export_feedback(log_dir: Path, output: Path) -> FeedbackExport:
         writer.writerows(rows)
     partial.replace(output)
     return FeedbackExport(output=output, rows=len(rows), feedback=len(labels), unmatched=unmatched,
-                          without_text=without_text, unknown_label=unknown_label)
+                          without_text=without_text, unknown_label=unknown_label, ambiguous=len(ambiguous),
+                          ambiguous_examples=tuple(list(ambiguous.items())[:5]))

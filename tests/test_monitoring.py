@@ -196,6 +196,35 @@ def test_load_window_reads_rotated_files_filters_time_and_version_and_skips_corr
     assert list(capped["request_id"]) == list(current["request_id"][-25:])  # the newest rows
 
 
+def test_feedback_naming_several_logged_texts_is_left_out_and_counted(reference, tmp_path):
+    """Logs written before the server issued its own ids may hold one client id for several texts; the
+    ambiguity is judged over the whole log, so it holds even when only one of them is in the window."""
+    older = synthetic(10, seed=41, start=T0 - timedelta(days=2))
+    current = synthetic(80, seed=40, start=T0)
+    older.loc[0, "request_id"] = current.loc[0, "request_id"] = "order-4711-0"
+    _write_log(tmp_path / "predictions.jsonl.1", older)
+    _write_log(tmp_path / "predictions.jsonl", current)
+    issued = synthetic(3, seed=42, start=T0 + timedelta(minutes=5)).assign(
+        request_id=[f"{'a' * 31}{i}-0" for i in range(3)], client_request_id=["retry-1", "retry-1", "solo"])
+    _write_log(tmp_path / "predictions-123.jsonl", issued)
+    labels = {"order-4711-0": "billing", current.loc[1, "request_id"]: "shipping", "retry-1": "account",
+              "solo": "technical", issued.loc[0, "request_id"]: "billing"}
+    (tmp_path / "feedback.jsonl").write_text("".join(
+        json.dumps({"request_id": rid, "label": label, "time": "2025-01-02T00:00:00+00:00"}) + "\n"
+        for rid, label in labels.items()))
+
+    loaded = load_window(tmp_path, CFG, now=T0 + timedelta(hours=1), version="3",
+                         feedback=read_feedback([tmp_path / "feedback.jsonl"]))
+    assert loaded.ambiguous_feedback == 2
+    assert dict(loaded.ambiguous_examples) == {"order-4711-0": 2, "retry-1": 2}
+    joined = loaded.frame.set_index("request_id")[TRUE_LABEL].dropna().to_dict()
+    assert joined == {current.loc[1, "request_id"]: "shipping", issued.loc[2, "request_id"]: "technical",
+                      issued.loc[0, "request_id"]: "billing"}
+    report = detect_drift(reference, loaded.frame, CFG, ambiguous_feedback=loaded.ambiguous_feedback)
+    assert "feedback left out: 2 ids each name more than one logged text" in report.to_markdown()
+    assert report.to_dict()["ambiguous_feedback"] == 2
+
+
 def test_holm_and_bonferroni_adjustments():
     assert adjust_p_values([0.01, 0.04, 0.03, 0.5], "bonferroni") == pytest.approx([0.04, 0.16, 0.12, 1.0])
     assert adjust_p_values([0.01, 0.04, 0.03, 0.5], "holm") == pytest.approx([0.04, 0.09, 0.09, 0.5])

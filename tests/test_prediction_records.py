@@ -21,12 +21,14 @@ from conftest import LABELS
 from pipeline_helpers import REPO_PARAMS
 from serving_helpers import LiveServer, free_port, running_server, serving_local, wait_until
 
-from langops.prediction_records import FEEDBACK_FILE
+from langops.prediction_records import FEEDBACK_FILE, LoggedTexts, export_feedback
 from langops.serving.app import ServerSettings
 
-RECORD_KEYS = ["time", "request_id", "endpoint", "model_name", "version", "label", "confidence", "probabilities",
-               "text_chars", "tokens", "unknown_share", "embedding"]
+RECORD_KEYS = ["time", "request_id", "client_request_id", "endpoint", "model_name", "version", "label", "confidence",
+               "probabilities", "text_chars", "tokens", "unknown_share", "embedding"]
 TEXTS = ["I was charged twice this month", "where is my ☃ parcel?"]
+PARCEL = "my parcel never arrived and the tracking page is empty"
+CANCEL = "please cancel my subscription today"
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +55,7 @@ def server(compressed_dir: Path, log_dir: Path) -> Iterator[LiveServer]:
 
 
 def logged(log_dir: Path, request_id_prefix: str, count: int) -> list[dict]:
-    """The records of one request, once the writer has written all ``count`` of them."""
+    """The records of one request (its issued id), once the writer has written all ``count`` of them."""
     def records() -> list[dict]:
         path = log_dir / "predictions.jsonl"
         lines = path.read_text().splitlines() if path.is_file() else []
@@ -68,12 +70,14 @@ def test_each_text_is_logged_in_the_monitoring_schema(client: httpx.Client, log_
     from langops.onnx_model import OnnxClassifier
 
     response = client.post("/predict", json={"texts": TEXTS}, headers={"X-Request-Id": "order-4711"})
-    assert response.status_code == 200 and response.headers["X-Request-Id"] == "order-4711"
-    records = logged(log_dir, "order-4711", 2)
+    issued = response.headers["X-Request-Id"]
+    assert response.status_code == 200 and issued != "order-4711" and response.json()["request_id"] == issued
+    records = logged(log_dir, issued, 2)
     expected = OnnxClassifier.load(compressed_dir).score(TEXTS)
     for index, record in enumerate(records):
         assert list(record) == [*RECORD_KEYS, "text"]
-        assert record["request_id"] == f"order-4711-{index}" and record["text"] == TEXTS[index]
+        assert record["request_id"] == f"{issued}-{index}" and record["text"] == TEXTS[index]
+        assert record["client_request_id"] == "order-4711"
         assert (record["endpoint"], record["model_name"], record["version"]) == ("/predict", "compressed", "local")
         assert record["time"].endswith("+00:00")
         answer = response.json()["predictions"][index]
@@ -88,36 +92,48 @@ def test_each_text_is_logged_in_the_monitoring_schema(client: httpx.Client, log_
 
 
 @pytest.mark.model
-@pytest.mark.parametrize("sent", [None, "x" * 65, "has space", "semi;colon", "-leading-dash"])
-def test_an_unsafe_or_missing_request_id_is_replaced(client: httpx.Client, sent: str | None) -> None:
+@pytest.mark.parametrize("sent", [None, "order-4711", "x" * 65, "has space", "semi;colon", "-leading-dash"])
+def test_the_server_issues_a_new_id_for_every_request_and_keeps_a_safe_client_id_beside_it(
+    client: httpx.Client, sent: str | None
+) -> None:
     headers = {} if sent is None else {"X-Request-Id": sent}
-    first = client.post("/predict", json={"text": "hello"}, headers=headers).headers["X-Request-Id"]
-    second = client.post("/predict", json={"text": "hello"}, headers=headers).headers["X-Request-Id"]
+    answers = [client.post("/predict", json={"text": "hello"}, headers=headers) for _ in range(2)]
+    first, second = (answer.headers["X-Request-Id"] for answer in answers)
     assert first != second and len(first) == 32 and all(c in "0123456789abcdef" for c in first)
+    kept = sent if sent == "order-4711" else None  # an unsafe id is dropped: it would reach logs, CSV and headers
+    for answer in answers:
+        assert answer.json()["client_request_id"] == kept
+        assert answer.headers.get("X-Client-Request-Id") == kept
 
 
 @pytest.mark.model
-def test_errors_and_invocations_carry_the_request_id_too(client: httpx.Client, log_dir: Path) -> None:
+def test_errors_and_invocations_carry_the_request_ids_too(client: httpx.Client, log_dir: Path) -> None:
     refused = client.post("/predict", json={"texts": []}, headers={"X-Request-Id": "empty.1"})
-    assert refused.status_code == 422 and refused.headers["X-Request-Id"] == "empty.1"
+    assert refused.status_code == 422 and len(refused.headers["X-Request-Id"]) == 32
+    assert refused.headers["X-Client-Request-Id"] == "empty.1"
     answer = client.post("/invocations", json={"inputs": ["via mlflow"]}, headers={"X-Request-Id": "mlflow_7"})
-    assert answer.status_code == 200 and answer.headers["X-Request-Id"] == "mlflow_7"
-    (record,) = logged(log_dir, "mlflow_7", 1)
+    issued = answer.headers["X-Request-Id"]
+    assert answer.status_code == 200 and answer.headers["X-Client-Request-Id"] == "mlflow_7"
+    assert set(answer.json()) == {"predictions"}  # MLflow's body, unchanged: the ids are in the headers
+    (record,) = logged(log_dir, issued, 1)
     assert record["endpoint"] == "/invocations" and record["text"] == "via mlflow"
+    assert record["client_request_id"] == "mlflow_7"
 
 
 @pytest.mark.model
 def test_feedback_is_checked_and_logged(client: httpx.Client, log_dir: Path) -> None:
-    one = client.post("/feedback", json={"request_id": "order-4711-0", "label": "billing"})
-    assert one.status_code == 202 and one.json() == {"accepted": 1, "request_ids": ["order-4711-0"]}
-    many = client.post("/feedback", json=[{"request_id": "order-4711-1", "label": "shipping"},
-                                          {"request_id": "mlflow_7", "label": "technical"}])
-    assert many.status_code == 202 and many.json()["accepted"] == 2
+    two = client.post("/predict", json={"texts": TEXTS}, headers={"X-Request-Id": "feedback-1"}).headers["X-Request-Id"]
+    one = client.post("/invocations", json={"inputs": ["one"]}).headers["X-Request-Id"]
+    first = client.post("/feedback", json={"request_id": f"{two}-0", "label": "billing"})
+    assert first.status_code == 202 and first.json() == {"accepted": 1, "request_ids": [f"{two}-0"]}
+    many = client.post("/feedback", json=[{"request_id": "feedback-1-1", "label": "shipping"},
+                                          {"request_id": one, "label": "technical"}])
+    assert many.status_code == 202 and many.json() == {"accepted": 2, "request_ids": [f"{two}-1", f"{one}-0"]}
 
-    unknown = client.post("/feedback", json={"request_id": "order-4711-0", "label": "refunds"})
+    unknown = client.post("/feedback", json={"request_id": f"{two}-0", "label": "refunds"})
     assert unknown.status_code == 422 and "unknown label 'refunds'" in unknown.json()["detail"]
     assert "billing" in unknown.json()["detail"]
-    malformed = client.post("/feedback", json=[{"request_id": "order-4711-0", "label": "billing"},
+    malformed = client.post("/feedback", json=[{"request_id": f"{two}-0", "label": "billing"},
                                                {"request_id": "../etc/passwd", "label": "billing"}])
     assert malformed.status_code == 422 and "item 1: request_id '../etc/passwd' is malformed" in malformed.json()["detail"]
     for body, message in [({"request_id": "a-0"}, "label: Field required"),
@@ -136,7 +152,7 @@ def test_feedback_is_checked_and_logged(client: httpx.Client, log_dir: Path) -> 
     wait_until(lambda: len(lines()) == 3, what="3 feedback lines")  # refused requests wrote nothing
     assert [list(line) for line in lines()] == [["time", "request_id", "label"]] * 3
     assert [(line["request_id"], line["label"]) for line in lines()] == [
-        ("order-4711-0", "billing"), ("order-4711-1", "shipping"), ("mlflow_7", "technical")]
+        (f"{two}-0", "billing"), (f"{two}-1", "shipping"), (f"{one}-0", "technical")]
 
 
 @pytest.mark.model
@@ -199,9 +215,10 @@ def _langops(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.mark.model
 def test_feedback_import_and_export_make_a_labelled_dataset(client: httpx.Client, project: Path, log_dir: Path) -> None:
+    """Imported labels may name texts by their client's ids while exactly one logged text carries each."""
     client.post("/predict", json={"texts": ["my parcel is lost", "the app crashes"]}, headers={"X-Request-Id": "batch-9"})
-    client.post("/predict", json={"text": "refund please"}, headers={"X-Request-Id": "single-1"})
-    logged(log_dir, "single-1", 1)
+    single = client.post("/predict", json={"text": "refund please"}, headers={"X-Request-Id": "single-1"})
+    logged(log_dir, single.headers["X-Request-Id"], 1)
     (project / "labels.csv").write_text("request_id,label\nbatch-9-0,shipping\nbatch-9-1,technical\nsingle-1,billing\n"
                                         "nobody-0,billing\n")
     imported = _langops("feedback", "import", "labels.csv", cwd=project)
@@ -239,6 +256,52 @@ def test_export_says_when_the_texts_were_not_kept(tmp_path: Path) -> None:
     with pytest.raises(NoTextsKept, match="prediction_log_text: raw"):
         export_feedback(tmp_path, tmp_path / "out.csv")
     assert not (tmp_path / "out.csv").exists()
+
+
+@pytest.mark.unit
+def test_old_logs_with_a_reused_id_name_several_texts_and_issued_ids_name_one() -> None:
+    old = [{"request_id": "order-4711-0"}, {"request_id": "order-4711-0"}, {"request_id": "single-1-0"},
+           {"request_id": "batch-9-0"}, {"request_id": "batch-9-1"}]
+    issued = "0192f3a1b2c4d5e6f708192a3b4c5d6e"
+    new = [{"request_id": f"{issued}-0", "client_request_id": "order-4711"},
+           {"request_id": f"{issued}-1", "client_request_id": "order-4711"},
+           {"request_id": "f" * 32 + "-0", "client_request_id": None}]
+    logged = LoggedTexts.of_records([*old, *new])
+    assert logged.find("order-4711-0") == [0, 1, 5]  # two old texts and the new request's first
+    assert logged.find("single-1") == [2] and logged.find("single-1-0") == [2]
+    assert logged.find("batch-9") == [3, 4] and logged.find("batch-9-1") == [4]
+    assert logged.find(f"{issued}-1") == [6] and logged.find(issued) == [5, 6]
+    assert logged.find("f" * 32) == [7] and logged.find("nobody-0") == []
+
+
+@pytest.mark.unit
+def test_the_export_leaves_out_an_id_that_names_several_logged_texts_and_says_so(project: Path, tmp_path: Path) -> None:
+    """A log written before the server issued its own ids: both texts of two requests sent as order-4711
+    were logged as order-4711-0, and the export once wrote the last one with the first one's label."""
+    log_dir = tmp_path / "log"
+    log_dir.mkdir()
+    records = [("order-4711-0", PARCEL), ("order-4711-0", CANCEL), ("order-4712-0", "the app crashes on login")]
+    probabilities = {"billing": 0.2, "shipping": 0.5, "technical": 0.3}
+    (log_dir / "predictions.jsonl").write_text("".join(
+        json.dumps({"time": "2025-01-01T00:00:00+00:00", "request_id": rid, "probabilities": probabilities,
+                    "text": text}) + "\n" for rid, text in records))
+    (log_dir / FEEDBACK_FILE).write_text("".join(
+        json.dumps({"time": "2025-01-02T00:00:00+00:00", "request_id": rid, "label": label}) + "\n"
+        for rid, label in [("order-4711-0", "shipping"), ("order-4712-0", "technical")]))
+
+    result = export_feedback(log_dir, tmp_path / "direct.csv")
+    assert (result.rows, result.ambiguous, result.ambiguous_examples) == (1, 1, (("order-4711-0", 2),))
+
+    output = tmp_path / "feedback.csv"
+    exported = _langops("feedback", "export", "--log-dir", str(log_dir), "--output", str(output), cwd=project)
+    assert exported.returncode == 3, exported.stdout + exported.stderr
+    assert "skipped 1 whose id names more than one logged text" in exported.stdout
+    assert "left out 1 feedback labels whose id names more than one logged text ('order-4711-0' names 2 texts" \
+        in exported.stderr and "--skip-ambiguous" in exported.stderr
+    assert pd.read_csv(output).values.tolist() == [["the app crashes on login", "technical"]]
+    accepted = _langops("feedback", "export", "--log-dir", str(log_dir), "--output", str(output), "--skip-ambiguous",
+                        cwd=project)
+    assert accepted.returncode == 0 and "left out 1" in accepted.stderr
 
 
 @pytest.mark.unit

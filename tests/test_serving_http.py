@@ -289,8 +289,9 @@ def test_prediction_log_hashes_and_rotates(compressed_dir: Path, tmp_path: Path)
         assert client.post("/invocations", json={"inputs": ["via mlflow"]}).status_code == 200
         wait_until(lambda: "via mlflow" in _logged_hashes(log_dir), what="the last record")
         text = client.get("/metrics").text
-    files = sorted(path.name for path in log_dir.iterdir())
+    files = sorted(path.name for path in log_dir.glob("predictions*"))
     assert files == ["predictions.jsonl", "predictions.jsonl.1", "predictions.jsonl.2"]
+    assert (log_dir / "issued-ids.sqlite3").is_file()  # the ids feedback may name, beside the log
     assert all((log_dir / name).stat().st_size <= 2048 for name in files)
     records = [json.loads(line) for name in files for line in (log_dir / name).read_text().splitlines()]
     assert all("text" not in r and r["version"] == "local" and set(r["probabilities"]) == set(LABELS) for r in records)
@@ -398,15 +399,15 @@ def _accepts(url: str) -> bool:
 
 
 @contextlib.contextmanager
-def _two_workers(compressed_dir: Path) -> Iterator[tuple[subprocess.Popen, str, Path]]:
-    """A ready two-worker server in its own process group, its output in a file (an orphaned worker
-    holding a pipe would hang the reader); the whole group is killed on the way out."""
+def _two_workers(compressed_dir: Path, *options: str) -> Iterator[tuple[subprocess.Popen, str, Path]]:
+    """A ready two-worker server (with more command-line ``options``) in its own process group, its output in
+    a file (an orphaned worker holding a pipe would hang the reader); the whole group is killed on the way out."""
     port = free_port()
     output = compressed_dir.parent / f"two-workers-{port}.log"
     with output.open("w") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "langops.serving", "--model-dir", str(compressed_dir), "--port", str(port),
-             "--workers", "2"],
+             "--workers", "2", *options],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "LANGOPS_SERVER_TOKEN": ""},
         )
@@ -457,6 +458,58 @@ def test_workers_stop_when_their_supervisor_is_killed(compressed_dir: Path) -> N
         assert not alive, f"orphaned workers still serve: {[w.pid for w in alive]}\n{output.read_text()}"
         assert not _accepts(url)
         assert output.read_text().count("this worker stops") == 2, output.read_text()
+
+
+@pytest.mark.services
+def test_feedback_reaches_any_worker_and_lands_on_the_text_it_names(compressed_dir: Path, tmp_path: Path) -> None:
+    """Each worker writes its own prediction and feedback files (named by its pid), so the files say which
+    worker scored a text and which took its label; feedback is sent until some label has reached a worker
+    other than the one that scored its text."""
+    log_dir = tmp_path / "predictions"
+    with _two_workers(compressed_dir, "--prediction-log-dir", str(log_dir), "--prediction-log-text", "raw") as (
+            _, url, _):
+        def predict(text: str) -> httpx.Response:
+            """A connection each, as separate clients: the kernel deals them to both workers."""
+            return httpx.post(f"{url}/predict", json={"text": text}, headers={"X-Request-Id": "same-client-id"},
+                              timeout=30, trust_env=False)
+
+        wait_until(lambda: all(predict("warm-up").status_code == 200 for _ in range(10)),
+                   what="both workers to load the model")  # ready is one worker's answer
+        texts = {}
+        for i in range(20):
+            answer = predict(f"my parcel {i} is late")
+            assert answer.status_code == 200, answer.text
+            texts[f"{answer.headers['X-Request-Id']}-0"] = f"my parcel {i} is late"
+
+        def lines(pattern: str) -> list[tuple[str, dict]]:
+            """(the writing worker's pid, record) of each complete line."""
+            found = []
+            for path in log_dir.glob(pattern):
+                for line in path.read_text().splitlines():
+                    with contextlib.suppress(json.JSONDecodeError):  # a line still being written
+                        found.append((path.name.split("-")[1].split(".")[0], json.loads(line)))
+            return found
+
+        def scored() -> list[tuple[str, dict]]:
+            return [(pid, record) for pid, record in lines("predictions-*.jsonl") if record["text"] != "warm-up"]
+
+        wait_until(lambda: len(scored()) == 20, what="20 logged predictions")
+        scored_by = {record["request_id"]: pid for pid, record in scored()}
+        assert {record["text"] for _, record in scored()} == set(texts.values())
+        names = list(texts)
+        for attempt in range(200):
+            name = names[attempt % len(names)]
+            answer = httpx.post(f"{url}/feedback", json={"request_id": name, "label": "shipping"}, timeout=30,
+                                trust_env=False)
+            assert answer.status_code == 202 and answer.json()["request_ids"] == [name], answer.text
+            if attempt % 10 == 9 and any(scored_by[line["request_id"]] != pid
+                                         for pid, line in lines("feedback-*.jsonl")):
+                break
+        else:
+            pytest.fail(f"no label reached another worker than the one that scored its text: {scored_by}")
+        refused = httpx.post(f"{url}/feedback", json={"request_id": "same-client-id", "label": "shipping"},
+                             timeout=30, trust_env=False)
+        assert refused.status_code == 409 and "scored texts were sent with" in refused.json()["detail"]
 
 
 @pytest.mark.unit

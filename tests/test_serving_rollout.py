@@ -103,7 +103,9 @@ def load(url: str, texts: list[str], *, clients: int = 8, stop: threading.Event 
 
 
 def bodies(answers: list[httpx.Response]) -> dict[str, list]:
-    return {json.loads(a.request.content)["text"]: a.json()["predictions"] for a in answers}
+    """Each text's predictions, less the ids the server issued (new for every request)."""
+    return {json.loads(a.request.content)["text"]: [{k: v for k, v in p.items() if k != "request_id"}
+                                                    for p in a.json()["predictions"]] for a in answers}
 
 
 def events(registry: Registry) -> list[tuple[str, str]]:

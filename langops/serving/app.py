@@ -10,6 +10,12 @@ says so on ``/ready`` and ``/version``, and swaps to the alias's version once it
 Requests are scored through a micro-batcher (``batching``): concurrent texts share one onnxruntime
 call, the queue of waiting texts is bounded (503 with ``Retry-After`` beyond it), and on shutdown
 queued batches are scored before the process exits.
+
+Every request gets an id from the server (``X-Request-Id`` of the response), whatever the client sent in its
+own ``X-Request-Id`` (kept as ``client_request_id``): its texts are ``<id>-<index>``, which is what the
+prediction log records and what ``/feedback`` names. The ids issued are recorded where every worker can
+check them (``issued_ids``), so feedback for an id never issued, or for a client's id several texts
+carry, is refused instead of landing on the wrong text.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from starlette.concurrency import run_in_threadpool
 
 from langops.aliases import CHAMPION
 from langops.config import DeployConfig, ServerConfig
+from langops.prediction_records import text_id
 from langops.serving.batching import MicroBatcher, Overloaded, ShuttingDown
 from langops.serving.metrics import ServerMetrics
 from langops.serving.middleware import (
@@ -61,6 +68,7 @@ from langops.serving.rollout import CHALLENGER_ROLE, CHAMPION_ROLE, RolloutActio
 if TYPE_CHECKING:
     from langops.config import Params
     from langops.onnx_model import OnnxClassifier, Scores
+    from langops.serving.issued_ids import IssuedIds, Lookup
     from langops.serving.prediction_log import FeedbackLog, PredictionLog
 
 logger = logging.getLogger(__name__)
@@ -69,6 +77,7 @@ SERVICE = "langops-serving"
 SMOKE_TEXT = "smoke test: is this model able to answer?"
 SETTINGS_ENV = "LANGOPS_SERVER_SETTINGS"  # JSON settings handed to uvicorn worker processes
 INLINE_PARSE_BYTES = 32_768  # bigger /invocations bodies are parsed on a thread, off the event loop
+INDEX_WAIT_S = 1.0  # longest a scored request waits for its ids to be recorded before answering anyway
 __all__ = ["SERVICE", "VERSION_HEADER", "ServerSettings", "app_from_env", "create_app"]
 
 
@@ -477,28 +486,33 @@ class FeedbackItem(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     request_id: StrictStr = Field(
-        description="the text's id, '<X-Request-Id>-<index of the text in the request>', or the X-Request-Id "
-        "of a request of one text", max_length=80,
+        description="the text's id as the server issued it: '<X-Request-Id of the response>-<index of the text "
+        "in the request>' (predictions[].request_id of /predict), or the issued X-Request-Id of a request of one "
+        "text. The client's own X-Request-Id (or '<it>-<index>') is accepted only while exactly one scored text "
+        "carries it", max_length=80,
     )
     label: StrictStr = Field(description="the true label: one of the served model's labels", max_length=200)
 
 
+EXAMPLE_ID = "0192f3a1b2c4d5e6f708192a3b4c5d6e"
 FEEDBACK_EXAMPLES = {
-    "one": {"summary": "one label", "value": {"request_id": "9f1c2a7e5b3d4c6f8a0b1c2d3e4f5a6b-0", "label": "billing"}},
+    "one": {"summary": "one label", "value": {"request_id": f"{EXAMPLE_ID}-0", "label": "billing"}},
     "list": {"summary": "several labels", "value": [
-        {"request_id": "9f1c2a7e5b3d4c6f8a0b1c2d3e4f5a6b-0", "label": "billing"},
-        {"request_id": "order-4711-1", "label": "shipping"}]},
+        {"request_id": f"{EXAMPLE_ID}-0", "label": "billing"},
+        {"request_id": f"{EXAMPLE_ID}-1", "label": "shipping"}]},
 }
 
 
 class FeedbackResponse(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [{"accepted": 1, "request_ids": ["order-4711-1"]}]})
+    model_config = ConfigDict(json_schema_extra={"examples": [{"accepted": 1, "request_ids": [f"{EXAMPLE_ID}-1"]}]})
 
     accepted: int = Field(description="labels queued for the feedback log")
-    request_ids: list[str] = Field(description="the ids they name, in request order")
+    request_ids: list[str] = Field(description="the issued id of the text each label was recorded for, in request "
+                                   "order")
 
 
 class Prediction(BaseModel):
+    request_id: str = Field(description="the text's id, '<request_id>-<index>': what /feedback names")
     label: str = Field(description="the most probable label")
     confidence: float = Field(description="probability of that label")
     probabilities: dict[str, float] = Field(description="probability of every label")
@@ -506,12 +520,16 @@ class Prediction(BaseModel):
 
 class PredictResponse(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{
-        "model_name": "langops-classifier", "version": "3",
-        "predictions": [{"label": "billing", "confidence": 0.91,
+        "model_name": "langops-classifier", "version": "3", "request_id": EXAMPLE_ID, "client_request_id": "order-4711",
+        "predictions": [{"request_id": f"{EXAMPLE_ID}-0", "label": "billing", "confidence": 0.91,
                          "probabilities": {"billing": 0.91, "shipping": 0.05, "other": 0.04}}]}]})
 
     model_name: str
     version: str = Field(description="the model version that answered (also in X-Model-Version)")
+    request_id: str = Field(description="the id the server issued for this request (also in X-Request-Id)")
+    client_request_id: str | None = Field(
+        description="the client's own X-Request-Id, when it sent a usable one (also in X-Client-Request-Id)"
+    )
     predictions: list[Prediction] = Field(description="one per text, in request order")
 
 
@@ -604,6 +622,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
     )
     prediction_log: list[PredictionLog] = []  # filled while the app runs
     feedback_log: list[FeedbackLog] = []
+    issued_ids: list[IssuedIds] = []
+    index_broken: list[str] = []  # why the index of issued ids could not be opened
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -611,6 +631,11 @@ def create_app(settings: ServerSettings) -> FastAPI:
         if settings.prediction_log_dir is not None:
             prediction_log.append(_open_prediction_log(settings, metrics))
             feedback_log.append(_open_feedback_log(settings))
+            try:
+                issued_ids.append(_open_issued_ids(settings))
+            except Exception as exc:  # predictions are served without it; feedback says why not
+                index_broken.append(f"{type(exc).__name__}: {exc}")
+                logger.exception("cannot open the index of issued ids: feedback will be refused (503)")
         rollout.start()
         poller = AliasPoller(holder, settings.poll_seconds, followers=(rollout.refresh,))
         poller.start()
@@ -624,6 +649,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
                 log.close()
             for feedback in feedback_log:
                 feedback.close()
+            for index in issued_ids:  # last: requests scored during shutdown still record their ids
+                index.close()
 
     app = FastAPI(
         title="langops text classifier",
@@ -649,13 +676,22 @@ def create_app(settings: ServerSettings) -> FastAPI:
         return Response(error_body(request.url.path, exc.message, exc.status_code), exc.status_code,
                         headers=exc.headers, media_type="application/json")
 
-    async def score(texts: list[str], endpoint: str, request_id: str,
-                    route_header: str | None = None) -> tuple[LoadedModel, Scores, str]:
-        """Scores from the live model through the batcher, counted and logged; refusals become RequestRefused.
+    async def score(texts: list[str], endpoint: str, request: Request) -> tuple[LoadedModel, Scores, str]:
+        """Scores from the live model through the batcher, counted and logged under the request's issued id,
+        which is recorded for feedback before the answer goes out; refusals become RequestRefused.
 
         While a canary runs, the requests in its share are answered by the challenger instead; when the
         challenger fails or is too slow, by the champion. Returns the model that answered and its role.
         """
+        request_id, client_request_id = request.state.request_id, request.state.client_request_id
+        answer = await score_texts(texts, endpoint, request_id, client_request_id,
+                                   request.headers.get(settings.rollout.route_header))
+        if texts:
+            await remember_ids(request_id, client_request_id, len(texts))
+        return answer
+
+    async def score_texts(texts: list[str], endpoint: str, request_id: str, client_request_id: str | None,
+                          route_header: str | None) -> tuple[LoadedModel, Scores, str]:
         if len(texts) > settings.max_request_texts:
             raise RequestRefused(413, f"{len(texts)} texts in one request; the limit is {settings.max_request_texts}")
         for index, text in enumerate(texts):
@@ -678,7 +714,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
             challenger, scorer = canary
             answer = await rollout.score_canary(challenger, scorer, texts, request_id)
             if answer is not None:
-                record(endpoint, request_id, challenger, texts, answer)
+                record(endpoint, request_id, client_request_id, challenger, texts, answer)
                 rollout.mirror_to_champion(texts, request_id, challenger, answer)
                 return challenger, answer, CHALLENGER_ROLE
         started = time.perf_counter()
@@ -688,20 +724,37 @@ def create_app(settings: ServerSettings) -> FastAPI:
             raise RequestRefused(503, str(exc), {"Retry-After": str(settings.retry_after_s)}) from exc
         except ShuttingDown as exc:
             raise RequestRefused(503, str(exc), {"Connection": "close"}) from exc
-        record(endpoint, request_id, live, texts, scores)
+        record(endpoint, request_id, client_request_id, live, texts, scores)
         if rollout.rollout is not None:
             rollout.observe_champion(live, texts, scores, (time.perf_counter() - started) * 1000, request_id)
         return live, scores, CHAMPION_ROLE
 
-    def record(endpoint: str, request_id: str, answered: LoadedModel, texts: list[str], scores: Scores) -> None:
+    def record(endpoint: str, request_id: str, client_request_id: str | None, answered: LoadedModel,
+               texts: list[str], scores: Scores) -> None:
         """Count and log the answer under the version that gave it."""
         metrics.texts.labels(endpoint).inc(len(texts))
         best = scores.probs.argmax(axis=1)
         metrics.observe_predictions(answered.version, answered.classifier.labels, best.tolist(),
                                     scores.probs[np.arange(len(best)), best].tolist())
         for log in prediction_log:
-            log.record(request_id=request_id, endpoint=endpoint, model_name=answered.name, version=answered.version,
-                       texts=texts, labels=answered.classifier.labels, scores=scores)
+            log.record(request_id=request_id, client_request_id=client_request_id, endpoint=endpoint,
+                       model_name=answered.name, version=answered.version, texts=texts,
+                       labels=answered.classifier.labels, scores=scores)
+
+    async def remember_ids(request_id: str, client_request_id: str | None, texts: int) -> None:
+        """Record the request's issued id for feedback and wait until it is written (one short transaction,
+        so feedback sent on the answer finds it on any worker). A failure is counted, never the request's."""
+        if not issued_ids:
+            return
+        written = issued_ids[0].add(request_id, client_request_id, texts)
+        if written is None:
+            metrics.issued_ids_unrecorded.labels("queue_full").inc()
+            return
+        try:
+            if not await asyncio.wait_for(asyncio.wrap_future(written), INDEX_WAIT_S):
+                metrics.issued_ids_unrecorded.labels("error").inc()
+        except asyncio.TimeoutError:
+            metrics.issued_ids_unrecorded.labels("late").inc()  # still queued: it is written a little later
 
     @app.get("/health", response_model=HealthResponse)
     async def health() -> dict[str, str]:
@@ -767,15 +820,16 @@ def create_app(settings: ServerSettings) -> FastAPI:
     async def predict(request: Request) -> Response:
         """Label and per-class probabilities for each text, and the version that answered."""
         body = _parse_predict_request(await request.body())
-        live, scores, role = await score(body.all_texts(), "/predict", request.state.request_id,
-                                         request.headers.get(settings.rollout.route_header))
-        labels, probs = live.classifier.labels, scores.probs
+        live, scores, role = await score(body.all_texts(), "/predict", request)
+        labels, probs, request_id = live.classifier.labels, scores.probs, request.state.request_id
         predictions = [
-            {"label": labels[int(row.argmax())], "confidence": float(row.max()),
+            {"request_id": text_id(request_id, index), "label": labels[int(row.argmax())],
+             "confidence": float(row.max()),
              "probabilities": {label: float(p) for label, p in zip(labels, row, strict=True)}}
-            for row in probs
+            for index, row in enumerate(probs)
         ]
-        content = {"model_name": live.name, "version": live.version, "predictions": predictions}
+        content = {"model_name": live.name, "version": live.version, "request_id": request_id,
+                   "client_request_id": request.state.client_request_id, "predictions": predictions}
         return JSONResponse(content, headers={VERSION_HEADER: live.version, ROLE_HEADER: role})
 
     @app.post(
@@ -802,8 +856,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
                 parsed = parse_invocation(raw, content_type, live.classifier.labels)
         except InvocationError as exc:
             return Response(exc.body, exc.status_code, media_type=exc.media_type)
-        live, scores, role = await score(parsed.texts, "/invocations", request.state.request_id,
-                                         request.headers.get(settings.rollout.route_header))
+        live, scores, role = await score(parsed.texts, "/invocations", request)
         return Response(predictions_json(scores.probs, live.classifier.labels), media_type="application/json",
                         headers={VERSION_HEADER: live.version, ROLE_HEADER: role})
 
@@ -811,15 +864,21 @@ def create_app(settings: ServerSettings) -> FastAPI:
         "/feedback",
         status_code=202,
         response_model=FeedbackResponse,
-        responses={**_ERRORS, 409: {"model": ErrorResponse, "description": "the server keeps no prediction log"}},
+        responses={**_ERRORS,
+                   404: {"model": ErrorResponse, "description": "an id the server did not issue within "
+                         "feedback_window_hours (the id is named)"},
+                   409: {"model": ErrorResponse, "description": "a client's id that several scored texts carry (their "
+                         "number is given: name the issued id), or the server keeps no prediction log"}},
         openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
             "schema": {"oneOf": [FeedbackItem.model_json_schema(),
                                  {"type": "array", "items": FeedbackItem.model_json_schema(), "minItems": 1}]},
             "examples": FEEDBACK_EXAMPLES}}}},
     )
     async def feedback(request: Request) -> JSONResponse:
-        """The true label of scored texts, named by their ids (see ``X-Request-Id``); written to the feedback log."""
-        from langops.prediction_records import FeedbackError, check_feedback
+        """The true label of scored texts, named by the ids the server issued (``X-Request-Id`` of the answer,
+        ``predictions[].request_id``); checked against the ids issued, then written to the feedback log under
+        the issued id of the one text each names."""
+        from langops.prediction_records import Feedback, FeedbackError, check_feedback
 
         items = _parse_feedback_request(await request.body(), max_items=settings.max_request_texts)
         if not feedback_log:
@@ -829,10 +888,23 @@ def create_app(settings: ServerSettings) -> FastAPI:
         if live is None:
             raise RequestRefused(503, holder.last_error or "no model loaded yet: labels cannot be checked")
         try:
-            checked = [check_feedback(item.request_id, item.label, labels=live.classifier.labels, where=f"item {index}")
-                       for index, item in enumerate(items)]
+            named = [check_feedback(item.request_id, item.label, labels=live.classifier.labels, where=f"item {index}")
+                     for index, item in enumerate(items)]
         except FeedbackError as exc:
             raise RequestRefused(422, str(exc)) from exc
+        if not issued_ids:
+            raise RequestRefused(503, "feedback cannot be checked: the index of issued ids did not open ("
+                                 f"{'; '.join(index_broken) or 'not open yet'}); see the server log")
+        try:
+            found = await run_in_threadpool(issued_ids[0].lookup, [item.request_id for item in named])
+        except Exception as exc:  # a damaged index refuses feedback, never answers 500
+            logger.exception("cannot read the index of issued ids")
+            raise RequestRefused(503, f"feedback cannot be checked: the index of issued ids cannot be read "
+                                 f"({type(exc).__name__}); see the server log") from exc
+        refusal = _feedback_refusal(found, window_hours=settings.feedback_window_hours, many=len(named) > 1)
+        if refusal is not None:
+            raise refusal
+        checked = [Feedback(lookup.text_id or "", item.label) for item, lookup in zip(named, found, strict=True)]
         if not feedback_log[0].record(checked):
             raise RequestRefused(503, "the feedback log is behind; retry later",
                                  {"Retry-After": str(settings.retry_after_s)})
@@ -968,6 +1040,30 @@ def _parse_feedback_request(raw: bytes, *, max_items: int) -> list[FeedbackItem]
     return items
 
 
+def _feedback_refusal(found: list[Lookup], *, window_hours: float, many: bool) -> RequestRefused | None:
+    """None when every id names exactly one scored text; else a 409 (some id names several) or a 404 (some
+    id names none) that says, for each such item, what its id names and what to send instead."""
+    problems, ambiguous = [], False
+    for index, lookup in enumerate(found):
+        where = f"item {index}: " if many else ""
+        if lookup.texts == 0:
+            problems.append(
+                f"{where}request_id {lookup.name!r} names no text this server scored in the last {window_hours:g} "
+                "hours (feedback_window_hours): name the id the server issued, the X-Request-Id of the answer "
+                "followed by -<index of the text> (predictions[].request_id of /predict)")
+        elif lookup.texts > 1:
+            ambiguous = True
+            what = (f"is the X-Request-Id {lookup.texts} scored texts were sent with" if lookup.by_client_id
+                    else f"names a request of {lookup.texts} texts")
+            problems.append(f"{where}request_id {lookup.name!r} is ambiguous: it {what}; name one text by the id "
+                            "the server issued for it (X-Request-Id of its answer followed by -<index of the text>, "
+                            "predictions[].request_id of /predict)")
+    if not problems:
+        return None
+    return RequestRefused(409 if ambiguous else 404, "; ".join(problems[:5]) + (
+        f"; and {len(problems) - 5} more" if len(problems) > 5 else "") + ". Nothing was recorded.")
+
+
 def _serve_docs_offline(app: FastAPI) -> None:
     """``/docs`` with Swagger UI's scripts and styles served from the ``swagger-ui-bundle`` package under
     ``/docs/assets``, so the page works on a machine with no way out (and leaks no visit to a CDN)."""
@@ -1013,6 +1109,14 @@ def _open_feedback_log(settings: ServerSettings) -> FeedbackLog:
     return FeedbackLog(settings.prediction_log_dir / feedback_file_name(settings.workers, os.getpid()),
                        max_bytes=settings.prediction_log_max_bytes, backups=settings.prediction_log_backups,
                        queue_size=settings.prediction_log_queue)
+
+
+def _open_issued_ids(settings: ServerSettings) -> IssuedIds:
+    from langops.serving.issued_ids import INDEX_FILE, IssuedIds
+
+    assert settings.prediction_log_dir is not None
+    return IssuedIds(settings.prediction_log_dir / INDEX_FILE, window_hours=settings.feedback_window_hours,
+                     max_requests=settings.feedback_max_requests, queue_size=settings.prediction_log_queue)
 
 
 def _invocations_openapi() -> dict[str, Any]:

@@ -63,6 +63,11 @@ class ServerMetrics:
         self.feedback = Counter(
             "langops_feedback", "feedback labels accepted by POST /feedback", registry=self.registry,
         )
+        self.issued_ids_unrecorded = Counter(
+            "langops_issued_ids_unrecorded", "scored requests answered before their issued id was recorded for "
+            "feedback: queue_full and error (never recorded: feedback naming them is refused), late (recorded after "
+            "the answer)", ["reason"], registry=self.registry,
+        )
         self.rollout_requests = Counter(
             "langops_rollout_requests", "requests answered (champion, challenger) or mirrored (shadow) while a "
             "rollout runs, by version, role and outcome (ok, error, timeout, stalled)",

@@ -1,4 +1,5 @@
-"""The ASGI layer every request passes first: bearer auth, body size and time limits, metrics, version header.
+"""The ASGI layer every request passes first: request ids, bearer auth, body size and time limits, metrics,
+version header.
 
 It is plain ASGI rather than Starlette's ``BaseHTTPMiddleware``, which costs a task per request. The
 body is read here, counting bytes as they stream in, so a client that lies in ``Content-Length`` or
@@ -12,19 +13,19 @@ import asyncio
 import hmac
 import json
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from langops.prediction_records import is_safe_request_id
+from langops.prediction_records import is_safe_request_id, new_request_id
 from langops.serving.metrics import ServerMetrics
 
 VERSION_HEADER = "X-Model-Version"
 ROLE_HEADER = "X-Model-Role"  # champion, or challenger for a canary's answer
-REQUEST_ID_HEADER = "X-Request-Id"
+REQUEST_ID_HEADER = "X-Request-Id"  # the client's id on the way in; the id the server issued on the way out
+CLIENT_REQUEST_ID_HEADER = "X-Client-Request-Id"  # the client's own X-Request-Id, echoed when it was kept
 DOCS_ASSETS = "/docs/assets"  # Swagger UI's scripts and styles, served by the server itself
 ENDPOINTS = frozenset(
     {"/health", "/ready", "/version", "/metrics", "/predict", "/invocations", "/reload", "/openapi.json",
@@ -63,8 +64,9 @@ class ServingMiddleware:
         path = scope["path"]
         endpoint = _endpoint(path)
         status = 500
-        request_id = request_id_of(scope)
-        scope.setdefault("state", {})["request_id"] = request_id
+        request_id, client_request_id = new_request_id(), client_request_id_of(scope)
+        state = scope.setdefault("state", {})
+        state["request_id"], state["client_request_id"] = request_id, client_request_id
 
         async def send_with_version(message: Message) -> None:
             """Records the status and names the request; names the live version, except to a caller refused
@@ -74,6 +76,8 @@ class ServingMiddleware:
                 status = message["status"]
                 headers = MutableHeaders(scope=message)
                 headers[REQUEST_ID_HEADER] = request_id
+                if client_request_id is not None:
+                    headers[CLIENT_REQUEST_ID_HEADER] = client_request_id
                 version = self.live_version()
                 if status != 401 and VERSION_HEADER not in headers and version is not None:
                     headers.append(VERSION_HEADER, version)
@@ -150,10 +154,12 @@ class ServingMiddleware:
                 return b"".join(chunks)
 
 
-def request_id_of(scope: Scope) -> str:
-    """The client's ``X-Request-Id`` when it is a safe token (bounded length and charset), else a new one.
+def client_request_id_of(scope: Scope) -> str | None:
+    """The client's ``X-Request-Id`` when it is a safe token (bounded length and charset), else None.
 
-    An unsafe id is replaced rather than refused: it would otherwise reach logs, CSV files and headers.
+    It is kept beside the id the server issues, never instead of it: clients reuse and retry ids, so only
+    the server's names one scored text. An unsafe id is dropped rather than refused: it would otherwise
+    reach logs, CSV files and headers.
     """
     for name, value in scope["headers"]:
         if name == b"x-request-id":
@@ -162,7 +168,7 @@ def request_id_of(scope: Scope) -> str:
                 if is_safe_request_id(candidate):
                     return candidate
             break
-    return uuid.uuid4().hex
+    return None
 
 
 class ClientDisconnected(Exception):

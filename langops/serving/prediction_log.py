@@ -123,6 +123,7 @@ class PredictionLog:
         self,
         *,
         request_id: str,
+        client_request_id: str | None = None,
         endpoint: str,
         model_name: str,
         version: str,
@@ -136,8 +137,9 @@ class PredictionLog:
         time, texts, labels = utc_now(), list(texts), list(labels)
 
         def lines() -> list[str]:
-            rows = prediction_rows(request_id=request_id, endpoint=endpoint, model_name=model_name, version=version,
-                                   texts=texts, labels=labels, scores=scores, text_policy=self.config.text, time=time)
+            rows = prediction_rows(request_id=request_id, client_request_id=client_request_id, endpoint=endpoint,
+                                   model_name=model_name, version=version, texts=texts, labels=labels, scores=scores,
+                                   text_policy=self.config.text, time=time)
             return [json.dumps(row, ensure_ascii=False) for row in rows]
 
         if not self._log.put(lines):

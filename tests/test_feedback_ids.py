@@ -1,0 +1,215 @@
+"""Feedback names exactly one scored text, over real HTTP: the server issues its own id for every request
+whatever the client sends, checks feedback against the ids it issued (across servers sharing a log folder,
+as workers do, and across restarts, within ``feedback_window_hours``), refuses a client's id that several
+texts carry, and the export joins each label to the text it named."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pandas as pd
+import pytest
+import yaml
+
+pytest_plugins = ["serving_helpers"]
+from pipeline_helpers import REPO_PARAMS
+from serving_helpers import free_port, serving_local, wait_until
+
+from langops.prediction_records import new_request_id
+from langops.serving.app import ServerSettings
+
+PARCEL = "my parcel never arrived and the tracking page is empty"
+CANCEL = "please cancel my subscription today"
+ISSUED = re.compile(r"[0-9a-f]{32}")
+
+
+@pytest.fixture
+def log_dir(tmp_path: Path) -> Path:
+    return tmp_path / "predictions"
+
+
+def settings_for(compressed_dir: Path, log_dir: Path, **overrides: object) -> ServerSettings:
+    values: dict[str, object] = {"model_dir": compressed_dir, "port": free_port(), "prediction_log_dir": log_dir,
+                                 "prediction_log_text": "raw", "max_request_texts": 8}
+    return ServerSettings(**{**values, **overrides})
+
+
+@pytest.fixture
+def client(compressed_dir: Path, log_dir: Path) -> Iterator[httpx.Client]:
+    """A fresh server with its own prediction log (texts kept), so an export holds this test's rows only."""
+    with serving_local(settings_for(compressed_dir, log_dir)) as live, live.client() as http:
+        yield http
+
+
+def feedback_lines(log_dir: Path, count: int) -> list[dict]:
+    def lines() -> list[dict]:
+        return [json.loads(line) for path in sorted(log_dir.glob("feedback*.jsonl"))
+                for line in path.read_text().splitlines()]
+
+    wait_until(lambda: len(lines()) >= count, what=f"{count} feedback lines")
+    return lines()
+
+
+def logged_records(log_dir: Path, count: int) -> list[dict]:
+    def records() -> list[dict]:
+        return [json.loads(line) for path in sorted(log_dir.glob("predictions*.jsonl"))
+                for line in path.read_text().splitlines()]
+
+    wait_until(lambda: len(records()) >= count, what=f"{count} logged predictions")
+    return records()
+
+
+def langops_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    params = yaml.safe_load(REPO_PARAMS.read_text())
+    params["project"]["state_dir"] = str(cwd / ".langops")
+    (cwd / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return subprocess.run([sys.executable, "-m", "langops.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, check=False)
+
+
+@pytest.mark.model
+def test_a_reused_client_id_gets_an_issued_id_per_request_and_feedback_lands_on_each_text(
+    client: httpx.Client, log_dir: Path, tmp_path: Path
+) -> None:
+    answers = [client.post("/predict", json={"text": text}, headers={"X-Request-Id": "order-4711"})
+               for text in (PARCEL, CANCEL)]
+    issued = [answer.headers["X-Request-Id"] for answer in answers]
+    assert all(ISSUED.fullmatch(value) for value in issued) and issued[0] != issued[1]
+    for answer, request_id in zip(answers, issued, strict=True):
+        body = answer.json()
+        assert answer.status_code == 200 and answer.headers["X-Client-Request-Id"] == "order-4711"
+        assert (body["request_id"], body["client_request_id"]) == (request_id, "order-4711")
+        assert body["predictions"][0]["request_id"] == f"{request_id}-0"
+
+    for name in ("order-4711", "order-4711-0"):  # the client's id, bare or as the old '<id>-<index>'
+        refused = client.post("/feedback", json={"request_id": name, "label": "shipping"})
+        detail = refused.json()["detail"]
+        assert refused.status_code == 409, refused.text
+        assert f"request_id {name!r} is ambiguous" in detail and "2 scored texts" in detail
+        assert "the id the server issued" in detail and "Nothing was recorded" in detail
+
+    accepted = client.post("/feedback", json=[{"request_id": f"{issued[0]}-0", "label": "shipping"},
+                                              {"request_id": f"{issued[1]}-0", "label": "billing"}])
+    assert accepted.status_code == 202, accepted.text
+    assert accepted.json() == {"accepted": 2, "request_ids": [f"{issued[0]}-0", f"{issued[1]}-0"]}
+    assert [(line["request_id"], line["label"]) for line in feedback_lines(log_dir, 2)] == [
+        (f"{issued[0]}-0", "shipping"), (f"{issued[1]}-0", "billing")]  # the refused labels wrote nothing
+
+    records = logged_records(log_dir, 2)
+    assert [(r["request_id"], r["client_request_id"], r["text"]) for r in records] == [
+        (f"{issued[0]}-0", "order-4711", PARCEL), (f"{issued[1]}-0", "order-4711", CANCEL)]
+    exported = langops_cli("feedback", "export", "--log-dir", str(log_dir), "--output", "feedback.csv", cwd=tmp_path)
+    assert exported.returncode == 0, exported.stdout + exported.stderr
+    dataset = pd.read_csv(tmp_path / "feedback.csv")
+    assert sorted(dataset.itertuples(index=False, name=None)) == [(PARCEL, "shipping"), (CANCEL, "billing")]
+
+
+@pytest.mark.model
+def test_feedback_for_an_id_never_issued_is_refused_naming_it(client: httpx.Client, log_dir: Path) -> None:
+    one = client.post("/predict", json={"text": PARCEL}, headers={"X-Request-Id": "ticket-7"})
+    issued = one.headers["X-Request-Id"]
+    for name in ("order-9999-0", "order-9999", f"{new_request_id()}-0", f"{issued}-1"):  # no text 1 in that request
+        refused = client.post("/feedback", json={"request_id": name, "label": "billing"})
+        assert refused.status_code == 404, (name, refused.text)
+        detail = refused.json()["detail"]
+        assert f"request_id {name!r} names no text this server scored in the last 168 hours" in detail
+        assert "feedback_window_hours" in detail
+    mixed = client.post("/feedback", json=[{"request_id": f"{issued}-0", "label": "shipping"},
+                                           {"request_id": "order-9999-0", "label": "billing"}])
+    assert mixed.status_code == 404
+    assert "item 1: request_id 'order-9999-0' names no text" in mixed.json()["detail"]
+    assert "item 0" not in mixed.json()["detail"]
+
+    # The bare issued id of a request of one text, and the client's id while one text carries it, name that text.
+    for name in (issued, "ticket-7", "ticket-7-0"):
+        accepted = client.post("/feedback", json={"request_id": name, "label": "shipping"})
+        assert accepted.status_code == 202 and accepted.json()["request_ids"] == [f"{issued}-0"], accepted.text
+    lines = feedback_lines(log_dir, 3)
+    assert [line["request_id"] for line in lines] == [f"{issued}-0"] * 3  # the mixed request wrote nothing
+
+
+@pytest.mark.model
+def test_an_id_naming_a_request_of_several_texts_is_refused_and_each_text_is_named_alone(client: httpx.Client) -> None:
+    answer = client.post("/predict", json={"texts": [PARCEL, CANCEL]}, headers={"X-Request-Id": "batch-1"})
+    issued = answer.headers["X-Request-Id"]
+    assert [p["request_id"] for p in answer.json()["predictions"]] == [f"{issued}-0", f"{issued}-1"]
+    bare = client.post("/feedback", json={"request_id": issued, "label": "billing"})
+    assert bare.status_code == 409 and "names a request of 2 texts" in bare.json()["detail"]
+    client_id = client.post("/feedback", json={"request_id": "batch-1", "label": "billing"})
+    assert client_id.status_code == 409 and "is the X-Request-Id 2 scored texts were sent with" in client_id.json()["detail"]
+    second = client.post("/feedback", json={"request_id": "batch-1-1", "label": "billing"})
+    assert second.status_code == 202 and second.json()["request_ids"] == [f"{issued}-1"]
+
+
+@pytest.mark.model
+def test_feedback_is_checked_by_any_server_sharing_the_log_folder_and_after_a_restart(
+    compressed_dir: Path, log_dir: Path
+) -> None:
+    """Two servers on one log folder stand for two uvicorn workers (each its own process and files), and a
+    server started after the first stopped, for a restart."""
+    with serving_local(settings_for(compressed_dir, log_dir)) as first, first.client() as one, \
+            serving_local(settings_for(compressed_dir, log_dir)) as second, second.client() as other:
+        issued = one.post("/predict", json={"text": PARCEL}, headers={"X-Request-Id": "w-1"}).headers["X-Request-Id"]
+        answered = other.post("/feedback", json={"request_id": f"{issued}-0", "label": "shipping"})
+        assert answered.status_code == 202, answered.text  # at once: the id was recorded before the answer
+        again = other.post("/predict", json={"text": CANCEL}, headers={"X-Request-Id": "w-1"})
+        refused = one.post("/feedback", json={"request_id": "w-1", "label": "billing"})
+        assert refused.status_code == 409 and "2 scored texts" in refused.json()["detail"]
+    with serving_local(settings_for(compressed_dir, log_dir)) as restarted, restarted.client() as later:
+        for request_id in (issued, again.headers["X-Request-Id"]):
+            accepted = later.post("/feedback", json={"request_id": f"{request_id}-0", "label": "billing"})
+            assert accepted.status_code == 202, accepted.text
+        assert later.post("/feedback", json={"request_id": "w-1", "label": "billing"}).status_code == 409
+
+
+@pytest.mark.model
+def test_feedback_after_the_window_is_refused(compressed_dir: Path, log_dir: Path) -> None:
+    window_s = 1.5
+    settings = settings_for(compressed_dir, log_dir, feedback_window_hours=window_s / 3600)
+    with serving_local(settings) as live, live.client() as http:
+        issued = http.post("/predict", json={"text": PARCEL}).headers["X-Request-Id"]
+        assert http.post("/feedback", json={"request_id": f"{issued}-0", "label": "shipping"}).status_code == 202
+        time.sleep(window_s + 0.5)
+        late = http.post("/feedback", json={"request_id": f"{issued}-0", "label": "shipping"})
+        assert late.status_code == 404 and f"in the last {window_s / 3600:g} hours" in late.json()["detail"]
+
+
+@pytest.mark.unit
+def test_the_index_forgets_the_oldest_ids_beyond_its_bound(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from langops.serving import issued_ids
+
+    monkeypatch.setattr(issued_ids, "PRUNE_EVERY_S", 0.0)  # prune after every batch
+    index = issued_ids.IssuedIds(tmp_path / "ids.sqlite3", window_hours=1.0, max_requests=2, queue_size=10)
+    try:
+        ids = [new_request_id() for _ in range(3)]
+        for request_id in ids:
+            written = index.add(request_id, "same-client", 1)
+            assert written is not None and written.result(timeout=10)
+        wait_until(lambda: index.lookup([f"{ids[0]}-0"])[0].texts == 0, what="the oldest id to be pruned")
+        assert [lookup.text_id for lookup in index.lookup([f"{ids[1]}-0", f"{ids[2]}-0"])] == [
+            f"{ids[1]}-0", f"{ids[2]}-0"]
+        (client,) = index.lookup(["same-client"])
+        assert client.texts == 2 and client.by_client_id and client.text_id is None
+        assert index.lookup([f"{ids[2]}-0"], now=time.time() + 2 * 3600)[0].texts == 0  # past the window
+    finally:
+        index.close()
+
+
+@pytest.mark.model
+def test_an_index_that_cannot_open_leaves_predictions_served_and_refuses_feedback_with_the_reason(
+    compressed_dir: Path, log_dir: Path
+) -> None:
+    (log_dir / "issued-ids.sqlite3").mkdir(parents=True)  # a folder where the file should be: SQLite cannot open it
+    with serving_local(settings_for(compressed_dir, log_dir)) as live, live.client() as http:
+        answer = http.post("/predict", json={"text": PARCEL})
+        assert answer.status_code == 200, answer.text
+        refused = http.post("/feedback", json={"request_id": f"{answer.headers['X-Request-Id']}-0", "label": "billing"})
+        assert refused.status_code == 503 and "the index of issued ids did not open" in refused.json()["detail"]
+        assert "unable to open database file" in refused.json()["detail"]
