@@ -333,6 +333,8 @@ def test_a_challenger_on_grown_data_is_compared_only_on_rows_neither_model_train
     assert sum(compared["removed"].values()) == 0
     changes = read_json(tmp_path / "reports" / "prepare" / "split_changes.json")
     assert changes["texts"]["changed"] == 0 and changes["texts"]["joined"] > 0
+    report = (tmp_path / "reports" / "validation" / "report.md").read_text()
+    assert f"{changes['texts']['kept']} texts kept their split, {changes['texts']['joined']} joined" in report
 
     # A new split seed deals every text anew: the champion's training texts reach the test split, and go.
     reseeded = run_version(1100, "prepare.split_seed=1")
