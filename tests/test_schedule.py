@@ -96,10 +96,12 @@ def test_a_diverging_loss_stops_at_once():
 
 
 def test_the_fixed_schedule_keys_are_refused_with_their_replacement_named():
-    with pytest.raises(ConfigError, match=r"train.epochs was replaced: .* \(set max_epochs for a ceiling in passes\)"):
+    with pytest.raises(ConfigError, match=r"train: .*epochs was replaced: .* \(set max_epochs for a ceiling in passes\)"):
         parse_params({"train": {"epochs": 4}})
-    with pytest.raises(ConfigError, match="train.warmup_ratio was replaced by warmup_steps"):
+    with pytest.raises(ConfigError, match="train: .*warmup_ratio was replaced by warmup_steps"):
         parse_params({"train": {"warmup_ratio": 0.1}})
+    with pytest.raises(ConfigError, match="compress.distill: .*epochs was replaced"):  # the student's schedule too
+        parse_params({"compress": {"distill": {"epochs": 4}}})
     with pytest.raises(ConfigError, match="set at least one ceiling"):
         parse_params({"train": {"max_steps": None, "max_minutes": None}})
     assert TrainConfig(max_steps=None, max_epochs=None, max_minutes=30).max_minutes == 30
