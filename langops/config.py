@@ -214,7 +214,8 @@ class CollapseGuardConfig(_Section):
     retries: int = Field(1, ge=0)
     lr_factor: float = Field(0.25, gt=0, lt=1)
     loss_rise_evaluations: int = Field(
-        2, ge=1, description="stop a run whose training loss rose this many evaluations in a row (diverging)"
+        2, ge=1, description="stop a run whose training loss rose this many evaluations in a row, with no better "
+        "validation macro-F1 at any of them (diverging)"
     )
 
 

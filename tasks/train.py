@@ -370,7 +370,7 @@ def _train(
                     state.best_val_logits = val_logits  # what calibration is decided on, without scoring it again
             else:
                 state.bad_evaluations += 1
-            state.diverged = _loss_rising(state.history, cfg.collapse_guard.loss_rise_evaluations)
+            state.diverged = _diverging(state.history, state.bad_evaluations, cfg.collapse_guard.loss_rise_evaluations)
             verdict = schedule.after_evaluation(steps=state.steps, bad_evaluations=state.bad_evaluations,
                                                 seconds=seconds, seconds_per_step=seconds_per_step,
                                                 cooldown=state.cooldown, diverged=state.diverged)
@@ -726,10 +726,12 @@ def parameter_groups(model, cfg: TrainConfig) -> list[dict[str, Any]]:
     return [g for g in ({"params": encoder, "lr": cfg.learning_rate}, {"params": head, "lr": head_lr}) if g["params"]]
 
 
-def _loss_rising(history: list[dict[str, float]], evaluations: int) -> bool:
-    """The training loss rose at each of the last ``evaluations`` evaluations: the run is diverging."""
+def _diverging(history: list[dict[str, float]], bad_evaluations: int, evaluations: int) -> bool:
+    """The training loss rose at each of the last ``evaluations`` evaluations and validation macro-F1 improved at
+    none of them. A noisy loss at a constant learning rate, while validation still improves, is no divergence."""
     losses = [h["train_loss"] for h in history[-(evaluations + 1):]]
-    return len(losses) == evaluations + 1 and all(b > a for a, b in zip(losses, losses[1:]))
+    rising = len(losses) == evaluations + 1 and all(b > a for a, b in zip(losses, losses[1:]))
+    return rising and bad_evaluations >= evaluations
 
 
 @dataclass

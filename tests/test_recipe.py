@@ -23,6 +23,7 @@ from langops.metrics import expected_calibration_error, softmax
 from langops.modeling import load_trained_classifier, predict_logits
 from langops.tasks.train import (
     TrainingCollapsedError,
+    _diverging,
     loss_weights,
     parameter_groups,
     resolve_max_length,
@@ -127,6 +128,15 @@ def _collapsing_cfg(base, **guard) -> TrainConfig:
         learning_rate=3.0, head_learning_rate=3.0, warmup_steps=0, class_weights="none", calibrate=False,
         early_stopping_patience=5, collapse_guard=guard,
     )
+
+
+@pytest.mark.unit
+def test_a_rising_training_loss_is_divergence_only_while_validation_stops_improving():
+    rising = [{"train_loss": loss} for loss in (0.50, 0.52, 0.55)]
+    assert _diverging(rising, bad_evaluations=2, evaluations=2)
+    assert not _diverging(rising, bad_evaluations=1, evaluations=2)  # noise at a constant rate, validation improving
+    assert not _diverging([{"train_loss": loss} for loss in (0.50, 0.55, 0.52)], bad_evaluations=2, evaluations=2)
+    assert not _diverging(rising[1:], bad_evaluations=2, evaluations=2)  # too few evaluations to tell
 
 
 @pytest.mark.model
