@@ -481,7 +481,11 @@ def _why(reason: str, state: _LoopState, schedule: Schedule) -> str:
     if reason == DIVERGING:
         return "the training loss rose at each of the last evaluations"
     if reason == TIME_CEILING:
-        return f"{state.seconds / 60:.1f} of train.max_minutes {schedule.max_seconds / 60:g} spent or as good as spent"
+        limit = schedule.max_seconds / 60
+        if state.seconds / 60 >= limit:
+            return f"train.max_minutes {limit:g} reached ({state.seconds / 60:.1f} min)"
+        return (f"train.max_minutes {limit:g} is near: {state.seconds / 60:.1f} min spent, too few left for another "
+                f"{schedule.evaluation_interval} steps and a cool-down at this pace")
     return f"{_ceiling_name(schedule)} reached"
 
 
