@@ -4,7 +4,9 @@ Warmup-stable-decay (WSD). The learning rate warms up linearly over ``warmup_ste
 for as long as validation macro-F1 keeps improving. Once it has not improved for ``patience`` evaluations
 (and at least ``min_steps`` steps are done), or once a ceiling comes near (``max_steps``, ``max_epochs``,
 ``max_minutes``), the rate decays linearly to 0 over a cool-down of ``cooldown_fraction`` of the steps
-trained so far, and the run ends. The best evaluation's weights are the model, wherever it fell.
+trained so far, and the run ends. A cool-down that patience (or the time ceiling) begins starts from the
+best evaluation's weights, not from those that stopped improving after them: on small datasets the
+steps after the best one mostly overfit. The best evaluation's weights are the model, wherever it fell.
 
 Why this schedule. A linear or cosine decay has to know the run's end before it starts, so that the rate
 reaches 0 there; a run stopped early ends at a high rate, and one that is still improving at the planned

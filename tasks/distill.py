@@ -147,6 +147,8 @@ def distill(
             seconds = time.perf_counter() - loop_started
             verdict = schedule.after_evaluation(steps=steps, bad_evaluations=bad_evaluations, seconds=seconds,
                                                 seconds_per_step=seconds / steps, cooldown=cooldown)
+            if verdict.cooldown is not None and bad_evaluations:  # anneal the best weights, as the train step does
+                student.load_state_dict(best_state)
             cooldown = verdict.cooldown or cooldown
             if verdict.stop is not None:
                 stop_reason = verdict.stop

@@ -365,8 +365,8 @@ def _train(
             if metrics["val_macro_f1"] > state.best_f1:
                 state.best_f1, state.best_evaluation, state.bad_evaluations = metrics["val_macro_f1"], row["evaluation"], 0
                 state.best_predicted_classes = int(metrics["val_predicted_classes"])
+                state.best_weights = _trainable_state(model)  # on every rank: a cool-down may rewind to them
                 if ranks.is_main:
-                    state.best_weights = _trainable_state(model)
                     state.best_val_logits = val_logits  # what calibration is decided on, without scoring it again
             else:
                 state.bad_evaluations += 1
@@ -375,6 +375,9 @@ def _train(
                                                 seconds=seconds, seconds_per_step=seconds_per_step,
                                                 cooldown=state.cooldown, diverged=state.diverged)
             state.seconds = seconds
+            rewound = verdict.cooldown is not None and state.best_evaluation != row["evaluation"]
+            if rewound:  # anneal the best weights, not the ones that stopped improving after them
+                model.load_state_dict(state.best_weights, strict=False)
             if verdict.cooldown is not None:
                 state.cooldown = verdict.cooldown
             if verdict.stop is not None:
@@ -383,8 +386,9 @@ def _train(
                 log.info("evaluation %d (step %d, epoch %.2f): %s", row["evaluation"], row["step"], row["epoch"],
                          {k: float(f"{v:.4g}") for k, v in metrics.items()})
                 if verdict.cooldown is not None:
-                    log.info("%s: the learning rate decays to 0 over the next %d steps, then training stops",
-                             _why(verdict.cooldown.reason, state, schedule), verdict.cooldown.steps)
+                    log.info("%s: the learning rate decays to 0 over the next %d steps%s, then training stops",
+                             _why(verdict.cooldown.reason, state, schedule), verdict.cooldown.steps,
+                             f", from the weights of the best evaluation, {state.best_evaluation}" if rewound else "")
                 if verdict.stop is not None:
                     log.info("training stopped at step %d (%s): %s; the best evaluation, %d (step %d), is the model",
                              state.steps, verdict.stop, _why(verdict.stop, state, schedule), state.best_evaluation,

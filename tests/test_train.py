@@ -81,6 +81,29 @@ def test_patience_begins_a_cool_down_and_the_run_stops_when_it_ends(tiny_base_mo
 
 
 @pytest.mark.model
+def test_the_cool_down_anneals_the_best_weights_not_those_that_stopped_improving(tiny_base_model, prepared_dir, tmp_path):
+    checkpoints, kept = tmp_path / "ckpt", {}
+
+    def keep_each_checkpoint(metrics, evaluation):
+        newest = max(checkpoints.glob("step-*.pt"), key=lambda p: p.stat().st_mtime_ns)
+        kept[evaluation] = torch.load(newest, map_location="cpu", weights_only=True)
+
+    cfg = _cfg(tiny_base_model, method="full", learning_rate=1e-2, max_epochs=30, early_stopping_patience=2)
+    result = train(cfg, prepared_dir=prepared_dir, out_dir=tmp_path / "out", checkpoint_dir=checkpoints, seed=1,
+                   on_evaluation=keep_each_checkpoint)
+
+    assert result.stop_reason == "patience"
+    began = next(row["evaluation"] for row in result.history if row["evaluation"] > result.best_evaluation
+                 and kept[row["evaluation"]]["state"]["cooldown"] is not None)
+    saved = kept[began]
+    assert began > result.best_evaluation  # patience ran out two evaluations after the best one ...
+    before = kept[began - 1]  # ... whose weights had moved on from the best ones
+    assert any(not torch.equal(before["weights"][k], before["state"]["best_weights"][k]) for k in before["weights"])
+    # the cool-down starts from the best weights (and a resumed run would too: they are what was saved)
+    assert all(torch.equal(saved["weights"][k], saved["state"]["best_weights"][k]) for k in saved["weights"])
+
+
+@pytest.mark.model
 def test_max_steps_caps_optimizer_steps(tiny_base_model, prepared_dir, tmp_path):
     result = train(_cfg(tiny_base_model, max_steps=3), prepared_dir=prepared_dir, out_dir=tmp_path / "o",
                    checkpoint_dir=tmp_path / "c", seed=1)
