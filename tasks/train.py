@@ -390,9 +390,12 @@ def _train(
                              _why(verdict.cooldown.reason, state, schedule), verdict.cooldown.steps,
                              f", from the weights of the best evaluation, {state.best_evaluation}" if rewound else "")
                 if verdict.stop is not None:
+                    cooled = state.cooldown is not None and state.steps >= state.cooldown.end
                     log.info("training stopped at step %d (%s): %s; the best evaluation, %d (step %d), is the model",
-                             state.steps, verdict.stop, _why(verdict.stop, state, schedule), state.best_evaluation,
-                             state.history[state.best_evaluation - 1]["step"])
+                             state.steps, verdict.stop,
+                             f"its cool-down, begun at step {state.cooldown.start}, is over" if cooled
+                             else _why(verdict.stop, state, schedule),
+                             state.best_evaluation, state.history[state.best_evaluation - 1]["step"])
                 _save_checkpoint(checkpoint_dir, fingerprint, state, model, optimizer)
                 if on_evaluation is not None:
                     on_evaluation({k: v for k, v in row.items() if k != "evaluation"}, row["evaluation"])

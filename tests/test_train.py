@@ -77,7 +77,7 @@ def test_patience_begins_a_cool_down_and_the_run_stops_when_it_ends(tiny_base_mo
     assert result.best_evaluation == 1 and result.steps == 36 and result.epochs_run == 4.5
     assert result.history[3]["learning_rate"] < result.history[2]["learning_rate"] * 0.5  # decaying to 0
     assert "the learning rate decays to 0 over the next 12 steps" in caplog.text
-    assert "training stopped at step 36 (patience)" in caplog.text
+    assert "training stopped at step 36 (patience): its cool-down, begun at step 24, is over" in caplog.text
 
 
 @pytest.mark.model
