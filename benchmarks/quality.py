@@ -174,7 +174,8 @@ def _scores(metrics: dict[str, Any]) -> dict[str, float]:
 def print_table(rows: list[dict[str, Any]], params: Params) -> None:
     train = params.train
     print(f"\nrecipe: {train.method}, learning_rate {train.learning_rate}, head {train.head_learning_rate}, "
-          f"epochs {train.epochs}, min_steps {train.min_steps}, max_steps {train.max_steps}, "
+          f"patience {train.early_stopping_patience}, min_steps {train.min_steps}, max_steps {train.max_steps}, "
+          f"max_minutes {train.max_minutes}, "
           f"class_weights {train.class_weights}, max_length {train.max_length}, calibrate {train.calibrate}")
     print(f"baseline: {describe(params.baseline, balanced=False)}, class_weight {params.baseline.class_weight}")
     header = ("dataset", "model", "accuracy", "macro-F1", "ECE (uncal.)", "ECE if calibrated: median, p95", "agree",

@@ -163,7 +163,7 @@ def training_pipeline(
 
     Args:
         params_path: the project's params file; relative paths in it are relative to its folder.
-        overrides: ``key=value`` changes to params for this run, e.g. ``train.epochs=2``.
+        overrides: ``key=value`` changes to params for this run, e.g. ``train.max_epochs=2``.
         dataset: the labelled dataset to train on (a file or folder); shorthand for ``data.source=...``.
         trigger: the event that started this run, filled in by the deployment's trigger in ``prefect.yaml``
             (the event's name, its monitoring run and drift report); kept with the promotion record.

@@ -85,15 +85,15 @@ def train_trial(trial: Trial, parent_run_id: str, prepared: PrepareResult) -> Tr
     _file_under_sweep(trial, record.run_id, parent_run_id)
     metric = trial.params.sweep.metric
     history = list(record.result.history)
-    score = score_from_history(history, record.result.best_epoch, metric)
-    kept = next(row for row in history if int(row["epoch"]) == record.result.best_epoch)
+    score = score_from_history(history, record.result.best_evaluation, metric)
+    kept = next(row for row in history if int(row["evaluation"]) == record.result.best_evaluation)
     return TrialOutcome(
         index=trial.index,
         name=trial.name,
         overrides=trial.overrides,
         run_id=record.run_id,
         score=score,
-        best_epoch=record.result.best_epoch,
+        best_evaluation=record.result.best_evaluation,
         worker=_worker_address(),
         validation={k: float(v) for k, v in kept.items() if k.startswith("val_")},
     )
@@ -130,7 +130,7 @@ def sweep_pipeline(params_path: str = "params.yaml", overrides: list[str] | None
 
     Args:
         params_path: the project's params file; relative paths in it are relative to its folder.
-        overrides: ``key=value`` changes to params for this run (all trials), e.g. ``train.epochs=2``.
+        overrides: ``key=value`` changes to params for this run (all trials), e.g. ``train.max_epochs=2``.
 
     Raises:
         ConfigError: the sweep's trials are invalid (before anything runs).

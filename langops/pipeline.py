@@ -166,9 +166,9 @@ def run_train(params: Params, prepared: PrepareResult) -> TrainRecord:
     if not ranks.launched and (devices := resolve_devices(params.train)) > 1:
         return _run_train_with_torchrun(params, devices)
 
-    def train_step(on_epoch_end: Callable[[dict[str, float], int], None] | None = None) -> TrainResult:
+    def train_step(on_evaluation: Callable[[dict[str, float], int], None] | None = None) -> TrainResult:
         return train(params.train, prepared_dir=prepared.out_dir, out_dir=params.paths.trained,
-                     checkpoint_dir=params.paths.checkpoints, seed=params.project.seed, on_epoch_end=on_epoch_end)
+                     checkpoint_dir=params.paths.checkpoints, seed=params.project.seed, on_evaluation=on_evaluation)
 
     if not ranks.is_main:
         return TrainRecord(run_id="", lineage={}, result=train_step())
@@ -180,7 +180,7 @@ def run_train(params: Params, prepared: PrepareResult) -> TrainRecord:
         "train_method": params.train.method,
     }
     with tracking.training_run(params, lineage, validation_dir=params.paths.validation) as run:
-        result = train_step(on_epoch_end=run.log_epoch)
+        result = train_step(on_evaluation=run.log_evaluation)
         record = TrainRecord(run_id=run.run_id, lineage=lineage, result=result)
         summary = {"run_id": record.run_id, "lineage": lineage, **jsonable(asdict(result))}
         write_json(params.paths.trained / TRAIN_RECORD, summary)

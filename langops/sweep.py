@@ -47,7 +47,7 @@ class TrialOutcome:
     overrides: dict[str, Any]
     run_id: str | None
     score: float | None
-    best_epoch: int | None = None
+    best_evaluation: int | None = None  # the kept weights' evaluation: its MLflow step
     error: str | None = None
     worker: str = ""
     validation: dict[str, float] = field(default_factory=dict)
@@ -101,20 +101,22 @@ def expand_trials(params: Params) -> list[Trial]:
     return trials
 
 
-def score_from_history(history: list[dict[str, float]] | tuple[dict[str, float], ...], best_epoch: int, metric: str) -> float:
-    """The trial's score: ``metric`` at the epoch whose weights were kept (validation split only).
+def score_from_history(
+    history: list[dict[str, float]] | tuple[dict[str, float], ...], best_evaluation: int, metric: str
+) -> float:
+    """The trial's score: ``metric`` at the evaluation whose weights were kept (validation split only).
 
     Raises:
-        SweepError: no epoch row for ``best_epoch`` or the row lacks ``metric``.
+        SweepError: no history row for ``best_evaluation`` or the row lacks ``metric``.
     """
     if not metric.startswith("val_"):
         raise SweepError(f"sweep metric {metric!r} is not a validation metric")
     for row in history:
-        if int(row["epoch"]) == best_epoch:
+        if int(row["evaluation"]) == best_evaluation:
             if metric not in row:
-                raise SweepError(f"epoch {best_epoch} has no {metric!r}: {sorted(row)}")
+                raise SweepError(f"evaluation {best_evaluation} has no {metric!r}: {sorted(row)}")
             return float(row[metric])
-    raise SweepError(f"no history row for the kept epoch {best_epoch}")
+    raise SweepError(f"no history row for the kept evaluation {best_evaluation}")
 
 
 def select_best(outcomes: list[TrialOutcome], *, greater_is_better: bool) -> TrialOutcome:
@@ -152,7 +154,7 @@ def trial_rows(outcomes: list[TrialOutcome], *, metric: str, best: TrialOutcome 
             {
                 "status": "completed" if o.completed else "failed",
                 metric: None if o.score is None else round(o.score, 6),
-                "best_epoch": o.best_epoch,
+                "best_evaluation": o.best_evaluation,
                 "best": best is not None and o.name == best.name,
                 "run_id": o.run_id or "",
                 "worker": o.worker,

@@ -214,29 +214,38 @@ def ui_links(tracking_uri: str, *, run_id: str, model_name: str, version: str) -
 
 @dataclass
 class TrainingRun:
-    """The open MLflow run of a training: log each epoch as it ends, then the result."""
+    """The open MLflow run of a training: log each evaluation as it comes, then the result."""
 
     run_id: str
-    _logged_epochs: set[int] = field(default_factory=set)
+    _logged_evaluations: set[int] = field(default_factory=set)
 
-    def log_epoch(self, metrics: dict[str, float], epoch: int) -> None:
+    def log_evaluation(self, metrics: dict[str, float], evaluation: int) -> None:
+        """One evaluation's metrics (its optimiser step and epoch among them) at MLflow step ``evaluation``."""
         import mlflow
 
-        mlflow.log_metrics(metrics, step=epoch)
-        self._logged_epochs.add(epoch)
+        mlflow.log_metrics(metrics, step=evaluation)
+        self._logged_evaluations.add(evaluation)
 
     def log_result(self, result: Any, record: dict[str, Any]) -> None:
-        """The curve of epochs restored from checkpoints (not logged live), the headline, the record."""
+        """The evaluations restored from checkpoints (not logged live), the headline, why training stopped,
+        the calibration decision with its evidence, and the record."""
         import mlflow
 
         for row in result.history:
-            if row["epoch"] not in self._logged_epochs:
-                mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+            if row["evaluation"] not in self._logged_evaluations:
+                mlflow.log_metrics({k: v for k, v in row.items() if k != "evaluation"}, step=int(row["evaluation"]))
         headline = {"best_val_macro_f1": result.best_val_macro_f1, "best_epoch": result.best_epoch,
-                    "train_seconds": result.seconds, "trainable_params": result.trainable_params,
-                    "temperature": result.temperature, "train_attempts": result.attempts,
-                    "val_ece_uncalibrated": result.val_ece_uncalibrated, "val_ece": result.val_ece}
+                    "best_step": result.best_step, "best_evaluation": result.best_evaluation,
+                    "epochs_run": result.epochs_run, "train_seconds": result.seconds,
+                    "train_loop_seconds": result.train_loop_seconds, "trainable_params": result.trainable_params,
+                    "train_attempts": result.attempts, "temperature": result.temperature,
+                    "temperature_fitted": result.temperature_fitted,
+                    "temperature_folded": float(result.temperature_folded),
+                    "val_ece_uncalibrated": result.val_ece_uncalibrated,
+                    "val_ece_cross_fitted": result.val_ece_cross_fitted, "val_ece": result.val_ece}
         mlflow.log_metrics({k: v for k, v in headline.items() if v is not None})
+        # why it stopped and what calibration decided: tags, so they can be copied to the registered version
+        mlflow.set_tags({"langops.stop_reason": result.stop_reason, "langops.calibration": result.calibration[:5000]})
         # what the recipe resolved from the data ("auto" in params.yaml) and the rate of the run that counted
         mlflow.log_params({"train.world_size": result.world_size, "train.effective_batch_size": result.effective_batch_size,
                            "train.resolved_max_length": result.max_length, "train.steps": result.steps,

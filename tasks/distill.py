@@ -2,8 +2,8 @@
 
 The student is the teacher with every other encoder layer dropped (its remaining layers, embeddings, pooler
 and head start from the teacher's fine-tuned weights, as DistilBERT starts from BERT), then trained on the
-training texts to match the teacher's logits (softened by ``temperature``) and the true labels. It is
-calibrated like the teacher and written in the train step's layout, so compress, the gate and the server
+training texts to match the teacher's logits (softened by ``temperature``) and the true labels, for as long as
+its validation macro-F1 improves (the train step's rule, ``langops.schedule``). It is calibrated like the teacher and written in the train step's layout, so compress, the gate and the server
 take it as they take any trained model: the gate judges it as the model that ships.
 
 The student ships only when it holds up: the teacher must have more encoder layers than the student would,
@@ -38,7 +38,9 @@ from langops.io import (
     write_labels,
 )
 from langops.modeling import load_trained_classifier, pad_batch, predict_logits, tokenize
-from langops.tasks.train import fit_temperature, fold_temperature, length_grouped_batches, seed_everything
+from langops.schedule import Schedule
+from langops.calibration import choose_temperature, fold_temperature
+from langops.tasks.train import length_grouped_batches, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +58,11 @@ class DistillResult:
     teacher_layers: int | None = None
     kept_layers: tuple[int, ...] = ()  # which teacher layers the student started from
     steps: int = 0
+    stop_reason: str = ""  # patience or a ceiling, as the train step's (langops.schedule)
     teacher_val_macro_f1: float | None = None
     val_macro_f1: float | None = None
-    temperature: float = 1.0  # the student's calibration, folded into its head
+    temperature: float = 1.0  # the student's calibration, folded into its head (1.0: none folded)
+    calibration: str = ""  # why that temperature: it must lower validation ECE on rows it was not fitted on
     seconds: float = 0.0
 
     @property
@@ -106,36 +110,55 @@ def distill(
     train_ids = tokenize(tokenizer, texts, max_length)
     train_y = torch.as_tensor([label_ids[y] for y in train_df[LABEL]])
 
-    steps_per_epoch = -(-len(train_ids) // cfg.batch_size)
-    total_steps = min(cfg.epochs * steps_per_epoch, cfg.max_steps) if cfg.max_steps else cfg.epochs * steps_per_epoch
+    lengths = [len(x) for x in train_ids]
+    # The train step's rule for how long to train (langops.schedule); every epoch has as many batches.
+    schedule = Schedule.from_config(cfg, len(list(length_grouped_batches(lengths, cfg.batch_size,
+                                                                         np.random.default_rng(seed)))))
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.learning_rate, weight_decay=0.01)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1 - step / total_steps))
-    best_f1, best_state, steps, epoch = -1.0, None, 0, 0
-    while steps < total_steps:
+    best_f1, best_state, steps, epoch, bad_evaluations = -1.0, None, 0, 0, 0
+    cooldown, stop_reason, loop_started = None, None, time.perf_counter()
+    while stop_reason is None:
         epoch += 1
         student.train()
-        batches = list(length_grouped_batches([len(x) for x in train_ids], cfg.batch_size,
-                                              np.random.default_rng(seed + epoch)))
-        for batch in tqdm(batches, desc=f"distil epoch {epoch}", unit="batch", mininterval=1.0, leave=False):
+        batches = list(length_grouped_batches(lengths, cfg.batch_size, np.random.default_rng(seed + epoch)))
+        for position, batch in enumerate(tqdm(batches, desc=f"distil epoch {epoch}", unit="batch", mininterval=1.0,
+                                              leave=False), start=1):
+            cooldown = schedule.cooldown_for(steps, cooldown)
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.learning_rate * schedule.lr_factor(steps, cooldown)
             inputs = pad_batch(tokenizer, [train_ids[i] for i in batch])
             logits = student(**inputs).logits
             loss = distillation_loss(logits, teacher_logits[batch], train_y[batch], cfg.temperature, cfg.alpha)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
             optimizer.step()
-            scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             steps += 1
-            if steps >= total_steps:
+            if not schedule.evaluates_at(position, steps, cooldown):
+                continue
+            val_f1 = _macro_f1(predict_logits(student, tokenizer, val_df[TEXT].tolist(), max_length=max_length),
+                               val_y, len(labels))
+            log.info("distil step %d (epoch %.2f): validation macro-F1 %.4f (teacher %.4f)", steps,
+                     epoch - 1 + position / len(batches), val_f1, teacher_val_f1)
+            if val_f1 > best_f1:
+                best_f1, best_state, bad_evaluations = val_f1, copy.deepcopy(student.state_dict()), 0
+            else:
+                bad_evaluations += 1
+            seconds = time.perf_counter() - loop_started
+            verdict = schedule.after_evaluation(steps=steps, bad_evaluations=bad_evaluations, seconds=seconds,
+                                                seconds_per_step=seconds / steps, cooldown=cooldown)
+            if verdict.cooldown is not None and bad_evaluations:  # anneal the best weights, as the train step does
+                student.load_state_dict(best_state)
+            cooldown = verdict.cooldown or cooldown
+            if verdict.stop is not None:
+                stop_reason = verdict.stop
+                log.info("distil stopped at step %d (%s)", steps, stop_reason)
                 break
-        val_f1 = _macro_f1(predict_logits(student, tokenizer, val_df[TEXT].tolist(), max_length=max_length),
-                           val_y, len(labels))
-        log.info("distil epoch %d: validation macro-F1 %.4f (teacher %.4f)", epoch, val_f1, teacher_val_f1)
-        if val_f1 > best_f1:
-            best_f1, best_state = val_f1, copy.deepcopy(student.state_dict())
+            student.train()
     student.load_state_dict(best_state)
-    calibration = fit_temperature(predict_logits(student, tokenizer, val_df[TEXT].tolist(), max_length=max_length),
-                                  val_y)
+    calibration = choose_temperature(predict_logits(student, tokenizer, val_df[TEXT].tolist(), max_length=max_length),
+                                     val_y, seed=seed)
+    log.info("distil calibration: %s", calibration.reason)
     fold_temperature(student, calibration.temperature)
 
     drop = teacher_val_f1 - best_f1
@@ -148,8 +171,9 @@ def distill(
     result = DistillResult(
         out_dir=out_dir, enabled=True, shipped=shipped, reason=reason,
         layers=cfg.layers, teacher_layers=teacher.config.num_hidden_layers,
-        kept_layers=kept, steps=steps, teacher_val_macro_f1=teacher_val_f1, val_macro_f1=best_f1,
-        temperature=calibration.temperature, seconds=time.perf_counter() - started,
+        kept_layers=kept, steps=steps, stop_reason=stop_reason, teacher_val_macro_f1=teacher_val_f1,
+        val_macro_f1=best_f1,
+        temperature=calibration.temperature, calibration=calibration.reason, seconds=time.perf_counter() - started,
     )
     _save(student, tokenizer, labels, result)
     return result

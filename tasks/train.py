@@ -1,13 +1,16 @@
 """Fine-tune a pretrained encoder for text classification: LoRA (peft) by default, full fine-tune as an option.
 
 A plain training loop rather than ``transformers.Trainer``: every behaviour the pipeline relies on
-(length-grouped dynamic padding, early stopping on validation macro-F1, a resumable checkpoint per
-epoch, bf16 autocast on GPUs) is visible here and pinned by tests.
+(length-grouped dynamic padding, a length that follows validation macro-F1 with a warmup-stable-decay
+learning rate (``langops.schedule``), a resumable checkpoint per evaluation, a temperature folded only
+when it calibrates held-out rows (``langops.calibration``), bf16 autocast on GPUs) is visible here and
+pinned by tests.
 
 Launched by ``torchrun`` (``WORLD_SIZE`` > 1) the same loop trains data-parallel: one process per device
 (NCCL on GPUs, gloo on CPU), the model wrapped in ``DistributedDataParallel``, each optimiser step's
 length-grouped global batch of ``batch_size × world_size`` rows split across the ranks. Rank 0 evaluates,
-decides on early stopping for everyone, and is the only one to write checkpoints and the model.
+its metrics and clock decide when to stop for everyone, and it is the only one to write checkpoints and
+the model.
 ``launch_torchrun`` starts such a run from a plain process.
 """
 
@@ -28,7 +31,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +40,13 @@ import torch
 from sklearn.metrics import f1_score
 from tqdm.auto import tqdm
 
+from langops.calibration import Calibration, choose_temperature, fold_temperature
 from langops.config import TrainConfig
 from langops.faults import crash_point
 from langops.io import LABEL, TEXT, read_labels, read_split, staging_dir, swap_in, write_labels
-from langops.metrics import expected_calibration_error
+from langops.metrics import expected_calibration_error, softmax
 from langops.modeling import Device, pad_batch, predict_logits, resolve_base_model, select_device, tokenize
+from langops.schedule import DIVERGING, EPOCH_CEILING, PATIENCE, TIME_CEILING, Cooldown, Schedule
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +58,12 @@ class TrainResult:
     out_dir: Path
     model_dir: Path
     adapter_dir: Path | None
-    best_epoch: int
+    best_epoch: float  # epochs trained at the evaluation whose weights are the model
     best_val_macro_f1: float
-    epochs_run: int
+    epochs_run: float  # passes over the training split, the last one perhaps partial
     steps: int
-    stopped_early: bool
-    resumed_from_epoch: int | None
+    stopped_early: bool  # by patience (or a diverging loss), not by a ceiling
+    resumed_from_epoch: float | None
     device: str
     precision: str
     trainable_params: int
@@ -66,11 +71,19 @@ class TrainResult:
     seconds: float
     world_size: int  # data-parallel processes (1: no process group)
     effective_batch_size: int  # rows per optimiser step: batch_size × world_size
-    history: tuple[dict[str, float], ...] = field(default=())
+    history: tuple[dict[str, float], ...] = field(default=())  # one row per evaluation
     max_length: int = 128  # tokens per text the model was trained with (``train.max_length``, resolved)
-    temperature: float = 1.0  # folded into the head: served probabilities are the calibrated ones
-    val_ece_uncalibrated: float | None = None
-    val_ece: float | None = None
+    stop_reason: str = ""  # patience | step ceiling | epoch ceiling | time ceiling | training loss rising
+    best_step: int = 0
+    best_evaluation: int = 0  # its row in ``history`` (1-based) and its MLflow step
+    train_loop_seconds: float = 0.0  # what the time ceiling counts: the loop, over resumed sessions too
+    temperature: float = 1.0  # folded into the head: 1.0 when the cross-fit check refused one
+    temperature_fitted: float | None = None  # fitted on every validation row, folded or not
+    temperature_folded: bool = False
+    calibration: str = ""  # the decision and its evidence, in words
+    val_ece_uncalibrated: float | None = None  # validation ECE of the model's own probabilities
+    val_ece_cross_fitted: float | None = None  # each half of validation scored with the other half's temperature
+    val_ece: float | None = None  # the shipped model's validation ECE
     learning_rate: float | None = None  # the encoder's rate of the run that produced the model
     attempts: int = 1  # runs it took (a collapsed run is retried with smaller learning rates)
     class_weights: tuple[float, ...] | None = None  # the loss weights per label, when imbalance asked for them
@@ -148,21 +161,29 @@ def train(
     out_dir: Path,
     checkpoint_dir: Path,
     seed: int,
-    on_epoch_end: MetricsCallback | None = None,
+    on_evaluation: MetricsCallback | None = None,
 ) -> TrainResult:
-    """Train on the prepared train split, early-stop on validation macro-F1, save the best model.
+    """Train on the prepared train split while validation macro-F1 improves, save the best model.
+
+    How long it trains follows validation (``langops.schedule``): evaluations at least once per epoch,
+    a cool-down of the learning rate once ``early_stopping_patience`` evaluations bring no better
+    macro-F1 or a ceiling (``max_steps``, ``max_epochs``, ``max_minutes``) comes near; the result's
+    ``stop_reason`` says which. A temperature is folded into the head only when it lowers validation ECE
+    on rows it was not fitted on (``langops.calibration``); ``calibration`` says what was decided and why.
 
     Writes ``out_dir/model`` (merged model + tokenizer, loadable with ``from_pretrained``),
-    ``out_dir/adapter`` (the LoRA adapter and its config, LoRA only) and ``out_dir/labels.json``. A checkpoint per epoch goes to ``checkpoint_dir``; with ``cfg.resume`` a run
-    with the same config and data continues from the last one.
+    ``out_dir/adapter`` (the LoRA adapter and its config, LoRA only) and ``out_dir/labels.json``. A
+    checkpoint per evaluation goes to ``checkpoint_dir``; with ``cfg.resume`` a run with the same config
+    and data continues from the last one, mid-epoch included.
 
     Under torchrun with ``WORLD_SIZE`` > 1 every rank calls this; it joins the process group, trains
     data-parallel with an effective batch of ``cfg.batch_size × WORLD_SIZE`` rows per step, and leaves
-    the group when done or failed. Only rank 0 writes files and calls ``on_epoch_end``; every rank
+    the group when done or failed. Only rank 0 writes files and calls ``on_evaluation``; every rank
     returns the same result.
 
     Args:
-        on_epoch_end: called with the epoch's metrics and the epoch number (e.g. ``mlflow.log_metrics``).
+        on_evaluation: called with each evaluation's metrics (step and epoch included) and its number,
+            1, 2, ... (e.g. ``mlflow.log_metrics``).
     """
     ranks = rank_info()
     guard = cfg.collapse_guard
@@ -170,7 +191,7 @@ def train(
     while True:
         try:
             result = _train_on_device(attempt_cfg, ranks, prepared_dir=prepared_dir, out_dir=out_dir,
-                                      checkpoint_dir=checkpoint_dir, seed=seed, on_epoch_end=on_epoch_end)
+                                      checkpoint_dir=checkpoint_dir, seed=seed, on_evaluation=on_evaluation)
             return replace(result, attempts=attempt)
         except _Collapsed as collapsed:
             smaller = attempt_cfg.model_copy(update=_smaller_rates(attempt_cfg, guard.lr_factor))
@@ -219,15 +240,11 @@ def _train(
     out_dir: Path,
     checkpoint_dir: Path,
     seed: int,
-    on_epoch_end: MetricsCallback | None,
+    on_evaluation: MetricsCallback | None,
     ranks: RankInfo,
     device: Device,
 ) -> TrainResult:
-    from transformers import (
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-        get_linear_schedule_with_warmup,
-    )
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     started = time.perf_counter()
     prepared_dir, out_dir, checkpoint_dir = Path(prepared_dir), Path(out_dir), Path(checkpoint_dir)
@@ -261,11 +278,12 @@ def _train(
                  "none" if class_weights is None else [round(w, 3) for w in class_weights])
     loss_weight = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32, device=device.torch_device)
     effective_batch_size = cfg.batch_size * ranks.world_size
-    steps_per_epoch = -(-len(train_ids) // effective_batch_size)
-    total_steps = planned_steps(cfg, steps_per_epoch)
-    epochs = -(-total_steps // steps_per_epoch)
+    lengths = [len(x) for x in train_ids]
+    # Every epoch has as many batches (only their order changes): the schedule is set from the first one's.
+    schedule = Schedule.from_config(cfg, len(rank_batches(lengths, cfg.batch_size, np.random.default_rng(seed),
+                                                          rank=ranks.rank, world_size=ranks.world_size)))
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg), weight_decay=cfg.weight_decay)
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    base_rates = [group["lr"] for group in optimizer.param_groups]
 
     val_y = np.array([label_ids[y] for y in val_df[LABEL]])
     state = _LoopState()
@@ -274,10 +292,10 @@ def _train(
     if cfg.resume:
         checkpoint = _latest_checkpoint(checkpoint_dir, fingerprint)
         if checkpoint is not None:
-            state = _restore(checkpoint, model, optimizer, scheduler)
-            resumed_from = state.epoch
+            state = _restore(checkpoint, model, optimizer)
+            resumed_from = state.epochs_done(schedule.batches_per_epoch)
             if ranks.is_main:
-                log.info("resuming from %s (epoch %d done)", checkpoint, state.epoch)
+                log.info("resuming from %s (step %d, epoch %.2f done)", checkpoint, state.steps, resumed_from)
     elif ranks.is_main:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
     net = model
@@ -289,17 +307,27 @@ def _train(
         if ranks.is_main:
             log.info("data-parallel on %d %s processes: %d rows per device, %d per optimiser step",
                      ranks.world_size, device.name, cfg.batch_size, effective_batch_size)
+    if ranks.is_main:
+        log.info("schedule: %s", schedule.describe())
 
-    while state.epoch < epochs and not state.finished:
+    session_started, session_steps = time.perf_counter(), state.steps
+    losses: list[float] = []  # since the last evaluation
+    while not state.finished:
         epoch = state.epoch + 1
         net.train()
-        rng = np.random.default_rng(seed + epoch)
-        batches = rank_batches([len(x) for x in train_ids], cfg.batch_size, rng, rank=ranks.rank,
+        batches = rank_batches(lengths, cfg.batch_size, np.random.default_rng(seed + epoch), rank=ranks.rank,
                                world_size=ranks.world_size)
-        losses = []
-        bar = tqdm(batches, desc=f"epoch {epoch}/{epochs}", unit="batch", mininterval=1.0, leave=False,
-                   disable=None if ranks.is_main else True)
-        for batch in bar:
+        bar = tqdm(total=len(batches), initial=state.position, desc=f"epoch {epoch}", unit="batch", mininterval=1.0,
+                   leave=False, disable=None if ranks.is_main else True)
+        for position, batch in enumerate(batches[state.position:], start=state.position + 1):
+            cooldown = schedule.cooldown_for(state.steps, state.cooldown)
+            if cooldown is not state.cooldown and ranks.is_main:
+                log.info("%s is near: the learning rate decays to 0 over the last %d steps", _ceiling_name(schedule),
+                         cooldown.steps)
+            state.cooldown = cooldown
+            factor = schedule.lr_factor(state.steps, state.cooldown)
+            for group, rate in zip(optimizer.param_groups, base_rates):
+                group["lr"] = rate * factor
             inputs = {k: v.to(device.torch_device) for k, v in pad_batch(tokenizer, [train_ids[i] for i in batch]).items()}
             target = torch.as_tensor(train_y[batch], device=device.torch_device)
             with torch.autocast(device.name, dtype=device.autocast_dtype, enabled=device.autocast_dtype is not None):
@@ -308,53 +336,73 @@ def _train(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
-            scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state.steps += 1
+            state.epoch, state.position = (epoch, 0) if position == len(batches) else (epoch - 1, position)
             losses.append(loss.item())
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
-            if state.steps >= total_steps:
-                break
-        bar.close()
+            bar.update(1)
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", lr=f"{base_rates[0] * factor:.2g}")
+            if not schedule.evaluates_at(position, state.steps, state.cooldown):
+                continue
 
-        train_loss = _mean_over_ranks(losses, ranks, device)
-        metrics: dict[str, float] | None = None
-        if ranks.is_main:
-            val_logits = predict_logits(
-                model, tokenizer, val_df[TEXT].tolist(), batch_size=cfg.eval_batch_size,
-                max_length=max_length, device=device,
-            )
-            val_pred = val_logits.argmax(axis=1)
-            metrics = {
-                "train_loss": train_loss,
-                "val_loss": float(torch.nn.functional.cross_entropy(torch.from_numpy(val_logits), torch.from_numpy(val_y)).item()),
-                "val_accuracy": float((val_pred == val_y).mean()),
-                "val_macro_f1": float(f1_score(val_y, val_pred, average="macro", labels=list(range(len(labels))), zero_division=0)),
-                "learning_rate": float(scheduler.get_last_lr()[0]),
-                "val_predicted_classes": float(len(np.unique(val_pred))),
-            }
-        if ranks.distributed:  # rank 0's evaluation is every rank's: one early-stopping decision for all
-            shared = [metrics]
-            torch.distributed.broadcast_object_list(shared, src=0)
-            metrics = shared[0]
-        state.epoch = epoch
-        state.history.append({"epoch": epoch, **metrics})
-        if metrics["val_macro_f1"] > state.best_f1:
-            state.best_f1, state.best_epoch, state.bad_epochs = metrics["val_macro_f1"], epoch, 0
-            state.best_predicted_classes = int(metrics["val_predicted_classes"])
+            train_loss = _mean_over_ranks(losses, ranks, device)
+            losses = []
+            val_logits = None
+            shared: list[Any] = [None, 0.0, 0.0]
             if ranks.is_main:
-                state.best_weights = _trainable_state(model)
-                state.best_val_logits = val_logits  # what calibration fits on, without scoring it again
-        else:
-            state.bad_epochs += 1
-        state.diverged = _loss_rising(state.history, cfg.collapse_guard.loss_rise_evaluations)
-        state.stopped_early = state.bad_epochs >= cfg.early_stopping_patience or state.diverged
-        state.finished = state.stopped_early or state.steps >= total_steps or epoch >= epochs
-        if ranks.is_main:
-            log.info("epoch %d: %s", epoch, {k: float(f"{v:.4g}") for k, v in metrics.items()})
-            _save_checkpoint(checkpoint_dir, fingerprint, state, model, optimizer, scheduler)
-            if on_epoch_end is not None:
-                on_epoch_end(metrics, epoch)
+                val_logits = predict_logits(model, tokenizer, val_df[TEXT].tolist(), batch_size=cfg.eval_batch_size,
+                                            max_length=max_length, device=device)
+                spent = time.perf_counter() - session_started
+                shared = [_validation_metrics(val_logits, val_y, len(labels), train_loss=train_loss,
+                                              learning_rate=base_rates[0] * factor),
+                          state.seconds_before + spent, spent / max(state.steps - session_steps, 1)]
+            if ranks.distributed:  # rank 0's evaluation and clock are every rank's: one decision for all
+                torch.distributed.broadcast_object_list(shared, src=0)
+            metrics, seconds, seconds_per_step = shared
+            row = {"evaluation": len(state.history) + 1, "step": state.steps,
+                   "epoch": round(state.epochs_done(len(batches)), 4), **metrics}
+            state.history.append(row)
+            if metrics["val_macro_f1"] > state.best_f1:
+                state.best_f1, state.best_evaluation, state.bad_evaluations = metrics["val_macro_f1"], row["evaluation"], 0
+                state.best_predicted_classes = int(metrics["val_predicted_classes"])
+                state.best_weights = _trainable_state(model)  # on every rank: a cool-down may rewind to them
+                if ranks.is_main:
+                    state.best_val_logits = val_logits  # what calibration is decided on, without scoring it again
+            else:
+                state.bad_evaluations += 1
+            state.diverged = _diverging(state.history, state.bad_evaluations, cfg.collapse_guard.loss_rise_evaluations)
+            verdict = schedule.after_evaluation(steps=state.steps, bad_evaluations=state.bad_evaluations,
+                                                seconds=seconds, seconds_per_step=seconds_per_step,
+                                                cooldown=state.cooldown, diverged=state.diverged)
+            state.seconds = seconds
+            rewound = verdict.cooldown is not None and state.best_evaluation != row["evaluation"]
+            if rewound:  # anneal the best weights, not the ones that stopped improving after them
+                model.load_state_dict(state.best_weights, strict=False)
+            if verdict.cooldown is not None:
+                state.cooldown = verdict.cooldown
+            if verdict.stop is not None:
+                state.finished, state.stop_reason = True, verdict.stop
+            if ranks.is_main:
+                log.info("evaluation %d (step %d, epoch %.2f): %s", row["evaluation"], row["step"], row["epoch"],
+                         {k: float(f"{v:.4g}") for k, v in metrics.items()})
+                if verdict.cooldown is not None:
+                    log.info("%s: the learning rate decays to 0 over the next %d steps%s, then training stops",
+                             _why(verdict.cooldown.reason, state, schedule), verdict.cooldown.steps,
+                             f", from the weights of the best evaluation, {state.best_evaluation}" if rewound else "")
+                if verdict.stop is not None:
+                    cooled = state.cooldown is not None and state.steps >= state.cooldown.end
+                    log.info("training stopped at step %d (%s): %s; the best evaluation, %d (step %d), is the model",
+                             state.steps, verdict.stop,
+                             f"its cool-down, begun at step {state.cooldown.start}, is over" if cooled
+                             else _why(verdict.stop, state, schedule),
+                             state.best_evaluation, state.history[state.best_evaluation - 1]["step"])
+                _save_checkpoint(checkpoint_dir, fingerprint, state, model, optimizer)
+                if on_evaluation is not None:
+                    on_evaluation({k: v for k, v in row.items() if k != "evaluation"}, row["evaluation"])
+            if state.finished:
+                break
+            net.train()
+        bar.close()
 
     model_dir, adapter_dir = out_dir / "model", (out_dir / "adapter" if cfg.method == "lora" else None)
     trainable_params = sum(p.numel() for p in trainable)
@@ -365,31 +413,34 @@ def _train(
             raise collapsed  # every rank decides alike: the metrics were shared
         if ranks.is_main:
             log.warning("%s; train.collapse_guard.action is warn: keeping the model", collapsed.describe(cfg))
-    calibration = Calibration()
+    calibration = Calibration(reason="no temperature folded (T = 1): train.calibrate is false")
     if ranks.is_main:
         model.load_state_dict(state.best_weights, strict=False)
+        best_logits = state.best_val_logits
+        if best_logits is None:  # restored from a checkpoint written before the logits were kept in it
+            best_logits = predict_logits(model, tokenizer, val_df[TEXT].tolist(), batch_size=cfg.eval_batch_size,
+                                         max_length=max_length, device=device)
         if cfg.calibrate:
-            best_logits = state.best_val_logits
-            if best_logits is None:  # restored from a checkpoint written before the logits were kept in it
-                best_logits = predict_logits(model, tokenizer, val_df[TEXT].tolist(), batch_size=cfg.eval_batch_size,
-                                             max_length=max_length, device=device)
-            calibration = fit_temperature(best_logits, val_y)
-            log.info("temperature %.3f: validation ECE %.4f -> %.4f", calibration.temperature,
-                     calibration.ece_before, calibration.ece_after)
+            calibration = choose_temperature(best_logits, val_y, seed=seed)
+        else:
+            ece = expected_calibration_error(softmax(best_logits), val_y)
+            calibration = replace(calibration, ece_uncalibrated=ece, ece_shipped=ece)
+        log.info("calibration: %s", calibration.reason)
         tokenizer.model_max_length = max_length  # the saved tokenizer truncates where training did
         model_dir, adapter_dir = _save_outputs(model, tokenizer, labels, cfg, out_dir,
                                                temperature=calibration.temperature, max_length=max_length)
     if ranks.distributed:
         torch.distributed.barrier()  # every rank returns once the model is on disk
+    best = state.history[state.best_evaluation - 1]
     return TrainResult(
         out_dir=out_dir,
         model_dir=model_dir,
         adapter_dir=adapter_dir,
-        best_epoch=state.best_epoch,
+        best_epoch=best["epoch"],
         best_val_macro_f1=state.best_f1,
-        epochs_run=state.epoch,
+        epochs_run=round(state.epochs_done(schedule.batches_per_epoch), 4),
         steps=state.steps,
-        stopped_early=state.stopped_early,
+        stopped_early=state.stop_reason in (PATIENCE, DIVERGING),
         resumed_from_epoch=resumed_from,
         device=device.name,
         precision=device.precision,
@@ -400,12 +451,55 @@ def _train(
         world_size=ranks.world_size,
         effective_batch_size=effective_batch_size,
         max_length=max_length,
+        stop_reason=state.stop_reason,
+        best_step=int(best["step"]),
+        best_evaluation=state.best_evaluation,
+        train_loop_seconds=state.seconds,
         temperature=calibration.temperature,
-        val_ece_uncalibrated=calibration.ece_before,
-        val_ece=calibration.ece_after,
+        temperature_fitted=calibration.fitted_temperature,
+        temperature_folded=calibration.folded,
+        calibration=calibration.reason,
+        val_ece_uncalibrated=calibration.ece_uncalibrated,
+        val_ece_cross_fitted=calibration.ece_cross_fitted,
+        val_ece=calibration.ece_shipped,
         learning_rate=cfg.learning_rate,
         class_weights=class_weights,
     )
+
+
+def _validation_metrics(val_logits: np.ndarray, val_y: np.ndarray, num_labels: int, *, train_loss: float,
+                        learning_rate: float) -> dict[str, float]:
+    val_pred = val_logits.argmax(axis=1)
+    return {
+        "train_loss": train_loss,
+        "val_loss": float(torch.nn.functional.cross_entropy(torch.from_numpy(val_logits), torch.from_numpy(val_y)).item()),
+        "val_accuracy": float((val_pred == val_y).mean()),
+        "val_macro_f1": float(f1_score(val_y, val_pred, average="macro", labels=list(range(num_labels)), zero_division=0)),
+        "learning_rate": float(learning_rate),
+        "val_predicted_classes": float(len(np.unique(val_pred))),
+    }
+
+
+def _why(reason: str, state: _LoopState, schedule: Schedule) -> str:
+    """A stop or cool-down reason in words, for the log."""
+    if reason == PATIENCE:
+        return (f"validation macro-F1 has not beaten {state.best_f1:.4f} (evaluation {state.best_evaluation}) for "
+                f"{state.bad_evaluations} evaluations")
+    if reason == DIVERGING:
+        return "the training loss rose at each of the last evaluations"
+    if reason == TIME_CEILING:
+        limit = schedule.max_seconds / 60
+        if state.seconds / 60 >= limit:
+            return f"train.max_minutes {limit:g} reached ({state.seconds / 60:.1f} min)"
+        return (f"train.max_minutes {limit:g} is near: {state.seconds / 60:.1f} min spent, too few left for another "
+                f"{schedule.evaluation_interval} steps and a cool-down at this pace")
+    return f"{_ceiling_name(schedule)} reached"
+
+
+def _ceiling_name(schedule: Schedule) -> str:
+    if schedule.ceiling is not None and schedule.ceiling[1] == EPOCH_CEILING:
+        return f"the epoch ceiling, train.max_epochs {schedule.max_epochs},"
+    return f"the step ceiling, train.max_steps {schedule.max_steps},"
 
 
 def seed_everything(seed: int) -> None:
@@ -617,13 +711,6 @@ def resolve_max_length(cfg: TrainConfig, tokenizer, texts: list[str]) -> int:
     return int(min(limit, max(16, -(-p99 // 8) * 8)))
 
 
-def planned_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
-    """Optimiser steps of a run: ``epochs`` passes, raised to ``min_steps`` for small datasets and cut
-    at ``max_steps`` for large ones."""
-    steps = max(cfg.epochs * steps_per_epoch, cfg.min_steps)
-    return min(steps, cfg.max_steps) if cfg.max_steps is not None else steps
-
-
 def loss_weights(cfg: TrainConfig, train_y: np.ndarray, num_labels: int) -> tuple[float, ...] | None:
     """Inverse-frequency loss weights (mean 1 over the training rows, at most 10x the most common class),
     when ``class_weights`` asks for them; ``auto`` does when the largest class is 3x the smallest."""
@@ -650,67 +737,37 @@ def parameter_groups(model, cfg: TrainConfig) -> list[dict[str, Any]]:
     return [g for g in ({"params": encoder, "lr": cfg.learning_rate}, {"params": head, "lr": head_lr}) if g["params"]]
 
 
-@dataclass(frozen=True)
-class Calibration:
-    temperature: float = 1.0
-    ece_before: float | None = None
-    ece_after: float | None = None
-
-
-def fit_temperature(logits: np.ndarray, y: np.ndarray) -> Calibration:
-    """The temperature that minimises the validation split's negative log-likelihood (Guo et al., 2017).
-
-    Dividing the logits by it changes no prediction, only how sure each one claims to be.
-    """
-    from scipy.optimize import minimize_scalar
-    from scipy.special import log_softmax, softmax
-
-    def nll(log_t: float) -> float:
-        return float(-log_softmax(logits / np.exp(log_t), axis=1)[np.arange(len(y)), y].mean())
-
-    log_t = minimize_scalar(nll, bounds=(-3.0, 3.0), method="bounded").x if len(y) else 0.0
-    temperature = float(np.exp(log_t))
-    return Calibration(
-        temperature=temperature,
-        ece_before=expected_calibration_error(softmax(logits, axis=1), y),
-        ece_after=expected_calibration_error(softmax(logits / temperature, axis=1), y),
-    )
-
-
-def fold_temperature(model, temperature: float) -> None:
-    """Divide the output layer by ``temperature``, so the saved model's logits are the calibrated ones."""
-    if temperature == 1.0:
-        return
-    num_labels = model.config.num_labels
-    outputs = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == num_labels]
-    if not outputs:
-        raise ValueError(f"no output layer of {num_labels} units in {type(model).__name__} to calibrate")
-    with torch.no_grad():
-        outputs[-1].weight.div_(temperature)
-        if outputs[-1].bias is not None:
-            outputs[-1].bias.div_(temperature)
-
-
-def _loss_rising(history: list[dict[str, float]], evaluations: int) -> bool:
-    """The training loss rose at each of the last ``evaluations`` evaluations: the run is diverging."""
+def _diverging(history: list[dict[str, float]], bad_evaluations: int, evaluations: int) -> bool:
+    """The training loss rose at each of the last ``evaluations`` evaluations and validation macro-F1 improved at
+    none of them. A noisy loss at a constant learning rate, while validation still improves, is no divergence."""
     losses = [h["train_loss"] for h in history[-(evaluations + 1):]]
-    return len(losses) == evaluations + 1 and all(b > a for a, b in zip(losses, losses[1:]))
+    rising = len(losses) == evaluations + 1 and all(b > a for a, b in zip(losses, losses[1:]))
+    return rising and bad_evaluations >= evaluations
 
 
 @dataclass
 class _LoopState:
-    epoch: int = 0
+    epoch: int = 0  # epochs done
+    position: int = 0  # batches done in the epoch under way
     steps: int = 0
+    seconds: float = 0.0  # in the training loop, over every resumed session
     best_f1: float = -1.0
-    best_epoch: int = 0
-    bad_epochs: int = 0
-    stopped_early: bool = False
+    best_evaluation: int = 0
+    bad_evaluations: int = 0
+    cooldown: Cooldown | None = None
+    stop_reason: str = ""
     finished: bool = False
     best_weights: dict[str, torch.Tensor] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
     best_predicted_classes: int = 0  # distinct labels the best model predicts on the validation split
     best_val_logits: np.ndarray | None = None  # the best model's validation logits (rank 0)
     diverged: bool = False
+
+    def __post_init__(self) -> None:
+        self.seconds_before = self.seconds  # the clock of the sessions before this one (0 unless resumed)
+
+    def epochs_done(self, batches_per_epoch: int) -> float:
+        return self.epoch + self.position / batches_per_epoch
 
 
 def _trainable_state(model) -> dict[str, torch.Tensor]:
@@ -730,9 +787,9 @@ def _fingerprint(cfg: TrainConfig, prepared_dir: Path, seed: int, world_size: in
     return digest.hexdigest()[:16]
 
 
-def _save_checkpoint(directory: Path, fingerprint: str, state: _LoopState, model, optimizer, scheduler) -> None:
+def _save_checkpoint(directory: Path, fingerprint: str, state: _LoopState, model, optimizer) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"epoch-{state.epoch:03d}.pt"
+    path = directory / f"step-{state.steps:07d}.pt"
     tmp = path.with_suffix(".tmp")
     # Only tensors and plain Python values, so resuming can load with torch.load(weights_only=True):
     # a checkpoint file never gets to run code.
@@ -741,10 +798,11 @@ def _save_checkpoint(directory: Path, fingerprint: str, state: _LoopState, model
     torch.save(
         {
             "fingerprint": fingerprint,
-            "state": {**vars(state), "best_val_logits": None if logits is None else torch.from_numpy(logits)},
+            "state": {**{f.name: getattr(state, f.name) for f in fields(state)},
+                      "cooldown": None if state.cooldown is None else asdict(state.cooldown),
+                      "best_val_logits": None if logits is None else torch.from_numpy(logits)},
             "weights": _trainable_state(model),
             "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
             "rng": {
                 "torch": torch.get_rng_state(),
                 "numpy": [numpy_rng[0], torch.from_numpy(numpy_rng[1].astype(np.int64)), *numpy_rng[2:]],
@@ -755,13 +813,13 @@ def _save_checkpoint(directory: Path, fingerprint: str, state: _LoopState, model
     )
     tmp.replace(path)
     crash_point("train:checkpoint")
-    # keep the two written last: an older run's higher epoch numbers must not outlive this run's own
-    for old in sorted(directory.glob("epoch-*.pt"), key=lambda p: p.stat().st_mtime_ns)[:-2]:
+    # keep the two written last: an older run's higher step numbers must not outlive this run's own
+    for old in sorted(directory.glob("step-*.pt"), key=lambda p: p.stat().st_mtime_ns)[:-2]:
         old.unlink()
 
 
 def _latest_checkpoint(directory: Path, fingerprint: str) -> Path | None:
-    for path in sorted(directory.glob("epoch-*.pt"), reverse=True):
+    for path in sorted(directory.glob("step-*.pt"), reverse=True):
         try:
             if torch.load(path, map_location="cpu", weights_only=True)["fingerprint"] == fingerprint:
                 return path
@@ -770,15 +828,15 @@ def _latest_checkpoint(directory: Path, fingerprint: str) -> Path | None:
     return None
 
 
-def _restore(path: Path, model, optimizer, scheduler) -> _LoopState:
+def _restore(path: Path, model, optimizer) -> _LoopState:
     saved = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(saved["weights"], strict=False)
     optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
     torch.set_rng_state(saved["rng"]["torch"])
     name, keys, *rest = saved["rng"]["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     random.setstate(saved["rng"]["python"])
     state = saved["state"]
-    logits = state["best_val_logits"]
-    return _LoopState(**{**state, "best_val_logits": None if logits is None else logits.numpy()})
+    logits, cooldown = state["best_val_logits"], state["cooldown"]
+    return _LoopState(**{**state, "best_val_logits": None if logits is None else logits.numpy(),
+                         "cooldown": None if cooldown is None else Cooldown(**cooldown)})

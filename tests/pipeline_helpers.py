@@ -43,8 +43,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-# A tiny random model trains for the epochs a test asks for, and is kept even when it has learnt one class.
-TINY_RECIPE: dict[str, Any] = {"min_steps": 0, "collapse_guard": {"action": "warn"}}
+# A tiny random model trains for the epochs a test asks for (max_epochs), from its first step at the full rate,
+# and is kept even when it has learnt one class.
+TINY_RECIPE: dict[str, Any] = {"min_steps": 0, "warmup_steps": 0, "collapse_guard": {"action": "warn"}}
 
 
 def tiny_project_params(root: Path, base_model: Path, **sections: dict[str, Any]) -> dict[str, Any]:
@@ -56,7 +57,7 @@ def tiny_project_params(root: Path, base_model: Path, **sections: dict[str, Any]
         "data": {"source": "demo", "labels": DEMO_LABELS, "demo_rows": 360},
         "validate": {"min_rows_per_class": 5},
         "train": {
-            "base_model": str(base_model), "method": "full", "epochs": 2, "batch_size": 32,
+            "base_model": str(base_model), "method": "full", "max_epochs": 2, "batch_size": 32,
             "learning_rate": 0.01, "max_length": 48, "num_threads": 2, **TINY_RECIPE,
         },
         "compress": {"min_label_agreement": 0.5, "max_fp32_logit_diff": 0.01, "latency_runs": 5},

@@ -75,7 +75,7 @@ def test_any_label_set_trains_registers_and_serves_with_its_labels_intact(tiny_b
         params_path = write_params(root, tiny_project_params(
             root, tiny_base_model,
             data={"source": str(source), "labels": None},
-            train={"epochs": 1, "batch_size": 16},
+            train={"max_epochs": 1, "batch_size": 16},
         ))
         params = load_params(params_path)
 
@@ -132,7 +132,7 @@ def test_a_77_intent_dataset_runs_through_langops_run_to_a_served_model(tmp_path
     write_params(tmp_path, tiny_project_params(
         tmp_path, tiny_base_model,
         data={"source": str(source), "labels": None},
-        train={"epochs": 3, "learning_rate": 0.003},
+        train={"max_epochs": 3, "learning_rate": 0.003},
         compress={"min_label_agreement": 0.0, "max_fp32_logit_diff": 0.01, "latency_runs": 5},
         deploy={"enabled": True, "port": port, "poll_seconds": 0.5},
     ))

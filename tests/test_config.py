@@ -22,8 +22,8 @@ def test_repository_params_load_and_paths_resolve_against_the_params_folder():
 
 
 def test_overrides_parse_yaml_values():
-    params = load_params(ROOT / "params.yaml", ["train.epochs=2", "train.lora.target_modules=[query]", "deploy.enabled=false"])
-    assert params.train.epochs == 2
+    params = load_params(ROOT / "params.yaml", ["train.max_epochs=2", "train.lora.target_modules=[query]", "deploy.enabled=false"])
+    assert params.train.max_epochs == 2
     assert params.train.lora.target_modules == ("query",)
     assert params.deploy.enabled is False
 
@@ -49,7 +49,7 @@ def test_bad_values_are_rejected_with_the_key_named(override, message, tmp_path)
 
 def test_malformed_override_and_missing_file_are_clear(tmp_path):
     with pytest.raises(ConfigError, match="not of the form section.key=value"):
-        load_params(ROOT / "params.yaml", ["train.epochs"])
+        load_params(ROOT / "params.yaml", ["train.max_epochs"])
     with pytest.raises(ConfigError, match="params file not found"):
         load_params(tmp_path / "nope.yaml")
 
@@ -72,7 +72,7 @@ def test_configuring_one_project_does_not_capture_the_next_in_the_same_process(t
 
 def test_params_hash_changes_with_a_knob():
     a = parse_params({})
-    b = parse_params({"train": {"epochs": 9}})
+    b = parse_params({"train": {"max_epochs": 9}})
     assert a.section_hash() != b.section_hash()
     assert a.section_hash("data") == b.section_hash("data")
 

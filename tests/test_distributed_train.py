@@ -105,7 +105,7 @@ def _dropout_free_base(directory: Path) -> Path:
 def test_langops_train_on_two_processes_writes_one_model_one_summary_one_run(tmp_path):
     base = _dropout_free_base(tmp_path / "base")
     train_section = {
-        "base_model": str(base), "method": "lora", "epochs": 1, "batch_size": 16, "learning_rate": 0.01,
+        "base_model": str(base), "method": "lora", "max_epochs": 1, "batch_size": 16, "learning_rate": 0.01,
         "max_length": 32, "num_threads": 1, "devices": 2,
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["query", "value"]},
     }
@@ -127,10 +127,10 @@ def test_langops_train_on_two_processes_writes_one_model_one_summary_one_run(tmp
     assert jsonable(asdict(TrainResult.from_summary(summary))) == recorded  # what the launching process returns
     assert sorted(p.name for p in params.paths.trained.iterdir()) == ["adapter", "labels.json", "model", "train.json"]
     assert not list(tmp_path.rglob(".trained.tmp"))
-    assert [p.name for p in params.paths.checkpoints.iterdir()] == ["epoch-001.pt"]
-    # Only rank 0 logs and records: one line per epoch, one MLflow run holding the summary's run id.
+    assert [p.name for p in params.paths.checkpoints.iterdir()] == ["step-0000004.pt"]
+    # Only rank 0 logs and records: one line per evaluation, one MLflow run holding the summary's run id.
     assert run.stderr.count("data-parallel on 2 cpu processes: 16 rows per device, 32 per optimiser step") == 1
-    assert run.stderr.count("INFO langops.tasks.train: epoch 1:") == 1
+    assert run.stderr.count("INFO langops.tasks.train: evaluation 1 (step 4, epoch 1.00):") == 1
     mlflow.set_tracking_uri(params.tracking_uri())
     runs = mlflow.search_runs(experiment_names=[params.tracking.experiment], output_format="list")
     assert [r.info.run_id for r in runs] == [summary["run_id"]]
@@ -183,7 +183,7 @@ sys.exit(main(sys.argv[1:]))
 @pytest.mark.services
 @pytest.mark.timeout(300)
 def test_a_rank_that_fails_fails_the_launch_naming_the_rank_and_its_error(tmp_path, tiny_base_model):
-    train_section = {"base_model": str(tiny_base_model), "method": "lora", "epochs": 1, "batch_size": 16,
+    train_section = {"base_model": str(tiny_base_model), "method": "lora", "max_epochs": 1, "batch_size": 16,
                      "max_length": 32, "num_threads": 1}
     write_params(tmp_path, tiny_project_params(tmp_path, tiny_base_model, train=train_section))
     params = load_params(tmp_path / "params.yaml")

@@ -54,7 +54,7 @@ def test_auto_picks_the_gpu_and_bf16_where_supported():
 def test_training_runs_under_bf16_autocast(tiny_base_model, prepared_dir, tmp_path):
     from langops.tasks.train import train
 
-    cfg = TrainConfig(base_model=str(tiny_base_model), method="full", epochs=1, batch_size=16,
+    cfg = TrainConfig(base_model=str(tiny_base_model), method="full", max_epochs=1, batch_size=16,
                       max_length=32, precision="bf16", num_threads=1, **TINY_RECIPE)
     result = train(cfg, prepared_dir=prepared_dir, out_dir=tmp_path / "o", checkpoint_dir=tmp_path / "c", seed=1)
     assert result.precision == "bf16"

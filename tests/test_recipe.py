@@ -1,5 +1,5 @@
-"""The default training recipe: step budget, loss weights, length from the data, calibration, and the
-guard that names a run which collapsed to one class."""
+"""The default training recipe: a length that follows validation, loss weights, length from the data,
+calibration that is checked on held-out rows, and the guard that names a run which collapsed to one class."""
 
 from __future__ import annotations
 
@@ -12,33 +12,42 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import LABELS
+from conftest import LABELS, write_prepared
 from pipeline_helpers import TINY_RECIPE
 from transformers import AutoTokenizer
 
+from langops.calibration import fit_temperature, fold_temperature
 from langops.config import TrainConfig
 from langops.io import read_split, split_path, write_labels
 from langops.metrics import expected_calibration_error, softmax
 from langops.modeling import load_trained_classifier, predict_logits
 from langops.tasks.train import (
     TrainingCollapsedError,
-    fit_temperature,
-    fold_temperature,
+    _diverging,
     loss_weights,
     parameter_groups,
-    planned_steps,
     resolve_max_length,
     train,
 )
 
 
-@pytest.mark.unit
-def test_small_datasets_get_min_steps_and_large_ones_stop_at_the_budget():
-    cfg = TrainConfig(epochs=4, min_steps=600, max_steps=2000)
-    assert planned_steps(cfg, steps_per_epoch=10) == 600  # 300 rows: 60 epochs
-    assert planned_steps(cfg, steps_per_epoch=300) == 1200  # 4 epochs as asked
-    assert planned_steps(cfg, steps_per_epoch=2100) == 2000  # SST-2: under one epoch
-    assert planned_steps(TrainConfig(epochs=2, min_steps=0, max_steps=None), steps_per_epoch=7) == 14
+@pytest.mark.model
+def test_a_run_still_improving_at_the_old_epoch_count_trains_on_until_validation_stops_improving(
+    tiny_base_model, tmp_path
+):
+    prepared = write_prepared(tmp_path / "prepared", rows_per_class={"train": 40, "validation": 40, "test": 10})
+    cfg = TrainConfig(base_model=str(tiny_base_model), method="full", learning_rate=3e-3, head_learning_rate=None,
+                      batch_size=16, max_length=32, num_threads=1, early_stopping_patience=4, max_epochs=40,
+                      **TINY_RECIPE)
+    result = train(cfg, prepared_dir=prepared, out_dir=tmp_path / "out", checkpoint_dir=tmp_path / "ckpt", seed=1)
+
+    f1 = {row["epoch"]: row["val_macro_f1"] for row in result.history}
+    assert max(f1.values()) > f1[4.0] + 0.3, f1  # the old recipe's 4 epochs would have ended mid-climb
+    assert result.best_epoch > 4 and result.epochs_run > result.best_epoch
+    assert result.stop_reason == "patience" and result.stopped_early  # once it stopped improving, not at a ceiling
+    stable = [row["learning_rate"] for row in result.history if row["epoch"] <= result.best_epoch]
+    assert stable == [3e-3] * len(stable)  # no decay planned in advance: the full rate while it improves
+    assert result.history[-1]["learning_rate"] < 3e-3 / 10  # then a cool-down to 0
 
 
 @pytest.mark.unit
@@ -72,12 +81,11 @@ def test_temperature_scaling_fixes_overconfident_logits_without_changing_a_predi
     logits = rng.normal(size=(2000, 3))
     logits[np.arange(2000), y] += 1.0  # right about 60% of the time ...
     overconfident = logits * 6  # ... but sure of every answer
-    calibration = fit_temperature(overconfident, y)
-    assert calibration.temperature > 3
-    assert calibration.ece_after < 0.03 < calibration.ece_before
-    calibrated = softmax(overconfident / calibration.temperature)
+    temperature = fit_temperature(overconfident, y)
+    assert temperature > 3
+    calibrated = softmax(overconfident / temperature)
+    assert expected_calibration_error(calibrated, y) < 0.03 < expected_calibration_error(softmax(overconfident), y)
     assert (calibrated.argmax(1) == overconfident.argmax(1)).all()
-    assert expected_calibration_error(calibrated, y) == pytest.approx(calibration.ece_after)
 
 
 @pytest.mark.model
@@ -116,10 +124,19 @@ def _collapsing_dataset(directory):
 
 def _collapsing_cfg(base, **guard) -> TrainConfig:
     return TrainConfig(
-        base_model=str(base), method="full", epochs=2, min_steps=0, batch_size=32, max_length=16, num_threads=1,
-        learning_rate=3.0, head_learning_rate=3.0, warmup_ratio=0.0, class_weights="none", calibrate=False,
+        base_model=str(base), method="full", max_epochs=2, min_steps=0, batch_size=32, max_length=16, num_threads=1,
+        learning_rate=3.0, head_learning_rate=3.0, warmup_steps=0, class_weights="none", calibrate=False,
         early_stopping_patience=5, collapse_guard=guard,
     )
+
+
+@pytest.mark.unit
+def test_a_rising_training_loss_is_divergence_only_while_validation_stops_improving():
+    rising = [{"train_loss": loss} for loss in (0.50, 0.52, 0.55)]
+    assert _diverging(rising, bad_evaluations=2, evaluations=2)
+    assert not _diverging(rising, bad_evaluations=1, evaluations=2)  # noise at a constant rate, validation improving
+    assert not _diverging([{"train_loss": loss} for loss in (0.50, 0.55, 0.52)], bad_evaluations=2, evaluations=2)
+    assert not _diverging(rising[1:], bad_evaluations=2, evaluations=2)  # too few evaluations to tell
 
 
 @pytest.mark.model
@@ -158,12 +175,14 @@ def test_warn_keeps_a_collapsed_model_and_says_so(tiny_base_model, tmp_path, cap
 
 @pytest.mark.model
 def test_a_trained_model_records_its_length_and_temperature(tiny_base_model, prepared_dir, tmp_path):
-    cfg = TrainConfig(base_model=str(tiny_base_model), method="full", epochs=2, batch_size=16, learning_rate=1e-2,
+    cfg = TrainConfig(base_model=str(tiny_base_model), method="full", max_epochs=2, batch_size=16, learning_rate=1e-2,
                       max_length="auto", num_threads=1, **TINY_RECIPE)
     result = train(cfg, prepared_dir=prepared_dir, out_dir=tmp_path / "out", checkpoint_dir=tmp_path / "ckpt", seed=1)
     assert 16 <= result.max_length <= 32  # the fixture's texts are about 15 tokens
     assert result.temperature > 0 and result.val_ece is not None
     assert result.val_ece <= result.val_ece_uncalibrated + 1e-9
+    assert result.temperature == (result.temperature_fitted if result.temperature_folded else 1.0)
+    assert result.calibration and result.val_ece_cross_fitted is not None
     config = json.loads((result.model_dir / "config.json").read_text())
     assert (config["langops_temperature"], config["langops_max_length"]) == (result.temperature, result.max_length)
     tokenizer = AutoTokenizer.from_pretrained(result.model_dir)
@@ -182,13 +201,13 @@ def test_a_trained_model_records_its_length_and_temperature(tiny_base_model, pre
 def test_a_short_run_after_a_longer_one_keeps_its_own_checkpoint(tiny_base_model, prepared_dir, tmp_path):
     base = {"base_model": str(tiny_base_model), "batch_size": 16, "max_length": 32, "num_threads": 1, **TINY_RECIPE}
     checkpoints = tmp_path / "ckpt"
-    train(TrainConfig(epochs=4, early_stopping_patience=4, **base), prepared_dir=prepared_dir,
+    train(TrainConfig(max_epochs=4, early_stopping_patience=4, **base), prepared_dir=prepared_dir,
           out_dir=tmp_path / "a", checkpoint_dir=checkpoints, seed=1)
     for path in checkpoints.iterdir():  # written a while ago
         os.utime(path, (time.time() - 60, time.time() - 60))
-    train(TrainConfig(epochs=1, **base), prepared_dir=prepared_dir, out_dir=tmp_path / "b", checkpoint_dir=checkpoints,
+    train(TrainConfig(max_epochs=1, **base), prepared_dir=prepared_dir, out_dir=tmp_path / "b", checkpoint_dir=checkpoints,
           seed=1)
-    assert "epoch-001.pt" in {p.name for p in checkpoints.iterdir()}
+    assert "step-0000008.pt" in {p.name for p in checkpoints.iterdir()}  # 8 steps an epoch
     newest = max(checkpoints.iterdir(), key=lambda p: p.stat().st_mtime_ns)
-    assert newest.name == "epoch-001.pt"
+    assert newest.name == "step-0000008.pt"
     assert torch.load(newest, map_location="cpu", weights_only=False)["state"]["epoch"] == 1

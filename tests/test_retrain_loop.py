@@ -48,7 +48,7 @@ def served(tmp_path_factory, tiny_base_model):
         services={"prefect_port": free_port(), "mlflow_port": free_port(), "start_timeout_s": 180.0},
         monitor={"window_hours": 1.0, "min_rows": 200, "cooldown_hours": 6.0, "retrain_feedback_rows": 100_000},
     )
-    params["train"] |= {"epochs": 10, "learning_rate": 0.003, "batch_size": 16}  # macro-F1 about 0.6 on 760 rows
+    params["train"] |= {"max_epochs": 10, "learning_rate": 0.003, "batch_size": 16}  # macro-F1 about 0.6 on 760 rows
     params["promote"]["guards"] = {}
     write_params(root, params)
     try:

@@ -205,7 +205,7 @@ def test_langops_run_in_the_project_uses_the_running_servers(completed_run):
     """No variable set in the shell: `langops run` finds the servers through the endpoints file."""
     root, params, *_ = completed_run
     prefect_port, mlflow_port = params["services"]["prefect_port"], params["services"]["mlflow_port"]
-    result = langops(root, "run", "--set", "train.epochs=1", timeout=900)
+    result = langops(root, "run", "--set", "train.max_epochs=1", timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     output = result.stdout + result.stderr
     # not a temporary server (langops' or Prefect's own) but the running one

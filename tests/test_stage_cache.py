@@ -36,7 +36,7 @@ def test_the_key_follows_params_and_content_but_not_timestamps(tmp_path):
     os.utime(data, (1_000_000, 1_000_000))  # touched, same bytes
     assert stage_key(train, params) == key
 
-    assert stage_key(train, load_params(tmp_path / "params.yaml", ["train.epochs=5"])) != key
+    assert stage_key(train, load_params(tmp_path / "params.yaml", ["train.max_epochs=5"])) != key
     assert stage_key(train, load_params(tmp_path / "params.yaml", ["compress.num_threads=2"])) == key
     assert stage_key(train, load_params(tmp_path / "params.yaml", ["validate.min_text_chars=2"])) == key
     data.write_text("text,label\nmy parcel never came,shipping\n")

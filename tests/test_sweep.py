@@ -35,7 +35,7 @@ def _params(tmp_path, sweep: dict):
 def test_grid_expands_in_a_stable_order_first_key_slowest_then_explicit_trials(tmp_path):
     params = _params(tmp_path, {
         "grid": {"train.learning_rate": [0.002, 0.0005], "train.lora.r": [8, 16, 4]},
-        "trials": [{"train.epochs": 1, "project.seed": 3}],
+        "trials": [{"train.max_epochs": 1, "project.seed": 3}],
     })
     trials = expand_trials(params)
     assert [t.name for t in trials] == [f"trial-{i:02d}" for i in range(1, 8)]
@@ -46,12 +46,12 @@ def test_grid_expands_in_a_stable_order_first_key_slowest_then_explicit_trials(t
         {"train.learning_rate": 0.0005, "train.lora.r": 8},
         {"train.learning_rate": 0.0005, "train.lora.r": 16},
         {"train.learning_rate": 0.0005, "train.lora.r": 4},
-        {"train.epochs": 1, "project.seed": 3},
+        {"train.max_epochs": 1, "project.seed": 3},
     ]
     assert override_sets(params.sweep) == [t.overrides for t in expand_trials(params)]  # same order every time
     # Each trial trains with its values, into its own folders; everything else is the base params.
     assert (trials[4].params.train.learning_rate, trials[4].params.train.lora.r) == (0.0005, 16)
-    assert (trials[6].params.train.epochs, trials[6].params.project.seed) == (1, 3)
+    assert (trials[6].params.train.max_epochs, trials[6].params.project.seed) == (1, 3)
     assert trials[6].params.train.learning_rate == params.train.learning_rate
     assert trials[1].params.paths.trained == params.paths.sweep / "trial-02" / "trained"
     assert trials[1].params.paths.checkpoints == params.paths.sweep / "trial-02" / "checkpoints"
@@ -73,22 +73,22 @@ def test_a_bad_grid_key_is_refused_when_params_load_naming_the_key(tmp_path, key
         _params(tmp_path, {"grid": {key: [1, 2]}})
     assert message in str(err.value)
     with pytest.raises(ConfigError, match="sweep.trials"):
-        _params(tmp_path, {"trials": [{"train.epochs": 2}, {key: 1}]})
+        _params(tmp_path, {"trials": [{"train.max_epochs": 2}, {key: 1}]})
 
 
 @pytest.mark.unit
 def test_bad_trial_values_too_many_trials_and_duplicates_are_refused_before_training(tmp_path):
     with pytest.raises(ConfigError) as err:
-        expand_trials(_params(tmp_path, {"grid": {"train.epochs": [2, 0]}}))
-    assert "trial-02" in str(err.value) and "train.epochs" in str(err.value)
+        expand_trials(_params(tmp_path, {"grid": {"train.max_epochs": [2, 0]}}))
+    assert "trial-02" in str(err.value) and "train.max_epochs" in str(err.value)
     with pytest.raises(ConfigError, match="4 trials, more than sweep.max_trials=3"):
-        expand_trials(_params(tmp_path, {"grid": {"train.epochs": [1, 2], "train.lora.r": [4, 8]}, "max_trials": 3}))
+        expand_trials(_params(tmp_path, {"grid": {"train.max_epochs": [1, 2], "train.lora.r": [4, 8]}, "max_trials": 3}))
     with pytest.raises(ConfigError, match="trials 1 and 2 are identical"):
-        expand_trials(_params(tmp_path, {"grid": {"train.epochs": [1]}, "trials": [{"train.epochs": 1}]}))
+        expand_trials(_params(tmp_path, {"grid": {"train.max_epochs": [1]}, "trials": [{"train.max_epochs": 1}]}))
     with pytest.raises(ConfigError, match="no trials"):
         expand_trials(_params(tmp_path, {"grid": {}, "trials": []}))
     with pytest.raises(ConfigError, match="val_loss is better when lower"):
-        _params(tmp_path, {"grid": {"train.epochs": [1]}, "metric": "val_loss"})
+        _params(tmp_path, {"grid": {"train.max_epochs": [1]}, "metric": "val_loss"})
 
 
 def _outcome(index: int, score: float | None, error: str | None = None) -> TrialOutcome:
@@ -107,8 +107,9 @@ def test_best_trial_is_the_best_score_ties_go_to_the_earlier_trial_failures_neve
 
 
 @pytest.mark.unit
-def test_score_is_the_validation_metric_of_the_kept_epoch():
-    history = [{"epoch": 1, "val_macro_f1": 0.4, "val_loss": 1.2}, {"epoch": 2, "val_macro_f1": 0.6, "val_loss": 0.9}]
+def test_score_is_the_validation_metric_of_the_kept_evaluation():
+    history = [{"evaluation": 1, "epoch": 0.5, "val_macro_f1": 0.4, "val_loss": 1.2},
+               {"evaluation": 2, "epoch": 1.0, "val_macro_f1": 0.6, "val_loss": 0.9}]
     assert score_from_history(history, 1, "val_loss") == 1.2
     assert score_from_history(history, 2, "val_macro_f1") == 0.6
     with pytest.raises(Exception, match="not a validation metric"):
@@ -138,7 +139,7 @@ def test_the_sweep_command_refuses_a_bad_sweep_before_starting_anything(tmp_path
     typo = sweep("sweep.grid={train.epochz: [1, 2]}")
     assert typo.returncode == 2, typo.stderr
     assert "sweep key 'train.epochz': train has no setting 'epochz'" in typo.stderr
-    too_many = sweep("sweep.grid={train.epochs: [1, 2], train.lora.r: [4, 8]}", "sweep.max_trials=3")
+    too_many = sweep("sweep.grid={train.max_epochs: [1, 2], train.lora.r: [4, 8]}", "sweep.max_trials=3")
     assert too_many.returncode == 2, too_many.stderr
     assert "4 trials, more than sweep.max_trials=3" in too_many.stderr
     assert not (tmp_path / "state" / "mlflow.db").exists() and not (tmp_path / "models").exists()
@@ -168,7 +169,7 @@ def test_sweep_trains_trials_on_dask_nests_their_runs_and_ships_the_best(prefect
     # learns (about 0.35): the first trial must lose, so picking the first trial on a tie fails this test.
     sweep = {"grid": {"train.learning_rate": [1e-9, 0.003]}, "n_workers": 2, "dask_address": None}
     params = tiny_project_params(tmp_path, tiny_base_model, sweep=sweep)
-    params["train"].update(epochs=6, batch_size=8, early_stopping_patience=6, num_threads=1)
+    params["train"].update(max_epochs=6, batch_size=8, early_stopping_patience=6, num_threads=1)
     write_params(tmp_path, params)
 
     state = sweep_pipeline(params_path=str(tmp_path / "params.yaml"), return_state=True)
@@ -193,8 +194,8 @@ def test_sweep_trains_trials_on_dask_nests_their_runs_and_ships_the_best(prefect
         assert run.data.params["project.seed"] == "7"
         assert run.data.tags["langops.data_version"] == parent.data.tags["langops.data_version"]
         history = client.get_metric_history(run.info.run_id, "val_macro_f1")
-        kept_epoch = int(run.data.metrics["best_epoch"])
-        scores[name] = next(m.value for m in history if m.step == kept_epoch)
+        kept = int(run.data.metrics["best_evaluation"])
+        scores[name] = next(m.value for m in history if m.step == kept)
         train_json = json.loads((tmp_path / "models" / "sweep" / name / "trained" / "train.json").read_text())
         assert train_json["run_id"] == run.info.run_id  # each trial wrote its own folder
     assert scores["trial-02"] > scores["trial-01"] + 0.1, scores  # the trials genuinely differ

@@ -1,4 +1,5 @@
-"""The train step on a tiny random BERT: outputs, LoRA config, early stopping, resume and seeds."""
+"""The train step on a tiny random BERT: outputs, LoRA config, how long it trains and why it stops, resume
+and seeds."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from langops.tasks.train import length_grouped_batches, train
 
 
 def _cfg(base, **overrides) -> TrainConfig:
-    values = dict(base_model=str(base), epochs=2, batch_size=16, learning_rate=5e-3, max_length=32, num_threads=1,
+    values = dict(base_model=str(base), max_epochs=2, batch_size=16, learning_rate=5e-3, max_length=32, num_threads=1,
                   **TINY_RECIPE)
     values.update(overrides)
     return TrainConfig(**values)
@@ -37,6 +38,7 @@ def test_lora_training_writes_merged_model_adapter_and_labels(tiny_base_model, p
     assert set(adapter["target_modules"]) == {"query", "value"}
     assert result.trainable_params < result.total_params / 5
     assert len(result.history) == result.epochs_run == 2
+    assert result.stop_reason == "epoch ceiling" and not result.stopped_early
     # The merged model is a plain transformers model: no LoRA weights left in it.
     assert not any("lora" in k for k in _weights(result.model_dir))
     config = json.loads((result.model_dir / "config.json").read_text())
@@ -45,7 +47,7 @@ def test_lora_training_writes_merged_model_adapter_and_labels(tiny_base_model, p
 
 @pytest.mark.model
 def test_full_fine_tune_learns_the_keywords(tiny_base_model, prepared_dir, tmp_path):
-    cfg = _cfg(tiny_base_model, method="full", epochs=8, learning_rate=1e-2, early_stopping_patience=8)
+    cfg = _cfg(tiny_base_model, method="full", max_epochs=8, learning_rate=1e-2, early_stopping_patience=8)
     result = train(cfg, prepared_dir=prepared_dir, out_dir=tmp_path / "out", checkpoint_dir=tmp_path / "ckpt", seed=1)
 
     assert result.adapter_dir is None
@@ -55,24 +57,73 @@ def test_full_fine_tune_learns_the_keywords(tiny_base_model, prepared_dir, tmp_p
 
 @pytest.mark.model
 def test_early_stopping_stops_when_validation_f1_stalls(tiny_base_model, prepared_dir, tmp_path):
-    cfg = _cfg(tiny_base_model, epochs=5, learning_rate=1e-12, early_stopping_patience=1)
+    # No cool-down: patience ends the run at the evaluation that runs out of it, as plain early stopping.
+    cfg = _cfg(tiny_base_model, max_epochs=5, learning_rate=1e-12, early_stopping_patience=1, cooldown_fraction=0)
     result = train(cfg, prepared_dir=prepared_dir, out_dir=tmp_path / "out", checkpoint_dir=tmp_path / "ckpt", seed=1)
 
-    assert result.stopped_early
+    assert result.stopped_early and result.stop_reason == "patience"
     assert result.epochs_run == 2 and result.best_epoch == 1
+
+
+@pytest.mark.model
+def test_patience_begins_a_cool_down_and_the_run_stops_when_it_ends(tiny_base_model, prepared_dir, tmp_path, caplog):
+    cfg = _cfg(tiny_base_model, max_epochs=10, learning_rate=1e-12, early_stopping_patience=2, cooldown_fraction=0.5)
+    with caplog.at_level("INFO", logger="langops.tasks.train"):
+        result = train(cfg, prepared_dir=prepared_dir, out_dir=tmp_path / "out", checkpoint_dir=tmp_path / "ckpt", seed=1)
+
+    # 8 steps an epoch; patience runs out at evaluation 3 (step 24), the cool-down takes half as many steps again
+    assert result.stop_reason == "patience" and result.stopped_early
+    assert [row["step"] for row in result.history] == [8, 16, 24, 32, 36]
+    assert result.best_evaluation == 1 and result.steps == 36 and result.epochs_run == 4.5
+    assert result.history[3]["learning_rate"] < result.history[2]["learning_rate"] * 0.5  # decaying to 0
+    assert "the learning rate decays to 0 over the next 12 steps" in caplog.text
+    assert "training stopped at step 36 (patience): its cool-down, begun at step 24, is over" in caplog.text
+
+
+@pytest.mark.model
+def test_the_cool_down_anneals_the_best_weights_not_those_that_stopped_improving(tiny_base_model, prepared_dir, tmp_path):
+    checkpoints, kept = tmp_path / "ckpt", {}
+
+    def keep_each_checkpoint(metrics, evaluation):
+        newest = max(checkpoints.glob("step-*.pt"), key=lambda p: p.stat().st_mtime_ns)
+        kept[evaluation] = torch.load(newest, map_location="cpu", weights_only=True)
+
+    cfg = _cfg(tiny_base_model, method="full", learning_rate=1e-2, max_epochs=30, early_stopping_patience=2)
+    result = train(cfg, prepared_dir=prepared_dir, out_dir=tmp_path / "out", checkpoint_dir=checkpoints, seed=1,
+                   on_evaluation=keep_each_checkpoint)
+
+    assert result.stop_reason == "patience"
+    began = next(row["evaluation"] for row in result.history if row["evaluation"] > result.best_evaluation
+                 and kept[row["evaluation"]]["state"]["cooldown"] is not None)
+    saved = kept[began]
+    assert began > result.best_evaluation  # patience ran out two evaluations after the best one ...
+    before = kept[began - 1]  # ... whose weights had moved on from the best ones
+    assert any(not torch.equal(before["weights"][k], before["state"]["best_weights"][k]) for k in before["weights"])
+    # the cool-down starts from the best weights (and a resumed run would too: they are what was saved)
+    assert all(torch.equal(saved["weights"][k], saved["state"]["best_weights"][k]) for k in saved["weights"])
 
 
 @pytest.mark.model
 def test_max_steps_caps_optimizer_steps(tiny_base_model, prepared_dir, tmp_path):
     result = train(_cfg(tiny_base_model, max_steps=3), prepared_dir=prepared_dir, out_dir=tmp_path / "o",
                    checkpoint_dir=tmp_path / "c", seed=1)
-    assert result.steps == 3 and result.epochs_run == 1
+    assert result.steps == 3 and result.epochs_run == pytest.approx(3 / 8)
+    assert result.stop_reason == "step ceiling" and not result.stopped_early
+
+
+@pytest.mark.model
+def test_the_time_ceiling_stops_a_run_that_is_still_improving(tiny_base_model, prepared_dir, tmp_path):
+    cfg = _cfg(tiny_base_model, max_epochs=50, max_minutes=1e-4)  # 6 ms: spent by the first evaluation
+    result = train(cfg, prepared_dir=prepared_dir, out_dir=tmp_path / "o", checkpoint_dir=tmp_path / "c", seed=1)
+    assert result.stop_reason == "time ceiling" and not result.stopped_early
+    assert len(result.history) == 1 and result.steps == 8
+    assert result.train_loop_seconds >= 60 * 1e-4
 
 
 @pytest.mark.model
 def test_same_seed_gives_identical_weights(tiny_base_model, prepared_dir, tmp_path):
     runs = [
-        train(_cfg(tiny_base_model, epochs=1, resume=False), prepared_dir=prepared_dir, out_dir=tmp_path / f"out{i}",
+        train(_cfg(tiny_base_model, max_epochs=1, resume=False), prepared_dir=prepared_dir, out_dir=tmp_path / f"out{i}",
               checkpoint_dir=tmp_path / f"ckpt{i}", seed=7)
         for i in range(2)
     ]
@@ -81,23 +132,26 @@ def test_same_seed_gives_identical_weights(tiny_base_model, prepared_dir, tmp_pa
 
 
 @pytest.mark.model
+@pytest.mark.parametrize(("eval_every_steps", "first_evaluation_epoch"), [(500, 1.0), (3, 3 / 8)],
+                         ids=["at-an-epoch-end", "mid-epoch"])
 def test_an_interrupted_run_resumes_from_its_last_checkpoint_and_ends_where_an_uninterrupted_one_does(
-    tiny_base_model, prepared_dir, tmp_path
+    tiny_base_model, prepared_dir, tmp_path, eval_every_steps, first_evaluation_epoch
 ):
-    cfg = _cfg(tiny_base_model, epochs=3, early_stopping_patience=3)
+    cfg = _cfg(tiny_base_model, max_epochs=3, early_stopping_patience=3, eval_every_steps=eval_every_steps)
     straight = train(cfg, prepared_dir=prepared_dir, out_dir=tmp_path / "straight", checkpoint_dir=tmp_path / "c1", seed=3)
 
-    def crash_after_first_epoch(metrics, epoch):
-        if epoch == 1:
+    def crash_after_first_evaluation(metrics, evaluation):
+        if evaluation == 1:
             raise KeyboardInterrupt("simulated crash")
 
     with pytest.raises(KeyboardInterrupt):
         train(cfg, prepared_dir=prepared_dir, out_dir=tmp_path / "resumed", checkpoint_dir=tmp_path / "c2", seed=3,
-              on_epoch_end=crash_after_first_epoch)
+              on_evaluation=crash_after_first_evaluation)
     assert not (tmp_path / "resumed").exists()
     resumed = train(cfg, prepared_dir=prepared_dir, out_dir=tmp_path / "resumed", checkpoint_dir=tmp_path / "c2", seed=3)
 
-    assert resumed.resumed_from_epoch == 1
+    assert resumed.resumed_from_epoch == pytest.approx(first_evaluation_epoch)
+    assert [h["step"] for h in resumed.history] == [h["step"] for h in straight.history]
     assert [h["val_macro_f1"] for h in resumed.history] == [h["val_macro_f1"] for h in straight.history]
     a, b = _weights(straight.model_dir), _weights(resumed.model_dir)
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
@@ -115,9 +169,9 @@ class _RunsCodeWhenUnpickled:
 def test_a_checkpoint_that_would_run_code_is_skipped_without_running_it(tiny_base_model, prepared_dir, tmp_path):
     checkpoints, marker = tmp_path / "ckpt", tmp_path / "code-ran"
     checkpoints.mkdir()
-    torch.save({"fingerprint": "any", "payload": _RunsCodeWhenUnpickled(marker)}, checkpoints / "epoch-009.pt")
+    torch.save({"fingerprint": "any", "payload": _RunsCodeWhenUnpickled(marker)}, checkpoints / "step-0000999.pt")
 
-    result = train(_cfg(tiny_base_model, epochs=1), prepared_dir=prepared_dir, out_dir=tmp_path / "out",
+    result = train(_cfg(tiny_base_model, max_epochs=1), prepared_dir=prepared_dir, out_dir=tmp_path / "out",
                    checkpoint_dir=checkpoints, seed=3)
 
     assert not marker.exists()
