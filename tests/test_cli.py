@@ -101,15 +101,19 @@ def test_init_writes_params_for_a_new_folder_and_shows_what_validation_would_say
     rows = ["id,message,category"] + [f"{i},my order {i} is about {c},{c}" for c in ("billing", "shipping")
                                       for i in range(40)]
     rows += [f"{100 + i},rare thing {i},rare" for i in range(4)]
+    rows += ["200,a lone question,lonely"]
     (tmp_path / "export.csv").write_text("\n".join(rows) + "\n")
 
     result = _langops("init", "--data", "export.csv", cwd=tmp_path)
 
-    assert result.returncode == 3, result.stderr  # a run would stop on the 4-row class: said now
+    assert result.returncode == 3, result.stderr  # a run would stop on the 1-row class: said now
     assert "data.text_column   message" in result.stdout and "data.label_column  category" in result.stdout
-    assert "validation would STOP a run on this data" in result.stdout and "'rare'" in result.stdout
+    stop = result.stdout.split("validation would STOP a run on this data (1 problem)")[1]
+    stop, warnings = stop.split("warnings (the run goes on")
+    assert "'lonely'" in stop and "'rare'" not in stop
+    assert "'rare'" in warnings  # 4 rows: a thin class, warned about, not refused
     params = (tmp_path / "params.yaml").read_text()
-    assert "label_column: category" in params and "- rare" in params
+    assert "label_column: category" in params and "- rare" in params and "- lonely" in params
     again = _langops("init", "--data", "export.csv", cwd=tmp_path)
     assert again.returncode == 2 and "pass --force" in again.stderr
 

@@ -93,11 +93,14 @@ def test_what_validation_would_refuse_is_shown_with_its_fix(tmp_path):
     source = tmp_path / "questions.jsonl"
     rows = [{"question": f"how do I do {label} thing {i}", "coarse": label} for label in ("DESC", "HUM") for i in range(40)]
     rows += [{"question": f"what does abbreviation {i} mean", "coarse": "ABBR"} for i in range(9)]
+    rows += [{"question": "where is the one location question", "coarse": "LOC"}]
     source.write_text("\n".join(json.dumps(r) for r in rows))
 
     result = init_project(source, params_path=tmp_path / "params.yaml")
 
-    (error,) = result.errors
-    assert "classes with fewer than 20 rows" in error and "'ABBR': 7 rows in train" in error
-    assert "fix: train needs at least 20 rows of every class" in error
+    (error,) = result.errors  # one row cannot be both learned and measured: the run would stop
+    assert "classes with no row in train, or none in validation and test" in error and "'LOC'" in error
+    assert "fix: a class with no train row cannot be learned" in error
     assert "validation would STOP a run on this data" in render(result)
+    (thin,) = [w for w in result.warnings if "'ABBR'" in w]  # 9 rows: warned about, trains all the same
+    assert "classes with fewer than 20 rows" in thin

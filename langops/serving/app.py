@@ -961,6 +961,8 @@ def app_from_env() -> FastAPI:
     raw = os.environ.get(SETTINGS_ENV)
     if not raw:
         raise RuntimeError(f"{SETTINGS_ENV} is not set: start workers through langops.serving.server.serve")
+    # A spawned worker starts with bare logging: set it up as serve() does, so each worker says what it serves.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _stop_when_orphaned()
     return create_app(ServerSettings.model_validate_json(raw))
 
