@@ -30,10 +30,11 @@ from langops.promotions import current_alias_version, record_decision
 from langops.tasks import baseline as baseline_step
 from langops.tasks.baseline import BaselineResult
 from langops.tasks.compress import REFERENCE_FILE, CompressionResult, compress
-from langops.tasks.distill import DistillResult, distill
+from langops.tasks.distill import BaselineFloor, DistillResult, distill
 from langops.tasks.evaluate import EvaluationResult, evaluate
 from langops.tasks.prepare import PrepareResult, prepare
 from langops.tasks.promote import (
+    BASELINE_MARGIN,
     BASELINE_NAME,
     ComparedRows,
     Decision,
@@ -216,9 +217,12 @@ def run_evaluate(
     return result
 
 
-def run_distill(params: Params, prepared: PrepareResult, trained: TrainRecord) -> DistillResult:
+def run_distill(
+    params: Params, prepared: PrepareResult, baseline: BaselineResult, trained: TrainRecord
+) -> DistillResult:
     result = distill(params.compress.distill, trained_dir=trained.result.out_dir, prepared_dir=prepared.out_dir,
-                     out_dir=params.paths.student, max_length=trained.result.max_length, seed=params.project.seed)
+                     out_dir=params.paths.student, max_length=trained.result.max_length, seed=params.project.seed,
+                     baseline_floor=baseline_floor(params, prepared, baseline))
     if result.enabled and trained.run_id:
         tracking.log_distillation(params, trained.run_id, result)
     return result
@@ -334,6 +338,16 @@ def baseline_evidence(prepared: PrepareResult, baseline: BaselineResult, labels:
     texts, y_true = read_test_rows(prepared.out_dir, labels)
     return ModelEvidence.from_probabilities(BASELINE_NAME, labels, y_true, baseline.test_probabilities(prepared.out_dir),
                                             text_lengths=tuple(len(t) for t in texts))
+
+
+def baseline_floor(params: Params, prepared: PrepareResult, baseline: BaselineResult) -> BaselineFloor | None:
+    """What a distilled student must beat to ship: the baseline's validation predictions by the gate's margin
+    (``promote.thresholds.baseline_margin``); None when the project sets no margin."""
+    margin = params.promote.thresholds.get(BASELINE_MARGIN)
+    if margin is None:
+        return None
+    return BaselineFloor(baseline.validation_predictions(prepared.out_dir), margin=float(margin),
+                         confidence=params.promote.confidence, bootstrap_samples=params.promote.bootstrap_samples)
 
 
 def compared_rows(prepared: PrepareResult, model_dirs: dict[str, Path]) -> ComparedRows:

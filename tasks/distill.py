@@ -7,7 +7,9 @@ its validation macro-F1 improves (the train step's rule, ``langops.schedule``). 
 take it as they take any trained model: the gate judges it as the model that ships.
 
 The student ships only when it holds up: the teacher must have more encoder layers than the student would,
-and the student's validation macro-F1 must be within ``max_val_drop`` of the teacher's. Otherwise, or with
+the student's validation macro-F1 must be within ``max_val_drop`` of the teacher's, and, given a
+``BaselineFloor``, it must beat the TF-IDF baseline's validation predictions by the gate's margin (the lower
+bound of the paired bootstrap interval, as the gate judges the shipped model on test). Otherwise, or with
 ``compress.distill.enabled`` false, the teacher ships, and ``distill.json`` and the log say why.
 """
 
@@ -25,6 +27,7 @@ import torch
 from sklearn.metrics import f1_score
 from tqdm.auto import tqdm
 
+from langops.calibration import choose_temperature, fold_temperature
 from langops.config import DistillConfig
 from langops.io import (
     LABEL,
@@ -39,13 +42,24 @@ from langops.io import (
 )
 from langops.modeling import load_trained_classifier, pad_batch, predict_logits, tokenize
 from langops.schedule import Schedule
-from langops.calibration import choose_temperature, fold_temperature
 from langops.tasks.train import length_grouped_batches, seed_everything
 
 log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "distill.json"
 MODEL_DIR = "model"
+
+
+@dataclass(frozen=True)
+class BaselineFloor:
+    """The baseline's validation predictions, which a student must beat by ``margin`` to ship: the lower bound
+    of the paired bootstrap interval of student − baseline validation macro-F1 (``promote.thresholds.
+    baseline_margin``, ``promote.confidence`` and ``promote.bootstrap_samples``, as the gate's floor)."""
+
+    predictions: np.ndarray  # label ids, one per validation row in the prepared file's order
+    margin: float
+    confidence: float = 0.95
+    bootstrap_samples: int = 2000
 
 
 @dataclass(frozen=True)
@@ -61,6 +75,8 @@ class DistillResult:
     stop_reason: str = ""  # patience or a ceiling, as the train step's (langops.schedule)
     teacher_val_macro_f1: float | None = None
     val_macro_f1: float | None = None
+    baseline_val_macro_f1: float | None = None  # the baseline the student had to beat, when there was a floor
+    baseline_interval: tuple[float, float] | None = None  # student − baseline, paired bootstrap on validation
     temperature: float = 1.0  # the student's calibration, folded into its head (1.0: none folded)
     calibration: str = ""  # why that temperature: it must lower validation ECE on rows it was not fitted on
     seconds: float = 0.0
@@ -76,14 +92,18 @@ class DistillResult:
             raise FileNotFoundError(f"{path} not found: run the distill step first")
         summary = read_json(path)
         summary["kept_layers"] = tuple(summary.get("kept_layers", ()))
+        if summary.get("baseline_interval") is not None:
+            summary["baseline_interval"] = tuple(summary["baseline_interval"])
         summary.setdefault("shipped", summary["enabled"])  # written before students could be refused
         return cls(**{**summary, "out_dir": Path(out_dir)})
 
 
 def distill(
-    cfg: DistillConfig, *, trained_dir: Path, prepared_dir: Path, out_dir: Path, max_length: int, seed: int
+    cfg: DistillConfig, *, trained_dir: Path, prepared_dir: Path, out_dir: Path, max_length: int, seed: int,
+    baseline_floor: BaselineFloor | None = None,
 ) -> DistillResult:
-    """Train the student and write it (``model/``, ``labels.json``, ``distill.json``) to ``out_dir``."""
+    """Train the student and write it (``model/``, ``labels.json``, ``distill.json``) to ``out_dir``; with a
+    ``baseline_floor`` it ships only if it also beats the baseline on the validation rows."""
     out_dir = Path(out_dir)
     if not cfg.enabled:
         return _teacher_ships(out_dir, enabled=False, reason="compress.distill.enabled is false")
@@ -156,8 +176,8 @@ def distill(
                 break
             student.train()
     student.load_state_dict(best_state)
-    calibration = choose_temperature(predict_logits(student, tokenizer, val_df[TEXT].tolist(), max_length=max_length),
-                                     val_y, seed=seed)
+    student_val_logits = predict_logits(student, tokenizer, val_df[TEXT].tolist(), max_length=max_length)
+    calibration = choose_temperature(student_val_logits, val_y, seed=seed)
     log.info("distil calibration: %s", calibration.reason)
     fold_temperature(student, calibration.temperature)
 
@@ -166,17 +186,45 @@ def distill(
     reason = (f"the student's validation macro-F1 {best_f1:.4f} is {abs(drop):.4f} "
               f"{'below' if drop >= 0 else 'above'} the teacher's {teacher_val_f1:.4f}, "
               f"{'within' if shipped else 'beyond'} compress.distill.max_val_drop "
-              f"{cfg.max_val_drop}" + ("" if shipped else ": the teacher ships"))
+              f"{cfg.max_val_drop}")
+    baseline_f1 = interval = None
+    if baseline_floor is not None:
+        beats, baseline_f1, interval, against = judge_against_baseline(
+            student_val_logits.argmax(axis=1), baseline_floor, val_y, len(labels))
+        shipped = shipped and beats
+        reason += f"; {against}"
+    reason += "" if shipped else ": the teacher ships"
     (log.info if shipped else log.warning)("distil: %s", reason)
     result = DistillResult(
         out_dir=out_dir, enabled=True, shipped=shipped, reason=reason,
         layers=cfg.layers, teacher_layers=teacher.config.num_hidden_layers,
         kept_layers=kept, steps=steps, stop_reason=stop_reason, teacher_val_macro_f1=teacher_val_f1,
-        val_macro_f1=best_f1,
+        val_macro_f1=best_f1, baseline_val_macro_f1=baseline_f1, baseline_interval=interval,
         temperature=calibration.temperature, calibration=calibration.reason, seconds=time.perf_counter() - started,
     )
     _save(student, tokenizer, labels, result)
     return result
+
+
+def judge_against_baseline(
+    student_pred: np.ndarray, floor: BaselineFloor, y_true: np.ndarray, num_labels: int
+) -> tuple[bool, float, tuple[float, float], str]:
+    """Whether the student's validation predictions beat the baseline's by the floor's margin, the baseline's
+    macro-F1, the interval of the difference, and the verdict in words."""
+    from langops.tasks.promote import paired_bootstrap_interval
+
+    theirs = np.asarray(floor.predictions, dtype=np.int64)
+    if theirs.shape != y_true.shape:
+        raise ValueError(f"the baseline scored {theirs.shape[0]} validation rows, the prepared split holds "
+                         f"{y_true.shape[0]}: run the baseline step again")
+    ours_f1, theirs_f1 = _macro_f1_of(student_pred, y_true, num_labels), _macro_f1_of(theirs, y_true, num_labels)
+    low, high = paired_bootstrap_interval("macro_f1", y_true, np.asarray(student_pred), theirs, num_labels,
+                                          samples=floor.bootstrap_samples, confidence=floor.confidence)
+    beats = low >= floor.margin and ours_f1 > theirs_f1
+    verdict = (f"against the TF-IDF baseline's {theirs_f1:.4f} the difference is {ours_f1 - theirs_f1:+.4f}, "
+               f"{floor.confidence:.0%} interval [{low:+.4f}, {high:+.4f}]: "
+               + ("beats" if beats else "does not beat") + f" it by promote.thresholds.baseline_margin {floor.margin}")
+    return beats, theirs_f1, (low, high), verdict
 
 
 def make_student(teacher: torch.nn.Module, layers: int) -> tuple[torch.nn.Module, tuple[int, ...]]:
@@ -240,8 +288,12 @@ def _encoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     return layers
 
 
+def _macro_f1_of(predicted: np.ndarray, y: np.ndarray, num_labels: int) -> float:
+    return float(f1_score(y, predicted, labels=list(range(num_labels)), average="macro", zero_division=0))
+
+
 def _macro_f1(logits: np.ndarray, y: np.ndarray, num_labels: int) -> float:
-    return float(f1_score(y, logits.argmax(axis=1), average="macro", labels=list(range(num_labels)), zero_division=0))
+    return _macro_f1_of(logits.argmax(axis=1), y, num_labels)
 
 
 def _summary(result: DistillResult) -> dict:

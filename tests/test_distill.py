@@ -14,7 +14,7 @@ from transformers import AutoModelForSequenceClassification
 from langops.config import load_params
 from langops.onnx_model import OnnxClassifier
 from langops.stages import STAGES, run_stage
-from langops.tasks.distill import distillation_loss, make_student
+from langops.tasks.distill import BaselineFloor, distillation_loss, judge_against_baseline, make_student
 
 
 @pytest.mark.model
@@ -74,7 +74,7 @@ def _teacher_and_student_graphs(tmp_path, tiny_base_model, distill: dict, **sect
         **sections,
     ))
     params = load_params(tmp_path / "params.yaml")
-    return params, {name: run_stage(name, params) for name in ("prepare", "train", "distill", "compress")}
+    return params, {name: run_stage(name, params) for name in ("prepare", "baseline", "train", "distill", "compress")}
 
 
 def encoder_layers_shipped(compressed) -> int:
@@ -111,4 +111,45 @@ def test_a_student_that_loses_more_than_the_margin_is_kept_out_and_the_teacher_s
     assert student.val_macro_f1 < student.teacher_val_macro_f1, "the wrecked student should score below its teacher"
     assert not student.shipped and student.reason.endswith("beyond compress.distill.max_val_drop 0.0: the teacher ships")
     assert (params.paths.student / "model").is_dir()  # kept for a look, not shipped
+    assert encoder_layers_shipped(results["compress"]) == 2  # the teacher's
+
+
+@pytest.mark.unit
+def test_a_student_must_beat_the_baselines_validation_predictions_by_the_margin_not_by_luck():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, size=400)
+    baseline = np.where(rng.random(400) < 0.8, y, (y + 1) % 3)  # right on about 80% of rows
+    floor = BaselineFloor(baseline, margin=0.005)
+
+    far_ahead = np.where(rng.random(400) < 0.95, y, (y + 2) % 3)
+    beats, baseline_f1, (low, _), verdict = judge_against_baseline(far_ahead, floor, y, 3)
+    assert beats and low >= 0.005 and 0.75 < baseline_f1 < 0.85
+    assert verdict.startswith(f"against the TF-IDF baseline's {baseline_f1:.4f} the difference is +")
+
+    one_row_ahead = baseline.copy()
+    one_row_ahead[np.flatnonzero(baseline != y)[0]] = y[np.flatnonzero(baseline != y)[0]]
+    beats, _, (low, _), verdict = judge_against_baseline(one_row_ahead, floor, y, 3)
+    assert not beats and low < 0.005  # ahead on the point value by one row: within the noise
+    assert "does not beat it by promote.thresholds.baseline_margin 0.005" in verdict
+
+    with pytest.raises(ValueError, match="the baseline scored 400 validation rows, the prepared split holds 399"):
+        judge_against_baseline(far_ahead[:399], floor, y[:399], 3)
+
+
+@pytest.mark.model
+def test_a_student_that_does_not_beat_the_baseline_is_kept_out_and_the_teacher_ships(tmp_path, tiny_base_model):
+    # Within any drop of its teacher, but a tiny random student cannot beat TF-IDF on the demo tickets.
+    distill = {"layers": 1, "max_epochs": 1, "batch_size": 16, "learning_rate": 1e-3, "num_threads": 1,
+               "max_val_drop": 1.0}
+    floor = {"thresholds": {"macro_f1": 0.0, "accuracy": 0.0, "baseline_margin": 0.005}}
+    params, results = _teacher_and_student_graphs(tmp_path, tiny_base_model, distill, promote=floor)
+    student, baseline = results["distill"], results["baseline"]
+    assert not student.shipped
+    assert student.baseline_val_macro_f1 == pytest.approx(baseline.metrics["validation"]["baseline"]["macro_f1"])
+    assert student.val_macro_f1 < student.baseline_val_macro_f1
+    assert "within compress.distill.max_val_drop 1.0" in student.reason
+    assert (f"against the TF-IDF baseline's {student.baseline_val_macro_f1:.4f} the difference is "
+            f"{student.val_macro_f1 - student.baseline_val_macro_f1:+.4f}") in student.reason
+    assert student.reason.endswith("does not beat it by promote.thresholds.baseline_margin 0.005: the teacher ships")
+    assert json.loads((params.paths.student / "distill.json").read_text())["baseline_interval"][0] < 0.005
     assert encoder_layers_shipped(results["compress"]) == 2  # the teacher's
