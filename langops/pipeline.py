@@ -44,7 +44,7 @@ from langops.tasks.promote import (
     decide,
     with_approval,
 )
-from langops.tasks.register import RegistrationResult, register
+from langops.tasks.register import RegistrationResult, ShippedCalibration, register
 from langops.tasks.train import TrainResult, launch_torchrun, rank_info, resolve_devices, train
 from langops.tasks.validate import DataValidationError, ValidationResult, validate
 
@@ -244,7 +244,9 @@ def run_compress(
     return result
 
 
-def run_register(params: Params, trained: TrainRecord, compressed: CompressionResult) -> RegistrationResult:
+def run_register(
+    params: Params, trained: TrainRecord, distilled: DistillResult, compressed: CompressionResult
+) -> RegistrationResult:
     tracking.configure_mlflow(params)
     return register(
         params.register,
@@ -252,7 +254,17 @@ def run_register(params: Params, trained: TrainRecord, compressed: CompressionRe
         run_id=trained.run_id,
         lineage=trained.lineage,
         out_dir=params.paths.registration,
+        calibration=shipped_calibration(trained.result, distilled),
     )
+
+
+def shipped_calibration(trained: TrainResult, distilled: DistillResult) -> ShippedCalibration:
+    """The calibration of the model compress shipped: the student's when it ships, else the trained model's."""
+    if distilled.shipped:
+        return ShippedCalibration(f"the student's: {distilled.calibration}", distilled.temperature,
+                                  distilled.val_ece_uncalibrated, distilled.val_ece_cross_fitted)
+    return ShippedCalibration(trained.calibration, trained.temperature, trained.val_ece_uncalibrated,
+                              trained.val_ece_cross_fitted)
 
 
 def run_promote(

@@ -228,10 +228,10 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "register", adapter_name="run_register",
         params=("register", "tracking"),
-        deps=(COMPRESSED, TRAINED),
+        deps=(COMPRESSED, TRAINED, STUDENT),
         outs=(REGISTRATION,),
         code=("langops.tasks.register",),
-        needs=("train", "compress"),
+        needs=("train", "distill", "compress"),
         result="registered", loader_name="load_registered",
         cached=True, retried=True, uses_tracking=True,
     ),

@@ -79,6 +79,8 @@ class DistillResult:
     baseline_interval: tuple[float, float] | None = None  # student − baseline, paired bootstrap on validation
     temperature: float = 1.0  # the student's calibration, folded into its head (1.0: none folded)
     calibration: str = ""  # why that temperature: it must lower validation ECE on rows it was not fitted on
+    val_ece_uncalibrated: float | None = None  # the student's own probabilities on validation
+    val_ece_cross_fitted: float | None = None  # each half of validation scored with the other half's temperature
     seconds: float = 0.0
 
     @property
@@ -200,7 +202,9 @@ def distill(
         layers=cfg.layers, teacher_layers=teacher.config.num_hidden_layers,
         kept_layers=kept, steps=steps, stop_reason=stop_reason, teacher_val_macro_f1=teacher_val_f1,
         val_macro_f1=best_f1, baseline_val_macro_f1=baseline_f1, baseline_interval=interval,
-        temperature=calibration.temperature, calibration=calibration.reason, seconds=time.perf_counter() - started,
+        temperature=calibration.temperature, calibration=calibration.reason,
+        val_ece_uncalibrated=calibration.ece_uncalibrated, val_ece_cross_fitted=calibration.ece_cross_fitted,
+        seconds=time.perf_counter() - started,
     )
     _save(student, tokenizer, labels, result)
     return result

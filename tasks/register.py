@@ -33,6 +33,7 @@ REQUIRED_LINEAGE = ("data_version", "git_commit", "params_hash", "base_model")
 MODEL_ARTIFACT_PATH = "model"
 METRIC_TAG_PREFIX = "metric."
 TRAINING_TEXTS_TAG = "training_texts"  # the hashed train/validation texts shipped in the model's folder
+CALIBRATION_TAG = "calibration"  # the shipped model's calibration decision in words; figures as calibration.<key>
 READY_TIMEOUT_S = 300.0
 # What the pyfunc imports at load time, pinned to what it was verified with here. langops itself is
 # not on a package index: a process loading the model must have it installed (see langops.pyfunc).
@@ -65,6 +66,7 @@ def register(
     run_id: str,
     lineage: Mapping[str, str],
     out_dir: Path,
+    calibration: ShippedCalibration | None = None,
 ) -> RegistrationResult:
     """Log the compressed model as a pyfunc into run ``run_id`` and register it as a new version.
 
@@ -97,7 +99,8 @@ def register(
     # Load before logging anything: a model that cannot load or answer must not reach the registry.
     classifier = OnnxClassifier.load(compressed_dir)
     classifier.predict(INPUT_EXAMPLE)
-    tags = {**version_tags(lineage, compression), FILES_TAG: encode_manifest(build_manifest(compressed_dir))}
+    tags = {**version_tags(lineage, compression, calibration),
+            FILES_TAG: encode_manifest(build_manifest(compressed_dir))}
 
     with reopened_run(run_id):
         logged = mlflow.pyfunc.log_model(
@@ -137,8 +140,28 @@ def register(
     return result
 
 
-def version_tags(lineage: Mapping[str, str], compression: CompressionResult) -> dict[str, str]:
-    """Lineage as is, the shipped model's headline test metrics as ``metric.<name>``, and its precision."""
+@dataclass(frozen=True)
+class ShippedCalibration:
+    """What calibration decided for the model that ships (the trained model, or the student in its place):
+    validation ECE of its own probabilities and of the cross-fitted temperature's, and the temperature folded."""
+
+    decision: str
+    temperature: float
+    val_ece_uncalibrated: float | None
+    val_ece_cross_fitted: float | None
+
+    def tags(self) -> dict[str, str]:
+        figures = {"temperature": self.temperature, "val_ece_uncalibrated": self.val_ece_uncalibrated,
+                   "val_ece_cross_fitted": self.val_ece_cross_fitted}
+        return {CALIBRATION_TAG: self.decision[:5000],
+                **{f"{CALIBRATION_TAG}.{key}": repr(value) for key, value in figures.items() if value is not None}}
+
+
+def version_tags(
+    lineage: Mapping[str, str], compression: CompressionResult, calibration: ShippedCalibration | None = None
+) -> dict[str, str]:
+    """Lineage as is, the shipped model's headline test metrics as ``metric.<name>`` (its test ECE among
+    them), its precision, and its calibration decision with the validation ECE before and after."""
     tags = {key: str(value) for key, value in lineage.items()}
     tags.update(
         {f"{METRIC_TAG_PREFIX}{name}": repr(value) for name, value in headline(compression.metrics).items()}
@@ -148,6 +171,8 @@ def version_tags(lineage: Mapping[str, str], compression: CompressionResult) -> 
         manifest = compression.training_texts
         counts = ", ".join(f"{split} {n}" for split, n in manifest["texts"].items())
         tags[TRAINING_TEXTS_TAG] = f"{manifest['file']} sha256 {manifest['sha256']} ({counts} texts)"
+    if calibration is not None:
+        tags.update(calibration.tags())
     return tags
 
 

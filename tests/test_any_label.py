@@ -84,8 +84,9 @@ def test_any_label_set_trains_registers_and_serves_with_its_labels_intact(tiny_b
         fitted = pipeline.run_baseline(params, prepared)
         trained = pipeline.run_train(params, prepared)
         evaluation = pipeline.run_evaluate(params, prepared, fitted, trained)
-        compressed = pipeline.run_compress(params, prepared, trained, pipeline.run_distill(params, prepared, trained))
-        registration = pipeline.run_register(params, trained, compressed)
+        distilled = pipeline.run_distill(params, prepared, fitted, trained)
+        compressed = pipeline.run_compress(params, prepared, trained, distilled)
+        registration = pipeline.run_register(params, trained, distilled, compressed)
 
         keys = label_keys(labels)
         assert evaluation.metrics["label_keys"] == {keys[label]: label for label in labels}

@@ -63,6 +63,12 @@ def test_the_student_ships_through_compress_register_and_the_gate(tmp_path, tiny
     decision = results["promote"]
     assert decision.challenger_version == results["register"].version
     assert decision.promote, decision.reason  # the first model: the gate judged the student and passed it
+    from mlflow import MlflowClient
+
+    tags = MlflowClient().get_model_version(params.register.model_name, results["register"].version).tags
+    assert tags["calibration"] == f"the student's: {student.calibration}"  # the shipped model's, not the teacher's
+    assert float(tags["calibration.temperature"]) == student.temperature
+    assert float(tags["calibration.val_ece_uncalibrated"]) == student.val_ece_uncalibrated
     probabilities = shipped.predict_proba(["my card was charged twice"])
     assert np.isclose(probabilities.sum(), 1.0)
 

@@ -79,6 +79,9 @@ def test_dvc_repro_runs_every_stage_then_nothing_then_only_what_a_param_change_t
     version = MlflowClient(tracking_uri=store, registry_uri=store).get_model_version("langops-classifier", "1")
     prepared_md5 = next(out["md5"] for out in lock["stages"]["prepare"]["outs"])
     assert version.tags["data_version"] == prepared_md5
+    trained = json.loads((dvc_project / "models" / "trained" / "train.json").read_text())  # the teacher ships
+    assert version.tags["calibration"] == trained["calibration"]
+    assert float(version.tags["calibration.val_ece_uncalibrated"]) == trained["val_ece_uncalibrated"]
 
     # An experiment on a train knob, against the committed baseline: the data stages are skipped, train and
     # everything after it re-run, and metrics diff compares the two.

@@ -18,7 +18,7 @@ from langops.config import Params, parse_params
 from langops.model_files import FILES_TAG, decode_manifest
 from langops.pyfunc import predictions_frame, texts_from_input
 from langops.tasks.compress import CompressionResult
-from langops.tasks.register import RegistrationResult, register
+from langops.tasks.register import RegistrationResult, ShippedCalibration, register
 from langops.tracking import configure_mlflow
 
 LINEAGE = {
@@ -80,6 +80,23 @@ def test_register_creates_a_tagged_described_version(params, run_id, compression
     assert RegistrationResult.load(params.paths.registration) == result  # what a later stage run reads
     assert version.tags["quantized"] == "true"
     assert "tiny-bert" in version.description and run_id in version.description
+
+
+@pytest.mark.model
+def test_the_version_records_what_calibration_decided_for_the_shipped_model(params, run_id, compression) -> None:
+    from mlflow import MlflowClient
+
+    refused = ShippedCalibration("no temperature folded (T = 1): it raises held-out ECE (0.0310 without, 0.0420 "
+                                 "cross-fitted)", temperature=1.0, val_ece_uncalibrated=0.031, val_ece_cross_fitted=0.042)
+    result = register(params.register, compression=compression, run_id=run_id, lineage=LINEAGE,
+                      out_dir=params.paths.registration, calibration=refused)
+
+    tags = MlflowClient().get_model_version(result.model_name, result.version).tags
+    assert tags["calibration"] == refused.decision
+    assert {key: float(tags[f"calibration.{key}"]) for key in ("temperature", "val_ece_uncalibrated",
+                                                               "val_ece_cross_fitted")} == {
+        "temperature": 1.0, "val_ece_uncalibrated": 0.031, "val_ece_cross_fitted": 0.042}
+    assert float(tags["metric.ece"]) == compression.metrics["ece"]  # and the shipped model's test ECE beside them
 
 
 @pytest.mark.model
