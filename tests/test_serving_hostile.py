@@ -212,25 +212,68 @@ def test_docs_work_offline(client: httpx.Client) -> None:
     assert 'langops_requests_total{endpoint="/docs/assets",status="200"}' in client.get("/metrics").text
 
 
+TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+MODEL_HEADERS = ("X-Model-Version", "X-Model-Role")
+
+
+@pytest.fixture(scope="module")
+def guarded(compressed_dir: Path) -> Iterator[LiveServer]:
+    """A server that runs with a token, once its model answers."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LANGOPS_TEST_TOKEN", TOKEN)
+        settings = ServerSettings(model_dir=compressed_dir, port=free_port(), auth_token_env="LANGOPS_TEST_TOKEN")
+        with running_server(settings) as live, live.client() as client:
+            wait_until(lambda: client.get("/ready", headers=AUTH).status_code == 200, what="the model")
+            yield live
+
+
 @pytest.mark.model
-def test_unauthenticated_callers_learn_nothing_about_the_model(
-    compressed_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("LANGOPS_TEST_TOKEN", "s3cret-token")
-    settings = ServerSettings(model_dir=compressed_dir, port=free_port(), auth_token_env="LANGOPS_TEST_TOKEN")
-    auth = {"Authorization": "Bearer s3cret-token"}
-    with running_server(settings) as live, live.client() as client:
-        wait_until(lambda: client.get("/ready", headers=auth).status_code == 200, what="the model")
-        assert client.get("/ready", headers=auth).headers["X-Model-Version"] == "local"
-        page = client.get("/docs", headers=auth)
+def test_unauthenticated_callers_learn_nothing_about_the_model(guarded: LiveServer) -> None:
+    with guarded.client() as client:
+        assert client.get("/ready", headers=AUTH).headers["X-Model-Version"] == "local"
+        assert client.get("/health", headers=AUTH).headers["X-Model-Version"] == "local"
+        page = client.get("/docs", headers=AUTH)
         assert page.status_code == 200
         (script,) = re.findall(r'<script src="([^"]+)"', page.text)
         for method, path in [("GET", "/ready"), ("GET", "/docs"), ("GET", script), ("POST", "/predict"),
-                             ("POST", "/invocations")]:
+                             ("POST", "/invocations"), ("GET", "/no-such-page")]:
             refused = client.request(method, path, json={"text": "hi"})
             assert refused.status_code == 401, path
-            assert "X-Model-Version" not in refused.headers, path
-        assert client.get(script, headers=auth).status_code == 200
+            assert not [name for name in MODEL_HEADERS if name in refused.headers], (path, refused.headers)
+        for method, path, status in [("GET", "/health", 200), ("GET", "/ping", 200), ("POST", "/health", 405),
+                                     ("DELETE", "/ping", 405)]:
+            answer = client.request(method, path)
+            assert answer.status_code == status, (method, path)
+            assert not [name for name in MODEL_HEADERS if name in answer.headers], (method, path, answer.headers)
+            if method == "GET":
+                assert answer.json() == {"status": "ok", "service": "langops-serving"}
+        assert client.get(script, headers=AUTH).status_code == 200
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER", "bEaReR"])
+def test_the_bearer_scheme_is_read_in_any_case(guarded: LiveServer, scheme: str) -> None:
+    with guarded.client() as client:
+        answer = client.post("/predict", json={"text": "hi"}, headers={"Authorization": f"{scheme} {TOKEN}"})
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["X-Model-Version"] == "local"
+
+
+@pytest.mark.model
+@pytest.mark.parametrize(
+    "authorization",
+    ["bearer wrong-token", f"BEARER {TOKEN.upper()}", f"Basic {TOKEN}", f"Bearer{TOKEN}", TOKEN, f"bearer {TOKEN}x",
+     "bearer"],
+    ids=["wrong-token", "token-in-another-case", "another-scheme", "no-space", "no-scheme", "longer-token",
+         "scheme-only"],
+)
+def test_a_wrong_token_is_refused_whatever_the_scheme_case(guarded: LiveServer, authorization: str) -> None:
+    with guarded.client() as client:
+        answer = client.post("/predict", json={"text": "hi"}, headers={"Authorization": authorization})
+        assert answer.status_code == 401, answer.text
+        assert answer.headers["WWW-Authenticate"] == "Bearer"
+        assert "X-Model-Version" not in answer.headers
 
 
 # Fuzzing: the parsers directly with hypothesis, and the whole server from its own OpenAPI document.
