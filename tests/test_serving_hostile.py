@@ -199,6 +199,16 @@ def test_an_aborted_upload_is_counted_as_499_not_as_a_server_error(server: LiveS
 
 
 @pytest.mark.model
+@pytest.mark.parametrize("path", ["/health", "/ping", "/ready"])
+def test_head_on_a_probe_answers_as_get_does_without_a_body(client: httpx.Client, path: str) -> None:
+    get, head = client.get(path), client.head(path)
+    assert head.status_code == get.status_code == 200
+    assert head.content == b""
+    for name in ("content-type", "content-length", "X-Model-Version"):
+        assert head.headers[name] == get.headers[name], name
+
+
+@pytest.mark.model
 def test_docs_work_offline(client: httpx.Client) -> None:
     page = client.get("/docs")
     assert page.status_code == 200 and "swagger-ui" in page.text
@@ -237,12 +247,12 @@ def test_unauthenticated_callers_learn_nothing_about_the_model(guarded: LiveServ
         assert page.status_code == 200
         (script,) = re.findall(r'<script src="([^"]+)"', page.text)
         for method, path in [("GET", "/ready"), ("GET", "/docs"), ("GET", script), ("POST", "/predict"),
-                             ("POST", "/invocations"), ("GET", "/no-such-page")]:
+                             ("POST", "/invocations"), ("GET", "/no-such-page"), ("HEAD", "/ready")]:
             refused = client.request(method, path, json={"text": "hi"})
             assert refused.status_code == 401, path
             assert not [name for name in MODEL_HEADERS if name in refused.headers], (path, refused.headers)
-        for method, path, status in [("GET", "/health", 200), ("GET", "/ping", 200), ("POST", "/health", 405),
-                                     ("DELETE", "/ping", 405)]:
+        for method, path, status in [("GET", "/health", 200), ("GET", "/ping", 200), ("HEAD", "/health", 200),
+                                     ("HEAD", "/ping", 200), ("POST", "/health", 405), ("DELETE", "/ping", 405)]:
             answer = client.request(method, path)
             assert answer.status_code == status, (method, path)
             assert not [name for name in MODEL_HEADERS if name in answer.headers], (method, path, answer.headers)

@@ -783,6 +783,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
             return JSONResponse({"ready": True, "version": live.version, "detail": detail})
         return JSONResponse({"ready": True, "version": live.version})
 
+    for path, probe in (("/health", health), ("/ping", ping), ("/ready", ready)):  # the GET answer, no body
+        app.add_api_route(path, probe, methods=["HEAD"], include_in_schema=False)
+
     @app.get("/version", response_model=VersionResponse)
     async def version() -> dict[str, Any]:
         """The model being served, where it comes from, when it loaded, versions refused, and how it runs."""
