@@ -28,6 +28,7 @@ from langops.serving.app import ServerSettings
 
 pytest_plugins = ["serving_helpers"]
 from serving_helpers import LiveServer, free_port, running_server, serving_local, wait_until
+from text_strategies import blank_texts, texts_with_one_visible_character
 
 DEEP = "[" * 100_000 + "]" * 100_000
 LONG_INTEGER = "1" * (sys.get_int_max_str_digits() + 1)  # one digit past what int() may convert from a string
@@ -128,13 +129,61 @@ def test_invocations_refuses_text_values_that_are_not_strings(
         (b'{"text": true}', "text"),
         (json.dumps({"texts": ["fine", INVISIBLE]}).encode(), "text 1 is empty"),
         (json.dumps({"text": "\u200b"}).encode(), "text 0 is empty"),
+        (json.dumps({"text": "\u0000\u0001"}).encode(), "text 0 is empty"),
+        (json.dumps({"text": "\u0301\ufe0f"}).encode(), "text 0 is empty"),
+        (json.dumps({"texts": ["fine", "\u3164", "\u2800"]}).encode(), "text 1 is empty"),
     ],
-    ids=["null", "nan", "bool", "invisible", "zero-width-space"],
+    ids=["null", "nan", "bool", "invisible", "zero-width-space", "nul", "lone-marks", "blank-fillers"],
 )
 def test_predict_refuses_values_that_are_not_text(client: httpx.Client, content: bytes, message: str) -> None:
     response = client.post("/predict", content=content, headers={"content-type": "application/json"})
     assert response.status_code == 422, response.text
     assert message in response.json()["detail"]
+
+
+@pytest.mark.model
+def test_texts_with_nothing_visible_get_422_from_both_endpoints(server: LiveServer) -> None:
+    """Texts of NUL and other controls, format characters, combining marks, variation selectors or blank
+    fillers (U+3164, U+2800) are refused like an empty text, as JSON and through MLflow's Parquet path;
+    the same with one visible character among them is scored."""
+
+    @settings(max_examples=100, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(blank=blank_texts, visible=texts_with_one_visible_character)
+    def call(blank: str, visible: str) -> None:
+        with server.client() as client:
+            refused = client.post("/predict", json={"texts": ["fine", blank]})
+            assert refused.status_code == 422, (blank, refused.text)
+            assert "text 1 is empty" in refused.json()["detail"]
+            for content, content_type in [(json.dumps({"inputs": ["fine", blank]}).encode(), "application/json"),
+                                          (_parquet_of(["fine", blank]), "application/vnd.apache.parquet")]:
+                invocation = client.post("/invocations", content=content, headers={"content-type": content_type})
+                assert invocation.status_code == 422, (blank, content_type, invocation.text)
+                answer = invocation.json()
+                assert answer["error_code"] == "INVALID_PARAMETER_VALUE" and "rows [1] are empty" in answer["message"]
+            assert client.post("/predict", json={"text": visible}).status_code == 200, visible
+            assert client.post("/invocations", json={"inputs": [visible]}).status_code == 200, visible
+
+    call()
+
+
+@pytest.mark.unit
+@settings(max_examples=500, deadline=None, derandomize=True)
+@given(blank=blank_texts, visible=texts_with_one_visible_character)
+def test_both_parsers_refuse_texts_with_nothing_visible(blank: str, visible: str) -> None:
+    from conftest import LABELS
+
+    from langops.serving.app import RequestRefused, _parse_predict_request
+    from langops.serving.invocations import InvocationError, parse_invocation
+
+    with pytest.raises(RequestRefused) as refused:
+        _parse_predict_request(json.dumps({"texts": [visible, blank]}).encode())
+    assert refused.value.status_code == 422 and "text 1 is empty" in refused.value.message
+    with pytest.raises(InvocationError) as invocation:
+        parse_invocation(json.dumps({"instances": [blank, visible]}).encode(), "application/json", LABELS)
+    assert invocation.value.status_code == 422 and "rows [0] are empty" in invocation.value.body
+    assert _parse_predict_request(json.dumps({"text": visible}).encode()).all_texts() == [visible]
+    assert parse_invocation(json.dumps({"inputs": [visible]}).encode(), "application/json", LABELS).texts == [visible]
 
 
 @pytest.mark.model
