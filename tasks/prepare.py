@@ -50,6 +50,7 @@ from langops.io import (
     write_labels,
 )
 from langops.lineage import dvc_dir_md5, file_md5
+from langops.text_checks import is_blank
 from langops.text_hashes import split_by_hash, text_hashes
 
 log = logging.getLogger(__name__)
@@ -643,9 +644,9 @@ def settle_label_conflicts(frame: pd.DataFrame, policy: str) -> tuple[pd.DataFra
 
 
 def has_text(frame: pd.DataFrame) -> pd.Series:
-    """Rows with a real text: null and blank ones are never grouped, merged or settled, so validate sees
-    every one of them."""
-    return frame[TEXT].notna() & (frame[TEXT] != "")
+    """Rows with a real text: null and blank ones (``langops.text_checks.is_blank``: nothing visible) are never
+    grouped, merged or settled, so validate sees every one of them."""
+    return frame[TEXT].map(lambda text: isinstance(text, str) and not is_blank(text)).astype(bool)
 
 
 def drop_duplicate_texts(frame: pd.DataFrame) -> tuple[pd.DataFrame, int]:

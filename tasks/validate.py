@@ -26,6 +26,7 @@ from langops.io import LABEL, SPLITS, TEXT, read_json, read_labels, read_split, 
 from langops.label_keys import MAX_LABEL_CHARS
 from langops.tasks.prepare import SOURCE_ROW, describe_changes, normalise_text
 from langops.tasks.prepare import SUMMARY_FILE as PREPARE_SUMMARY
+from langops.text_checks import BLANK_DESCRIPTION, is_blank
 
 if TYPE_CHECKING:
     from great_expectations.core import ExpectationSuiteValidationResult
@@ -35,6 +36,7 @@ SUMMARY_FILE = "validation.json"
 REPORT_FILE = "report.md"
 KEY = "text_key"  # derived column: text normalised as prepare does, compared across splits for leakage
 ALSO_IN = "also_in_{split}"  # derived column: whether the row's text key is also a key of that earlier split
+BLANK = "text_blank"  # derived column: whether the row's text has nothing visible (langops.text_checks)
 CLASS_COUNTS_ASSET = "class_counts"  # rows of each declared label in each split
 LABEL_SET_ASSET = "label_set"  # the labels, with the key two labels share when they differ only in case
 CONFLICTS_ASSET = "{split}_label_conflicts"  # per text of a split: how many labels it carries
@@ -214,7 +216,8 @@ def run_suite(frames: dict[str, pd.DataFrame], context: SuiteContext) -> list[Ch
     source = gx_context.data_sources.add_pandas("prepared")
     keys = {split: text_keys(frame) for split, frame in frames.items() if TEXT in frame.columns}
     batches = [
-        (split, with_leak_flags(split, frame, keys), split_expectations(split, frame, context, earlier=list(keys)))
+        (split, with_blank_flags(with_leak_flags(split, frame, keys)),
+         split_expectations(split, frame, context, earlier=list(keys)))
         for split, frame in frames.items()
     ]
     labelled = [split for split, frame in frames.items() if LABEL in frame.columns]
@@ -267,8 +270,9 @@ def split_expectations(
     if TEXT in frame.columns:
         expectations += [
             gxe.ExpectColumnValuesToNotBeNull(column=TEXT, meta=_meta(split, "text_not_null", "text is null")),
-            gxe.ExpectColumnValuesToMatchRegex(
-                column=TEXT, regex=r"\S", meta=_meta(split, "text_not_blank", "text is empty or whitespace only")
+            gxe.ExpectColumnValuesToNotBeInSet(
+                column=BLANK, value_set=[True],
+                meta=_meta(split, "text_not_blank", f"text is empty: {BLANK_DESCRIPTION}"),
             ),
             gxe.ExpectColumnValueLengthsToBeBetween(
                 column=TEXT,
@@ -405,8 +409,8 @@ def labels_per_text(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def text_keys(frame: pd.DataFrame) -> set[str]:
-    """A split's leakage keys; blank texts are left out, the blank check already reports them."""
-    return {key for key in with_text_key(frame)[KEY].dropna() if key}
+    """A split's leakage keys; blank texts (``is_blank``) are left out, the blank check already reports them."""
+    return {key for key in with_text_key(frame)[KEY].dropna() if not is_blank(key)}
 
 
 def with_text_key(frame: pd.DataFrame) -> pd.DataFrame:
@@ -418,6 +422,15 @@ def with_text_key(frame: pd.DataFrame) -> pd.DataFrame:
         return frame
     keys = frame[TEXT].map(lambda text: normalise_text(str(text)), na_action="ignore")
     return frame.assign(**{KEY: keys})
+
+
+def with_blank_flags(frame: pd.DataFrame) -> pd.DataFrame:
+    """The split with, per row, whether its text is blank (``langops.text_checks.is_blank``: nothing a reader
+    would see), the flag the ``text_not_blank`` check reads. A null text is not flagged: ``text_not_null``
+    reports it."""
+    if TEXT not in frame.columns:
+        return frame
+    return frame.assign(**{BLANK: frame[TEXT].map(lambda text: isinstance(text, str) and is_blank(text))})
 
 
 def with_leak_flags(split: str, frame: pd.DataFrame, keys: dict[str, set[str]]) -> pd.DataFrame:
@@ -505,7 +518,8 @@ def examples_for(
         for text, n in repeated[repeated > 1].items():
             yield f"{shorten(text)} x{n}"
     else:
-        shown = TEXT if str(kwargs.get("column")).startswith(ALSO_IN.format(split="")) else kwargs.get("column")
+        derived = str(kwargs.get("column")).startswith(ALSO_IN.format(split="")) or kwargs.get("column") == BLANK
+        shown = TEXT if derived else kwargs.get("column")
         for row in result.get("partial_unexpected_index_list") or []:
             value = frame.at[row, shown]
             length = f" ({len(value)} chars)" if check.startswith("text_m") and isinstance(value, str) else ""

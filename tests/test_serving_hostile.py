@@ -28,6 +28,7 @@ from langops.serving.app import ServerSettings
 
 pytest_plugins = ["serving_helpers"]
 from serving_helpers import LiveServer, free_port, running_server, serving_local, wait_until
+from text_strategies import blank_texts, texts_with_one_visible_character
 
 DEEP = "[" * 100_000 + "]" * 100_000
 LONG_INTEGER = "1" * (sys.get_int_max_str_digits() + 1)  # one digit past what int() may convert from a string
@@ -128,13 +129,61 @@ def test_invocations_refuses_text_values_that_are_not_strings(
         (b'{"text": true}', "text"),
         (json.dumps({"texts": ["fine", INVISIBLE]}).encode(), "text 1 is empty"),
         (json.dumps({"text": "\u200b"}).encode(), "text 0 is empty"),
+        (json.dumps({"text": "\u0000\u0001"}).encode(), "text 0 is empty"),
+        (json.dumps({"text": "\u0301\ufe0f"}).encode(), "text 0 is empty"),
+        (json.dumps({"texts": ["fine", "\u3164", "\u2800"]}).encode(), "text 1 is empty"),
     ],
-    ids=["null", "nan", "bool", "invisible", "zero-width-space"],
+    ids=["null", "nan", "bool", "invisible", "zero-width-space", "nul", "lone-marks", "blank-fillers"],
 )
 def test_predict_refuses_values_that_are_not_text(client: httpx.Client, content: bytes, message: str) -> None:
     response = client.post("/predict", content=content, headers={"content-type": "application/json"})
     assert response.status_code == 422, response.text
     assert message in response.json()["detail"]
+
+
+@pytest.mark.model
+def test_texts_with_nothing_visible_get_422_from_both_endpoints(server: LiveServer) -> None:
+    """Texts of NUL and other controls, format characters, combining marks, variation selectors or blank
+    fillers (U+3164, U+2800) are refused like an empty text, as JSON and through MLflow's Parquet path;
+    the same with one visible character among them is scored."""
+
+    @settings(max_examples=100, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(blank=blank_texts, visible=texts_with_one_visible_character)
+    def call(blank: str, visible: str) -> None:
+        with server.client() as client:
+            refused = client.post("/predict", json={"texts": ["fine", blank]})
+            assert refused.status_code == 422, (blank, refused.text)
+            assert "text 1 is empty" in refused.json()["detail"]
+            for content, content_type in [(json.dumps({"inputs": ["fine", blank]}).encode(), "application/json"),
+                                          (_parquet_of(["fine", blank]), "application/vnd.apache.parquet")]:
+                invocation = client.post("/invocations", content=content, headers={"content-type": content_type})
+                assert invocation.status_code == 422, (blank, content_type, invocation.text)
+                answer = invocation.json()
+                assert answer["error_code"] == "INVALID_PARAMETER_VALUE" and "rows [1] are empty" in answer["message"]
+            assert client.post("/predict", json={"text": visible}).status_code == 200, visible
+            assert client.post("/invocations", json={"inputs": [visible]}).status_code == 200, visible
+
+    call()
+
+
+@pytest.mark.unit
+@settings(max_examples=500, deadline=None, derandomize=True)
+@given(blank=blank_texts, visible=texts_with_one_visible_character)
+def test_both_parsers_refuse_texts_with_nothing_visible(blank: str, visible: str) -> None:
+    from conftest import LABELS
+
+    from langops.serving.app import RequestRefused, _parse_predict_request
+    from langops.serving.invocations import InvocationError, parse_invocation
+
+    with pytest.raises(RequestRefused) as refused:
+        _parse_predict_request(json.dumps({"texts": [visible, blank]}).encode())
+    assert refused.value.status_code == 422 and "text 1 is empty" in refused.value.message
+    with pytest.raises(InvocationError) as invocation:
+        parse_invocation(json.dumps({"instances": [blank, visible]}).encode(), "application/json", LABELS)
+    assert invocation.value.status_code == 422 and "rows [0] are empty" in invocation.value.body
+    assert _parse_predict_request(json.dumps({"text": visible}).encode()).all_texts() == [visible]
+    assert parse_invocation(json.dumps({"inputs": [visible]}).encode(), "application/json", LABELS).texts == [visible]
 
 
 @pytest.mark.model
@@ -199,6 +248,16 @@ def test_an_aborted_upload_is_counted_as_499_not_as_a_server_error(server: LiveS
 
 
 @pytest.mark.model
+@pytest.mark.parametrize("path", ["/health", "/ping", "/ready"])
+def test_head_on_a_probe_answers_as_get_does_without_a_body(client: httpx.Client, path: str) -> None:
+    get, head = client.get(path), client.head(path)
+    assert head.status_code == get.status_code == 200
+    assert head.content == b""
+    for name in ("content-type", "content-length", "X-Model-Version"):
+        assert head.headers[name] == get.headers[name], name
+
+
+@pytest.mark.model
 def test_docs_work_offline(client: httpx.Client) -> None:
     page = client.get("/docs")
     assert page.status_code == 200 and "swagger-ui" in page.text
@@ -212,25 +271,68 @@ def test_docs_work_offline(client: httpx.Client) -> None:
     assert 'langops_requests_total{endpoint="/docs/assets",status="200"}' in client.get("/metrics").text
 
 
+TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+MODEL_HEADERS = ("X-Model-Version", "X-Model-Role")
+
+
+@pytest.fixture(scope="module")
+def guarded(compressed_dir: Path) -> Iterator[LiveServer]:
+    """A server that runs with a token, once its model answers."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LANGOPS_TEST_TOKEN", TOKEN)
+        settings = ServerSettings(model_dir=compressed_dir, port=free_port(), auth_token_env="LANGOPS_TEST_TOKEN")
+        with running_server(settings) as live, live.client() as client:
+            wait_until(lambda: client.get("/ready", headers=AUTH).status_code == 200, what="the model")
+            yield live
+
+
 @pytest.mark.model
-def test_unauthenticated_callers_learn_nothing_about_the_model(
-    compressed_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("LANGOPS_TEST_TOKEN", "s3cret-token")
-    settings = ServerSettings(model_dir=compressed_dir, port=free_port(), auth_token_env="LANGOPS_TEST_TOKEN")
-    auth = {"Authorization": "Bearer s3cret-token"}
-    with running_server(settings) as live, live.client() as client:
-        wait_until(lambda: client.get("/ready", headers=auth).status_code == 200, what="the model")
-        assert client.get("/ready", headers=auth).headers["X-Model-Version"] == "local"
-        page = client.get("/docs", headers=auth)
+def test_unauthenticated_callers_learn_nothing_about_the_model(guarded: LiveServer) -> None:
+    with guarded.client() as client:
+        assert client.get("/ready", headers=AUTH).headers["X-Model-Version"] == "local"
+        assert client.get("/health", headers=AUTH).headers["X-Model-Version"] == "local"
+        page = client.get("/docs", headers=AUTH)
         assert page.status_code == 200
         (script,) = re.findall(r'<script src="([^"]+)"', page.text)
         for method, path in [("GET", "/ready"), ("GET", "/docs"), ("GET", script), ("POST", "/predict"),
-                             ("POST", "/invocations")]:
+                             ("POST", "/invocations"), ("GET", "/no-such-page"), ("HEAD", "/ready")]:
             refused = client.request(method, path, json={"text": "hi"})
             assert refused.status_code == 401, path
-            assert "X-Model-Version" not in refused.headers, path
-        assert client.get(script, headers=auth).status_code == 200
+            assert not [name for name in MODEL_HEADERS if name in refused.headers], (path, refused.headers)
+        for method, path, status in [("GET", "/health", 200), ("GET", "/ping", 200), ("HEAD", "/health", 200),
+                                     ("HEAD", "/ping", 200), ("POST", "/health", 405), ("DELETE", "/ping", 405)]:
+            answer = client.request(method, path)
+            assert answer.status_code == status, (method, path)
+            assert not [name for name in MODEL_HEADERS if name in answer.headers], (method, path, answer.headers)
+            if method == "GET":
+                assert answer.json() == {"status": "ok", "service": "langops-serving"}
+        assert client.get(script, headers=AUTH).status_code == 200
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER", "bEaReR"])
+def test_the_bearer_scheme_is_read_in_any_case(guarded: LiveServer, scheme: str) -> None:
+    with guarded.client() as client:
+        answer = client.post("/predict", json={"text": "hi"}, headers={"Authorization": f"{scheme} {TOKEN}"})
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["X-Model-Version"] == "local"
+
+
+@pytest.mark.model
+@pytest.mark.parametrize(
+    "authorization",
+    ["bearer wrong-token", f"BEARER {TOKEN.upper()}", f"Basic {TOKEN}", f"Bearer{TOKEN}", TOKEN, f"bearer {TOKEN}x",
+     "bearer"],
+    ids=["wrong-token", "token-in-another-case", "another-scheme", "no-space", "no-scheme", "longer-token",
+         "scheme-only"],
+)
+def test_a_wrong_token_is_refused_whatever_the_scheme_case(guarded: LiveServer, authorization: str) -> None:
+    with guarded.client() as client:
+        answer = client.post("/predict", json={"text": "hi"}, headers={"Authorization": authorization})
+        assert answer.status_code == 401, answer.text
+        assert answer.headers["WWW-Authenticate"] == "Bearer"
+        assert "X-Model-Version" not in answer.headers
 
 
 # Fuzzing: the parsers directly with hypothesis, and the whole server from its own OpenAPI document.

@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from text_strategies import blank_texts, texts_with_one_visible_character
 
 from langops.config import DataConfig, PrepareConfig, ValidateConfig
 from langops.io import SPLITS, read_json, split_path, write_labels
@@ -126,7 +129,7 @@ BAD_DATA = {
         set_cell("train", 5, "text", "   "),
         "text_not_blank",
         "train",
-        ["text is empty or whitespace only", "1 of 30 rows", "row 5: '   '"],
+        ["text is empty: no visible character", "1 of 30 rows", "row 5: '   '"],
     ),
     "unknown label": (
         set_cell("test", 1, "label", "refunds"),
@@ -346,10 +349,30 @@ def test_an_error_made_a_warning_lets_the_run_go_on(tmp_path):
     assert result.success and "text also in train" in result.warnings[0]
 
 
-def test_blank_texts_in_train_and_test_are_blank_not_leaked(tmp_path):
+@settings(max_examples=8, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(blank=st.lists(blank_texts.filter(len), min_size=3, max_size=3), visible=texts_with_one_visible_character)
+def test_texts_with_nothing_visible_are_blank_and_one_visible_character_is_text(tmp_path_factory, blank, visible):
+    """Whitespace, controls (NUL), format characters, combining marks, variation selectors and blank fillers
+    (U+3164, U+2800) are no text; one visible character among them is."""
+    tmp_path = tmp_path_factory.mktemp("validate")
     splits = clean_splits()
-    splits["train"].loc[0, "text"] = "   "
-    splits["test"].loc[0, "text"] = "   "
+    splits["train"].loc[0:2, "text"] = blank
+    splits["train"].loc[3, "text"] = visible
+
+    with pytest.raises(DataValidationError) as err:
+        run_validate(tmp_path, splits, cfg=CFG.model_copy(update={"min_text_chars": 1}))
+
+    failed = {(e["check"], e["split"]): e for e in failing_entries(err.value.result.summary_path.parent)}
+    assert set(failed) == {("text_not_blank", "train")}, sorted(failed)
+    assert failed[("text_not_blank", "train")]["unexpected_count"] == 3
+    assert "text is empty: no visible character" in str(err.value)
+
+
+@pytest.mark.parametrize("blank", ["   ", "\u200b\u0301\u2060", "\u3164\u2800\u3164"], ids=["spaces", "zero-width-and-accent", "filler"])
+def test_blank_texts_in_train_and_test_are_blank_not_leaked(tmp_path, blank):
+    splits = clean_splits()
+    splits["train"].loc[0, "text"] = blank
+    splits["test"].loc[0, "text"] = blank
 
     with pytest.raises(DataValidationError) as err:
         run_validate(tmp_path, splits)
@@ -391,7 +414,7 @@ def test_prepare_then_validate_reports_the_rows_prepare_kept(tmp_path):
     with pytest.raises(DataValidationError) as err:
         validate(data, CFG, prepared_dir=prepared.out_dir, report_dir=tmp_path / "report")
 
-    assert "text is empty or whitespace only" in str(err.value)
+    assert "text is empty: no visible character" in str(err.value)
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,6 @@ import os
 import tempfile
 import threading
 import time
-import unicodedata
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -64,6 +63,7 @@ from langops.serving.registry import (
 )
 from langops.serving.request_json import JsonTooComplex, load_json
 from langops.serving.rollout import CHALLENGER_ROLE, CHAMPION_ROLE, RolloutActions, RolloutController
+from langops.text_checks import BLANK_DESCRIPTION, is_blank
 
 if TYPE_CHECKING:
     from langops.config import Params
@@ -447,12 +447,6 @@ class AliasPoller:
                 return
 
 
-def is_blank(text: str) -> bool:
-    """Nothing a reader would see: whitespace and invisible format characters (zero-width space and
-    joiners, word joiner, byte-order mark, soft hyphen: Unicode category Cf) only."""
-    return all(char.isspace() or unicodedata.category(char) == "Cf" for char in text)
-
-
 class PredictRequest(BaseModel):
     """Either one ``text`` or a list of ``texts``; unknown fields are refused so typos are not ignored."""
 
@@ -473,7 +467,7 @@ class PredictRequest(BaseModel):
             raise ValueError('"texts" is empty: send at least one text')
         for index, text in enumerate(self.all_texts()):
             if is_blank(text):
-                raise ValueError(f"text {index} is empty")
+                raise ValueError(f"text {index} is empty ({BLANK_DESCRIPTION})")
         return self
 
     def all_texts(self) -> list[str]:
@@ -783,6 +777,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
             return JSONResponse({"ready": True, "version": live.version, "detail": detail})
         return JSONResponse({"ready": True, "version": live.version})
 
+    for path, probe in (("/health", health), ("/ping", ping), ("/ready", ready)):  # the GET answer, no body
+        app.add_api_route(path, probe, methods=["HEAD"], include_in_schema=False)
+
     @app.get("/version", response_model=VersionResponse)
     async def version() -> dict[str, Any]:
         """The model being served, where it comes from, when it loaded, versions refused, and how it runs."""
@@ -837,6 +834,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         response_model=InvocationsResponse,
         responses={400: {"model": MlflowErrorResponse}, 413: {"model": MlflowErrorResponse},
                    415: {"description": "unsupported content type (text/plain, as MLflow)"},
+                   422: {"model": MlflowErrorResponse, "description": "a blank text (the rows are named)"},
                    503: {"model": MlflowErrorResponse}},
         openapi_extra=_invocations_openapi(),
     )

@@ -21,6 +21,7 @@ import pandas as pd
 from langops.io import TEXT
 from langops.pyfunc import CONFIDENCE_COLUMN, LABEL_COLUMN, PROB_PREFIX, model_signature, texts_from_input
 from langops.serving.request_json import JsonTooComplex, load_json
+from langops.text_checks import BLANK_DESCRIPTION, is_blank
 
 FORMATS = ("dataframe_split", "dataframe_records", "instances", "inputs")  # MLflow's JSON input formats
 
@@ -56,8 +57,8 @@ def parse_invocation(body: bytes, content_type: str | None, labels: Sequence[str
 
     Raises:
         InvocationError: unsupported content type or charset, a body MLflow cannot parse, JSON nested
-            too deeply or with a number of too many digits, input that fails the model signature, or a
-            value that is not a string.
+            too deeply or with a number of too many digits, input that fails the model signature, a
+            value that is not a string, or a blank text (``langops.text_checks``; 422).
     """
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import BAD_REQUEST
@@ -87,6 +88,7 @@ def parse_invocation(body: bytes, content_type: str | None, labels: Sequence[str
             if column is not None:
                 _refuse_non_strings(column.values)
                 if column.plain:
+                    _refuse_blank(column.values)
                     return InvocationInput(texts=column.values)
     input_schema = model_signature(labels).inputs
     try:
@@ -121,6 +123,7 @@ def parse_invocation(body: bytes, content_type: str | None, labels: Sequence[str
         raise InvocationError(400, mlflow_error("Invalid input: JSON nested too deeply")) from exc
     texts = texts_from_input(data)
     _refuse_non_strings(texts)
+    _refuse_blank(texts)
     return InvocationInput(texts=texts)
 
 
@@ -133,6 +136,16 @@ def _refuse_non_strings(values: Sequence[Any]) -> None:
             f"every 'text' value must be a string; rows {shown} are not (null, NaN, a number, a boolean, "
             "a list, an object, or missing)"
         ))
+
+
+def _refuse_blank(texts: Sequence[str]) -> None:
+    """Raise a 422 naming the rows whose text is blank (``langops.text_checks``): nothing to score, where
+    MLflow would answer them with the empty string's prediction."""
+    bad = [index for index, text in enumerate(texts) if is_blank(text)]
+    if bad:
+        shown = f"{bad[:10]}" + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        raise InvocationError(422, mlflow_error(f"'text' rows {shown} are empty ({BLANK_DESCRIPTION})",
+                                                "INVALID_PARAMETER_VALUE"))
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ VERSION_HEADER = "X-Model-Version"
 ROLE_HEADER = "X-Model-Role"  # champion, or challenger for a canary's answer
 REQUEST_ID_HEADER = "X-Request-Id"  # the client's id on the way in; the id the server issued on the way out
 CLIENT_REQUEST_ID_HEADER = "X-Client-Request-Id"  # the client's own X-Request-Id, echoed when it was kept
+MODEL_HEADERS = (VERSION_HEADER, ROLE_HEADER)  # what names the model: never sent to a caller without the token
 DOCS_ASSETS = "/docs/assets"  # Swagger UI's scripts and styles, served by the server itself
 ENDPOINTS = frozenset(
     {"/health", "/ready", "/version", "/metrics", "/predict", "/invocations", "/reload", "/openapi.json",
@@ -37,7 +38,11 @@ INVOCATIONS = "/invocations"
 
 
 class ServingMiddleware:
-    """Wraps the app; ``live_version()`` names the version for the ``X-Model-Version`` header."""
+    """Wraps the app; ``live_version()`` names the version for the ``X-Model-Version`` header.
+
+    With a ``token``, a request without it gets 401 on every path but ``PUBLIC_PATHS``, and no answer it
+    gets (``/health`` included) carries a header that names the model.
+    """
 
     def __init__(
         self,
@@ -52,7 +57,7 @@ class ServingMiddleware:
         self.app = app
         self.metrics = metrics
         self.live_version = live_version
-        self._expected = f"Bearer {token}".encode() if token else None
+        self._token = token.encode() if token else None
         self.max_body_bytes = max_body_bytes
         self.body_read_timeout_s = body_read_timeout_s
 
@@ -67,10 +72,11 @@ class ServingMiddleware:
         request_id, client_request_id = new_request_id(), client_request_id_of(scope)
         state = scope.setdefault("state", {})
         state["request_id"], state["client_request_id"] = request_id, client_request_id
+        authorized = self._token is None or self._authorized(scope)
 
         async def send_with_version(message: Message) -> None:
-            """Records the status and names the request; names the live version, except to a caller refused
-            for want of a token."""
+            """Records the status and names the request; names the live version, except to a caller without
+            the token, who learns nothing about the model (not on /health, not on a 401, 404 or 405)."""
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
@@ -78,13 +84,15 @@ class ServingMiddleware:
                 headers[REQUEST_ID_HEADER] = request_id
                 if client_request_id is not None:
                     headers[CLIENT_REQUEST_ID_HEADER] = client_request_id
-                version = self.live_version()
-                if status != 401 and VERSION_HEADER not in headers and version is not None:
+                if not authorized:
+                    for name in MODEL_HEADERS:
+                        del headers[name]
+                elif VERSION_HEADER not in headers and (version := self.live_version()) is not None:
                     headers.append(VERSION_HEADER, version)
             await send(message)
 
         try:
-            if self._expected is not None and path not in PUBLIC_PATHS and not self._authorized(scope):
+            if not authorized and path not in PUBLIC_PATHS:
                 await _reply(send_with_version, 401, path, "missing or wrong bearer token: send "
                              "'Authorization: Bearer <token>'", {"WWW-Authenticate": "Bearer"})
                 return
@@ -106,10 +114,13 @@ class ServingMiddleware:
                 self.metrics.errors.labels(endpoint, _error_kind(status)).inc()
 
     def _authorized(self, scope: Scope) -> bool:
-        assert self._expected is not None
+        """``Authorization: Bearer <token>``, the scheme in any case (RFC 9110: schemes are case-insensitive),
+        the token compared in constant time."""
+        assert self._token is not None
         for name, value in scope["headers"]:
             if name == b"authorization":
-                return hmac.compare_digest(value, self._expected)
+                scheme, _, credentials = value.partition(b" ")
+                return scheme.lower() == b"bearer" and hmac.compare_digest(credentials.lstrip(b" "), self._token)
         return False
 
     async def _read_body(self, scope: Scope, receive: Receive, send: Send) -> bytes | None:
