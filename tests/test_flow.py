@@ -256,7 +256,7 @@ def _alias(client: MlflowClient, alias: str) -> str:
 # defect -> what the error must name (the failed GX expectation, or the missing column). Short and long texts
 # and duplicates are warnings by default: tests/test_validate.py pins that they are reported and do not stop.
 BAD_DATA = {
-    "blank_text": "expect_column_values_to_match_regex",
+    "blank_text": "expect_column_values_to_not_be_in_set",
     "null_text": "expect_column_values_to_not_be_null",
     "unknown_label": "refunds",
     "single_row_class": "'feedback': ",

@@ -65,7 +65,7 @@ def test_a_stamp_holds_only_while_the_outputs_are_as_the_run_left_them(tmp_path)
 
 def test_a_registration_is_reused_only_while_its_version_exists(tmp_path):
     params = _project(tmp_path)
-    for name in ("compressed", "trained"):
+    for name in ("compressed", "trained", "student"):
         getattr(params.paths, name).mkdir(parents=True)
         (getattr(params.paths, name) / "model.bin").write_bytes(b"weights")
     register = stage("register")
