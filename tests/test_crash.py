@@ -63,8 +63,9 @@ def _langops(root: Path, *args: str, crash_at: str | None = None) -> subprocess.
 
 
 def _leftovers(root: Path) -> list[str]:
-    """Live processes a run of this project started for itself: temporary Prefect servers and reapers.
-    The model server is not one of them: it is meant to outlive the run that deployed it."""
+    """Live processes a run of this project started for itself: temporary Prefect servers and reapers (those
+    started in this project's folder: other tests, run at the same time, have their own). The model server is
+    not one of them: it is meant to outlive the run that deployed it."""
     prefect_home = str(root / ".langops" / "prefect")
     found = []
     for process in psutil.process_iter(["cmdline"]):
@@ -72,7 +73,8 @@ def _leftovers(root: Path) -> list[str]:
             command = process.info["cmdline"] or []
             if "langops.serving" in command:
                 continue
-            if "--reap-helpers-of" in command or process.environ().get("PREFECT_HOME") == prefect_home:
+            reaper = "--reap-helpers-of" in command and process.cwd() == str(root)
+            if reaper or process.environ().get("PREFECT_HOME") == prefect_home:
                 if process.status() != psutil.STATUS_ZOMBIE and process.pid != os.getpid():
                     found.append(f"{process.pid}: {' '.join(command)[:200]}")
         except psutil.Error:

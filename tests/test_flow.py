@@ -100,7 +100,7 @@ def test_pipeline_registers_promotes_and_serves_then_a_tie_leaves_the_champion(p
     rerun = training_pipeline(params_path=str(root / "params.yaml"), return_state=True)
     assert (rerun.result().version, rerun.result().promoted, rerun.result().champion_version) == ("1", False, "1")
     assert "already the champion" in rerun.result().decision_reason
-    states = _task_run_states(rerun.state_details.flow_run_id)
+    states = _task_run_states(rerun.state_details.flow_run_id, expected=(*CACHED_STEPS, "promote-decide"))
     assert {step: states[step] for step in CACHED_STEPS} == dict.fromkeys(CACHED_STEPS, "Cached"), states
     assert states["promote-decide"] == "Completed"
     assert _registry_state(client)[0] == runs_before
@@ -110,7 +110,8 @@ def test_pipeline_registers_promotes_and_serves_then_a_tie_leaves_the_champion(p
     # after it see a new model, so an identical version 2 is registered; it ties, and the champion stays.
     shutil.rmtree(root / "models" / "trained")
     second_state = training_pipeline(params_path=str(root / "params.yaml"), return_state=True)
-    states = _task_run_states(second_state.state_details.flow_run_id)
+    states = _task_run_states(second_state.state_details.flow_run_id,
+                              expected=("prepare", "validate", "baseline", "train", "register"))
     assert (states["prepare"], states["validate"], states["baseline"], states["train"], states["register"]) == (
         "Cached", "Cached", "Cached", "Completed", "Completed"
     ), states
@@ -132,11 +133,13 @@ CACHED_STEPS = ("prepare", "validate", "baseline", "train", "evaluate", "compres
 FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
-def _task_run_states(flow_run_id) -> dict[str, str]:
-    """Each task run's final state name (``Cached``, ``Completed``...) by task name, over the REST API."""
+def _task_run_states(flow_run_id, expected: tuple[str, ...] = ()) -> dict[str, str]:
+    """Each task run's final state name (``Cached``, ``Completed``...) by task name, over the REST API,
+    once every task run it lists is final and the ``expected`` task names are among them."""
     from prefect.settings import PREFECT_API_URL
 
-    # The server records task-run states from events, a moment after the flow returns on a busy machine.
+    # The server records task runs and their states from events, a moment after the flow returns on a busy
+    # machine: a task run may not be listed at all yet.
     deadline = time.monotonic() + 60
     while True:
         reply = httpx.post(
@@ -146,7 +149,9 @@ def _task_run_states(flow_run_id) -> dict[str, str]:
         )
         reply.raise_for_status()
         runs = reply.json()
-        if all(run["state"] and run["state"]["type"] in FINAL_STATES for run in runs) or time.monotonic() > deadline:
+        listed = {run["name"].rsplit("-", 1)[0] for run in runs}
+        final = all(run["state"] and run["state"]["type"] in FINAL_STATES for run in runs)
+        if (final and set(expected) <= listed) or time.monotonic() > deadline:
             return {run["name"].rsplit("-", 1)[0]: (run["state"] or {}).get("name") for run in runs}
         time.sleep(0.5)
 
