@@ -217,24 +217,31 @@ def registered(tmp_path_factory: pytest.TempPathFactory, compressed_dir: Path) -
 
 
 class RequestLoop:
-    """A client thread posting predictions until the block ends; it keeps every failure and version."""
+    """A client thread posting predictions until the block ends; it keeps every failure and version.
 
-    def __init__(self, url: str, texts: Sequence[str] = ()) -> None:
+    Requests are paced (``pause_s`` apart) so that the loop does not take the CPU from the training run it
+    is watching, and the block ends only after a few replies that started after its last statement: a
+    version the server switched to just before the block ended is seen."""
+
+    def __init__(self, url: str, texts: Sequence[str] = (), pause_s: float = 0.02) -> None:
         self.url, self.failures, self.versions = url, [], set()
         self.texts = list(texts) or [f"my parcel {i} has not arrived" for i in range(1000)]
+        self.pause_s, self.replies = pause_s, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         with httpx.Client(timeout=30) as http:
             for i in itertools.count():
-                if self._stop.is_set() or i >= 20_000:
+                if self._stop.wait(self.pause_s):
                     return
                 try:
                     reply = http.post(f"{self.url}/predict", json={"text": self.texts[i % len(self.texts)]})
                 except httpx.HTTPError as exc:
                     self.failures.append(repr(exc))
                     continue
+                finally:
+                    self.replies += 1
                 if reply.status_code != 200:
                     self.failures.append(f"{reply.status_code}: {reply.text[:200]}")
                 else:
@@ -245,6 +252,8 @@ class RequestLoop:
         return self
 
     def __exit__(self, *exc) -> None:
-        time.sleep(0.5)
+        wanted, deadline = self.replies + 3, time.monotonic() + 60
+        while self.replies < wanted and self._thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
         self._stop.set()
         self._thread.join(timeout=60)

@@ -52,7 +52,7 @@ def served(tmp_path_factory, tiny_base_model):
     params["promote"]["guards"] = {}
     write_params(root, params)
     try:
-        for command in (["up"], ["deploy"], ["run", "--set", "train.learning_rate=1e-9"]):
+        for command in (["up"], ["deploy"], ["run", "--set", "train.learning_rate=1e-9", "--set", "train.max_epochs=1"]):
             result = langops(root, *command, timeout=900)
             assert result.returncode == 0, f"langops {command}: {result.stdout[-3000:]}{result.stderr[-3000:]}"
         urls = {"prefect": f"http://127.0.0.1:{params['services']['prefect_port']}/api",
