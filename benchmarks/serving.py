@@ -12,6 +12,10 @@ this process scoring batches of the size the server formed (from its batch-size 
 often a sentence's label under batching differs from its label scored alone (dynamic int8
 quantisation computes activation scales per batch).
 
+Fairness under a heavy mix: 8 one-text clients as above, plus 4 clients that each send 200 texts of about
+4,900 characters to ``/predict`` (a request just under the 1 MiB body limit), back to back. It prints the
+one-text clients' p99 with and without the heavy clients, and their ratio (target at most 3).
+
     python benchmarks/serving.py                  # or: make bench-serving
     python benchmarks/serving.py --rounds 5 --seconds 10 --work-dir /tmp/bench   # keep the model
 """
@@ -40,6 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 SST2 = REPO.parent / "shared" / "datasets" / "sst2"
 CONCURRENCY = (1, 8, 32)
+HEAVY_CLIENTS, HEAVY_TEXTS, HEAVY_CHARS = 4, 200, 4900
 BUILD_STEPS = ("prepare", "validate", "train", "evaluate", "compress", "register")
 
 
@@ -53,9 +58,10 @@ def main() -> int:
     parser.add_argument("--work-dir", type=Path, help="keep the project here and reuse its model")
     parser.add_argument("--load", help=argparse.SUPPRESS)  # internal: run as the load generator
     parser.add_argument("--concurrency", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--heavy", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.load:
-        asyncio.run(_generate_load(args.load, args.concurrency, args.seconds))
+        asyncio.run(_generate_load(args.load, args.concurrency, args.seconds, heavy=args.heavy))
         return 0
     if not (args.data_dir / "dev.csv").is_file():
         print(f"SST-2 not found under {args.data_dir}: nothing to benchmark (see ../shared/datasets/sst2/README.md)")
@@ -90,6 +96,8 @@ def main() -> int:
                         delta = _histogram_delta(before, _batch_histogram(ours_url))
                         batch_hist = {key: batch_hist[key] + delta[key] for key in batch_hist}
             results.setdefault("langops-batch1@32", []).append(_run_load(root, batch1_url, 32, args.seconds))
+            results.setdefault("langops@8+heavy", []).append(
+                _run_load(root, ours_url, 8, args.seconds, heavy=HEAVY_CLIENTS))
             print(f"  round {round_index + 1}/{args.rounds} done", flush=True)
     mean_batch = batch_hist["sum"] / max(batch_hist["count"], 1)
     inproc = _in_process_throughput(params.paths.compressed, sentences, mean_batch, threads, args.rounds)
@@ -187,18 +195,20 @@ def _wait_ready(url: str, name: str, process: subprocess.Popen, log: Path) -> No
     raise RuntimeError(f"{name} server did not answer in 180 s:\n{log.read_text()[-3000:]}")
 
 
-def _run_load(root: Path, url: str, clients: int, seconds: float) -> dict:
-    """One closed-loop round in a separate process (so the client's CPU is not the server's GIL)."""
+def _run_load(root: Path, url: str, clients: int, seconds: float, heavy: int = 0) -> dict:
+    """One closed-loop round in a separate process (so the client's CPU is not the server's GIL); with ``heavy``
+    clients sending large requests beside the measured one-text clients."""
     out = subprocess.run(
         [sys.executable, __file__, "--load", url, "--concurrency", str(clients), "--seconds", str(seconds),
-         "--work-dir", str(root)],
-        capture_output=True, text=True, check=True, timeout=seconds + 120,
+         "--work-dir", str(root), "--heavy", str(heavy)],
+        capture_output=True, text=True, check=True, timeout=seconds + 300,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-async def _generate_load(url: str, clients: int, seconds: float) -> None:
-    """Closed loop: ``clients`` connections each send one sentence, await the answer, send the next.
+async def _generate_load(url: str, clients: int, seconds: float, heavy: int = 0) -> None:
+    """Closed loop: ``clients`` connections each send one sentence, await the answer, send the next; ``heavy``
+    more connections each send ``HEAVY_TEXTS`` long texts per request (not measured: they are the load).
 
     A minimal HTTP/1.1 keep-alive client on asyncio streams: it costs far less CPU per request than a
     full client library, which matters when client and servers share two cores.
@@ -233,8 +243,22 @@ async def _generate_load(url: str, clients: int, seconds: float) -> None:
             labels.setdefault(index, []).append(json.loads(answer)["predictions"][0]["label"])
         writer.close()
 
+    long_text = " ".join(sentences)[:HEAVY_CHARS]
+    heavy_body = json.dumps({"texts": [f"{i} {long_text}"[:HEAVY_CHARS] for i in range(HEAVY_TEXTS)]}).encode()
+
+    async def one_heavy_client() -> None:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        while time.perf_counter() < stop_at:
+            writer.write((f"POST /predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                          f"Content-Length: {len(heavy_body)}\r\n\r\n").encode() + heavy_body)
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:"))
+            await reader.readexactly(length)
+        writer.close()
+
     started = time.perf_counter()
-    await asyncio.gather(*(one_client() for _ in range(clients)))
+    await asyncio.gather(*(one_client() for _ in range(clients)), *(one_heavy_client() for _ in range(heavy)))
     elapsed = time.perf_counter() - started
     ms = np.array(latencies) * 1000
     print(json.dumps({
@@ -323,6 +347,9 @@ def _report(results, mean_batch, inproc, inproc_batch1, agreement, args, threads
           f"{inproc / mlflow32:.2f}x mlflow's 32-client throughput (the ceiling of any server here)")
     print(f"label agreement, batched answers at 32 clients vs each sentence scored alone: {agreement['agreement']:.4f} "
           f"({agreement['differing']} of {agreement['answers']} answers differ)")
+    normal, mixed = _median(results["langops@8"], "p99"), _median(results["langops@8+heavy"], "p99")
+    print(f"one-text p99 at 8 clients: {normal:.1f} ms alone, {mixed:.1f} ms beside {HEAVY_CLIENTS} clients sending "
+          f"{HEAVY_TEXTS} texts of {HEAVY_CHARS} characters per request: {mixed / normal:.2f}x (target <= 3)")
     print(f"failed requests over all rounds: {errors}")
 
 

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 from langops.aliases import CHAMPION
@@ -264,18 +268,15 @@ def _monitor(params: Params, args: argparse.Namespace) -> int:
     """Run the monitor flow once; exit 0 whatever the verdict (the report and the event say it), 1 when there is
     nothing to monitor."""
     from langops.monitor import MonitorError, find_model
-    from langops.services import start_temporary_prefect_server
 
     try:
         find_model(params, args.version)  # no champion or no such version: say so before a server starts
     except MonitorError as exc:
         print(f"langops: {exc}", file=sys.stderr)
         return 1
-    start_temporary_prefect_server(params)
-    from langops.flows.monitor import monitor_pipeline
-
-    result = monitor_pipeline(params_path=str(Path(args.params).resolve()), overrides=list(args.overrides),
-                              version=args.version)
+    with _flow_in_this_process(params, "langops.flows.monitor") as flows:
+        result = flows.monitor_pipeline(params_path=str(Path(args.params).resolve()), overrides=list(args.overrides),
+                                        version=args.version)
     print(f"{result.model_name} version {result.version}: {result.verdict} on {result.rows} rows")
     for reason in result.reasons:
         print(f"  - {reason}")
@@ -331,18 +332,31 @@ def _feedback_export(params: Params, args: argparse.Namespace) -> int:
     return 0 if args.skip_ambiguous else 3
 
 
+@contextlib.contextmanager
+def _flow_in_this_process(params: Params, flow_module: str) -> Iterator[ModuleType]:
+    """Around a flow run in this process, yielding ``flow_module`` imported: a Prefect API (a temporary server,
+    unless one is configured, booting while the flow's module loads), runs left Running by dead processes
+    marked Crashed, and this process named on the runs it starts (``langops.orphaned_runs``)."""
+    from langops.orphaned_runs import runs_tagged_with_this_process, tidy_dead_runs
+    from langops.services import begin_temporary_prefect_server
+
+    starting = begin_temporary_prefect_server(params)
+    module = importlib.import_module(flow_module)  # torch and transformers load while the server boots
+    starting.wait()
+    tidy_dead_runs()
+    with runs_tagged_with_this_process():
+        yield module
+
+
 def _run(params: Params, args: argparse.Namespace) -> int:
-    from langops.services import start_temporary_prefect_server
     from langops.tasks.prepare import check_source
 
     started = time.perf_counter()
     check_source(params.data)  # a dataset that cannot work fails now, not after a server has started
-    start_temporary_prefect_server(params)
-    from langops.flows.pipeline import training_pipeline
-
-    summary = training_pipeline(
-        params_path=str(Path(args.params).resolve()), overrides=list(args.overrides), dataset=args.dataset
-    )
+    with _flow_in_this_process(params, "langops.flows.pipeline") as flows:
+        summary = flows.training_pipeline(
+            params_path=str(Path(args.params).resolve()), overrides=list(args.overrides), dataset=args.dataset
+        )
     print(_closing_summary(params, summary, time.perf_counter() - started))
     return 0
 
@@ -350,18 +364,15 @@ def _run(params: Params, args: argparse.Namespace) -> int:
 def _sweep(params: Params, args: argparse.Namespace) -> int:
     """Run the sweep flow; the trials and the data files are checked here first, so a bad ``sweep:`` or a
     missing dataset starts nothing."""
-    from langops.services import start_temporary_prefect_server
     from langops.sweep import expand_trials
     from langops.tasks.prepare import check_source
 
     expand_trials(params)
     check_source(params.data)
     started = time.perf_counter()
-    start_temporary_prefect_server(params)
-    from langops.flows.sweep import summary_markdown, sweep_pipeline
-
-    summary = sweep_pipeline(params_path=str(Path(args.params).resolve()), overrides=list(args.overrides))
-    print(summary_markdown(summary))
+    with _flow_in_this_process(params, "langops.flows.sweep") as flows:
+        summary = flows.sweep_pipeline(params_path=str(Path(args.params).resolve()), overrides=list(args.overrides))
+    print(flows.summary_markdown(summary))
     print(f"sweep finished in {time.perf_counter() - started:.0f}s")
     return 0
 

@@ -344,7 +344,10 @@ class TrainConfig(ScheduleConfig):
     collapse_guard: CollapseGuardConfig = CollapseGuardConfig()
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    num_threads: int | None = Field(None, ge=1)
+    num_threads: int | None = Field(
+        None, ge=1, description="torch CPU threads; null: this job's fair share of the CPUs it may use "
+        "(affinity, cgroup quota, other programs' load, other langops jobs), asked again while it runs"
+    )
     resume: bool = True
     devices: int | Literal["auto"] = Field(
         1, description="processes of data-parallel training (torchrun); auto = every visible GPU, 1 without CUDA"
@@ -390,7 +393,10 @@ class DistillConfig(ScheduleConfig):
     learning_rate: float = Field(1e-4, gt=0)
     temperature: float = Field(2.0, gt=0, description="softens the teacher's and the student's logits in the KL term")
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the teacher's logits; 1 - alpha of the true labels")
-    num_threads: int | None = Field(None, ge=1)
+    num_threads: int | None = Field(
+        None, ge=1, description="torch CPU threads; null: this job's fair share of the CPUs it may use "
+        "(affinity, cgroup quota, other programs' load, other langops jobs), asked again while it runs"
+    )
 
 
 class CompressConfig(_Section):
@@ -565,6 +571,10 @@ class ServerConfig(_Section):
     body_read_timeout_s: float = Field(
         15.0, gt=0, description="how long a request body may take to arrive in full before 408 and a closed "
         "connection (a client that declares more bytes than it sends holds a connection no longer)",
+    )
+    header_read_timeout_s: float = Field(
+        10.0, gt=0, description="how long a request's line and headers may take to arrive, from its first byte, "
+        "before 408 and a closed connection (a client trickling headers holds a connection no longer)",
     )
     retry_after_s: int = Field(1, ge=0, description="Retry-After sent with a 503 under overload")
     shutdown_timeout_s: float = Field(30.0, gt=0, description="how long SIGTERM waits for requests in flight")
@@ -848,24 +858,30 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | dict[st
         raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
-    for key, value in _parse_overrides(overrides).items():
+    overridden = _parse_overrides(overrides)
+    for key, value in overridden.items():
         _set_dotted(raw, key, value)
-    return parse_params(raw, origin=str(path)).resolved(path.parent)
+    return parse_params(raw, origin=str(path), overridden=tuple(overridden)).resolved(path.parent)
 
 
-def parse_params(raw: dict[str, Any], origin: str = "params") -> Params:
+def parse_params(raw: dict[str, Any], origin: str = "params", overridden: tuple[str, ...] = ()) -> Params:
+    """Validate ``raw``; a problem with a value given by ``--set`` (a key in ``overridden``) says so."""
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
-        problems = [
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" + (
+        problems = []
+        for err in exc.errors():
+            location = ".".join(str(p) for p in err["loc"])
+            problem = f"{location}: {err['msg']}" + (
                 " (unknown key)" if err["type"] == "extra_forbidden"
                 else "" if isinstance(err["input"], dict)  # a whole section: the message names the key
                 else f" (got {err['input']!r})"
             )
-            for err in exc.errors()
-        ]
-        raise ConfigError(f"invalid {origin}:\n  " + "\n  ".join(problems)) from None
+            given = [key for key in overridden if location == key or location.startswith(key + ".")
+                     or key.startswith(location + ".")]
+            problems.append(problem + (f", from --set {given[0]}" if given else ""))
+        where = f"{origin} with --set {', '.join(overridden)}" if overridden else origin
+        raise ConfigError(f"invalid {where}:\n  " + "\n  ".join(problems)) from None
 
 
 def _parse_overrides(overrides: list[str] | dict[str, Any] | None) -> dict[str, Any]:

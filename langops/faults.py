@@ -17,7 +17,10 @@ CRASH_AT_ENV = "LANGOPS_CRASH_AT"
 # The points inside steps; every stage also has "before:<stage>" and "after:<stage>" (flows/pipeline.py).
 STEP_POINTS = (
     "prepare:staged",  # the splits are written to a temporary folder, not yet swapped in
+    "validate:reported",  # the new report.md is written, validation.json is still the last run's
     "train:checkpoint",  # the first checkpoint is on disk, the run's MLflow run is open
+    "evaluate:staged",  # metrics and plots are in a temporary folder, the last run's still in place
+    "distill:staged",  # the student is written to a temporary folder, not yet swapped in
     "compress:exported",  # the ONNX export exists in scratch space, nothing is in the output folder
     "register:logged",  # the model is logged to the run, no registry version exists
     "register:created",  # the version exists, not yet described nor READY-checked

@@ -88,6 +88,8 @@ def init_project(
         encoding = "cp1252"
         records, columns = read_records(first, encoding)
         notes.append(f"{first.name} is not UTF-8 but reads as cp1252 (Windows-1252): data.encoding: cp1252")
+    if not records:  # nothing to infer columns or labels from, and nothing to train on
+        raise InitError(f"{first} has a header but no data rows (columns: {columns}); add labelled rows")
     reasons: dict[str, str] = {}
     text_column = text_column or _infer_text_column(records, columns, reasons)
     label_column = label_column or _infer_label_column(records, columns, text_column, reasons)

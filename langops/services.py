@@ -198,12 +198,50 @@ def start_temporary_prefect_server(params: Params) -> str | None:
     Raises:
         TemporaryServerError: the server did not answer in time; the message names the setting to raise.
     """
+    return begin_temporary_prefect_server(params).wait()
+
+
+@dataclass
+class TemporaryServerStart:
+    """A temporary Prefect server starting in a background thread; ``wait`` for its URL (None: none needed)."""
+
+    thread: threading.Thread | None = None
+    url: str | None = None
+    error: BaseException | None = None
+    timeout_s: float = 0.0
+    default_s: float = 0.0
+
+    def wait(self) -> str | None:
+        """The server's API URL once it answers.
+
+        Raises:
+            TemporaryServerError: it did not answer within ``services.temporary_server_timeout_s``.
+        """
+        if self.thread is None:
+            return None
+        self.thread.join()
+        if isinstance(self.error, RuntimeError):
+            raise TemporaryServerError(
+                f"the temporary Prefect server did not answer within {self.timeout_s:g} s "
+                f"(services.temporary_server_timeout_s): raise it, e.g. --set "
+                f"services.temporary_server_timeout_s={max(2 * self.timeout_s, self.default_s):g}, or keep a "
+                f"server running with `langops up`. Prefect said: {self.error}"
+            ) from self.error
+        if self.error is not None:
+            raise self.error
+        return self.url
+
+
+def begin_temporary_prefect_server(params: Params) -> TemporaryServerStart:
+    """``start_temporary_prefect_server`` without the wait: the server boots (about 9 s on 2 cores) while this
+    process goes on loading the flow it will run (torch, transformers: as long again); ``wait()`` before the
+    flow starts."""
     from prefect.settings import get_current_settings
 
     settings = get_current_settings()
     if settings.api.url or not settings.server.ephemeral.enabled:
-        return None
-    from prefect.server.api.server import SubprocessASGIServer
+        return TemporaryServerStart()
+    from prefect.server.api.server import SubprocessASGIServer  # imported here: in a thread it holds the GIL
 
     timeout_s = params.services.temporary_server_timeout_s
     default_s = type(params.services).model_fields["temporary_server_timeout_s"].default
@@ -215,29 +253,31 @@ def start_temporary_prefect_server(params: Params) -> str | None:
     if in_main_thread and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
     reap_helpers_on_exit()  # so that a SIGKILLed run does not leave its server behind
+    starting = TemporaryServerStart(timeout_s=timeout_s, default_s=default_s)
+
     server = SubprocessASGIServer()
-    prefect_log = logging.getLogger("prefect")
-    level = prefect_log.level
-    prefect_log.setLevel(logging.WARNING)  # the line above replaces Prefect's "Starting temporary server"
-    started = time.perf_counter()
-    try:
-        server.start(timeout=timeout_s)
-    except BaseException as exc:
-        server.stop()  # Prefect leaves a server that missed its deadline running until this process exits
-        if isinstance(exc, RuntimeError):
-            raise TemporaryServerError(
-                f"the temporary Prefect server did not answer within {timeout_s:g} s "
-                f"(services.temporary_server_timeout_s): raise it, e.g. --set "
-                f"services.temporary_server_timeout_s={max(2 * timeout_s, default_s):g}, or keep a server "
-                f"running with `langops up`. Prefect said: {exc}"
-            ) from exc
-        raise
-    finally:
-        prefect_log.setLevel(level)
-    if server.server_process is not None:
-        reap_helpers_on_exit(server.server_process.pid)  # named, not only seen: it dies with this process
-    log.info("temporary Prefect server up at %s after %.1f s", server.api_url, time.perf_counter() - started)
-    return server.api_url
+
+    def start() -> None:
+        prefect_log = logging.getLogger("prefect")
+        level = prefect_log.level
+        prefect_log.setLevel(logging.WARNING)  # the line above replaces Prefect's "Starting temporary server"
+        started = time.perf_counter()
+        try:
+            server.start(timeout=timeout_s)
+        except BaseException as exc:
+            server.stop()  # Prefect leaves a server that missed its deadline running until this process exits
+            starting.error = exc
+            return
+        finally:
+            prefect_log.setLevel(level)
+        if server.server_process is not None:
+            reap_helpers_on_exit(server.server_process.pid)  # named, not only seen: it dies with this process
+        starting.url = server.api_url
+        log.info("temporary Prefect server up at %s after %.1f s", server.api_url, time.perf_counter() - started)
+
+    starting.thread = threading.Thread(target=start, name="langops-temporary-prefect-server", daemon=True)
+    starting.thread.start()
+    return starting
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:

@@ -29,6 +29,8 @@ from tqdm.auto import tqdm
 
 from langops.calibration import choose_temperature, fold_temperature
 from langops.config import DistillConfig
+from langops.cpu_share import CpuShare
+from langops.faults import crash_point
 from langops.io import (
     LABEL,
     TEXT,
@@ -109,11 +111,17 @@ def distill(
     out_dir = Path(out_dir)
     if not cfg.enabled:
         return _teacher_ships(out_dir, enabled=False, reason="compress.distill.enabled is false")
+    with CpuShare(cfg.num_threads, apply=torch.set_num_threads) as cpu:
+        return _distill(cfg, cpu, trained_dir=trained_dir, prepared_dir=prepared_dir, out_dir=out_dir,
+                        max_length=max_length, seed=seed, baseline_floor=baseline_floor)
 
+
+def _distill(
+    cfg: DistillConfig, cpu: CpuShare, *, trained_dir: Path, prepared_dir: Path, out_dir: Path, max_length: int,
+    seed: int, baseline_floor: BaselineFloor | None,
+) -> DistillResult:
     started = time.perf_counter()
     seed_everything(seed)
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
     labels = read_labels(trained_dir)
     label_ids = {name: i for i, name in enumerate(labels)}
     teacher, tokenizer = load_trained_classifier(Path(trained_dir) / "model")
@@ -155,6 +163,7 @@ def distill(
             torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            cpu.refresh()
             steps += 1
             if not schedule.evaluates_at(position, steps, cooldown):
                 continue
@@ -315,4 +324,5 @@ def _save(student: torch.nn.Module, tokenizer, labels: list[str], result: Distil
     tokenizer.save_pretrained(staging / MODEL_DIR)
     write_labels(staging, labels)
     write_json(staging / SUMMARY_FILE, _summary(result))
+    crash_point("distill:staged")
     swap_in(staging, result.out_dir)

@@ -11,7 +11,8 @@ import numpy as np
 import pandas as pd
 
 from langops.config import EvaluateConfig
-from langops.io import read_json, read_labels, read_test_rows, write_json
+from langops.faults import crash_point
+from langops.io import read_json, read_labels, read_test_rows, staging_dir, swap_in, write_json
 from langops.metrics import (
     calibrated_ece_range,
     classification_metrics,
@@ -103,19 +104,22 @@ def evaluate(
     metrics["reliability"] = {"model": reliability_bins(probs, y_true, cfg.calibration_bins),
                               "baseline": reliability_bins(baseline_probs, y_true, cfg.calibration_bins)}
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # Written beside the folder and swapped in whole: a crash never leaves new plots beside old metrics.
+    staging = staging_dir(out_dir)
     actual = [labels[i] for i in y_true]
     predicted = [labels[i] for i in probs.argmax(axis=1)]
-    pd.DataFrame({"actual": actual, "predicted": predicted}).to_csv(out_dir / CONFUSION_CSV, index=False)
+    pd.DataFrame({"actual": actual, "predicted": predicted}).to_csv(staging / CONFUSION_CSV, index=False)
     pd.DataFrame(
         {"text": texts, "label": actual, "predicted": predicted, "confidence": probs.max(axis=1)}
-    ).to_csv(out_dir / PREDICTIONS_CSV, index=False)
-    plot_confusion_matrix(np.array(metrics["confusion_matrix"]), labels, out_dir / CONFUSION_PNG)
+    ).to_csv(staging / PREDICTIONS_CSV, index=False)
+    plot_confusion_matrix(np.array(metrics["confusion_matrix"]), labels, staging / CONFUSION_PNG)
     reliability = metrics["reliability"]
     plot_reliability_diagram({"torch model": reliability["model"], "TF-IDF baseline": reliability["baseline"]},
-                             out_dir / RELIABILITY_PNG)
-    write_json(out_dir / METRICS_FILE, metrics_for_dvc(metrics))
-    write_json(out_dir / DETAILS_FILE, metrics)
+                             staging / RELIABILITY_PNG)
+    write_json(staging / METRICS_FILE, metrics_for_dvc(metrics))
+    write_json(staging / DETAILS_FILE, metrics)
+    crash_point("evaluate:staged")
+    swap_in(staging, out_dir)
     return EvaluationResult.load(out_dir)
 
 

@@ -413,7 +413,10 @@ def _peek(path: Path, encoding: str) -> tuple[list[str], bool]:
     if not lines:
         raise PrepareError(f"{path} is empty: no header and no rows")
     if kind == "csv" or kind == "tsv":
-        header = next(csv.reader([lines[0]], delimiter="," if kind == "csv" else "\t"))
+        try:
+            header = next(csv.reader([lines[0]], delimiter="," if kind == "csv" else "\t"))
+        except csv.Error as exc:
+            raise _csv_error(path, 1, exc) from None
         return [name.strip() for name in header], len(lines) > 1 or more
     _, columns = _json_records(path, "\n".join(lines[: max(1, len(lines) - (1 if more else 0))]))
     return columns, True
@@ -458,6 +461,13 @@ def decode_text(path: Path, encoding: str, *, raw: bytes | None = None, complete
         ) from None
 
 
+def _csv_error(path: Path, line: int, exc: csv.Error) -> PrepareError:
+    """The csv module's error with the file and line, and what a field over its size limit usually means."""
+    hint = (" (one field runs past the CSV reader's limit: a quote that is never closed, a file without line "
+            "breaks, or a text far longer than any to classify)") if "field limit" in str(exc) else ""
+    return PrepareError(f"{path} line {line}: {exc}{hint}")
+
+
 def _delimited_records(path: Path, text: str, *, delimiter: str) -> tuple[Iterator[tuple[int, dict]], list[str]]:
     reader = csv.reader(
         io.StringIO(text, newline=""), delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
@@ -465,7 +475,7 @@ def _delimited_records(path: Path, text: str, *, delimiter: str) -> tuple[Iterat
     try:
         header = next(reader)
     except csv.Error as exc:
-        raise PrepareError(f"{path} line 1: {exc}") from None
+        raise _csv_error(path, 1, exc) from None
     columns = [name.strip() for name in header]
     duplicated = sorted({c for c in columns if columns.count(c) > 1})
     if duplicated:
@@ -479,7 +489,7 @@ def _delimited_records(path: Path, text: str, *, delimiter: str) -> tuple[Iterat
             except StopIteration:
                 return
             except csv.Error as exc:
-                raise PrepareError(f"{path} line {line}: {exc}") from None
+                raise _csv_error(path, line, exc) from None
             if fields and len(fields) != len(columns):
                 if not any(f.strip() for f in fields):
                     line = reader.line_num + 1

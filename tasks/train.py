@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from langops.calibration import Calibration, choose_temperature, fold_temperature
 from langops.config import TrainConfig
+from langops.cpu_share import CpuShare
 from langops.faults import crash_point
 from langops.io import LABEL, TEXT, read_labels, read_split, staging_dir, swap_in, write_labels
 from langops.metrics import expected_calibration_error, softmax
@@ -209,10 +210,13 @@ def train(
 
 
 def _train_on_device(cfg: TrainConfig, ranks: RankInfo, **kwargs: Any) -> TrainResult:
-    if not ranks.distributed:
-        return _train(cfg, ranks=ranks, device=select_device(cfg.device, cfg.precision), **kwargs)
-    with _process_group(cfg, ranks) as device:
-        return _train(cfg, ranks=ranks, device=device, **kwargs)
+    with CpuShare(cfg.num_threads, apply=torch.set_num_threads) as cpu:
+        log.info("%d CPU threads (%s)", cpu.threads, "train.num_threads" if cfg.num_threads else
+                 "this job's share of the CPUs it may use; langops/cpu_share.py")
+        if not ranks.distributed:
+            return _train(cfg, ranks=ranks, device=select_device(cfg.device, cfg.precision), cpu=cpu, **kwargs)
+        with _process_group(cfg, ranks) as device:
+            return _train(cfg, ranks=ranks, device=device, cpu=cpu, **kwargs)
 
 
 def _smaller_rates(cfg: TrainConfig, factor: float) -> dict[str, float | None]:
@@ -243,6 +247,7 @@ def _train(
     on_evaluation: MetricsCallback | None,
     ranks: RankInfo,
     device: Device,
+    cpu: CpuShare,
 ) -> TrainResult:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -253,8 +258,6 @@ def _train(
     train_df, val_df = read_split(prepared_dir, "train"), read_split(prepared_dir, "validation")
 
     seed_everything(seed)
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
     base = resolve_base_model(cfg.base_model)
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForSequenceClassification.from_pretrained(
@@ -337,6 +340,7 @@ def _train(
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            cpu.refresh()  # another job on this machine started or ended: take the new share
             state.steps += 1
             state.epoch, state.position = (epoch, 0) if position == len(batches) else (epoch - 1, position)
             losses.append(loss.item())

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from langops.config import DataConfig, ValidateConfig
+from langops.faults import crash_point
 from langops.io import LABEL, SPLITS, TEXT, read_json, read_labels, read_split, write_json
 from langops.label_keys import MAX_LABEL_CHARS
 from langops.tasks.prepare import SOURCE_ROW, describe_changes, normalise_text
@@ -698,9 +699,13 @@ def format_failures(
 def write_report(
     result: ValidationResult, outcomes: Sequence[CheckOutcome], *, prepared_dir: Path, changes: Sequence[str]
 ) -> None:
-    """``validation.json`` for machines (DVC metrics, MLflow), ``report.md`` for people; failures first."""
+    """``validation.json`` for machines (DVC metrics, MLflow, later stages), ``report.md`` for people; failures
+    first. The report is written first: ``validation.json``, what later steps read, is the step's last word."""
     ranked = sorted(outcomes, key=lambda o: (o.success, o.severity != "error"))
     warned = sum(1 for o in outcomes if not o.success and o.severity == "warn")
+    result.report_path.parent.mkdir(parents=True, exist_ok=True)
+    result.report_path.write_text(render_markdown(result, ranked, prepared_dir, changes, warned))
+    crash_point("validate:reported")
     write_json(
         result.summary_path,
         {
@@ -722,7 +727,6 @@ def write_report(
             ],
         },
     )
-    result.report_path.write_text(render_markdown(result, ranked, prepared_dir, changes, warned))
 
 
 def abbreviate(kwargs: dict[str, Any]) -> dict[str, Any]:

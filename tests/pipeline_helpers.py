@@ -58,7 +58,7 @@ def tiny_project_params(root: Path, base_model: Path, **sections: dict[str, Any]
         "validate": {"min_rows_per_class": 5},
         "train": {
             "base_model": str(base_model), "method": "full", "max_epochs": 2, "batch_size": 32,
-            "learning_rate": 0.01, "max_length": 48, "num_threads": 2, **TINY_RECIPE,
+            "learning_rate": 0.01, "max_length": 48, "num_threads": 1, **TINY_RECIPE,
         },
         "compress": {"min_label_agreement": 0.5, "max_fp32_logit_diff": 0.01, "latency_runs": 5},
         "promote": {

@@ -64,8 +64,10 @@ def running_server(settings: ServerSettings) -> Iterator[LiveServer]:
     """Serve ``settings`` on its port until the block ends; the server is stopped even on failure."""
     import uvicorn
 
+    from langops.serving.server import uvicorn_options
+
     app = create_app(settings)
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, **{**uvicorn_options(settings), "log_level": "warning"}))
     thread = threading.Thread(target=server.run, name=f"uvicorn-{settings.port}", daemon=True)
     thread.start()
     try:

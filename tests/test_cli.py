@@ -74,6 +74,8 @@ BAD_SOURCES = {
     "empty.csv": (b"", "is empty: no header and no rows"),
     "header-only.csv": (b"text,label\n", "has a header but no data rows"),
     "latin1.csv": ("text,label\ncaf\u00e9,a\n".encode("latin-1"), "is not valid utf-8: byte offset 14 (line 2"),
+    "one-line.csv": (b"text,label," + b"x" * 300_000, "line 1: field larger than field limit (131072) (one field "
+                     "runs past the CSV reader's limit"),
 }
 
 

@@ -112,3 +112,15 @@ def test_params_yaml_writes_out_every_default_of_the_model_and_nothing_else():
     defaults = Params().model_dump(mode="json")
     assert _keys(written) == _keys(defaults)
     assert parse_params(written).model_dump(mode="json") == defaults
+
+
+def test_a_bad_value_from_set_is_blamed_on_the_set_not_on_the_params_file(tmp_path):
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text("train:\n  batch_size: 0\n")
+    with pytest.raises(ConfigError) as raised:
+        load_params(params_file, ["train.learning_rate=fast", "train.max_steps=100"])
+    message = str(raised.value)
+    assert message.startswith(f"invalid {params_file} with --set train.learning_rate, train.max_steps:")
+    assert "train.learning_rate: Input should be a valid number" in message
+    assert "(got 'fast'), from --set train.learning_rate" in message
+    assert "train.batch_size: Input should be greater than or equal to 1 (got 0)\n" in message + "\n"  # the file's own

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -37,8 +38,11 @@ pytestmark = pytest.mark.crash
 # up rather than redo (the trained model, the registered version not yet judged).
 KILL_POINTS = (
     "prepare:staged",
+    "validate:reported",
     "train:checkpoint",
     "after:train",
+    "evaluate:staged",
+    "distill:staged",
     "compress:exported",
     "register:logged",
     "register:created",
@@ -92,13 +96,23 @@ def _wait_until_gone(root: Path) -> list[str]:
 def _debris(root: Path) -> list[str]:
     """Staging and parked folders (``.<name>.staging-*``, ``.<name>.old-*``) under the pipeline's outputs."""
     pattern = re.compile(r"^\..+\.(staging|old)-\d+-[0-9a-f]+$")
-    return [str(path.relative_to(root)) for folder in ("data", "models") if (root / folder).is_dir()
+    return [str(path.relative_to(root)) for folder in ("data", "models", "reports") if (root / folder).is_dir()
             for path in (root / folder).rglob(".*") if pattern.match(path.name)]
+
+
+def _flow_run_states(root: Path) -> dict[str, int]:
+    """Flow runs by state type, read from the project's Prefect database (its temporary server is gone)."""
+    with sqlite3.connect(root / ".langops" / "prefect" / "prefect.db") as db:
+        return dict(db.execute("SELECT state_type, count(*) FROM flow_run GROUP BY state_type").fetchall())
 
 
 @pytest.fixture()
 def project(tmp_path, tiny_base_model):
-    params = tiny_project_params(tmp_path, tiny_base_model, deploy={"enabled": True})
+    # A one-layer student of the two-layer teacher, so that distillation writes a model (and can be killed).
+    distill = {"enabled": True, "layers": 1, "max_epochs": 1, "batch_size": 16, "num_threads": 1, "max_val_drop": 1.0}
+    params = tiny_project_params(tmp_path, tiny_base_model, deploy={"enabled": True},
+                                 compress={"min_label_agreement": 0.5, "max_fp32_logit_diff": 0.01, "latency_runs": 5,
+                                           "distill": distill})
     write_params(tmp_path, params)
     yield tmp_path
     from langops.tasks.deploy import stop_server
@@ -119,6 +133,11 @@ def test_a_run_killed_anywhere_is_finished_by_the_next_and_leaves_nothing_behind
     assert final.returncode == 0, final.stderr[-3000:]
     assert not _wait_until_gone(project)
     assert not _debris(project)
+
+    # The killed runs' flow runs were marked Crashed by the runs after them; none is left Running.
+    flow_runs = _flow_run_states(project)
+    assert flow_runs.get("CRASHED", 0) >= len(KILL_POINTS) and "RUNNING" not in flow_runs, flow_runs
+    assert flow_runs.get("COMPLETED") == 1, flow_runs
 
     from mlflow import MlflowClient
 

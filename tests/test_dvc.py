@@ -37,7 +37,9 @@ def dvc_project(tmp_path, tiny_base_model) -> Path:
             continue
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / rel, root / rel)
-    write_params(root, tiny_project_params(root, tiny_base_model, project={"state_dir": ".langops", "seed": 7}))
+    params = tiny_project_params(root, tiny_base_model, project={"state_dir": ".langops", "seed": 7})
+    params["train"]["num_threads"] = None  # the stages take their share of the CPUs, as on defaults
+    write_params(root, params)
     _run(["git", "init", "-q"], root)
     _run(["git", "add", "-A"], root)
     _run(["git", "-c", "user.email=t@example.invalid", "-c", "user.name=t", "commit", "-qm", "init"], root)

@@ -351,3 +351,48 @@ def test_a_challenger_on_grown_data_is_compared_only_on_rows_neither_model_train
     assert compared["removed"][f"champion version {champion}'s train split"] > 0
     gate = next(check for check in reseeded["checks"] if check["name"] == "compared_rows")
     assert f"{compared['compared']} of {compared['test_rows']} test rows (removed as trained on: " in gate["detail"]
+
+
+DOOMED_FLOW = """
+import os, signal
+from prefect import flow
+from langops.orphaned_runs import runs_tagged_with_this_process
+
+@flow(name="doomed")
+def doomed():
+    os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer would: nothing reports the run's end
+
+with runs_tagged_with_this_process():
+    doomed()
+"""
+
+
+def test_a_flow_run_whose_process_was_killed_is_marked_crashed_by_the_next_command(prefect_server):
+    import os
+    import subprocess
+    import sys
+
+    from prefect import flow, get_client
+    from prefect.settings import PREFECT_API_URL
+
+    from langops.orphaned_runs import mark_dead_runs_crashed, runs_tagged_with_this_process
+
+    killed = subprocess.run([sys.executable, "-c", DOOMED_FLOW], env={**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()},
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+
+    @flow(name="alive")
+    def alive() -> list[str]:
+        return mark_dead_runs_crashed()  # this run is Running too, but its process is alive
+
+    with runs_tagged_with_this_process():
+        marked = alive()
+
+    with get_client(sync_client=True) as client:
+        doomed, living = (client.read_flow_by_name(name).id for name in ("doomed", "alive"))
+        runs = client.read_flow_runs()
+    [dead] = [run for run in runs if run.flow_id == doomed]
+    assert marked == [dead.name]
+    assert dead.state.type.value == "CRASHED" and "died without ending it" in dead.state.message
+    assert [run.state.type.value for run in runs if run.flow_id == living] == ["COMPLETED"]
+    assert mark_dead_runs_crashed() == []  # once marked, never again

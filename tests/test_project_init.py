@@ -104,3 +104,11 @@ def test_what_validation_would_refuse_is_shown_with_its_fix(tmp_path):
     assert "validation would STOP a run on this data" in render(result)
     (thin,) = [w for w in result.warnings if "'ABBR'" in w]  # 9 rows: warned about, trains all the same
     assert "classes with fewer than 20 rows" in thin
+
+
+def test_a_header_only_file_is_refused_for_having_no_rows_not_for_its_columns(tmp_path):
+    (tmp_path / "empty.csv").write_text("text,label\n")
+
+    with pytest.raises(InitError, match=r"empty\.csv has a header but no data rows \(columns: \['text', 'label'\]\)"):
+        init_project(tmp_path / "empty.csv", params_path=tmp_path / "params.yaml")
+    assert not (tmp_path / "params.yaml").exists()

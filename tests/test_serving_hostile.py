@@ -12,6 +12,7 @@ import json
 import re
 import socket
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,14 +35,16 @@ DEEP = "[" * 100_000 + "]" * 100_000
 LONG_INTEGER = "1" * (sys.get_int_max_str_digits() + 1)  # one digit past what int() may convert from a string
 INVISIBLE = "\u200b\u200c\u200d\u2060\ufeff\u00ad \t"  # zero-width, word joiner, BOM, soft hyphen, whitespace
 STALL_TIMEOUT_S = 0.5
+HEADER_TIMEOUT_S = 1.0
 GENERATED_REQUESTS = 1500  # across every operation; about half a minute on two busy cores
 
 
 @pytest.fixture(scope="module")
 def server(compressed_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    """The default limits (1 MiB bodies), so hostile bodies reach the parsers; a short body read timeout; the
-    prediction log on, so /feedback is fuzzed all the way to its log."""
+    """The default limits (1 MiB bodies), so hostile bodies reach the parsers; short header and body read
+    timeouts; the prediction log on, so /feedback is fuzzed all the way to its log."""
     settings = ServerSettings(model_dir=compressed_dir, port=free_port(), body_read_timeout_s=STALL_TIMEOUT_S,
+                              header_read_timeout_s=HEADER_TIMEOUT_S,
                               prediction_log_dir=tmp_path_factory.mktemp("hostile-log"))
     with serving_local(settings) as live:
         yield live
@@ -232,6 +235,95 @@ def test_a_stalled_upload_gets_408_and_is_closed(server: LiveServer, client: htt
     assert b"timed out" in received and str(STALL_TIMEOUT_S).encode() in received
     assert STALL_TIMEOUT_S <= elapsed < STALL_TIMEOUT_S + 5
     assert _metric(client, 'langops_errors_total{endpoint="/predict",kind="timeout"}') >= 1
+    assert still_serving(client)
+
+
+def _trickle_headers(port: int, results: dict[int, tuple[bytes, float]], key: int) -> None:
+    """Send a request's headers one byte every 0.1 s, reading whatever comes back, until the server answers and
+    closes, or the 300 bytes are sent (30 s)."""
+    head = b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 300
+    started, received = time.monotonic(), b""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.settimeout(0.1)
+        for byte in head:
+            try:
+                sock.sendall(bytes([byte]))
+                chunk = sock.recv(4096)
+            except socket.timeout:
+                continue
+            except OSError:  # reset after the server closed
+                break
+            received += chunk
+            if not chunk:
+                break
+    results[key] = (received, time.monotonic() - started)
+
+
+@pytest.mark.model
+def test_headers_trickled_a_byte_at_a_time_get_408_and_the_connection_is_closed(
+    server: LiveServer, client: httpx.Client
+) -> None:
+    port = int(server.url.rsplit(":", 1)[1])
+    results: dict[int, tuple[bytes, float]] = {}
+    tricklers = [threading.Thread(target=_trickle_headers, args=(port, results, i)) for i in range(30)]
+    for trickler in tricklers:
+        trickler.start()
+    for trickler in tricklers:
+        trickler.join(60)
+    assert len(results) == 30
+    for received, elapsed in results.values():
+        assert received.startswith(b"HTTP/1.1 408"), received[:200]
+        assert b"connection: close" in received.lower() and b"header_read_timeout_s" in received
+        assert HEADER_TIMEOUT_S <= elapsed < HEADER_TIMEOUT_S + 5
+    assert still_serving(client)
+
+
+def _read_response(sock: socket.socket) -> bytes:
+    """One whole response (headers and a Content-Length body) from a kept-alive connection."""
+    received = b""
+    while b"\r\n\r\n" not in received:
+        received += sock.recv(4096)
+    head, _, body = received.partition(b"\r\n\r\n")
+    length = int(re.search(rb"content-length: (\d+)", head.lower()).group(1))
+    while len(body) < length:
+        body += sock.recv(4096)
+    return head + b"\r\n\r\n" + body
+
+
+@pytest.mark.model
+def test_a_kept_alive_connection_gets_a_header_deadline_for_each_request(server: LiveServer) -> None:
+    port = int(server.url.rsplit(":", 1)[1])
+    body = b'{"text": "where is my parcel"}'
+    request = (b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+               b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        for _ in range(2):  # slower than the deadline overall, each request within it
+            sock.sendall(request)
+            assert _read_response(sock).startswith(b"HTTP/1.1 200"), "a prompt request on a kept-alive connection"
+            time.sleep(HEADER_TIMEOUT_S * 0.7)
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # then the headers stop coming
+        started, received = time.monotonic(), b""
+        while chunk := sock.recv(4096):
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 408") and time.monotonic() - started < HEADER_TIMEOUT_S + 5
+
+
+@pytest.mark.model
+def test_a_body_framed_by_both_content_length_and_transfer_encoding_is_refused(
+    server: LiveServer, client: httpx.Client
+) -> None:
+    port = int(server.url.rsplit(":", 1)[1])
+    chunked = b'1e\r\n{"text": "where is my parcel"}\r\n0\r\n\r\n'
+    request = (b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+               b"Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        received = b""
+        while chunk := sock.recv(4096):  # answered, then closed
+            received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and b"connection: close" in head.lower(), received[:300]
+    assert "Content-Length and Transfer-Encoding" in json.loads(body)["detail"]
     assert still_serving(client)
 
 

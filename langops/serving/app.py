@@ -962,7 +962,11 @@ def app_from_env() -> FastAPI:
     # A spawned worker starts with bare logging: set it up as serve() does, so each worker says what it serves.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _stop_when_orphaned()
-    return create_app(ServerSettings.model_validate_json(raw))
+    settings = ServerSettings.model_validate_json(raw)
+    from langops.serving.protocol import HeaderDeadlineProtocol
+
+    HeaderDeadlineProtocol.header_read_timeout_s = settings.header_read_timeout_s  # this worker's connections
+    return create_app(settings)
 
 
 def _stop_when_orphaned(interval_s: float = 1.0) -> None:

@@ -9,7 +9,13 @@ batch gathers in the queue, so under load batches fill without waiting at all.
 
 A request is never split across batches except into chunks of ``max_batch_size`` texts, which is
 how the MLflow pyfunc scores too (64 at a time), so a request alone in its batch gets exactly the
-pyfunc's numbers. Riding with others can move its probabilities slightly: the int8 graph quantises
+pyfunc's numbers.
+
+Batches are filled fairly, not first come first served: the requests waiting are served least-scored
+first (the texts of theirs already taken into batches; then those with the fewest texts left, then the
+oldest), at most one chunk of each per batch. A one-text request that arrives behind four requests of 200 long texts each therefore waits for
+the batch being scored, not for the 13 chunks queued before it, and each large request still advances
+by a chunk in turn. Riding with others can move its probabilities slightly: the int8 graph quantises
 activations dynamically, with scales computed over the whole batch.
 """
 
@@ -46,11 +52,22 @@ class ShuttingDown(RuntimeError):
 
 
 @dataclass
+class _Request:
+    """One caller's texts, as chunks still to batch; ``taken`` counts its texts already in batches."""
+
+    chunks: deque[_Job]
+    arrived: float = field(default_factory=time.monotonic)
+    taken: int = 0
+
+    def remaining(self) -> int:
+        return sum(len(job.texts) for job in self.chunks)
+
+
+@dataclass
 class _Job:
     scorer: Scorer
     texts: list[str]
     future: asyncio.Future[Scores]
-    enqueued: float = field(default_factory=time.monotonic)
 
 
 class MicroBatcher:
@@ -74,7 +91,7 @@ class MicroBatcher:
         self.max_queue = max_queue
         self._on_batch = on_batch
         self._on_queue = on_queue
-        self._jobs: deque[_Job] = deque()
+        self._requests: list[_Request] = []  # those with chunks still to batch
         self._queued_texts = 0
         self._wakeup: asyncio.Event | None = None
         self._collector: asyncio.Task[None] | None = None
@@ -115,11 +132,11 @@ class MicroBatcher:
                 f"{len(texts)} (queue limit {self.max_queue}); retry later"
             )
         loop = asyncio.get_running_loop()
-        futures = []
-        for start in range(0, len(texts), self.max_batch_size):
-            job = _Job(scorer, texts[start : start + self.max_batch_size], loop.create_future())
-            self._jobs.append(job)
-            futures.append(job.future)
+        chunks = deque(_Job(scorer, texts[start : start + self.max_batch_size], loop.create_future())
+                       for start in range(0, len(texts), self.max_batch_size))
+        futures = [job.future for job in chunks]
+        if chunks:
+            self._requests.append(_Request(chunks))
         self._queued_texts += len(texts)
         self._on_queue(self._queued_texts)
         self._wakeup.set()
@@ -130,14 +147,14 @@ class MicroBatcher:
         assert self._wakeup is not None
         loop = asyncio.get_running_loop()
         while True:
-            while not self._jobs:
+            while not self._requests:
                 if self._closing:
                     return
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            # Wait for company only until the oldest job has waited max_wait: under load the queue
+            # Wait for company only until the oldest request has waited max_wait: under load the queue
             # filled while the previous batch ran, and the deadline has long passed.
-            deadline = self._jobs[0].enqueued + self.max_wait_s
+            deadline = min(request.arrived for request in self._requests) + self.max_wait_s
             while self._queued_texts < self.max_batch_size and not self._closing:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -166,15 +183,21 @@ class MicroBatcher:
                     job.future.set_result(scores)
 
     def _take_batch(self) -> list[_Job]:
-        """The oldest jobs that fit in one batch and share the oldest one's model (a swap splits batches)."""
-        first = self._jobs.popleft()
-        batch, size = [first], len(first.texts)
-        while self._jobs:
-            job = self._jobs[0]
-            if job.scorer is not first.scorer or size + len(job.texts) > self.max_batch_size:
-                break
-            batch.append(self._jobs.popleft())
+        """The next chunk of each waiting request, least-served first (then fewest texts left, then oldest),
+        while they fit in one batch and share the first one's model (a swap splits batches)."""
+        waiting = sorted(self._requests, key=lambda request: (request.taken, request.remaining(), request.arrived))
+        first = waiting[0].chunks[0]
+        batch, size = [], 0
+        for request in waiting:
+            job = request.chunks[0]
+            if job.scorer is not first.scorer or (batch and size + len(job.texts) > self.max_batch_size):
+                continue
+            batch.append(request.chunks.popleft())
+            request.taken += len(job.texts)
             size += len(job.texts)
+            if size >= self.max_batch_size:
+                break
+        self._requests = [request for request in self._requests if request.chunks]
         return batch
 
 

@@ -92,6 +92,11 @@ class ServingMiddleware:
             await send(message)
 
         try:
+            if _both_framings(scope):
+                await _reply(send_with_version, 400, path, "request has both Content-Length and Transfer-Encoding: "
+                             "its length is ambiguous (RFC 9112, section 6.3); send one of them",
+                             {"Connection": "close"})
+                return
             if not authorized and path not in PUBLIC_PATHS:
                 await _reply(send_with_version, 401, path, "missing or wrong bearer token: send "
                              "'Authorization: Bearer <token>'", {"WWW-Authenticate": "Bearer"})
@@ -163,6 +168,13 @@ class ServingMiddleware:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
+
+
+def _both_framings(scope: Scope) -> bool:
+    """A body framed two ways. A proxy in front that reads the other length than this server would see a
+    different request (request smuggling); RFC 9112 lets a server refuse it, and it is refused here."""
+    names = {name for name, _ in scope["headers"]}
+    return b"content-length" in names and b"transfer-encoding" in names
 
 
 def client_request_id_of(scope: Scope) -> str | None:

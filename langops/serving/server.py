@@ -4,10 +4,26 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 from langops.serving.app import SETTINGS_ENV, ServerSettings, create_app
+from langops.serving.protocol import HeaderDeadlineProtocol
 
 __all__ = ["ServerSettings", "serve"]
+
+
+def uvicorn_options(settings: ServerSettings) -> dict[str, Any]:
+    """What uvicorn is given for ``settings``: bind address, shutdown grace, and the h11 protocol with a
+    deadline on request headers (its timeout is a class setting: one per process, as each server is)."""
+    HeaderDeadlineProtocol.header_read_timeout_s = settings.header_read_timeout_s
+    return {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": "info",
+        "access_log": False,  # one log line per request would cost more than scoring a short text
+        "timeout_graceful_shutdown": settings.shutdown_timeout_s,
+        "http": HeaderDeadlineProtocol,  # used whether or not httptools is installed
+    }
 
 
 def serve(settings: ServerSettings) -> None:
@@ -22,15 +38,9 @@ def serve(settings: ServerSettings) -> None:
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    common = {
-        "host": settings.host,
-        "port": settings.port,
-        "log_level": "info",
-        "access_log": False,  # one log line per request would cost more than scoring a short text
-        "timeout_graceful_shutdown": settings.shutdown_timeout_s,
-    }
+    options = uvicorn_options(settings)
     if settings.workers == 1:
-        uvicorn.run(create_app(settings), **common)
+        uvicorn.run(create_app(settings), **options)
         return
     os.environ[SETTINGS_ENV] = settings.model_dump_json()
-    uvicorn.run("langops.serving.app:app_from_env", factory=True, workers=settings.workers, **common)
+    uvicorn.run("langops.serving.app:app_from_env", factory=True, workers=settings.workers, **options)
