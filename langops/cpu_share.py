@@ -13,8 +13,11 @@ twice as many threads as cores, and OpenMP threads that spin while they wait for
 
 A job asks again while it runs (``CpuShare.refresh``), so the first of two jobs gives up half its threads
 when the second starts, and takes them back when it ends. A number set in params is used as given.
-OpenMP's idle threads sleep instead of spinning (``OMP_WAIT_POLICY=PASSIVE``, set in ``langops/__init__.py``
-before torch is loaded), so threads waiting at a barrier do not take the cores the others need.
+
+OpenMP keeps its default wait policy (threads spin briefly at a barrier, then sleep). Sharing jobs run one
+thread each, so none of their threads waits on another; a job alone with two threads trained the demo 16%
+slower with ``OMP_WAIT_POLICY=PASSIVE`` (133.6 against 115.0 s per epoch on 2 cores, 30 steps each), so that
+is left to the user's environment.
 """
 
 from __future__ import annotations
@@ -112,9 +115,9 @@ def fair_threads(usable: int, others: list[Claim], load: float | None, own_threa
     taken out so that only other programs' work is left (None where the system has no load average).
     """
     share = usable // (1 + len(others))
-    if load is not None:
+    if load is not None:  # whole cores only: the load average lags, and a core half busy still gives a thread
         busy_elsewhere = max(0.0, load - own_threads - sum(claim.threads for claim in others))
-        share = min(share, math.floor(usable - busy_elsewhere + 0.5))
+        share = min(share, usable - math.floor(busy_elsewhere))
     return max(1, min(share, usable))
 
 
@@ -156,7 +159,8 @@ class CpuShare:
         if self.requested:
             wanted = self.requested
         else:
-            wanted = fair_threads(usable_cpus(), other_claims(self.folder), _load_average(), self.threads)
+            # Before its first share this process already runs (loading the model): one thread of the load is its own.
+            wanted = fair_threads(usable_cpus(), other_claims(self.folder), _load_average(), max(self.threads, 1))
         changed = wanted != self.threads
         if changed:
             if self.threads:

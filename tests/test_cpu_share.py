@@ -125,12 +125,3 @@ def test_the_share_is_asked_again_only_now_and_then(tmp_path):
         assert share.refresh() is False
         assert (tmp_path / f"{os.getpid()}.json").stat().st_mtime_ns == before
 
-
-def test_openmp_threads_sleep_while_they_wait_once_langops_is_imported():
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    shown = subprocess.run([sys.executable, "-c", "import langops, os; print(os.environ['OMP_WAIT_POLICY'])"],
-                           env=env, capture_output=True, text=True, check=True)
-    assert shown.stdout.strip() == "PASSIVE"
-    kept = subprocess.run([sys.executable, "-c", "import langops, os; print(os.environ['OMP_WAIT_POLICY'])"],
-                          env={**env, "OMP_WAIT_POLICY": "ACTIVE"}, capture_output=True, text=True, check=True)
-    assert kept.stdout.strip() == "ACTIVE"
