@@ -1,12 +1,12 @@
-"""Crash consistency: `langops run` killed with SIGKILL inside every step that writes shared state, and at the
-step boundaries where a finished step's result has not yet been used (a trained model, a registered version).
+"""Crash consistency: `langops run` killed with SIGKILL inside every step that writes shared state.
 
 A SIGKILL runs no handler: no ``finally``, no exit hook. Each run below is killed at the next crash point
 (``LANGOPS_CRASH_AT``, langops/faults.py) and the one after it starts from what the dead one left; the
 last runs to the end. Between runs nothing of the dead run may survive (its temporary Prefect server, its
 reaper), and at the end the project must be whole: every MLflow run closed (killed ones with a reason),
-no unfinished model version, no staging debris, the champion moved only by recorded promotions that
-`langops history` lists, and the model server serving that champion.
+no unfinished model version, no staging debris, every killed run's Prefect flow run marked Crashed (by the
+run after it), the champion moved only by recorded promotions that `langops history` lists, and the model
+server serving that champion.
 """
 
 from __future__ import annotations
@@ -34,19 +34,18 @@ from langops.tracking import END_REASON, REGISTERING_TAG
 pytestmark = pytest.mark.crash
 
 # In pipeline order: each run gets one point further than the one before, with the stages before it cached.
-# Every point inside a step is here; of the boundaries, those after a step whose result the next run must pick
-# up rather than redo (the trained model, the registered version not yet judged).
+# Every point inside a step is here. A kill inside a step also finds the steps before it finished but their
+# results not yet used (evaluate's kill: a trained model to pick up; promote's: a registered version not yet
+# judged), so the boundaries between steps ("after:<stage>", flows/pipeline.py) need no runs of their own.
 KILL_POINTS = (
     "prepare:staged",
     "validate:reported",
     "train:checkpoint",
-    "after:train",
     "evaluate:staged",
     "distill:staged",
     "compress:exported",
     "register:logged",
     "register:created",
-    "after:register",
     "promote:alias-moved",
     "deploy:spawned",
 )
