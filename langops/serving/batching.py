@@ -13,10 +13,12 @@ pyfunc's numbers.
 
 Batches are filled fairly, not first come first served: the requests waiting are served least-scored
 first (the texts of theirs already taken into batches; then those with the fewest texts left, then the
-oldest), at most one chunk of each per batch. A one-text request that arrives behind four requests of 200 long texts each therefore waits for
-the batch being scored, not for the 13 chunks queued before it, and each large request still advances
-by a chunk in turn. Riding with others can move its probabilities slightly: the int8 graph quantises
-activations dynamically, with scales computed over the whole batch.
+oldest), at most one chunk of each per batch. A one-text request that arrives behind four requests of 200
+long texts each therefore waits for the batch being scored, not for the 13 chunks queued before it, and
+each large request still advances by a chunk in turn.
+
+Riding with others can move a request's probabilities slightly: the int8 graph quantises activations
+dynamically, with scales computed over the whole batch.
 """
 
 from __future__ import annotations
