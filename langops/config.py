@@ -317,6 +317,12 @@ REPLACED_SCHEDULE_KEYS = {
 }
 
 
+TORCH_THREADS_DESCRIPTION = (
+    "torch CPU threads; null: this job's fair share of the CPUs it may use (affinity, cgroup quota, other "
+    "programs' load, other langops jobs), asked again while it runs (langops/cpu_share.py)"
+)
+
+
 class TrainConfig(ScheduleConfig):
     """The training recipe. Its defaults were checked on public datasets (README "Training").
 
@@ -344,10 +350,7 @@ class TrainConfig(ScheduleConfig):
     collapse_guard: CollapseGuardConfig = CollapseGuardConfig()
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    num_threads: int | None = Field(
-        None, ge=1, description="torch CPU threads; null: this job's fair share of the CPUs it may use "
-        "(affinity, cgroup quota, other programs' load, other langops jobs), asked again while it runs"
-    )
+    num_threads: int | None = Field(None, ge=1, description=TORCH_THREADS_DESCRIPTION)
     resume: bool = True
     devices: int | Literal["auto"] = Field(
         1, description="processes of data-parallel training (torchrun); auto = every visible GPU, 1 without CUDA"
@@ -393,10 +396,7 @@ class DistillConfig(ScheduleConfig):
     learning_rate: float = Field(1e-4, gt=0)
     temperature: float = Field(2.0, gt=0, description="softens the teacher's and the student's logits in the KL term")
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the teacher's logits; 1 - alpha of the true labels")
-    num_threads: int | None = Field(
-        None, ge=1, description="torch CPU threads; null: this job's fair share of the CPUs it may use "
-        "(affinity, cgroup quota, other programs' load, other langops jobs), asked again while it runs"
-    )
+    num_threads: int | None = Field(None, ge=1, description=TORCH_THREADS_DESCRIPTION)
 
 
 class CompressConfig(_Section):

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import psutil
 
+from langops.processes import process_alive
+
 log = logging.getLogger(__name__)
 
 CLAIMS_ENV = "LANGOPS_CPU_CLAIMS_DIR"
@@ -82,13 +84,6 @@ class Claim:
     threads: int
 
 
-def _alive(claim: Claim) -> bool:
-    try:
-        return abs(psutil.Process(claim.pid).create_time() - claim.started) < 1.0
-    except psutil.Error:
-        return False
-
-
 def other_claims(folder: Path | None = None) -> list[Claim]:
     """Claims of live jobs other than this process; files of dead jobs are removed on the way."""
     folder = folder or claims_dir()
@@ -100,7 +95,7 @@ def other_claims(folder: Path | None = None) -> list[Claim]:
             continue  # being written, or not ours: a claim file is replaced whole, so the next look reads it
         if claim.pid == os.getpid():
             continue
-        if _alive(claim):
+        if process_alive(claim.pid, claim.started):
             found.append(claim)
         else:
             with contextlib.suppress(OSError):

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import psutil
 
+from langops.processes import process_alive
+
 log = logging.getLogger(__name__)
 
 PROCESS_TAG_PREFIX = "langops.process:"
@@ -56,10 +58,7 @@ class TaggedProcess:
             return None
 
     def alive(self) -> bool:
-        try:
-            return int(psutil.Process(self.pid).create_time()) == self.started
-        except psutil.Error:
-            return False
+        return process_alive(self.pid, self.started)
 
     def __str__(self) -> str:
         return f"pid {self.pid} on {self.host}"

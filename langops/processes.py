@@ -140,6 +140,16 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def process_alive(pid: int, started: float) -> bool:
+    """Whether process ``pid`` runs and is the one created at ``started`` (a reused pid is another process)."""
+    import psutil
+
+    try:
+        return pid > 0 and abs(psutil.Process(pid).create_time() - started) < 1.0
+    except psutil.Error:
+        return False
+
+
 def _running(process: psutil.Process) -> bool:
     import psutil
 

@@ -14,6 +14,7 @@ from typing import Any
 from langops.config import Params
 from langops.io import jsonable
 from langops.metrics import headline
+from langops.processes import process_alive
 
 
 def configure_mlflow(params: Params) -> str:
@@ -97,7 +98,7 @@ def clean_up_after_dead_processes(client: Any) -> list[str]:
     )
     for run in orphans:
         tags = run.data.tags
-        if _process_alive(int(tags.get(OWNER_PID, "0")), float(tags.get(OWNER_STARTED, "0"))):
+        if process_alive(int(tags.get(OWNER_PID, "0")), float(tags.get(OWNER_STARTED, "0"))):
             continue
         took_effect = _promotion_took_effect(client, tags)
         what = "the champion move it records took effect" if took_effect else "what it was doing did not finish"
@@ -115,7 +116,7 @@ def _delete_unfinished_versions(client: Any, host: str) -> list[str]:
     for version in client.search_model_versions(f"tags.`{REGISTERING_TAG}` != ''"):
         try:
             owner = json.loads(version.tags[REGISTERING_TAG])
-            alive = _process_alive(int(owner[OWNER_PID]), float(owner[OWNER_STARTED]))
+            alive = process_alive(int(owner[OWNER_PID]), float(owner[OWNER_STARTED]))
         except (ValueError, KeyError, TypeError):
             continue  # not a tag this code wrote: leave the version alone
         if owner.get(OWNER_HOST) != host or alive:
@@ -123,15 +124,6 @@ def _delete_unfinished_versions(client: Any, host: str) -> list[str]:
         client.delete_model_version(version.name, version.version)
         deleted.append(f"{version.name}/{version.version}")
     return deleted
-
-
-def _process_alive(pid: int, started: float) -> bool:
-    import psutil
-
-    try:
-        return pid > 0 and abs(psutil.Process(pid).create_time() - started) < 1.0
-    except psutil.Error:
-        return False
 
 
 def _promotion_took_effect(client: Any, tags: dict[str, str]) -> bool:
