@@ -12,8 +12,10 @@ one whose process was killed before it was complete is deleted by the next lango
 from __future__ import annotations
 
 import json
+import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from importlib.metadata import version as installed_version
 from pathlib import Path
@@ -102,7 +104,7 @@ def register(
     tags = {**version_tags(lineage, compression, calibration),
             FILES_TAG: encode_manifest(build_manifest(compressed_dir))}
 
-    with reopened_run(run_id):
+    with reopened_run(run_id), _environment_recording_off():
         logged = mlflow.pyfunc.log_model(
             name=MODEL_ARTIFACT_PATH,
             python_model=TextClassifierModel(),
@@ -208,3 +210,24 @@ def await_ready(client: Any, name: str, version: str, timeout_s: float = READY_T
                 f"{name} version {version} still {current.status} after {timeout_s:.0f} s"
             )
         time.sleep(1.0)
+
+
+@contextmanager
+def _environment_recording_off() -> Iterator[None]:
+    """Keep MLflow from recording which environment variables the model reads while it is logged.
+
+    To record them, MLflow patches ``os.environ`` for every thread of the process while it validates the
+    input example, then iterates the names it caught; a Prefect thread reading a variable for the first time
+    in that moment makes the logging itself fail ("Set changed size during iteration"). The pyfunc reads no
+    environment variables, so there is nothing to record.
+    """
+    name = "MLFLOW_RECORD_ENV_VARS_IN_MODEL_LOGGING"
+    before = os.environ.get(name)
+    os.environ[name] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before

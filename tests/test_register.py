@@ -137,7 +137,7 @@ def test_registered_model_loads_in_a_fresh_process(params, run_id, compression, 
     )
     env = {**os.environ, "MLFLOW_TRACKING_URI": params.tracking_uri()}
     done = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", script], check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr[-3000:]
     answer = json.loads(done.stdout.strip().splitlines()[-1])
@@ -189,3 +189,33 @@ def test_predictions_frame_columns() -> None:
     assert list(frame.columns) == ["label", "confidence", *(f"prob_{label}" for label in LABELS)]
     assert frame["label"].tolist() == ["shipping", "billing"]
     assert frame["confidence"].tolist() == [0.5, 0.6]
+
+
+@pytest.mark.model
+def test_registering_while_another_thread_reads_new_environment_variables_succeeds(
+    params, run_id, compression
+) -> None:
+    """A flow's other threads (Prefect's logging, events, settings) read os.environ while a model is logged."""
+    import threading
+    import time
+
+    stop = threading.Event()
+
+    def read_new_environment_variables() -> None:
+        index = 0
+        while not stop.is_set():
+            name = f"LANGOPS_TEST_READ_{index}"
+            os.environ[name] = "1"
+            os.environ.get(name)
+            del os.environ[name]
+            index += 1
+            time.sleep(0.0002)
+
+    reader = threading.Thread(target=read_new_environment_variables, daemon=True)
+    reader.start()
+    try:
+        result = register_version(params, compression, run_id=run_id)
+    finally:
+        stop.set()
+        reader.join()
+    assert result.version == "1"
