@@ -556,6 +556,10 @@ class ServerConfig(_Section):
     host: str = Field("127.0.0.1", description="interface to bind")
     port: int = Field(8765, ge=1, le=65535, description="port to bind")
     poll_seconds: float = Field(5.0, gt=0, description="how often the alias is checked for a new version")
+    cache_check_s: float = Field(
+        300.0, gt=0, description="how often the cached files of the live model are checked against the size and "
+        "sha256 the registry records, and downloaded again when damaged (the model in memory serves meanwhile)",
+    )
     workers: int = Field(1, ge=1, description="uvicorn worker processes")
     num_threads: int | None = Field(
         None, ge=1, description="onnxruntime intra-op threads per worker (default: physical cores / workers)"

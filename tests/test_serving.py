@@ -302,6 +302,32 @@ def test_a_tampered_cached_copy_is_downloaded_again(registered: RegisteredModels
 
 
 @pytest.mark.model
+def test_a_cached_copy_damaged_while_the_server_runs_is_repaired_while_it_keeps_serving(
+    compressed_dir: Path, tmp_path: Path
+) -> None:
+    registry = empty_registry(tmp_path)
+    version = registry.register(compressed_dir)
+    registry.set_champion(version)
+    settings = registry.settings(poll_seconds=0.2, cache_check_s=0.5)
+    with running_server(settings) as server, server.client() as client:
+        wait_for_version(client, version)
+        (cached,) = settings.cache_dir.rglob("model.onnx")
+        original = cached.read_bytes()
+        cached.write_bytes(bytes([original[0] ^ 0xFF]) + original[1:])  # same size: only the digest tells
+
+        def repaired() -> bool:
+            assert client.post("/predict", json={"text": "hello"}).status_code == 200  # served from memory
+            return "langops_model_cache_repairs_total 1.0" in client.get("/metrics").text.splitlines()
+
+        wait_until(repaired, what="the damaged cached copy to be downloaded again", timeout=30)
+        assert [path.read_bytes() for path in settings.cache_dir.rglob("model.onnx")] == [original]
+    # A restart loads the repaired copy as it is: nothing refused, nothing to fall back from.
+    with running_server(settings.model_copy(update={"port": free_port()})) as server, server.client() as client:
+        wait_for_version(client, version)
+        assert client.get("/ready").json() == {"ready": True, "version": version}
+
+
+@pytest.mark.model
 def test_a_corrupt_champion_falls_back_to_the_last_served_version_until_restored(
     compressed_dir: Path, tmp_path: Path
 ) -> None:

@@ -418,7 +418,7 @@ class AliasPoller:
     def __init__(self, holder: ModelHolder, poll_seconds: float,
                  followers: tuple[Callable[[], None], ...] = ()) -> None:
         self.holder = holder
-        self.followers = followers  # also checked on each poll (the rollout)
+        self.followers = followers  # also called on each poll (the rollout, the cache check)
         self.poll_seconds = poll_seconds
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="langops-alias-poller", daemon=True)
@@ -442,9 +442,37 @@ class AliasPoller:
                 try:
                     follow()
                 except Exception as exc:  # noqa: BLE001 - the registry is down: keep what runs
-                    logger.warning("rollout check failed, keeping the current rollout: %r", exc)
+                    logger.warning("%s failed, keeping what runs: %r",
+                                   getattr(follow, "__qualname__", type(follow).__name__), exc)
             if self._stop.wait(self.poll_seconds):
                 return
+
+
+class CacheCheck:
+    """Checks the cached copy of the live model every ``every_s`` (called on each poll), repairing a damaged one.
+
+    The live model answers from memory, so damage on disk would otherwise surface only at its next load,
+    which then waits for a download; see ``langops.serving.registry.repair_cached_copy``.
+    """
+
+    def __init__(self, holder: ModelHolder, *, every_s: float, on_repair: Callable[[], None]) -> None:
+        self.holder = holder
+        self.every_s = every_s
+        self.on_repair = on_repair
+        self._due = time.monotonic() + every_s  # the first load has just checked it
+
+    def __call__(self) -> None:
+        if time.monotonic() < self._due:
+            return
+        self._due = time.monotonic() + self.every_s
+        live = self.holder.current
+        if live is None:
+            return
+        problems = self.holder.source.repair_cached(live.version)
+        if problems:
+            self.on_repair()
+            logger.warning("the cached copy of %s version %s was damaged and is downloaded again (still serving "
+                           "from memory): %s", live.name, live.version, "; ".join(problems))
 
 
 class PredictRequest(BaseModel):
@@ -631,7 +659,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
                 index_broken.append(f"{type(exc).__name__}: {exc}")
                 logger.exception("cannot open the index of issued ids: feedback will be refused (503)")
         rollout.start()
-        poller = AliasPoller(holder, settings.poll_seconds, followers=(rollout.refresh,))
+        cache_check = CacheCheck(holder, every_s=settings.cache_check_s, on_repair=metrics.cache_repairs.inc)
+        poller = AliasPoller(holder, settings.poll_seconds, followers=(rollout.refresh, cache_check))
         poller.start()
         try:
             yield

@@ -60,6 +60,10 @@ class ServerMetrics:
             "langops_prediction_confidence", "probability of the predicted label, by model version",
             ["version"], buckets=CONFIDENCE_BUCKETS, registry=self.registry,
         )
+        self.cache_repairs = Counter(
+            "langops_model_cache_repairs", "cached copies of the live model found damaged (a file's size or sha256 "
+            "differs from the registry's record) and downloaded again", registry=self.registry,
+        )
         self.feedback = Counter(
             "langops_feedback", "feedback labels accepted by POST /feedback", registry=self.registry,
         )

@@ -13,6 +13,7 @@ import json
 import logging
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -53,6 +54,8 @@ class Source(Protocol):
     def fallback_versions(self) -> list[str]: ...
 
     def record_served(self, version: str) -> None: ...
+
+    def repair_cached(self, version: str) -> list[str]: ...
 
 
 class ModelSource:
@@ -106,6 +109,9 @@ class ModelSource:
         return download_compressed_dir(
             self.model_name, version, cache_dir=self.cache_dir, tracking_uri=self.tracking_uri
         )
+
+    def repair_cached(self, version: str) -> list[str]:
+        return repair_cached_copy(self.model_name, version, cache_dir=self.cache_dir, tracking_uri=self.tracking_uri)
 
     def fallback_versions(self) -> list[str]:
         """Earlier good versions, best first: what this server last served, then the registry's champions.
@@ -240,6 +246,10 @@ class LocalModelSource:
     def record_served(self, version: str) -> None:
         """Nothing to remember: a folder has one version."""
 
+    def repair_cached(self, version: str) -> list[str]:
+        """Nothing to repair from: the folder is the only copy."""
+        return []
+
 
 def download_compressed_dir(
     model_name: str, version: str, *, cache_dir: Path, tracking_uri: str | None = None
@@ -267,21 +277,11 @@ def download_compressed_dir(
         ModelSourceError: the version does not exist, its artifacts hold no compressed model, or the
             downloaded files differ from the registered ones (the message names each file and how).
     """
-    import mlflow
     import mlflow.artifacts
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    registry_uri = tracking_uri or mlflow.get_registry_uri()
-    tracking_uri = tracking_uri or mlflow.get_tracking_uri()
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri)
-    try:
-        registered = client.get_model_version(model_name, version)
-        storage_uri = client.get_model_version_download_uri(model_name, version)
-    except MlflowException as exc:
-        raise ModelSourceError(f"cannot read {model_name} version {version}: {exc.message}") from exc
-    expected = _registered_manifest(registered)
-    target = model_cache_dir(cache_dir, registry_uri, model_name) / f"{version}-{registered.creation_timestamp}"
+    located = _locate(model_name, version, cache_dir=cache_dir, tracking_uri=tracking_uri)
+    target, expected, storage_uri = located.target, located.expected, located.storage_uri
     if target.is_dir() and (problems := _copy_problems(target, expected)):
         logger.warning("cached copy of %s version %s differs from the registry, downloading it again: %s",
                        model_name, version, "; ".join(problems))
@@ -293,8 +293,8 @@ def download_compressed_dir(
             mlflow.artifacts.download_artifacts(
                 artifact_uri=storage_uri,
                 dst_path=str(staging),
-                tracking_uri=tracking_uri,
-                registry_uri=registry_uri,
+                tracking_uri=located.tracking_uri,
+                registry_uri=located.registry_uri,
             )
             if problems := _copy_problems(staging, expected):
                 raise ModelSourceError(
@@ -307,6 +307,55 @@ def download_compressed_dir(
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return find_compressed_dir(target)
+
+
+def repair_cached_copy(model_name: str, version: str, *, cache_dir: Path, tracking_uri: str | None = None) -> list[str]:
+    """Check a cached copy against the version's registered files and download it again if it differs.
+
+    A server checks the copy behind its live model now and then (``ServerSettings.cache_check_s``): the
+    model in memory keeps answering whatever happens to its files, so without this a copy damaged on disk
+    would be found only when it is next loaded (a restart, a new worker, a swap back), and that load
+    would wait for the download. Returns how the copy differed; empty when it was whole or is not cached.
+
+    Raises:
+        ModelSourceError: the registry cannot be read, or the fresh download differs too.
+    """
+    located = _locate(model_name, version, cache_dir=cache_dir, tracking_uri=tracking_uri)
+    if not located.target.is_dir():
+        return []
+    problems = _copy_problems(located.target, located.expected)
+    if problems:
+        download_compressed_dir(model_name, version, cache_dir=cache_dir, tracking_uri=tracking_uri)
+    return problems
+
+
+@dataclass(frozen=True)
+class _Located:
+    """Where a registered version's files are stored, what they must be, and where its cached copy goes."""
+
+    tracking_uri: str
+    registry_uri: str
+    storage_uri: str
+    expected: Manifest | None
+    target: Path
+
+
+def _locate(model_name: str, version: str, *, cache_dir: Path, tracking_uri: str | None) -> _Located:
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    registry_uri = tracking_uri or mlflow.get_registry_uri()
+    tracking_uri = tracking_uri or mlflow.get_tracking_uri()
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri)
+    try:
+        registered = client.get_model_version(model_name, version)
+        storage_uri = client.get_model_version_download_uri(model_name, version)
+    except MlflowException as exc:
+        raise ModelSourceError(f"cannot read {model_name} version {version}: {exc.message}") from exc
+    target = model_cache_dir(cache_dir, registry_uri, model_name) / f"{version}-{registered.creation_timestamp}"
+    return _Located(tracking_uri=tracking_uri, registry_uri=registry_uri, storage_uri=storage_uri,
+                    expected=_registered_manifest(registered), target=target)
 
 
 def model_cache_dir(cache_dir: Path, registry_uri: str, model_name: str) -> Path:
