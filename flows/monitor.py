@@ -10,7 +10,9 @@ The flow only composes the steps of ``langops.monitor``: find the model (verifie
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+import time
+from datetime import datetime, timedelta, timezone
+from uuid import UUID
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -19,7 +21,7 @@ from prefect.cache_policies import NO_CACHE
 from langops import monitor
 from langops.config import Params, load_params
 from langops.flows.pipeline import RETRY
-from langops.monitor import EventDecision, MonitoredModel, MonitorResult, WindowCheck
+from langops.monitor import EventDecision, MonitorEvent, MonitoredModel, MonitorResult, WindowCheck
 
 ARTIFACT_KEY = "drift-report"
 
@@ -40,17 +42,43 @@ def publish_report(model: MonitoredModel, checked: WindowCheck, run_id: str) -> 
 @task(name="monitor-decide-and-emit", cache_policy=NO_CACHE)
 def decide_and_emit(params: Params, model: MonitoredModel, checked: WindowCheck, run_id: str,
                     now: datetime) -> tuple[EventDecision, str | None]:
-    """Under the model's lock: the cool-down, the decision, and the Prefect event when one is due."""
+    """Under the model's lock: events left pending by a dead run, the cool-down, the decision, the event."""
+    return monitor.decide_and_emit(params, model, checked, run_id, now=now, send=send_event)
+
+
+STORED_WAIT_S = 30.0  # how long a sent event may take to show in Prefect's event store before it stays pending
+
+
+def send_event(event: MonitorEvent) -> bool:
+    """Send ``event`` under its own id unless Prefect has stored it already; True once Prefect has stored it.
+
+    Prefect stores an event id once, and its triggers skip an id they have seen, so sending an event again
+    that did arrive starts no second retraining; looking first keeps it so beyond the triggers' memory too.
+    """
     from prefect.events import emit_event
 
-    def emit(decision: EventDecision) -> str | None:
-        assert decision.event is not None
-        event = emit_event(event=decision.event, resource=monitor.event_resource(model),
-                           payload=monitor.event_payload(checked, decision, run_id),
-                           occurred=datetime.now(timezone.utc))
-        return str(event.id) if event is not None else None
+    if _stored(event):
+        return True
+    emit_event(event=event.event, resource=event.resource, payload=event.payload, id=UUID(event.id),
+               occurred=datetime.fromisoformat(event.occurred))
+    deadline = time.monotonic() + STORED_WAIT_S
+    while not _stored(event):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
 
-    return monitor.decide_and_emit(params, model, checked, run_id, now=now, emit=emit)
+
+def _stored(event: MonitorEvent) -> bool:
+    from prefect.client.orchestration import get_client
+
+    occurred = datetime.fromisoformat(event.occurred)
+    window = {"since": (occurred - timedelta(hours=1)).isoformat(), "until": (occurred + timedelta(hours=1)).isoformat()}
+    with get_client(sync_client=True) as client:
+        reply = client.request("POST", "/events/filter",
+                               json={"filter": {"id": {"id": [event.id]}, "occurred": window}, "limit": 1})
+        reply.raise_for_status()
+        return bool(reply.json()["events"])
 
 
 @flow(name="langops-monitor", log_prints=True)

@@ -27,6 +27,7 @@ from prefect.cache_policies import NO_CACHE
 
 from langops import pipeline
 from langops.config import Params, load_params
+from langops.faults import crash_point
 from langops.flows.pipeline import run_cached, ship_trained_model, validate_or_stop
 from langops.stages import stage
 from langops.sweep import (
@@ -233,6 +234,7 @@ def _run_trials(params: Params, trials: list[Trial], sweep_run_id: str, prepared
                 outcome = TrialOutcome(index=trial.index, name=trial.name, overrides=trial.overrides,
                                        run_id=None, score=None, error=error)
             outcomes.append(outcome)
+            crash_point("sweep:trial-finished")
     return outcomes
 
 

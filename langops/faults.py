@@ -27,6 +27,11 @@ STEP_POINTS = (
     "promote:alias-moved",  # the champion alias moved, its promotion record is still RUNNING
     "deploy:spawned",  # the model server process started, not yet answering
 )
+# The points inside the long-running commands other than `langops run`.
+COMMAND_POINTS = (
+    "sweep:trial-finished",  # one trial is trained and filed under the open sweep run, the others still train
+    "monitor:sent",  # the retraining event is recorded as pending and handed to Prefect, not yet marked sent
+)
 
 
 def crash_point(name: str) -> None:

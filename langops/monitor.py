@@ -9,7 +9,10 @@ the report, and ask for retraining when it is due.
   window's rows and accuracy estimate, and the report files.
 * ``decide_event`` (pure): which event, if any, the run asks for, with every reason spelled out; the cool-down.
 * ``last_event`` / ``record_event``: the cool-down's memory, a tag on the monitoring runs.
-* ``decide_and_emit``: the decision and the emission under one lock per model, so runs cannot race the cool-down.
+* ``decide_and_emit``: the decision and the emission under one lock per model, so runs cannot race the cool-down;
+  an event is recorded (pending) before it is sent and marked sent once Prefect has stored it, so a run killed
+  in between leaves a pending event that the next run confirms or sends again with the same id
+  (``finish_pending_events``): never lost, never two retrainings for one event.
 
 The Prefect parts (tasks, the markdown artifact, ``emit_event``) live in the flow; this module imports no Prefect.
 """
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,6 +48,10 @@ VERSION_TAG = "langops.model_version"
 VERDICT_TAG = "langops.monitor.verdict"
 EVENT_TAG = "langops.monitor.event"
 EMITTED_AT_TAG = "langops.monitor.emitted_at"
+EVENT_ID_TAG = "langops.monitor.event_id"
+EMISSION_TAG = "langops.monitor.emission"  # pending (recorded, not yet known to be stored by Prefect) or sent
+PENDING, SENT = "pending", "sent"
+EVENT_ARTIFACT = "event.json"  # the event as sent, so that a later run can send it again under its id
 REPORT_ARTIFACTS = "report"  # the report files' folder in the run's artifacts
 ACCURACY_CHECKS = ("estimated_accuracy", "feedback_accuracy")
 
@@ -245,13 +252,63 @@ def last_event(params: Params, model_name: str) -> datetime | None:
     return max(times, default=None)
 
 
-def record_event(params: Params, run_id: str, event: str, emitted_at: datetime, event_id: str | None) -> None:
-    """Mark the monitoring run as the one that emitted ``event``: the cool-down starts from here."""
+@dataclass(frozen=True)
+class MonitorEvent:
+    """One event as the monitor sends it: its id is chosen before sending, so sending it again is harmless."""
+
+    event: str
+    id: str
+    resource: dict[str, str]
+    payload: dict[str, Any]
+    occurred: str  # ISO 8601, UTC
+
+
+def record_event(params: Params, run_id: str, event: MonitorEvent) -> None:
+    """Record ``event`` on the monitoring run before it is sent, as pending: the cool-down starts here, and a run
+    killed while sending leaves what the next run needs to finish the job (``finish_pending_events``)."""
     client = _client(params)
-    client.set_tag(run_id, EVENT_TAG, event)
-    client.set_tag(run_id, EMITTED_AT_TAG, emitted_at.isoformat())
-    if event_id:
-        client.set_tag(run_id, "langops.monitor.event_id", event_id)
+    client.log_dict(run_id, asdict(event), EVENT_ARTIFACT)
+    client.set_tag(run_id, EVENT_ID_TAG, event.id)
+    client.set_tag(run_id, EMITTED_AT_TAG, event.occurred)
+    client.set_tag(run_id, EMISSION_TAG, PENDING)
+    client.set_tag(run_id, EVENT_TAG, event.event)  # last: what the cool-down searches by
+
+
+def mark_sent(params: Params, run_id: str) -> None:
+    _client(params).set_tag(run_id, EMISSION_TAG, SENT)
+
+
+def finish_pending_events(params: Params, model_name: str, *, send: Callable[[MonitorEvent], bool]) -> list[str]:
+    """Send again every event of ``model_name`` left pending by a monitor run that died before Prefect confirmed it.
+
+    Called under the model's ``monitor-event`` lock, so no live run is sending them. ``send`` checks Prefect's
+    event store for the id first and sends only when it is not there; it returns whether the event is stored.
+    An event still unconfirmed stays pending for the run after. Returns the ids now sent.
+    """
+    import mlflow.artifacts
+
+    client = _client(params)
+    experiment = client.get_experiment_by_name(monitoring_experiment_name(params))
+    if experiment is None:
+        return []
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.`{MODEL_TAG}` = '{model_name}' and tags.`{EMISSION_TAG}` = '{PENDING}'",
+        max_results=100,
+    )
+    finished = []
+    for run in runs:
+        record = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/{EVENT_ARTIFACT}")
+        event = MonitorEvent(**record)
+        if send(event):
+            mark_sent(params, run.info.run_id)
+            finished.append(event.id)
+            logger.warning("event %s (%s) of monitoring run %s was left pending by a run that died; it is now "
+                           "stored by Prefect", event.id, event.event, run.info.run_id)
+        else:
+            logger.warning("event %s (%s) of monitoring run %s is still not confirmed by Prefect; the next run "
+                           "tries again", event.id, event.event, run.info.run_id)
+    return finished
 
 
 def _client(params: Params) -> MlflowClient:
@@ -349,21 +406,29 @@ def decide_and_emit(
     run_id: str,
     *,
     now: datetime,
-    emit: Callable[[EventDecision], str | None],
+    send: Callable[[MonitorEvent], bool],
 ) -> tuple[EventDecision, str | None]:
-    """Decide (``decide_event``, after reading the last emission) and, if due, ``emit`` and record it, all under
+    """Decide (``decide_event``, after reading the last emission) and, if due, record and send the event, all under
     the model's ``monitor-event`` lock: two monitor runs at the same moment cannot both get past the cool-down.
 
+    Events that an earlier run left pending are finished first. The new one is recorded as pending, sent, and
+    marked sent once Prefect has stored it.
+
     Args:
-        emit: sends the decided event (the flow's Prefect ``emit_event``); returns the event's id.
+        send: sends an event under its id unless Prefect already stored it; returns whether it is stored now
+            (the flow's ``emit_event`` and a look in Prefect's event store).
 
     Returns:
         The decision, and the emitted event's id (None when nothing was emitted).
     """
+    from uuid import uuid4
+
+    from langops.faults import crash_point
     from langops.promotions import champion_lock
 
     cfg = params.monitor
     with champion_lock(params, model.model_name, purpose=EVENT_LOCK):
+        finish_pending_events(params, model.model_name, send=send)
         decision = decide_event(
             verdict=checked.verdict, accuracy_drops=checked.accuracy_drops, accuracy_margin=checked.accuracy_margin,
             feedback_labels=checked.feedback_labels, retrain_feedback_rows=cfg.retrain_feedback_rows,
@@ -371,10 +436,18 @@ def decide_and_emit(
         )
         if decision.event is None:
             return decision, None
-        emitted_at = datetime.now(timezone.utc)
-        event_id = emit(decision)
-        record_event(params, run_id, decision.event, emitted_at, event_id)
-        return decision, event_id
+        event = MonitorEvent(event=decision.event, id=str(uuid4()), resource=event_resource(model),
+                             payload=event_payload(checked, decision, run_id),
+                             occurred=datetime.now(timezone.utc).isoformat())
+        record_event(params, run_id, event)
+        stored = send(event)
+        crash_point("monitor:sent")
+        if stored:
+            mark_sent(params, run_id)
+        else:
+            logger.warning("event %s (%s) was sent but Prefect has not confirmed storing it; the next monitor run "
+                           "checks and sends it again if needed", event.id, event.event)
+        return decision, event.id
 
 
 def event_resource(model: MonitoredModel) -> dict[str, str]:

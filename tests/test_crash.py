@@ -27,7 +27,7 @@ from pipeline_helpers import tiny_project_params, write_params
 
 from langops.aliases import CHAMPION
 from langops.config import load_params
-from langops.faults import CRASH_AT_ENV, STEP_POINTS
+from langops.faults import COMMAND_POINTS, CRASH_AT_ENV, STEP_POINTS
 from langops.tasks.register import REQUIRED_LINEAGE
 from langops.tracking import END_REASON, REGISTERING_TAG
 
@@ -66,20 +66,20 @@ def _langops(root: Path, *args: str, crash_at: str | None = None) -> subprocess.
 
 
 def _leftovers(root: Path) -> list[str]:
-    """Live processes a run of this project started for itself: temporary Prefect servers and reapers (those
-    started in this project's folder: other tests, run at the same time, have their own). The model server is
-    not one of them: it is meant to outlive the run that deployed it."""
+    """Live processes a command of this project started for itself: temporary Prefect servers, reapers, Dask
+    workers, anything running in the project's folder (other tests, run at the same time, have their own). The
+    model server is not one of them: it is meant to outlive the run that deployed it."""
     prefect_home = str(root / ".langops" / "prefect")
     found = []
     for process in psutil.process_iter(["cmdline"]):
         try:
             command = process.info["cmdline"] or []
-            if "langops.serving" in command:
+            if process.pid == os.getpid() or process.status() == psutil.STATUS_ZOMBIE:
                 continue
-            reaper = "--reap-helpers-of" in command and process.cwd() == str(root)
-            if reaper or process.environ().get("PREFECT_HOME") == prefect_home:
-                if process.status() != psutil.STATUS_ZOMBIE and process.pid != os.getpid():
-                    found.append(f"{process.pid}: {' '.join(command)[:200]}")
+            if any("langops.serving" in (p.cmdline() or []) for p in [process, *process.parents()]):
+                continue
+            if process.cwd() == str(root) or process.environ().get("PREFECT_HOME") == prefect_home:
+                found.append(f"{process.pid}: {' '.join(command)[:200]}")
         except psutil.Error:
             continue
     return found
@@ -167,3 +167,34 @@ def test_a_run_killed_anywhere_is_finished_by_the_next_and_leaves_nothing_behind
 
     served = httpx.get(f"http://127.0.0.1:{params.deploy.port}/version", timeout=30, trust_env=False).json()
     assert served["version"] == str(champion)
+
+
+def _mlflow_runs(root: Path) -> list:
+    from mlflow import MlflowClient
+
+    params = load_params(root / "params.yaml")
+    client = MlflowClient(tracking_uri=params.tracking_uri(), registry_uri=params.tracking_uri())
+    experiments = [experiment.experiment_id for experiment in client.search_experiments()]
+    return client.search_runs(experiments, max_results=1000)
+
+
+def test_a_sweep_killed_while_its_trials_train_leaves_no_worker_and_the_next_sweep_finishes(tmp_path, tiny_base_model):
+    assert "sweep:trial-finished" in COMMAND_POINTS
+    # One trial: killed once it is trained, its Dask cluster still up (a worker and its nanny, in this folder).
+    sweep = {"grid": {"train.learning_rate": [0.003]}, "n_workers": 1, "dask_address": None}
+    write_params(tmp_path, tiny_project_params(tmp_path, tiny_base_model, sweep=sweep))
+
+    killed = _langops(tmp_path, "sweep", crash_at="sweep:trial-finished")
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert not _wait_until_gone(tmp_path), f"left running after the sweep was killed: {_leftovers(tmp_path)}"
+    final = _langops(tmp_path, "sweep")
+
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert not _wait_until_gone(tmp_path)
+    assert not _debris(tmp_path)
+    flow_runs = _flow_run_states(tmp_path)
+    assert flow_runs.get("CRASHED", 0) >= 1 and "RUNNING" not in flow_runs, flow_runs
+    runs = _mlflow_runs(tmp_path)
+    assert not [run.info.run_id for run in runs if run.info.status == "RUNNING"]
+    sweeps = {run.info.status for run in runs if run.data.tags.get("langops.sweep") == "true"}
+    assert sweeps == {"KILLED", "FINISHED"}, sweeps

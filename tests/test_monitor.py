@@ -104,16 +104,16 @@ def test_two_monitor_runs_at_once_emit_one_event_the_other_is_held_by_the_cool_d
     run_ids = [log_report(params, model, checked) for _ in range(2)]
     emitted: list[str] = []
 
-    def emit(decision):
+    def send(event):
         time.sleep(0.5)  # a slow event API: the window in which an unlocked second run would slip through
-        emitted.append(decision.event)
-        return f"event-{len(emitted)}"
+        emitted.append(event.event)
+        return True
 
     results: dict[int, tuple] = {}
 
     def monitor_run(index: int) -> None:
         results[index] = decide_and_emit(params, model, checked, run_ids[index],
-                                         now=datetime.now(timezone.utc), emit=emit)
+                                         now=datetime.now(timezone.utc), send=send)
 
     threads = [threading.Thread(target=monitor_run, args=(i,)) for i in range(2)]
     for thread in threads:
@@ -125,3 +125,37 @@ def test_two_monitor_runs_at_once_emit_one_event_the_other_is_held_by_the_cool_d
     decisions = sorted((results[i][0] for i in range(2)), key=lambda d: d.event is None)
     assert decisions[0].event == EVENT_DRIFT and decisions[1].event is None
     assert decisions[1].suppressed == EVENT_DRIFT and "cool-down" in decisions[1].reasons[-1]
+
+
+def test_an_event_prefect_did_not_confirm_stays_pending_and_the_next_run_sends_it_again_under_its_id(tmp_path):
+    from langops.monitor import EMISSION_TAG, MonitoredModel, WindowCheck, _client, decide_and_emit, log_report
+
+    params = parse_params({"project": {"state_dir": str(tmp_path / ".langops")},
+                           "monitor": {"cooldown_hours": 6.0}}).resolved(tmp_path)
+    model = MonitoredModel("langops-classifier", "1", tmp_path, last_registered=NOW.isoformat())
+    (tmp_path / "report").mkdir()
+    checked = WindowCheck(verdict="drift", reasons=("embeddings moved",), rows=300, report_dir=tmp_path / "report",
+                          metrics={"rows": 300.0}, accuracy_drops={}, accuracy_margin=0.05, feedback_labels=0,
+                          skipped_lines=0, markdown="")
+    sent: list = []
+
+    def send_unconfirmed(event):  # the event left, or not; the process died before Prefect said it stored it
+        sent.append(event)
+        return False
+
+    first_run = log_report(params, model, checked)
+    decision, event_id = decide_and_emit(params, model, checked, first_run, now=NOW, send=send_unconfirmed)
+    assert decision.event == EVENT_DRIFT and event_id == sent[0].id
+    assert _client(params).get_run(first_run).data.tags[EMISSION_TAG] == "pending"
+
+    def send(event):
+        sent.append(event)
+        return True
+
+    second_run = log_report(params, model, checked)
+    decision, event_id = decide_and_emit(params, model, checked, second_run, now=NOW, send=send)
+
+    assert [event.id for event in sent] == [sent[0].id, sent[0].id]  # the same event, under the same id
+    assert sent[1] == sent[0]
+    assert decision.event is None and decision.suppressed == EVENT_DRIFT and event_id is None  # the cool-down holds
+    assert _client(params).get_run(first_run).data.tags[EMISSION_TAG] == "sent"

@@ -9,6 +9,9 @@ by the server's own automation services.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -21,6 +24,7 @@ import yaml
 from mlflow import MlflowClient
 from pipeline_helpers import flow_run_artifacts
 
+from langops.config import load_params
 from langops.monitor import EVENT_DRIFT, EVENT_FEEDBACK, monitoring_experiment_name
 
 pytest_plugins = ["serving_helpers"]
@@ -38,12 +42,10 @@ def prefect_api():
         yield PREFECT_API_URL.value()
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory, compressed_dir):
-    """A project whose champion is the tiny model; params.yaml beside its state."""
+def make_project(root: Path, compressed_dir: Path):
+    """A project under ``root`` whose champion is the tiny model; params.yaml beside its state."""
     from serving_helpers import empty_registry
 
-    root = tmp_path_factory.mktemp("monitored")
     registry = empty_registry(root)
     version = registry.register(compressed_dir)
     registry.promote(version)
@@ -53,6 +55,11 @@ def project(tmp_path_factory, compressed_dir):
                                            "monitor": {"retrain_feedback_rows": 40, "cooldown_hours": 6.0}}))
     reference = pd.read_parquet(compressed_dir / "reference.parquet")
     return root, params_path, registry, version, reference
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, compressed_dir):
+    return make_project(tmp_path_factory.mktemp("monitored"), compressed_dir)
 
 
 def write_log(root: Path, reference: pd.DataFrame, version: str, *, drifted: bool, rows: int = 300,
@@ -116,7 +123,6 @@ def wait_for(fetch, count: int, *, timeout: float = 90.0) -> list:
 
 def test_drift_is_reported_emitted_and_retrains_once_while_a_clean_window_emits_nothing(prefect_api, project,
                                                                                      monkeypatch):
-    from langops.config import load_params
     from langops.services import apply_deployments
 
     root, params_path, registry, version, reference = project
@@ -198,3 +204,35 @@ def test_new_feedback_past_the_count_emits_the_feedback_event_and_too_few_rows_e
         assert "no verdict" in few.event_reasons[0]
     finally:
         feedback.unlink()
+
+
+def test_a_monitor_killed_while_sending_its_event_leaves_it_pending_and_the_next_run_sends_it_once(
+    prefect_api, tmp_path, compressed_dir
+):
+    from langops.faults import COMMAND_POINTS, CRASH_AT_ENV
+
+    root, params_path, registry, version, reference = make_project(tmp_path, compressed_dir)
+    write_log(root, reference, version, drifted=True, seed=3)
+
+    def monitor(**env: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "langops.cli", "monitor", "--params", str(params_path)],
+                              env={**os.environ, "PREFECT_API_URL": prefect_api, **env}, cwd=root,
+                              capture_output=True, text=True, timeout=300, check=False)
+
+    assert "monitor:sent" in COMMAND_POINTS
+    killed = monitor(**{CRASH_AT_ENV: "monitor:sent"})
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    client = MlflowClient(tracking_uri=registry.tracking_uri)
+    experiment = client.get_experiment_by_name(monitoring_experiment_name(load_params(params_path)))
+    (pending,) = client.search_runs([experiment.experiment_id], "tags.`langops.monitor.emission` = 'pending'")
+    event_id = pending.data.tags["langops.monitor.event_id"]
+
+    again = monitor()
+
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert client.get_run(pending.info.run_id).data.tags["langops.monitor.emission"] == "sent"
+    runs = {run.info.run_id for run in client.search_runs([experiment.experiment_id])}
+    assert len(runs) == 2
+    time.sleep(8)  # longer than the event persister's flush interval
+    ours = [event for event in monitor_events(prefect_api) if event["payload"]["mlflow_run_id"] in runs]
+    assert [event["id"] for event in ours] == [event_id]  # sent once, under the id recorded before the kill
