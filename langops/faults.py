@@ -27,10 +27,12 @@ STEP_POINTS = (
     "promote:alias-moved",  # the champion alias moved, its promotion record is still RUNNING
     "deploy:spawned",  # the model server process started, not yet answering
 )
-# The points inside the long-running commands other than `langops run`.
+# The points inside the long-running commands other than `langops run`, and inside the model server.
 COMMAND_POINTS = (
     "sweep:trial-finished",  # one trial is trained and filed under the open sweep run, the others still train
     "monitor:sent",  # the retraining event is recorded as pending and handed to Prefect, not yet marked sent
+    "canary:stepped",  # the rollout tag names the next step, its canary-step record is still RUNNING
+    "canary:promoted",  # the canary's version is champion, its rollout tag not yet cleared nor the record closed
 )
 
 

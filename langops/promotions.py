@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Literal, get_args
@@ -314,8 +314,10 @@ def _move_locked(
     evidence: dict[str, Any],
     expected_champion: str | None | object = ANY_CHAMPION,
     cause: str = "",
+    and_then: Callable[[], None] | None = None,
 ) -> PromotionEvent:
-    """The body of a move; the caller holds the champion lock."""
+    """The body of a move; the caller holds the champion lock. ``and_then`` runs after the alias moved, before
+    the record is closed (a canary's promotion ends its rollout there)."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -339,6 +341,8 @@ def _move_locked(
         crash_point("promote:alias-moved")
         client.set_model_version_tag(model_name, new_champion, CHAMPION_SINCE_TAG, at)
         client.set_model_version_tag(model_name, new_champion, "langops.last_event", f"{event} {run_id}")
+        if and_then is not None:
+            and_then()
     except BaseException:
         client.set_terminated(run_id, status="FAILED")
         raise
@@ -348,6 +352,9 @@ def _move_locked(
         event=event, model_name=model_name, from_version=old, to_version=new_champion,
         reason=reason, actor=actor, at=at, record_id=run_id, cause=cause,
     )
+
+
+ROLLOUT_EFFECT_TAG = "langops.rollout_effect"  # on a rollout record: the rollout tag its change leaves ("" when cleared)
 
 
 def record_event(
@@ -360,12 +367,19 @@ def record_event(
     reason: str,
     actor: str,
     evidence: dict[str, Any] | None = None,
+    change: Callable[[], None] | None = None,
+    effect: str | None = None,
 ) -> PromotionEvent:
     """Write one rollout step (``ROLLOUT_EVENTS``) to the promotion log, with its evidence; no alias moves.
 
     ``from_version`` is the champion at the time, ``to_version`` the challenger the step is about, so
     ``langops history`` reads a rollout as it reads a promotion. Callers that change rollout state hold
     the champion lock, so the log keeps the order the steps happened in.
+
+    ``change`` (writing the rollout tag, clearing it) runs while the record is open, owned by this process and
+    tagged with ``effect``, the rollout tag the change leaves ("" for none). A process killed in between leaves
+    the record RUNNING; the next langops command closes it FINISHED when the registry shows ``effect`` (the
+    change happened, so the log keeps it) and KILLED otherwise (``langops.tracking.clean_up_after_dead_processes``).
 
     Raises:
         PromotionError: unknown event, blank reason or actor.
@@ -376,10 +390,13 @@ def record_event(
         raise PromotionError(f"a {event} needs a reason and an actor: the log keeps why and who")
     client = _client(params)
     run_id, at = _open_record(client, params, event=event, model_name=model_name, from_version=from_version,
-                              to_version=to_version, reason=reason, actor=actor)
+                              to_version=to_version, reason=reason, actor=actor,
+                              extra_tags={ROLLOUT_EFFECT_TAG: effect} if effect is not None else {})
     try:
         record_evidence = {"event": event, "from_version": from_version, "to_version": to_version, **(evidence or {})}
         client.log_dict(run_id, jsonable(record_evidence), EVIDENCE_FILE)
+        if change is not None:
+            change()
     except BaseException:
         client.set_terminated(run_id, status="FAILED")
         raise
@@ -392,7 +409,7 @@ def record_event(
 
 def _open_record(
     client: MlflowClient, params: Params, *, event: str, model_name: str, from_version: str | None,
-    to_version: str, reason: str, actor: str, cause: str = "",
+    to_version: str, reason: str, actor: str, cause: str = "", extra_tags: dict[str, str] | None = None,
 ) -> tuple[str, str]:
     """Start the log run of one event (left RUNNING); its id and its time, as the log orders them."""
     experiment_id = _promotions_experiment(client, params)
@@ -410,6 +427,7 @@ def _open_record(
             "langops.actor": actor[:_MAX_TAG_CHARS],
             "langops.reason": reason[:_MAX_TAG_CHARS],
             **({CAUSE_TAG: cause[:_MAX_TAG_CHARS]} if cause else {}),
+            **(extra_tags or {}),
             **owner_tags(),
         },
     )

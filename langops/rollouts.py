@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Literal
 
 from langops.aliases import CHALLENGER, CHAMPION
+from langops.faults import crash_point
 from langops.promotions import (
     PromotionError,
     PromotionEvent,
@@ -100,13 +101,16 @@ def read_rollout(client: MlflowClient, model_name: str) -> Rollout | None:
     from mlflow.exceptions import MlflowException
 
     try:
-        tags = client.get_registered_model(model_name).tags
+        registered = client.get_registered_model(model_name)
     except MlflowException as exc:
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
             return None
         raise
-    raw = tags.get(ROLLOUT_TAG)
-    return Rollout.from_tag(raw) if raw else None
+    raw = registered.tags.get(ROLLOUT_TAG)
+    rollout = Rollout.from_tag(raw) if raw else None
+    if rollout is not None and str(registered.aliases.get(CHAMPION)) == rollout.version:
+        return None  # promoted: the process that promoted it died before it cleared the tag
+    return rollout
 
 
 def current_rollout(params: Params) -> Rollout | None:
@@ -150,11 +154,15 @@ def start_rollout(
         rollout = Rollout(mode=mode, version=version, champion_version=champion,
                           steps=tuple(cfg.canary_steps) if mode == "canary" else (0.0,), step=0,
                           started_at=now, step_started_at=now, rollout_id=uuid.uuid4().hex[:12])
-        client.set_registered_model_alias(model_name, CHALLENGER, version)
-        client.set_registered_model_tag(model_name, ROLLOUT_TAG, rollout.to_tag())
+
+        def begin() -> None:
+            client.set_registered_model_alias(model_name, CHALLENGER, version)
+            client.set_registered_model_tag(model_name, ROLLOUT_TAG, rollout.to_tag())
+
         event = record_event(params, model_name=model_name, event=f"{mode}-start", from_version=champion,
                              to_version=version, reason=reason, actor=actor,
-                             evidence={"rollout": rollout.summary(), "settings": cfg.model_dump(mode="json")})
+                             evidence={"rollout": rollout.summary(), "settings": cfg.model_dump(mode="json")},
+                             change=begin, effect=rollout.to_tag())
     return rollout, event
 
 
@@ -172,12 +180,16 @@ def step_up(params: Params, *, expected: Rollout, actor: str, evidence: dict[str
     with champion_lock(params, model_name):
         _check_unchanged(client, model_name, expected)
         stepped = replace(expected, step=expected.step + 1, step_started_at=_now())
-        client.set_registered_model_tag(model_name, ROLLOUT_TAG, stepped.to_tag())
+
+        def step() -> None:
+            client.set_registered_model_tag(model_name, ROLLOUT_TAG, stepped.to_tag())
+            crash_point("canary:stepped")
+
         event = record_event(
             params, model_name=model_name, event="canary-step", from_version=expected.champion_version,
             to_version=expected.version, actor=actor,
             reason=f"passed {expected.percent:g}% (step {expected.step + 1} of {len(expected.steps)}): now {stepped.percent:g}%",
-            evidence={"rollout": stepped.summary(), **evidence},
+            evidence={"rollout": stepped.summary(), **evidence}, change=step, effect=stepped.to_tag(),
         )
     return stepped, event
 
@@ -202,10 +214,10 @@ def end_rollout(
         if running.mode != event.split("-")[0]:
             raise RolloutError(f"a {running.mode} of version {running.version} is in progress, not a "
                                f"{event.split('-')[0]}: use langops {running.mode}")
-        _clear(client, model_name, running)
         logged = record_event(params, model_name=model_name, event=event, from_version=running.champion_version,
                               to_version=running.version, reason=reason, actor=actor,
-                              evidence={"rollout": running.summary(), **(evidence or {})})
+                              evidence={"rollout": running.summary(), **(evidence or {})},
+                              change=lambda: _clear(client, model_name, running), effect="")
     return running, logged
 
 
@@ -228,13 +240,16 @@ def promote_rollout(
         running = _check_unchanged(client, model_name, expected)
         if running.mode != "canary":
             raise RolloutError(f"version {running.version} runs as a shadow: start a canary of it before promoting")
-        moved = _move_locked(
+
+        def end() -> None:
+            crash_point("canary:promoted")
+            _clear(client, model_name, running)
+
+        return _move_locked(
             client, params, model_name=model_name, new_champion=running.version, event="promote", reason=reason,
             actor=actor, evidence={"rollout": running.summary(), **(evidence or {})},
-            expected_champion=running.champion_version,
+            expected_champion=running.champion_version, and_then=end,
         )
-        _clear(client, model_name, running)
-    return moved
 
 
 def _check_unchanged(client: MlflowClient, model_name: str, expected: Rollout | None) -> Rollout:

@@ -127,15 +127,20 @@ def _delete_unfinished_versions(client: Any, host: str) -> list[str]:
 
 
 def _promotion_took_effect(client: Any, tags: dict[str, str]) -> bool:
-    """A promotion record's champion move happened: the alias names its version, moved from another one."""
+    """A promotion record's change happened: the champion alias names its version, moved from another one; for a
+    rollout record, the registry holds the rollout tag its change left (``langops.promotions.record_event``)."""
     from mlflow.exceptions import MlflowException
 
     from langops.aliases import CHAMPION
+    from langops.promotions import ROLLOUT_EFFECT_TAG
+    from langops.rollouts import ROLLOUT_TAG
 
     model_name, to_version = tags.get("langops.model_name"), tags.get("langops.to_version")
     if not (tags.get("langops.event") and model_name and to_version):
         return False
     try:
+        if ROLLOUT_EFFECT_TAG in tags:
+            return client.get_registered_model(model_name).tags.get(ROLLOUT_TAG, "") == tags[ROLLOUT_EFFECT_TAG]
         champion = client.get_model_version_by_alias(model_name, CHAMPION).version
     except MlflowException:
         return False

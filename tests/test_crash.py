@@ -25,6 +25,8 @@ import psutil
 import pytest
 from pipeline_helpers import tiny_project_params, write_params
 
+pytest_plugins = ["serving_helpers"]
+
 from langops.aliases import CHAMPION
 from langops.config import load_params
 from langops.faults import COMMAND_POINTS, CRASH_AT_ENV, STEP_POINTS
@@ -198,3 +200,69 @@ def test_a_sweep_killed_while_its_trials_train_leaves_no_worker_and_the_next_swe
     assert not [run.info.run_id for run in runs if run.info.status == "RUNNING"]
     sweeps = {run.info.status for run in runs if run.data.tags.get("langops.sweep") == "true"}
     assert sweeps == {"KILLED", "FINISHED"}, sweeps
+
+
+def test_a_server_killed_as_its_canary_steps_up_and_as_it_promotes_leaves_a_rollout_the_next_one_finishes(
+    tmp_path, compressed_dir
+):
+    """The canary's state is in the registry, so a killed server's successor goes on from it; each record the
+    dead one had open is closed by what the registry shows: a change that happened stays in the log."""
+    from langops.config import RolloutConfig
+    from langops.promotions import read_history
+    from langops.rollouts import current_rollout, start_rollout
+    from serving_helpers import empty_registry, free_port, wait_until
+
+    assert {"canary:stepped", "canary:promoted"} <= set(COMMAND_POINTS)
+    registry = empty_registry(tmp_path / "registry")
+    champion, challenger = registry.register(compressed_dir), registry.register(compressed_dir)
+    registry.promote(champion)
+    # Loose limits: a shared CI machine must not fail the canary; judging has its own tests.
+    canary = RolloutConfig(canary_steps=(50.0, 100.0), min_requests=20, min_comparisons=5, judge_every_s=0.2,
+                           max_p50_ms=5000.0, max_p99_ms=10000.0, mirror_queue=10_000, challenger_timeout_ms=20_000.0)
+    start_rollout(registry.params(), mode="canary", version=challenger, cfg=canary, actor="test", reason="test")
+    settings_file = tmp_path / "server.json"
+
+    def serve_until_killed_or_promoted(crash_at: str | None) -> int | None:
+        settings = registry.settings(state_dir=registry.root, rollout=canary, port=free_port())
+        settings_file.write_text(settings.model_dump_json())
+        env = {**os.environ, **({CRASH_AT_ENV: crash_at} if crash_at else {})}
+        server = subprocess.Popen([sys.executable, "-m", "langops.serving", "--settings", str(settings_file)],
+                                  env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{settings.port}"
+
+        def done() -> bool:
+            if server.poll() is not None:
+                return True
+            try:
+                httpx.post(f"{url}/predict", json={"text": f"my card was charged twice {time.monotonic()}"},
+                           timeout=30, trust_env=False)
+                served = httpx.get(f"{url}/version", timeout=30, trust_env=False).json()["version"]
+            except httpx.HTTPError:
+                return False  # not up yet
+            return crash_at is None and served == challenger and current_rollout(registry.params()) is None
+
+        try:
+            wait_until(done, what=f"the server to die at {crash_at}" if crash_at else "the canary to be promoted",
+                       timeout=180)
+            return server.poll()
+        finally:
+            server.kill()
+            server.wait(30)
+
+    assert serve_until_killed_or_promoted("canary:stepped") == -9
+    stepped = current_rollout(registry.params())
+    assert stepped is not None and stepped.step == 1  # the step happened before the kill
+    assert serve_until_killed_or_promoted("canary:promoted") == -9
+    assert str(registry.client().get_model_version_by_alias(registry.model_name, CHAMPION).version) == challenger
+    assert current_rollout(registry.params()) is None  # promoted: the tag the dead server left no longer counts
+    assert serve_until_killed_or_promoted(None) is None
+
+    from langops.tracking import clean_up_after_dead_processes
+
+    clean_up_after_dead_processes(registry.client())  # what the next langops command does first
+    history = read_history(registry.params(), registry.model_name)
+    assert [(event.event, event.to_version) for event in reversed(history)][-3:] == [
+        ("canary-start", challenger), ("canary-step", challenger), ("promote", challenger)]
+    records = registry.client().search_runs(
+        [e.experiment_id for e in registry.client().search_experiments()], max_results=1000)
+    assert not [run.info.run_id for run in records if run.info.status == "RUNNING"]
