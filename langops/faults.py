@@ -18,6 +18,7 @@ CRASH_AT_ENV = "LANGOPS_CRASH_AT"
 STEP_POINTS = (
     "prepare:staged",  # the splits are written to a temporary folder, not yet swapped in
     "validate:reported",  # the new report.md is written, validation.json is still the last run's
+    "baseline:staged",  # the baseline's fits and metrics are in a temporary folder, the last run's still in place
     "train:checkpoint",  # the first checkpoint is on disk, the run's MLflow run is open
     "evaluate:staged",  # metrics and plots are in a temporary folder, the last run's still in place
     "distill:staged",  # the student is written to a temporary folder, not yet swapped in

@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from langops.config import BaselineConfig
+from langops.faults import crash_point
 from langops.io import (
     LABEL,
     LABELS_FILE,
@@ -217,6 +218,7 @@ def baseline(cfg: BaselineConfig, *, prepared: PrepareResult, out_dir: Path) -> 
             np.savez_compressed(staging / FITS[split][1], **arrays)
         write_json(staging / METRICS_FILE, metrics_for_dvc(metrics))
         write_json(staging / SUMMARY_FILE, summary)
+        crash_point("baseline:staged")
         swap_in(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -42,6 +42,7 @@ pytestmark = pytest.mark.crash
 KILL_POINTS = (
     "prepare:staged",
     "validate:reported",
+    "baseline:staged",
     "train:checkpoint",
     "evaluate:staged",
     "distill:staged",
