@@ -20,6 +20,7 @@ from prefect.cache_policies import NO_CACHE
 
 from langops import monitor
 from langops.config import Params, load_params
+from langops.faults import crash_point
 from langops.flows.pipeline import RETRY
 from langops.monitor import EventDecision, MonitorEvent, MonitoredModel, MonitorResult, WindowCheck
 
@@ -61,6 +62,7 @@ def send_event(event: MonitorEvent) -> bool:
         return True
     emit_event(event=event.event, resource=event.resource, payload=event.payload, id=UUID(event.id),
                occurred=datetime.fromisoformat(event.occurred))
+    crash_point("monitor:sent")  # handed to Prefect's events client, which sends it in the background
     deadline = time.monotonic() + STORED_WAIT_S
     while not _stored(event):
         if time.monotonic() > deadline:

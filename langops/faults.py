@@ -31,7 +31,8 @@ STEP_POINTS = (
 # The points inside the long-running commands other than `langops run`, and inside the model server.
 COMMAND_POINTS = (
     "sweep:trial-finished",  # one trial is trained and filed under the open sweep run, the others still train
-    "monitor:sent",  # the retraining event is recorded as pending and handed to Prefect, not yet marked sent
+    "monitor:sent",  # the retraining event is recorded as pending and handed to Prefect's events client, which
+    # sends it in the background: it may be lost with the process
     "canary:stepped",  # the rollout tag names the next step, its canary-step record is still RUNNING
     "canary:promoted",  # the canary's version is champion, its rollout tag not yet cleared nor the record closed
 )

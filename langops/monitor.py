@@ -423,7 +423,6 @@ def decide_and_emit(
     """
     from uuid import uuid4
 
-    from langops.faults import crash_point
     from langops.promotions import champion_lock
 
     cfg = params.monitor
@@ -441,7 +440,6 @@ def decide_and_emit(
                              occurred=datetime.now(timezone.utc).isoformat())
         record_event(params, run_id, event)
         stored = send(event)
-        crash_point("monitor:sent")
         if stored:
             mark_sent(params, run_id)
         else:
