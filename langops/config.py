@@ -458,7 +458,7 @@ class PromoteConfig(_Section):
     thresholds: dict[str, float] = Field(
         default_factory=lambda: {"macro_f1": 0.5, "accuracy": 0.5, "baseline_margin": 0.005},
         description="metric -> floor (a ceiling for ece); baseline_margin: the lower bound of the paired bootstrap "
-        "interval of model - TF-IDF baseline on the primary metric must reach it (absent: no floor)",
+        "interval of model - TF-IDF baseline on the primary metric must reach it (absent or null: no floor)",
     )
     guards: dict[str, float] = Field(
         default_factory=lambda: {"ece": 0.03, "recall_*": 0.10},
@@ -467,6 +467,14 @@ class PromoteConfig(_Section):
     max_latency_ms: dict[str, float] = Field(
         default_factory=lambda: {"batch1_p50": 50.0, "batch1_p95": 100.0, "batch32_p50": 2000.0, "batch32_p95": 4000.0}
     )
+
+    @field_validator("thresholds", "guards", "max_latency_ms", mode="before")
+    @classmethod
+    def _null_turns_a_check_off(cls, checks: Any) -> Any:
+        """A key set to null is no check, as if left out: ``--set promote.thresholds.baseline_margin=null``."""
+        if isinstance(checks, dict):
+            return {key: value for key, value in checks.items() if value is not None}
+        return checks
     max_size_mb: float = Field(200.0, gt=0)
     slices: SliceConfig = SliceConfig()
     min_compared_rows: int = Field(

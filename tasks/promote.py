@@ -369,7 +369,7 @@ def _beats_baseline(challenger: ModelEvidence, baseline: ModelEvidence | None, p
         f"; the fine-tuned model does not beat a linear model on word and character n-grams here. Try a longer or "
         "stronger recipe (train.method: full, a higher train.learning_rate, more data), a larger base model "
         f"(train.base_model), or lower promote.thresholds.{BASELINE_MARGIN} if a tie with the baseline is "
-        "acceptable"))]
+        f"acceptable (null turns the floor off: --set promote.thresholds.{BASELINE_MARGIN}=null)"))]
 
 
 def _budgets(challenger: ModelEvidence, policy: PromoteConfig) -> list[Check]:

@@ -124,3 +124,9 @@ def test_a_bad_value_from_set_is_blamed_on_the_set_not_on_the_params_file(tmp_pa
     assert "train.learning_rate: Input should be a valid number" in message
     assert "(got 'fast'), from --set train.learning_rate" in message
     assert "train.batch_size: Input should be greater than or equal to 1 (got 0)\n" in message + "\n"  # the file's own
+
+
+def test_a_gate_check_set_to_null_is_off_as_if_left_out():
+    params = load_params(ROOT / "params.yaml", ["promote.thresholds.baseline_margin=null", "promote.guards.ece=null"])
+    assert "baseline_margin" not in params.promote.thresholds and "macro_f1" in params.promote.thresholds
+    assert params.promote.guards == {"recall_*": 0.10}
