@@ -15,6 +15,7 @@ a passed canary is a ``promote`` through the same locked move as every promotion
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
@@ -36,6 +37,8 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
 
     from langops.config import Params, RolloutConfig
+
+log = logging.getLogger(__name__)
 
 ROLLOUT_TAG = "langops.rollout"  # registered-model tag: the rollout in progress, as JSON
 Mode = Literal["shadow", "canary"]
@@ -241,9 +244,12 @@ def promote_rollout(
         if running.mode != "canary":
             raise RolloutError(f"version {running.version} runs as a shadow: start a canary of it before promoting")
 
-        def end() -> None:
+        def end() -> None:  # the champion moved: a leftover tag no longer counts (read_rollout), so it may fail
             crash_point("canary:promoted")
-            _clear(client, model_name, running)
+            try:
+                _clear(client, model_name, running)
+            except Exception as exc:  # noqa: BLE001 - the move happened and its record must say so
+                log.warning("promoted version %s but could not clear its rollout tag: %s", running.version, exc)
 
         return _move_locked(
             client, params, model_name=model_name, new_champion=running.version, event="promote", reason=reason,
