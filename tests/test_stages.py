@@ -129,3 +129,15 @@ def test_imports_go_one_way_even_inside_functions():
 
     for module in sorted(graph):
         visit(module, [])
+
+
+@pytest.mark.parametrize(("benchmark", "steps"), [("serving.py", "BUILD_STEPS"), ("pipeline_sst2.py", "STEPS")])
+def test_benchmarks_build_their_models_stage_by_stage_in_the_pipeline_order(benchmark, steps):
+    """They run each named stage with ``run_stage``; a stage renamed, added or reordered must show here, not
+    when someone next runs a benchmark that takes minutes to reach the failing step."""
+    tree = ast.parse((REPO / "benchmarks" / benchmark).read_text())
+    (named,) = [ast.literal_eval(node.value) for node in tree.body
+                if isinstance(node, ast.Assign) and [getattr(target, "id", None) for target in node.targets] == [steps]]
+    order = [stage.name for stage in STAGES]
+    assert named == tuple(name for name in order if name in named), f"{steps} is not in the pipeline's order"
+    assert set(named) >= set(order[: order.index("register")]) - {"deploy"}, "a stage the model needs is missing"
