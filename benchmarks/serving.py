@@ -246,6 +246,8 @@ async def _generate_load(url: str, clients: int, seconds: float, heavy: int = 0)
     long_text = " ".join(sentences)[:HEAVY_CHARS]
     heavy_body = json.dumps({"texts": [f"{i} {long_text}"[:HEAVY_CHARS] for i in range(HEAVY_TEXTS)]}).encode()
 
+    heavy_answers: list[bool] = []  # whether each large request was scored (a refused one would be no load)
+
     async def one_heavy_client() -> None:
         reader, writer = await asyncio.open_connection(host, int(port))
         while time.perf_counter() < stop_at:
@@ -255,6 +257,7 @@ async def _generate_load(url: str, clients: int, seconds: float, heavy: int = 0)
             length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
                           if line.lower().startswith(b"content-length:"))
             await reader.readexactly(length)
+            heavy_answers.append(head.startswith(b"HTTP/1.1 200"))
         writer.close()
 
     started = time.perf_counter()
@@ -264,7 +267,7 @@ async def _generate_load(url: str, clients: int, seconds: float, heavy: int = 0)
     print(json.dumps({
         "clients": clients, "requests": len(latencies), "errors": errors, "rps": len(latencies) / elapsed,
         "p50": float(np.percentile(ms, 50)), "p95": float(np.percentile(ms, 95)), "p99": float(np.percentile(ms, 99)),
-        "labels": labels,
+        "labels": labels, "heavy_scored": sum(heavy_answers), "heavy_refused": len(heavy_answers) - sum(heavy_answers),
     }))
 
 
@@ -348,8 +351,10 @@ def _report(results, mean_batch, inproc, inproc_batch1, agreement, args, threads
     print(f"label agreement, batched answers at 32 clients vs each sentence scored alone: {agreement['agreement']:.4f} "
           f"({agreement['differing']} of {agreement['answers']} answers differ)")
     normal, mixed = _median(results["langops@8"], "p99"), _median(results["langops@8+heavy"], "p99")
+    heavy = results["langops@8+heavy"]
     print(f"one-text p99 at 8 clients: {normal:.1f} ms alone, {mixed:.1f} ms beside {HEAVY_CLIENTS} clients sending "
-          f"{HEAVY_TEXTS} texts of {HEAVY_CHARS} characters per request: {mixed / normal:.2f}x (target <= 3)")
+          f"{HEAVY_TEXTS} texts of {HEAVY_CHARS} characters per request: {mixed / normal:.2f}x (target <= 3); "
+          f"large requests scored {sum(r['heavy_scored'] for r in heavy)}, refused {sum(r['heavy_refused'] for r in heavy)}")
     print(f"failed requests over all rounds: {errors}")
 
 
