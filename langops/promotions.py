@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Literal, get_args
 from urllib.parse import urlparse
 
-from langops.aliases import CHALLENGER, CHAMPION, CHAMPION_SINCE_TAG, PREVIOUS_CHAMPION
+from langops.aliases import CHALLENGER, CHAMPION, CHAMPION_SINCE_TAG, PREVIOUS_CHAMPION, ROLLOUT_EFFECT_TAG
 from langops.config import Params
 from langops.faults import crash_point
 from langops.io import jsonable
@@ -352,9 +352,6 @@ def _move_locked(
         event=event, model_name=model_name, from_version=old, to_version=new_champion,
         reason=reason, actor=actor, at=at, record_id=run_id, cause=cause,
     )
-
-
-ROLLOUT_EFFECT_TAG = "langops.rollout_effect"  # on a rollout record: the rollout tag its change leaves ("" when cleared)
 
 
 def record_event(

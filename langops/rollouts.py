@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Literal
 
-from langops.aliases import CHALLENGER, CHAMPION
+from langops.aliases import CHALLENGER, CHAMPION, ROLLOUT_TAG
 from langops.faults import crash_point
 from langops.promotions import (
     PromotionError,
@@ -40,7 +40,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ROLLOUT_TAG = "langops.rollout"  # registered-model tag: the rollout in progress, as JSON
 Mode = Literal["shadow", "canary"]
 
 

@@ -131,9 +131,7 @@ def _promotion_took_effect(client: Any, tags: dict[str, str]) -> bool:
     rollout record, the registry holds the rollout tag its change left (``langops.promotions.record_event``)."""
     from mlflow.exceptions import MlflowException
 
-    from langops.aliases import CHAMPION
-    from langops.promotions import ROLLOUT_EFFECT_TAG
-    from langops.rollouts import ROLLOUT_TAG
+    from langops.aliases import CHAMPION, ROLLOUT_EFFECT_TAG, ROLLOUT_TAG
 
     model_name, to_version = tags.get("langops.model_name"), tags.get("langops.to_version")
     if not (tags.get("langops.event") and model_name and to_version):
