@@ -28,7 +28,7 @@ def configure_mlflow(params: Params) -> str:
     uri = params.tracking_uri()
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    with _environment_kept(TRACKING_ENV_VARS):  # MLflow exports the URI, which would then outrank params
+    with environment_kept(TRACKING_ENV_VARS):  # MLflow exports the URI, which would then outrank params
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
     client = mlflow.MlflowClient()
@@ -146,8 +146,8 @@ def _promotion_took_effect(client: Any, tags: dict[str, str]) -> bool:
 
 
 @contextlib.contextmanager
-def _environment_kept(names: tuple[str, ...]):
-    """Undo what the block does to these environment variables.
+def environment_kept(names: tuple[str, ...]):
+    """Undo what the block does to these environment variables (set them inside it, for the block alone).
 
     ``mlflow.set_tracking_uri`` writes ``$MLFLOW_TRACKING_URI``, and ``Params.tracking_uri`` lets that
     variable win (it is how a user points langops elsewhere), so without this the first project a process

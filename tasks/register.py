@@ -14,8 +14,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from importlib.metadata import version as installed_version
 from pathlib import Path
@@ -37,6 +36,7 @@ METRIC_TAG_PREFIX = "metric."
 TRAINING_TEXTS_TAG = "training_texts"  # the hashed train/validation texts shipped in the model's folder
 CALIBRATION_TAG = "calibration"  # the shipped model's calibration decision in words; figures as calibration.<key>
 READY_TIMEOUT_S = 300.0
+RECORD_ENV_VARS = "MLFLOW_RECORD_ENV_VARS_IN_MODEL_LOGGING"
 # What the pyfunc imports at load time, pinned to what it was verified with here. langops itself is
 # not on a package index: a process loading the model must have it installed (see langops.pyfunc).
 PYFUNC_REQUIREMENTS = ("onnxruntime", "tokenizers", "numpy", "pandas")
@@ -92,7 +92,7 @@ def register(
     from mlflow import MlflowClient
 
     from langops.pyfunc import ARTIFACT_KEY, TextClassifierModel, model_signature
-    from langops.tracking import REGISTERING_TAG, owner_tags, reopened_run
+    from langops.tracking import REGISTERING_TAG, environment_kept, owner_tags, reopened_run
 
     missing = [key for key in REQUIRED_LINEAGE if not lineage.get(key)]
     if missing:
@@ -104,7 +104,12 @@ def register(
     tags = {**version_tags(lineage, compression, calibration),
             FILES_TAG: encode_manifest(build_manifest(compressed_dir))}
 
-    with reopened_run(run_id), _environment_recording_off():
+    # MLflow records which environment variables a model reads by patching os.environ for every thread while
+    # it validates the input example, then iterating the names it caught: a Prefect thread reading a variable
+    # for the first time in that moment failed the logging ("Set changed size during iteration"). The pyfunc
+    # reads none, so there is nothing to record.
+    with reopened_run(run_id), environment_kept((RECORD_ENV_VARS,)):
+        os.environ[RECORD_ENV_VARS] = "false"
         logged = mlflow.pyfunc.log_model(
             name=MODEL_ARTIFACT_PATH,
             python_model=TextClassifierModel(),
@@ -210,24 +215,3 @@ def await_ready(client: Any, name: str, version: str, timeout_s: float = READY_T
                 f"{name} version {version} still {current.status} after {timeout_s:.0f} s"
             )
         time.sleep(1.0)
-
-
-@contextmanager
-def _environment_recording_off() -> Iterator[None]:
-    """Keep MLflow from recording which environment variables the model reads while it is logged.
-
-    To record them, MLflow patches ``os.environ`` for every thread of the process while it validates the
-    input example, then iterates the names it caught; a Prefect thread reading a variable for the first time
-    in that moment makes the logging itself fail ("Set changed size during iteration"). The pyfunc reads no
-    environment variables, so there is nothing to record.
-    """
-    name = "MLFLOW_RECORD_ENV_VARS_IN_MODEL_LOGGING"
-    before = os.environ.get(name)
-    os.environ[name] = "false"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = before

@@ -145,8 +145,7 @@ def test_a_run_killed_anywhere_is_finished_by_the_next_and_leaves_nothing_behind
 
     params = load_params(project / "params.yaml")
     client = MlflowClient(tracking_uri=params.tracking_uri(), registry_uri=params.tracking_uri())
-    experiments = [experiment.experiment_id for experiment in client.search_experiments()]
-    runs = client.search_runs(experiments, max_results=1000)
+    runs = _mlflow_runs(project)
     assert not [run.info.run_id for run in runs if run.info.status == "RUNNING"]
     killed_runs = [run for run in runs if run.info.status == "KILLED"]
     assert killed_runs and all("died without ending this run" in run.data.tags[END_REASON] for run in killed_runs)

@@ -87,12 +87,9 @@ def test_the_log_folder_defaults_to_the_deployed_servers(tmp_path):
     assert prediction_log_dir(chosen) == tmp_path / "logs" / "served"
 
 
-def test_two_monitor_runs_at_once_emit_one_event_the_other_is_held_by_the_cool_down(tmp_path):
-    """The cool-down is read, judged and written under one lock: without it both runs read "no event yet"."""
-    import threading
-    import time
-
-    from langops.monitor import MonitoredModel, WindowCheck, decide_and_emit, log_report
+def drifted_window(tmp_path):
+    """A project with a 6-hour cool-down, its model, and a judged window that asks for the drift event."""
+    from langops.monitor import MonitoredModel, WindowCheck
 
     params = parse_params({"project": {"state_dir": str(tmp_path / ".langops")},
                            "monitor": {"cooldown_hours": 6.0}}).resolved(tmp_path)
@@ -101,6 +98,17 @@ def test_two_monitor_runs_at_once_emit_one_event_the_other_is_held_by_the_cool_d
     checked = WindowCheck(verdict="drift", reasons=("embeddings moved",), rows=300, report_dir=tmp_path / "report",
                           metrics={"rows": 300.0}, accuracy_drops={}, accuracy_margin=0.05, feedback_labels=0,
                           skipped_lines=0, markdown="")
+    return params, model, checked
+
+
+def test_two_monitor_runs_at_once_emit_one_event_the_other_is_held_by_the_cool_down(tmp_path):
+    """The cool-down is read, judged and written under one lock: without it both runs read "no event yet"."""
+    import threading
+    import time
+
+    from langops.monitor import decide_and_emit, log_report
+
+    params, model, checked = drifted_window(tmp_path)
     run_ids = [log_report(params, model, checked) for _ in range(2)]
     emitted: list[str] = []
 
@@ -128,15 +136,9 @@ def test_two_monitor_runs_at_once_emit_one_event_the_other_is_held_by_the_cool_d
 
 
 def test_an_event_prefect_did_not_confirm_stays_pending_and_the_next_run_sends_it_again_under_its_id(tmp_path):
-    from langops.monitor import EMISSION_TAG, MonitoredModel, WindowCheck, _client, decide_and_emit, log_report
+    from langops.monitor import EMISSION_TAG, _client, decide_and_emit, log_report
 
-    params = parse_params({"project": {"state_dir": str(tmp_path / ".langops")},
-                           "monitor": {"cooldown_hours": 6.0}}).resolved(tmp_path)
-    model = MonitoredModel("langops-classifier", "1", tmp_path, last_registered=NOW.isoformat())
-    (tmp_path / "report").mkdir()
-    checked = WindowCheck(verdict="drift", reasons=("embeddings moved",), rows=300, report_dir=tmp_path / "report",
-                          metrics={"rows": 300.0}, accuracy_drops={}, accuracy_margin=0.05, feedback_labels=0,
-                          skipped_lines=0, markdown="")
+    params, model, checked = drifted_window(tmp_path)
     sent: list = []
 
     def send_unconfirmed(event):  # the event left, or not; the process died before Prefect said it stored it
