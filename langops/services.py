@@ -29,13 +29,16 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import yaml
 
 from langops.config import Params
 from langops.processes import POLL_INTERVAL_S, Background, is_process, reap_helpers_on_exit, write_atomic
+
+if TYPE_CHECKING:
+    from prefect.server.api.server import SubprocessASGIServer
 
 SERVICES_DIR = "services"
 ENDPOINTS_FILE = "endpoints.json"
@@ -255,17 +258,14 @@ def begin_temporary_prefect_server(params: Params) -> TemporaryServerStart:
     reap_helpers_on_exit()  # so that a SIGKILLed run does not leave its server behind
     starting = TemporaryServerStart(timeout_s=timeout_s, default_s=default_s)
 
-    server = SubprocessASGIServer()
-
     def start() -> None:
         prefect_log = logging.getLogger("prefect")
         level = prefect_log.level
         prefect_log.setLevel(logging.WARNING)  # the line above replaces Prefect's "Starting temporary server"
         started = time.perf_counter()
         try:
-            server.start(timeout=timeout_s)
+            server = start_subprocess_prefect_server(SubprocessASGIServer, timeout_s)
         except BaseException as exc:
-            server.stop()  # Prefect leaves a server that missed its deadline running until this process exits
             starting.error = exc
             return
         finally:
@@ -278,6 +278,39 @@ def begin_temporary_prefect_server(params: Params) -> TemporaryServerStart:
     starting.thread = threading.Thread(target=start, name="langops-temporary-prefect-server", daemon=True)
     starting.thread.start()
     return starting
+
+
+TEMPORARY_SERVER_ATTEMPTS = 3
+
+
+def start_subprocess_prefect_server(
+    server_class: type[SubprocessASGIServer], timeout_s: float
+) -> SubprocessASGIServer:
+    """Start Prefect's subprocess server, the instance its clients in this process reuse, within ``timeout_s``.
+
+    Prefect's own start retries a refused connection only. A reset one (a port that another process took
+    between Prefect choosing it and the server binding it, answering for a moment and then going away)
+    ends its start with ``httpx.ReadError``; this starts the server again on a newly chosen port, up to
+    ``TEMPORARY_SERVER_ATTEMPTS`` times within the same deadline. A server that fails for good is stopped
+    (Prefect would leave it running until this process exits).
+    """
+    deadline = time.monotonic() + timeout_s
+    attempt = 1
+    while True:
+        server = server_class()  # a new instance each time: a stopped one leaves Prefect's registry
+        try:
+            server.start(timeout=max(deadline - time.monotonic(), 0.1))
+            return server
+        except httpx.TransportError as exc:
+            server.stop()
+            if attempt == TEMPORARY_SERVER_ATTEMPTS or time.monotonic() >= deadline:
+                raise
+            log.warning("the temporary Prefect server on %s did not answer (%s: %s); starting it on another "
+                        "port", server.address, type(exc).__name__, exc)
+        except BaseException:
+            server.stop()
+            raise
+        attempt += 1
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:

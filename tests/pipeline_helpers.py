@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,35 @@ from langops.demo_data import generate_demo_dataset
 
 REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 DEMO_LABELS = ["billing", "shipping", "technical", "account", "cancellation", "feedback"]
+
+
+HARNESS_ATTEMPTS = 3
+
+
+@contextlib.contextmanager
+def prefect_harness() -> Iterator[str]:
+    """Prefect's test harness (a server over a temporary database), yielding its API URL.
+
+    Its start gives up on the first reset connection (a port another process took between the harness
+    choosing it and the server binding it); this starts it again, as ``langops run`` does its own server.
+    """
+    import httpx
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with contextlib.ExitStack() as stack:
+        for attempt in range(1, HARNESS_ATTEMPTS + 1):
+            try:
+                stack.enter_context(prefect_test_harness(server_startup_timeout=120))
+                break
+            except httpx.TransportError:
+                stray = SubprocessASGIServer._instances.pop(None, None)  # the harness leaves it registered
+                if stray is not None:
+                    stray.stop()
+                if attempt == HARNESS_ATTEMPTS:
+                    raise
+        yield PREFECT_API_URL.value()
 
 
 def flow_run_artifacts(flow_run_id: Any, *, api_url: str | None = None) -> dict[str, dict[str, Any]]:

@@ -12,7 +12,13 @@ import httpx
 import numpy as np
 import pytest
 from mlflow import MlflowClient
-from pipeline_helpers import flow_run_artifacts, tiny_project_params, write_bad_csv, write_params
+from pipeline_helpers import (
+    flow_run_artifacts,
+    prefect_harness,
+    tiny_project_params,
+    write_bad_csv,
+    write_params,
+)
 from serving_helpers import RequestLoop, wait_for_version
 
 from langops.config import load_params
@@ -23,9 +29,7 @@ pytestmark = pytest.mark.flow
 
 @pytest.fixture(scope="module")
 def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
+    with prefect_harness():
         yield
 
 

@@ -22,7 +22,7 @@ import pandas as pd
 import pytest
 import yaml
 from mlflow import MlflowClient
-from pipeline_helpers import flow_run_artifacts
+from pipeline_helpers import flow_run_artifacts, prefect_harness
 
 from langops.config import load_params
 from langops.monitor import EVENT_DRIFT, EVENT_FEEDBACK, monitoring_experiment_name
@@ -35,11 +35,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def prefect_api():
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield PREFECT_API_URL.value()
+    with prefect_harness() as api_url:
+        yield api_url
 
 
 def make_project(root: Path, compressed_dir: Path):

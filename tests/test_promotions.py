@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pipeline_helpers import prefect_harness
 
 from langops.aliases import CHAMPION, PREVIOUS_CHAMPION
 from langops.config import Params, parse_params
@@ -310,10 +311,9 @@ def test_a_remote_tracking_store_without_a_prefect_server_is_refused(tmp_path):
 def test_a_remote_tracking_store_locks_with_a_one_slot_prefect_concurrency_limit(tmp_path):
     from prefect import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
-    from prefect.testing.utilities import prefect_test_harness
 
     params = project_params(tmp_path, tracking={"uri": "https://mlflow.example.com"})
-    with prefect_test_harness(server_startup_timeout=120):
+    with prefect_harness():
         with champion_lock(params, MODEL, timeout_s=10) as name:
             assert name == f"langops-champion-{MODEL}"
             with get_client(sync_client=True) as client:

@@ -10,7 +10,13 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
-from pipeline_helpers import flow_run_artifacts, tiny_project_params, write_bad_csv, write_params
+from pipeline_helpers import (
+    flow_run_artifacts,
+    prefect_harness,
+    tiny_project_params,
+    write_bad_csv,
+    write_params,
+)
 
 from langops.config import ConfigError, load_params
 from langops.sweep import (
@@ -150,9 +156,7 @@ def test_the_sweep_command_refuses_a_bad_sweep_before_starting_anything(tmp_path
 
 @pytest.fixture(scope="module")
 def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
+    with prefect_harness():
         yield
 
 

@@ -3,14 +3,19 @@ cores, a limit too short for it, and a SIGTERM while it runs."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
+import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 from pipeline_helpers import tiny_project_params, write_bad_csv, write_params
@@ -151,3 +156,53 @@ def test_the_reaper_takes_down_a_killed_commands_helpers_but_not_its_detached_se
             if process.is_running():
                 process.kill()
         command.stdout.close()
+
+
+class ResettingListener:
+    """A port held by a process that takes each connection and drops it with a reset, as a server does
+    when it dies with requests waiting."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.resets = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                connection, _ = self.sock.accept()
+            except OSError:  # closed
+                return
+            connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            connection.close()
+            self.resets += 1
+
+
+@pytest.mark.flow
+def test_a_temporary_server_whose_port_resets_connections_starts_again_on_another(tmp_path, monkeypatch, caplog):
+    from prefect.server.api.server import SubprocessASGIServer
+
+    from langops.services import start_subprocess_prefect_server
+
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
+    taken = ResettingListener()
+    ports = iter([taken.port])
+    choose = SubprocessASGIServer.find_available_port
+    monkeypatch.setattr(SubprocessASGIServer, "find_available_port",
+                        lambda self: next(ports, None) or choose(self))  # Prefect's first choice: the taken port
+    server = None
+    try:
+        with caplog.at_level(logging.WARNING, logger="langops.services"):
+            server = start_subprocess_prefect_server(SubprocessASGIServer, 120)
+
+        assert taken.resets >= 1  # Prefect's health check met the reset
+        assert server.port != taken.port
+        assert httpx.get(f"{server.api_url}/health", timeout=10).status_code == 200
+        assert SubprocessASGIServer() is server  # the instance Prefect's clients in this process reuse
+        assert f"the temporary Prefect server on http://127.0.0.1:{taken.port} did not answer (" in caplog.text
+        assert "starting it on another port" in caplog.text
+    finally:
+        if server is not None:
+            server.stop()
+        taken.sock.close()
