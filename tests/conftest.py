@@ -75,7 +75,8 @@ TIERS = ("unit", "data", "model", "flow", "services", "crash")
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Refuse the run unless every collected test has exactly one tier, checked before ``-m`` deselects any."""
+    """Refuse the run unless every collected test has exactly one tier, checked before ``-m`` deselects any;
+    then order the files by their costliest tier (a stable sort: otherwise the collection order)."""
     wrong = []
     for item in items:
         tiers = sorted({mark.name for mark in item.iter_markers() if mark.name in TIERS}, key=TIERS.index)
@@ -87,6 +88,14 @@ def pytest_collection_modifyitems(config, items):
             + "\n  ".join(wrong)
             + "\nmark a whole module with `pytestmark = pytest.mark.<tier>` or one test with `@pytest.mark.<tier>`"
         )
+    # Files with the costliest tiers first, each file whole: with `--dist loadfile` (make test) each worker takes
+    # the next file, so a long file collected last (test_temporary_server, test_sweep) kept one worker busy while
+    # the other idled at the end.
+    costliest: dict[Path, int] = {}
+    for item in items:
+        tier = max(TIERS.index(mark.name) for mark in item.iter_markers() if mark.name in TIERS)
+        costliest[item.path] = max(costliest.get(item.path, 0), tier)
+    items.sort(key=lambda item: -costliest[item.path])
 
 
 @pytest.fixture(autouse=True)
