@@ -575,6 +575,11 @@ class ServerConfig(_Section):
     max_batch_size: int = Field(
         64, ge=1, description="most texts in one onnxruntime call (64 is the pyfunc's scoring chunk: parity with MLflow)"
     )
+    max_batch_tokens: int = Field(
+        1024, ge=1, description="most estimated tokens in one onnxruntime call (a text costs its characters / 4 "
+        "+ 2, at most the model's max_length): keeps a batch of long texts as short as one of short texts, so a "
+        "small request never waits long behind a large one",
+    )
     max_wait_ms: float = Field(2.0, ge=0, description="how long a batch waits to fill, in ms")
     max_queue: int = Field(1024, ge=1, description="texts waiting for inference before requests are shed with 503")
     max_request_texts: int = Field(256, ge=1, description="most texts in one request")

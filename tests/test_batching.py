@@ -1,5 +1,6 @@
 """The micro-batcher shares batches fairly: a small request waits for the batch being scored, not for the
-chunks of large requests queued before it, and large requests advance a chunk each in turn."""
+chunks of large requests queued before it; large requests advance a chunk each in turn; and a batch of long
+texts holds no more estimated tokens than the budget, so it is scored as quickly as one of short texts."""
 
 from __future__ import annotations
 
@@ -12,13 +13,15 @@ import numpy as np
 import pytest
 
 from langops.onnx_model import Scores
-from langops.serving.batching import MicroBatcher
+from langops.serving.batching import MicroBatcher, estimated_tokens
 
 pytestmark = pytest.mark.unit
 
 
 class RecordingScorer:
     """Scores every text as one label, after ``seconds_per_call``; remembers the texts of each call in order."""
+
+    max_length = 64
 
     def __init__(self, seconds_per_call: float = 0.05) -> None:
         self.seconds_per_call = seconds_per_call
@@ -39,7 +42,8 @@ def run(coroutine):
 
 
 async def _with_batcher(body, **settings):
-    batcher = MicroBatcher(**{"max_batch_size": 8, "max_wait_ms": 1.0, "max_queue": 1024, **settings})
+    batcher = MicroBatcher(**{"max_batch_size": 8, "max_batch_tokens": 1024, "max_wait_ms": 1.0, "max_queue": 1024,
+                              **settings})
     batcher.start()
     try:
         return await body(batcher)
@@ -94,3 +98,29 @@ def test_small_requests_still_share_one_batch_and_keep_their_rows_in_order():
     answers = run(_with_batcher(body))
     assert all(len(answer) == 2 for answer in answers)
     assert sorted(scorer.calls[1]) == sorted(f"{p}{i}" for i in range(4) for p in "ab")
+
+
+def test_a_batch_of_long_texts_holds_no_more_tokens_than_the_budget():
+    scorer = RecordingScorer(seconds_per_call=0.01)
+    long_text = "my parcel never arrived and nobody answers " * 100  # far past max_length: costs 64
+    short_texts = [f"refund {i}" for i in range(8)]  # 2 + 2 tokens each
+
+    async def body(batcher):
+        return await asyncio.gather(batcher.score(scorer, [long_text] * 20), batcher.score(scorer, short_texts))
+
+    long_answer, short_answer = run(_with_batcher(body, max_batch_size=64, max_batch_tokens=256))
+    assert (len(long_answer), len(short_answer)) == (20, 8)
+    assert estimated_tokens(long_text, 64) == 64 and estimated_tokens("refund 1", 64) == 4
+    costs = [sum(estimated_tokens(text, 64) for text in call) for call in scorer.calls]
+    assert max(costs) <= 256, costs
+    assert sorted(len([t for t in call if t == long_text]) for call in scorer.calls) == [0, 4, 4, 4, 4, 4]
+    assert [t for call in scorer.calls for t in call if t != long_text] == short_texts  # one batch, in order
+
+
+def test_a_text_over_the_token_budget_is_still_scored_alone():
+    scorer = RecordingScorer(seconds_per_call=0.0)
+
+    answer = run(_with_batcher(lambda batcher: batcher.score(scorer, ["x" * 1000, "y" * 1000]), max_batch_tokens=10))
+
+    assert len(answer) == 2
+    assert scorer.calls == [["x" * 1000], ["y" * 1000]]

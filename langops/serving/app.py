@@ -630,6 +630,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     metrics = ServerMetrics()
     batcher = MicroBatcher(
         max_batch_size=settings.max_batch_size,
+        max_batch_tokens=settings.max_batch_tokens,
         max_wait_ms=settings.max_wait_ms,
         max_queue=settings.max_queue,
         on_batch=metrics.batch_size.observe,
@@ -639,7 +640,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         settings.rollout, champion=lambda: holder.current, load=holder.load_version, metrics=metrics,
         actions=RolloutActions(settings.rollout_params) if settings.follows_alias() else None,
         num_threads=settings.onnx_threads(), max_batch_size=settings.max_batch_size,
-        max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue,
+        max_batch_tokens=settings.max_batch_tokens, max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue,
         on_promoted=lambda: _refresh_quietly(holder),
     )
     prediction_log: list[PredictionLog] = []  # filled while the app runs

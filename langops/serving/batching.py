@@ -7,9 +7,12 @@ the longest text of each call) and scores it. Texts of very different lengths ar
 calls (see ``_score``) so short ones are not padded to a long one. While that thread works, the next
 batch gathers in the queue, so under load batches fill without waiting at all.
 
-A request is never split across batches except into chunks of ``max_batch_size`` texts, which is
-how the MLflow pyfunc scores too (64 at a time), so a request alone in its batch gets exactly the
-pyfunc's numbers.
+A request is never split across batches except into chunks of at most ``max_batch_size`` texts (how
+the MLflow pyfunc scores too, 64 at a time) and at most ``max_batch_tokens`` estimated tokens, so a
+request of short texts alone in its batch gets exactly the pyfunc's numbers. The token budget keeps one
+batch short whatever its texts: 64 texts cut at the model's ``max_length`` cost as much as several
+hundred short ones, and a small request waits for the batch being scored. Tokens are estimated from
+characters (``estimated_tokens``), not counted: counting would tokenise each text twice.
 
 Batches are filled fairly, not first come first served: the requests waiting are served least-scored
 first (the texts of theirs already taken into batches; then those with the fewest texts left, then the
@@ -37,10 +40,18 @@ from langops.onnx_model import Scores
 logger = logging.getLogger(__name__)
 
 PADDING_WASTE = 1.5  # most padded characters per real character in one onnxruntime call
+CHARS_PER_TOKEN = 4  # English WordPiece averages 4 to 5; fewer per token (CJK) only makes batches larger
+
+
+def estimated_tokens(text: str, max_length: int) -> int:
+    """The tokens ``text`` costs in a batch, from its length: the model's truncation caps it; two are special."""
+    return min(max_length, len(text) // CHARS_PER_TOKEN + 2)
 
 
 class Scorer(Protocol):
     """What the batcher scores with: the live model's classifier."""
+
+    max_length: int  # tokens per text after truncation
 
     def score(self, texts: Sequence[str], batch_size: int = 64) -> Scores: ...
 
@@ -69,6 +80,7 @@ class _Request:
 class _Job:
     scorer: Scorer
     texts: list[str]
+    tokens: int  # estimated
     future: asyncio.Future[Scores]
 
 
@@ -83,12 +95,14 @@ class MicroBatcher:
         self,
         *,
         max_batch_size: int,
+        max_batch_tokens: int,
         max_wait_ms: float,
         max_queue: int,
         on_batch: Callable[[int], None] = lambda size: None,
         on_queue: Callable[[int], None] = lambda depth: None,
     ) -> None:
         self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_queue = max_queue
         self._on_batch = on_batch
@@ -134,8 +148,8 @@ class MicroBatcher:
                 f"{len(texts)} (queue limit {self.max_queue}); retry later"
             )
         loop = asyncio.get_running_loop()
-        chunks = deque(_Job(scorer, texts[start : start + self.max_batch_size], loop.create_future())
-                       for start in range(0, len(texts), self.max_batch_size))
+        chunks = deque(_Job(scorer, chunk, tokens, loop.create_future())
+                       for chunk, tokens in self._chunks(texts, scorer.max_length))
         futures = [job.future for job in chunks]
         if chunks:
             self._requests.append(_Request(chunks))
@@ -144,6 +158,23 @@ class MicroBatcher:
         self._wakeup.set()
         parts = await asyncio.gather(*futures)
         return Scores.concat(parts)
+
+    def _chunks(self, texts: list[str], max_length: int) -> list[tuple[list[str], int]]:
+        """``texts`` cut in order into chunks of at most ``max_batch_size`` texts and ``max_batch_tokens``
+        estimated tokens (a text over the budget alone is a chunk), with each chunk's tokens."""
+        chunks: list[tuple[list[str], int]] = []
+        chunk: list[str] = []
+        tokens = 0
+        for text in texts:
+            cost = estimated_tokens(text, max_length)
+            if chunk and (len(chunk) == self.max_batch_size or tokens + cost > self.max_batch_tokens):
+                chunks.append((chunk, tokens))
+                chunk, tokens = [], 0
+            chunk.append(text)
+            tokens += cost
+        if chunk:
+            chunks.append((chunk, tokens))
+        return chunks
 
     async def _collect(self) -> None:
         assert self._wakeup is not None
@@ -186,18 +217,21 @@ class MicroBatcher:
 
     def _take_batch(self) -> list[_Job]:
         """The next chunk of each waiting request, least-served first (then fewest texts left, then oldest),
-        while they fit in one batch and share the first one's model (a swap splits batches)."""
+        while they fit in one batch (texts and tokens) and share the first one's model (a swap splits
+        batches)."""
         waiting = sorted(self._requests, key=lambda request: (request.taken, request.remaining(), request.arrived))
         first = waiting[0].chunks[0]
-        batch, size = [], 0
+        batch, size, tokens = [], 0, 0
         for request in waiting:
             job = request.chunks[0]
-            if job.scorer is not first.scorer or (batch and size + len(job.texts) > self.max_batch_size):
+            fits = size + len(job.texts) <= self.max_batch_size and tokens + job.tokens <= self.max_batch_tokens
+            if job.scorer is not first.scorer or (batch and not fits):
                 continue
             batch.append(request.chunks.popleft())
             request.taken += len(job.texts)
             size += len(job.texts)
-            if size >= self.max_batch_size:
+            tokens += job.tokens
+            if size >= self.max_batch_size or tokens >= self.max_batch_tokens:
                 break
         self._requests = [request for request in self._requests if request.chunks]
         return batch

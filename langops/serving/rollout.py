@@ -389,6 +389,7 @@ class _GuardedScorer:
     def __init__(self, classifier: Any, *, fault: str | None, release: threading.Event) -> None:
         self.classifier = classifier
         self.labels = classifier.labels
+        self.max_length = classifier.max_length
         self.fault = fault
         self.release = release
         self.busy_since: float | None = None
@@ -463,7 +464,7 @@ class RolloutController:
 
     def __init__(self, cfg: RolloutConfig, *, champion: Callable[[], LoadedModel | None],
                  load: Callable[[str, int], LoadedModel], actions: RolloutActions | None, metrics: ServerMetrics,
-                 num_threads: int, max_batch_size: int, max_wait_ms: float, max_queue: int,
+                 num_threads: int, max_batch_size: int, max_batch_tokens: int, max_wait_ms: float, max_queue: int,
                  on_promoted: Callable[[], None] = lambda: None) -> None:
         self.cfg = cfg
         self._champion = champion
@@ -485,7 +486,8 @@ class RolloutController:
         self.window = RolloutWindow(low_confidence=cfg.low_confidence)
         self._lock = threading.Lock()  # state changes (refresh, judge); reads are of whole references
         self._release = threading.Event()  # frees a challenger hung by an injected fault, on close
-        self._batcher = MicroBatcher(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue)
+        self._batcher = MicroBatcher(max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens,
+                                     max_wait_ms=max_wait_ms, max_queue=max_queue)
         self._mirror_queue: queue.Queue[_Mirror | None] = queue.Queue(maxsize=cfg.mirror_queue)
         self._mirror_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="langops-mirror-score",
                                                    initializer=_lower_priority)
