@@ -56,6 +56,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=6.0, help="measured seconds per round")
     parser.add_argument("--workers", type=int, default=1, help="worker processes of both servers")
     parser.add_argument("--work-dir", type=Path, help="keep the project here and reuse its model")
+    parser.add_argument("--max-batch-tokens", type=int, help="our server's token budget per batch (default: its own)")
     parser.add_argument("--load", help=argparse.SUPPRESS)  # internal: run as the load generator
     parser.add_argument("--concurrency", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--heavy", type=int, default=0, help=argparse.SUPPRESS)
@@ -79,9 +80,9 @@ def main() -> int:
 
     results: dict[str, list[dict]] = {}
     with _server("mlflow", _mlflow_command(model_uri, args.workers, _port()), tracking_uri, root, threads) as mlflow_url, \
-         _server("langops", _our_command(model_uri, tracking_uri, args.workers, threads, 64), tracking_uri, root,
+         _server("langops", _our_command(model_uri, tracking_uri, args.workers, threads, 64, args.max_batch_tokens), tracking_uri, root,
                  threads) as ours_url, \
-         _server("langops-batch1", _our_command(model_uri, tracking_uri, args.workers, threads, 1), tracking_uri,
+         _server("langops-batch1", _our_command(model_uri, tracking_uri, args.workers, threads, 1, args.max_batch_tokens), tracking_uri,
                  root, threads) as batch1_url:
         urls = {"mlflow": mlflow_url, "langops": ours_url, "langops-batch1": batch1_url}
         for name, url in urls.items():  # warm up every server before measuring
@@ -151,11 +152,13 @@ def _mlflow_command(model_uri: str, workers: int, port: int) -> tuple[list[str],
             "-p", str(port), "-w", str(workers)], port
 
 
-def _our_command(model_uri: str, tracking_uri: str, workers: int, threads: int, max_batch: int) -> tuple[list[str], int]:
+def _our_command(model_uri: str, tracking_uri: str, workers: int, threads: int, max_batch: int,
+                 max_batch_tokens: int | None) -> tuple[list[str], int]:
     port = _port()
+    budget = ["--max-batch-tokens", str(max_batch_tokens)] if max_batch_tokens else []
     return [sys.executable, "-m", "langops.serving", "--tracking-uri", tracking_uri, "--model-uri", model_uri,
             "--port", str(port), "--workers", str(workers), "--num-threads", str(threads),
-            "--max-batch-size", str(max_batch), "--max-queue", "4096"], port
+            "--max-batch-size", str(max_batch), "--max-queue", "4096", *budget], port
 
 
 @contextmanager
@@ -352,8 +355,12 @@ def _report(results, mean_batch, inproc, inproc_batch1, agreement, args, threads
           f"({agreement['differing']} of {agreement['answers']} answers differ)")
     normal, mixed = _median(results["langops@8"], "p99"), _median(results["langops@8+heavy"], "p99")
     heavy = results["langops@8+heavy"]
+    from langops.config import ServerConfig
+
+    budget = args.max_batch_tokens or ServerConfig().max_batch_tokens
     print(f"one-text p99 at 8 clients: {normal:.1f} ms alone, {mixed:.1f} ms beside {HEAVY_CLIENTS} clients sending "
-          f"{HEAVY_TEXTS} texts of {HEAVY_CHARS} characters per request: {mixed / normal:.2f}x (target <= 3); "
+          f"{HEAVY_TEXTS} texts of {HEAVY_CHARS} characters per request: {mixed / normal:.2f}x (target <= 3; "
+          f"max_batch_tokens {budget}); "
           f"large requests scored {sum(r['heavy_scored'] for r in heavy)}, refused {sum(r['heavy_refused'] for r in heavy)}")
     print(f"failed requests over all rounds: {errors}")
 
