@@ -576,7 +576,7 @@ class ServerConfig(_Section):
         64, ge=1, description="most texts in one onnxruntime call (64 is the pyfunc's scoring chunk: parity with MLflow)"
     )
     max_batch_tokens: int = Field(
-        1024, ge=1, description="most estimated tokens in one onnxruntime call (a text costs its characters / 4 "
+        512, ge=1, description="most estimated tokens in one onnxruntime call (a text costs its characters / 4 "
         "+ 2, at most the model's max_length): keeps a batch of long texts as short as one of short texts, so a "
         "small request never waits long behind a large one",
     )
