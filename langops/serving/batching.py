@@ -9,7 +9,7 @@ batch gathers in the queue, so under load batches fill without waiting at all.
 
 A request is never split across batches except into chunks of at most ``max_batch_size`` texts (how
 the MLflow pyfunc scores too, 64 at a time) and at most ``max_batch_tokens`` estimated tokens, so a
-request of short texts alone in its batch gets exactly the pyfunc's numbers. The token budget keeps one
+request within both alone in its batch gets exactly the pyfunc's numbers. The token budget keeps one
 batch short whatever its texts: 64 texts cut at the model's ``max_length`` cost as much as several
 hundred short ones, and a small request waits for the batch being scored. Tokens are estimated from
 characters (``estimated_tokens``), not counted: counting would tokenise each text twice.
@@ -17,11 +17,12 @@ characters (``estimated_tokens``), not counted: counting would tokenise each tex
 Batches are filled fairly, not first come first served: the requests waiting are served least-scored
 first (the texts of theirs already taken into batches; then those with the fewest texts left, then the
 oldest), at most one chunk of each per batch. A one-text request that arrives behind four requests of 200
-long texts each therefore waits for the batch being scored, not for the 13 chunks queued before it, and
-each large request still advances by a chunk in turn.
+long texts each therefore waits for the batch being scored, not for the dozens of chunks queued before it,
+and each large request still advances by a chunk in turn.
 
-Riding with others can move a request's probabilities slightly: the int8 graph quantises activations
-dynamically, with scales computed over the whole batch.
+Riding with others can move a request's probabilities slightly when the int8 graph was quantised
+dynamically (``compress.quantization: dynamic``): its activation scales are computed over the whole batch.
+A statically quantised graph (the default) gives a text the same answer in any batch.
 """
 
 from __future__ import annotations
