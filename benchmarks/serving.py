@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import signal
@@ -79,11 +80,11 @@ def main() -> int:
     threads = _threads(args.workers)
 
     results: dict[str, list[dict]] = {}
+    ours = functools.partial(_our_command, model_uri, tracking_uri, args.workers, threads,
+                             max_batch_tokens=args.max_batch_tokens)
     with _server("mlflow", _mlflow_command(model_uri, args.workers, _port()), tracking_uri, root, threads) as mlflow_url, \
-         _server("langops", _our_command(model_uri, tracking_uri, args.workers, threads, 64, args.max_batch_tokens), tracking_uri, root,
-                 threads) as ours_url, \
-         _server("langops-batch1", _our_command(model_uri, tracking_uri, args.workers, threads, 1, args.max_batch_tokens), tracking_uri,
-                 root, threads) as batch1_url:
+         _server("langops", ours(max_batch=64), tracking_uri, root, threads) as ours_url, \
+         _server("langops-batch1", ours(max_batch=1), tracking_uri, root, threads) as batch1_url:
         urls = {"mlflow": mlflow_url, "langops": ours_url, "langops-batch1": batch1_url}
         for name, url in urls.items():  # warm up every server before measuring
             _run_load(root, url, 8, 2.0)
@@ -330,6 +331,8 @@ def _median(results: list[dict], key: str) -> float:
 
 
 def _report(results, mean_batch, inproc, inproc_batch1, agreement, args, threads) -> None:
+    from langops.config import ServerConfig
+
     print()
     print(f"Serving benchmark: {args.rounds} rounds x {args.seconds:.0f} s per cell (medians), {args.workers} worker(s), "
           f"{threads} onnxruntime thread(s), {os.cpu_count()} CPUs, one SST-2 dev sentence per request")
@@ -355,8 +358,6 @@ def _report(results, mean_batch, inproc, inproc_batch1, agreement, args, threads
           f"({agreement['differing']} of {agreement['answers']} answers differ)")
     normal, mixed = _median(results["langops@8"], "p99"), _median(results["langops@8+heavy"], "p99")
     heavy = results["langops@8+heavy"]
-    from langops.config import ServerConfig
-
     budget = args.max_batch_tokens or ServerConfig().max_batch_tokens
     print(f"one-text p99 at 8 clients: {normal:.1f} ms alone, {mixed:.1f} ms beside {HEAVY_CLIENTS} clients sending "
           f"{HEAVY_TEXTS} texts of {HEAVY_CHARS} characters per request: {mixed / normal:.2f}x (target <= 3; "

@@ -22,7 +22,7 @@ from langops import monitor
 from langops.config import Params, load_params
 from langops.faults import crash_point
 from langops.flows.pipeline import RETRY
-from langops.monitor import EventDecision, MonitorEvent, MonitoredModel, MonitorResult, WindowCheck
+from langops.monitor import EventDecision, MonitoredModel, MonitorEvent, MonitorResult, WindowCheck
 
 ARTIFACT_KEY = "drift-report"
 

@@ -207,10 +207,11 @@ def test_a_server_killed_as_its_canary_steps_up_and_as_it_promotes_leaves_a_roll
 ):
     """The canary's state is in the registry, so a killed server's successor goes on from it; each record the
     dead one had open is closed by what the registry shows: a change that happened stays in the log."""
+    from serving_helpers import empty_registry, free_port, wait_until
+
     from langops.config import RolloutConfig
     from langops.promotions import read_history
     from langops.rollouts import current_rollout, start_rollout
-    from serving_helpers import empty_registry, free_port, wait_until
 
     assert {"canary:stepped", "canary:promoted"} <= set(COMMAND_POINTS)
     registry = empty_registry(tmp_path / "registry")
