@@ -190,7 +190,7 @@ def baseline(cfg: BaselineConfig, *, prepared: PrepareResult, out_dir: Path) -> 
         y_fit = np.concatenate([ids[name] for name in fitted_on])
         _require_two_classes(y_fit, labels, fitted_on)
         clock = time.perf_counter()
-        model, fit = _fit(cfg, texts, y_fit)
+        model, fit = fit_baseline(cfg, texts, y_fit)
         probs = _probabilities(model, splits[split][TEXT].tolist(), len(labels))
         fit["seconds"] = round(time.perf_counter() - clock, 2)
         fits[split] = {"fitted_on": list(fitted_on), "rows": len(y_fit), **fit}
@@ -268,7 +268,7 @@ def _require_two_classes(y: np.ndarray, labels: tuple[str, ...], fitted_on: tupl
                             "needs at least two to learn from")
 
 
-def _fit(cfg: BaselineConfig, texts: list[str], y: np.ndarray) -> tuple[Any, dict[str, Any]]:
+def fit_baseline(cfg: BaselineConfig, texts: list[str], y: np.ndarray) -> tuple[Any, dict[str, Any]]:
     """The pipeline fit on ``texts``; and what the fit cost (features, solver iterations, convergence)."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.feature_extraction.text import TfidfVectorizer
