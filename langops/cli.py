@@ -244,7 +244,8 @@ def _parser() -> argparse.ArgumentParser:
     feedback_import.set_defaults(handler=_feedback_import)
     feedback_export = feedback_sub.add_parser(
         "export", parents=[common],
-        help="join feedback to the logged predictions and write a text,label CSV (needs prediction_log_text: raw)",
+        help="write the labelled texts as a text,label CSV (kept by the server with each label, or joined from "
+             "a raw prediction log)",
     )
     feedback_export.add_argument("--output", type=Path, default=Path("data/feedback.csv"),
                                  help="the CSV to write (default: data/feedback.csv); then `dvc add` it")
@@ -313,7 +314,7 @@ def _feedback_export(params: Params, args: argparse.Namespace) -> int:
         return 1
     print(f"wrote {result.rows} labelled texts to {result.output} from {result.feedback} feedback labels")
     skipped = {"naming no logged prediction (not logged, sampled out or rotated away)": result.unmatched,
-               "whose prediction was logged without its text (prediction_log_text is not raw)": result.without_text,
+               "with no text kept (prediction_log_text none or sha256 when it was logged)": result.without_text,
                "with a label the answering model does not have": result.unknown_label,
                "whose id names more than one logged text (ambiguous: never joined to one of them)": result.ambiguous}
     for why, count in skipped.items():

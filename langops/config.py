@@ -600,10 +600,12 @@ class ServerConfig(_Section):
         description="environment variable holding the bearer token (unset or empty: no auth)",
     )
     prediction_log_sample_rate: float = Field(1.0, ge=0, le=1, description="share of requests logged")
-    prediction_log_text: Literal["none", "sha256", "raw"] = Field(
-        "none", description="what the prediction log keeps of each text: none (its length and token counts "
-        "only), sha256 (a digest: joins to your own store, but short texts can be guessed back), raw (the text "
-        "itself: needed by `langops feedback export`)",
+    prediction_log_text: Literal["labelled", "none", "sha256", "raw"] = Field(
+        "labelled", description="what the server keeps of each text: labelled (the prediction log keeps its "
+        "length and token counts only; the text waits in the index of issued ids for feedback_window_hours "
+        "and is written, with its label, only when feedback names it: what `langops feedback export` needs), "
+        "none (no text anywhere: feedback cannot be exported), sha256 (a digest in the log: joins to your own "
+        "store, but short texts can be guessed back), raw (every text in the prediction log)",
     )
     prediction_log_max_bytes: int = Field(10_485_760, ge=1024, description="size of one log file before it rotates")
     prediction_log_backups: int = Field(5, ge=1, description="rotated log files kept")
@@ -622,7 +624,7 @@ class ServerConfig(_Section):
     @classmethod
     def _renamed_keys(cls, values: Any) -> Any:
         if isinstance(values, dict) and "prediction_log_hash_texts" in values:
-            raise ValueError("prediction_log_hash_texts was replaced by prediction_log_text: none | sha256 | raw "
+            raise ValueError("prediction_log_hash_texts was replaced by prediction_log_text: labelled | none | sha256 | raw "
                              "(true was sha256, false was raw)")
         return values
 

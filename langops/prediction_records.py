@@ -9,8 +9,9 @@ model, and ``langops feedback export``:
 request id is the one the server issued (``new_request_id``), unique whatever the client sent;
 ``client_request_id`` is the client's own ``X-Request-Id`` (or null), which clients may reuse.
 
-Feedback is ``{"time", "request_id", "label"}`` lines in ``feedback*.jsonl`` beside the prediction log. Logs
-written before the server issued its own ids carry the client's id in ``request_id``, so one id may name
+Feedback is ``{"time", "request_id", "label"}`` lines in ``feedback*.jsonl`` beside the prediction log, plus
+``text`` when the server kept the request's texts for feedback (``prediction_log_text: labelled``, the
+default: the one place an unlabelled text never reaches). Logs written before the server issued its own ids carry the client's id in ``request_id``, so one id may name
 several texts there: ``LoggedTexts`` joins a label only to a name that fits exactly one logged text.
 """
 
@@ -31,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:
     from langops.onnx_model import Scores
 
-TextPolicy = Literal["none", "sha256", "raw"]
+TextPolicy = Literal["labelled", "none", "sha256", "raw"]
 PREDICTION_FILES = "predictions*.jsonl*"  # the live file, per-worker files and their rotated copies
 FEEDBACK_FILE = "feedback.jsonl"
 FEEDBACK_IMPORT_FILE = "feedback-import.jsonl"  # written by `langops feedback import`, never by the server
@@ -124,6 +125,7 @@ class FeedbackError(ValueError):
 class Feedback:
     request_id: str
     label: str
+    text: str | None = None  # the labelled text, when the server kept it for feedback (``labelled``)
 
 
 def check_feedback(request_id: object, label: object, *, labels: Sequence[str] | None, where: str) -> Feedback:
@@ -146,7 +148,8 @@ def check_feedback(request_id: object, label: object, *, labels: Sequence[str] |
 
 
 def feedback_lines(items: Iterable[Feedback], *, time: str) -> list[str]:
-    return [json.dumps({"time": time, "request_id": item.request_id, "label": item.label}, ensure_ascii=False)
+    return [json.dumps({"time": time, "request_id": item.request_id, "label": item.label}
+                       | ({} if item.text is None else {"text": item.text}), ensure_ascii=False)
             for item in items]
 
 
@@ -292,31 +295,35 @@ class NoTextsKept(RuntimeError):
     """Feedback matched logged predictions, but none kept its text: nothing to write a dataset from."""
 
 
-def read_feedback_labels(paths: Iterable[Path]) -> dict[str, str]:
-    """The latest label given to each id in feedback logs: by ``time`` where lines carry one, else by file order."""
+def read_feedback_labels(paths: Iterable[Path]) -> dict[str, Feedback]:
+    """The latest feedback given to each id in feedback logs, by ``time`` where lines carry one, else by file
+    order; with the text the server kept for it, if any (a later label without one keeps the earlier text)."""
     records = [record for record in read_jsonl(paths)
                if isinstance(record.get("request_id"), str) and isinstance(record.get("label"), str)]
     records.sort(key=lambda record: str(record.get("time") or ""))  # stable: ties keep file order
-    labels: dict[str, str] = {}
+    labels: dict[str, Feedback] = {}
     for record in records:
-        labels.pop(record["request_id"], None)  # re-inserted: the dict's order is the order labels were given
-        labels[record["request_id"]] = record["label"]
+        earlier = labels.pop(record["request_id"], None)  # re-inserted: the order is the order labels were given
+        text = record.get("text") if isinstance(record.get("text"), str) else None
+        labels[record["request_id"]] = Feedback(record["request_id"], record["label"],
+                                                text if text is not None else earlier.text if earlier else None)
     return labels
 
 
 def export_feedback(log_dir: Path, output: Path) -> FeedbackExport:
     """Join feedback labels to logged predictions and write a labelled ``text,label`` CSV.
 
-    Each label joins the one logged text its id names (``LoggedTexts``): the server records feedback under
+    A label the server wrote with its text (``prediction_log_text: labelled``) is a row as it is. Each other
+    label joins the one logged text its id names (``LoggedTexts``): the server records feedback under
     the id it issued for the text; an imported label may also name a request of one text, or a client's own
     id that exactly one logged text carries. An id that names several logged texts (a client id reused or
     retried, in logs written before the server issued its own ids) is left out and counted, never joined to
-    one of them. The latest label for a text wins. Texts are in the log only with ``prediction_log_text:
-    raw``. The CSV is written to a temporary file and renamed, so it is never half written.
+    one of them. The latest label for a text wins. Texts are in the prediction log only with
+    ``prediction_log_text: raw``. The CSV is written to a temporary file and renamed, so it is never half written.
 
     Raises:
         FileNotFoundError: no feedback in ``log_dir``.
-        NoTextsKept: feedback matched predictions, but none was logged with its text.
+        NoTextsKept: feedback matched predictions, but neither it nor they kept the text.
     """
     log_dir, output = Path(log_dir), Path(output)
     labels = read_feedback_labels(log_files(log_dir, FEEDBACK_FILES))
@@ -324,9 +331,13 @@ def export_feedback(log_dir: Path, output: Path) -> FeedbackExport:
         raise FileNotFoundError(f"no feedback in {log_dir} (looked for {FEEDBACK_FILES})")
     predictions = list(read_jsonl(log_files(log_dir, PREDICTION_FILES)))
     logged = LoggedTexts.of_records(predictions)
-    joined: dict[int, str] = {}
+    joined: dict[int, Feedback] = {}
     unmatched, ambiguous = 0, {}
-    for feedback_id, label in labels.items():  # oldest first: a later label for the same text wins
+    rows: list[tuple[str, str]] = []
+    for feedback_id, item in labels.items():  # oldest first: a later label for the same text wins
+        if item.text is not None:  # written by the server with its text, its label checked when it took it
+            rows.append((item.text, item.label))
+            continue
         found = logged.find(feedback_id)
         if not found:
             unmatched += 1
@@ -334,21 +345,21 @@ def export_feedback(log_dir: Path, output: Path) -> FeedbackExport:
             ambiguous[feedback_id] = len(found)
         else:
             joined.pop(found[0], None)
-            joined[found[0]] = label
-    rows, without_text, unknown_label = [], 0, 0
-    for position, label in joined.items():
+            joined[found[0]] = item
+    without_text, unknown_label = 0, 0
+    for position, item in joined.items():
         record = predictions[position]
-        if label not in (record.get("probabilities") or {}):
+        if item.label not in (record.get("probabilities") or {}):
             unknown_label += 1
         elif not isinstance(record.get("text"), str):
             without_text += 1
         else:
-            rows.append((record["text"], label))
+            rows.append((record["text"], item.label))
     if without_text and not rows:
         raise NoTextsKept(
-            f"{without_text} feedback labels match logged predictions, but none of those was logged with its "
-            "text: the server keeps texts only with deploy.prediction_log_text: raw (default none). Set it, "
-            "restart the server (langops deploy-model), and export the feedback given after that."
+            f"{without_text} feedback labels match logged predictions, but neither kept the text: the server "
+            "keeps a text for feedback with deploy.prediction_log_text: labelled (the default) or raw. Set "
+            "one, restart the server (langops deploy-model), and export the feedback given after that."
         )
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(output.name + ".partial")

@@ -22,6 +22,7 @@ pytest_plugins = ["serving_helpers"]
 from pipeline_helpers import REPO_PARAMS
 from serving_helpers import free_port, serving_local, wait_until
 
+from langops.config import ServerConfig
 from langops.prediction_records import new_request_id
 from langops.serving.app import ServerSettings
 
@@ -179,6 +180,82 @@ def test_feedback_after_the_window_is_refused(compressed_dir: Path, log_dir: Pat
         time.sleep(window_s + 0.5)
         late = http.post("/feedback", json={"request_id": f"{issued}-0", "label": "shipping"})
         assert late.status_code == 404 and f"in the last {window_s / 3600:g} hours" in late.json()["detail"]
+
+
+@pytest.mark.model
+def test_by_default_a_text_is_kept_only_once_feedback_labels_it(
+    compressed_dir: Path, log_dir: Path, tmp_path: Path
+) -> None:
+    unlabelled = "nobody labels this one: card 4111 1111 1111 1111"
+    default = ServerConfig().prediction_log_text
+    with serving_local(settings_for(compressed_dir, log_dir, prediction_log_text=default)) as live, \
+            live.client() as http:
+        issued = http.post("/predict", json={"texts": [PARCEL, CANCEL]}).headers["X-Request-Id"]
+        assert http.post("/predict", json={"text": unlabelled}).status_code == 200
+        accepted = http.post("/feedback", json={"request_id": f"{issued}-1", "label": "billing"})
+        assert accepted.status_code == 202, accepted.text
+        (line,) = feedback_lines(log_dir, 1)
+        assert (line["request_id"], line["label"], line["text"]) == (f"{issued}-1", "billing", CANCEL)
+        records = logged_records(log_dir, 3)
+    assert not [record for record in records if "text" in record or "text_sha256" in record]
+    written = [path for path in log_dir.iterdir() if not path.name.startswith("issued-ids")]
+    assert not [path.name for path in written if unlabelled.encode() in path.read_bytes()]
+
+    exported = langops_cli("feedback", "export", "--log-dir", str(log_dir), "--output", "feedback.csv", cwd=tmp_path)
+    assert exported.returncode == 0, exported.stdout + exported.stderr
+    assert list(pd.read_csv(tmp_path / "feedback.csv").itertuples(index=False, name=None)) == [(CANCEL, "billing")]
+
+
+@pytest.mark.unit
+def test_a_kept_text_is_named_by_its_id_until_its_window_ends_and_then_leaves_the_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from langops.serving import issued_ids
+
+    monkeypatch.setattr(issued_ids, "PRUNE_EVERY_S", 0.0)  # prune after every batch
+    window_s = 1.0
+    path = tmp_path / "ids.sqlite3"
+    index = issued_ids.IssuedIds(path, window_hours=window_s / 3600, max_requests=100, queue_size=10)
+    secret = "my card 4111 1111 1111 1111 was charged twice"
+    try:
+        pair, single = new_request_id(), new_request_id()
+        assert index.add(pair, "client-9", ["where is my parcel", secret]).result(timeout=10)
+        assert index.add(single, None, ["cancel it"]).result(timeout=10)
+        found = index.lookup([f"{pair}-1", "client-9-1", pair, single, f"{single}-0"])
+        assert [lookup.text for lookup in found] == [secret, secret, None, "cancel it", "cancel it"]
+        assert any(secret.encode() in file.read_bytes() for file in tmp_path.iterdir())
+
+        time.sleep(window_s + 0.2)
+        assert index.add(new_request_id(), None, 1).result(timeout=10)  # a write, then a prune
+        wait_until(lambda: index.lookup([f"{pair}-1"], now=0)[0].texts == 0, what="the old ids to be pruned")
+        # While the server runs (its connections open, the write-ahead log in use), not only once it closed;
+        # the prune's checkpoint follows its delete.
+        holding = lambda: [file.name for file in tmp_path.iterdir() if secret.encode() in file.read_bytes()]  # noqa: E731
+        wait_until(lambda: not holding(), timeout=5, what="the pruned text to leave the index's files")
+    finally:
+        index.close()
+
+
+@pytest.mark.unit
+def test_an_index_written_before_texts_were_kept_gains_the_column(tmp_path: Path) -> None:
+    import sqlite3
+
+    from langops.serving import issued_ids
+
+    path = tmp_path / "ids.sqlite3"
+    with sqlite3.connect(path) as old:
+        old.execute("CREATE TABLE issued (request_id TEXT PRIMARY KEY, client_request_id TEXT, "
+                    "texts INTEGER NOT NULL, issued_at REAL NOT NULL)")
+        old.execute("INSERT INTO issued VALUES ('abc', NULL, 1, ?)", (time.time(),))
+    old.close()
+    index = issued_ids.IssuedIds(path, window_hours=1.0, max_requests=100, queue_size=10)
+    try:
+        kept = new_request_id()
+        assert index.add(kept, None, ["a new text"]).result(timeout=10)
+        assert [(lookup.texts, lookup.text) for lookup in index.lookup(["abc-0", f"{kept}-0"])] == [
+            (1, None), (1, "a new text")]
+    finally:
+        index.close()
 
 
 @pytest.mark.unit

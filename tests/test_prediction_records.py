@@ -253,9 +253,27 @@ def test_export_says_when_the_texts_were_not_kept(tmp_path: Path) -> None:
     record = {"request_id": "r-0", "label": "billing", "probabilities": {"billing": 1.0}, "text_sha256": "ab"}
     (tmp_path / "predictions.jsonl").write_text(json.dumps(record) + "\n")
     (tmp_path / "feedback.jsonl").write_text(json.dumps({"time": "t", "request_id": "r-0", "label": "billing"}) + "\n")
-    with pytest.raises(NoTextsKept, match="prediction_log_text: raw"):
+    with pytest.raises(NoTextsKept, match="prediction_log_text: labelled .the default. or raw"):
         export_feedback(tmp_path, tmp_path / "out.csv")
     assert not (tmp_path / "out.csv").exists()
+
+
+@pytest.mark.unit
+def test_a_label_the_server_wrote_with_its_text_exports_without_a_logged_text(tmp_path: Path) -> None:
+    from langops.prediction_records import export_feedback
+
+    record = {"request_id": "r-0", "label": "billing", "probabilities": {"billing": 0.9, "shipping": 0.1}}
+    (tmp_path / "predictions.jsonl").write_text(json.dumps(record) + "\n")  # the default log: no text
+    (tmp_path / "feedback.jsonl").write_text("\n".join(json.dumps(line) for line in [
+        {"time": "1", "request_id": "r-0", "label": "billing", "text": "where is my parcel"},
+        {"time": "2", "request_id": "r-0", "label": "shipping", "text": "where is my parcel"},  # corrected
+        {"time": "3", "request_id": "gone-0", "label": "shipping", "text": "it never came"},  # log rotated away
+    ]) + "\n")
+    result = export_feedback(tmp_path, tmp_path / "out.csv")
+    dataset = pd.read_csv(tmp_path / "out.csv")
+    assert list(dataset.itertuples(index=False, name=None)) == [("where is my parcel", "shipping"),
+                                                                ("it never came", "shipping")]
+    assert (result.rows, result.unmatched, result.without_text) == (2, 0, 0)
 
 
 @pytest.mark.unit
@@ -324,6 +342,6 @@ def test_the_replaced_hash_setting_is_refused_with_its_successor_named() -> None
 
     from langops.config import ServerConfig
 
-    with pytest.raises(ValidationError, match="prediction_log_text: none | sha256 | raw"):
+    with pytest.raises(ValidationError, match=r"prediction_log_text: labelled \| none \| sha256 \| raw"):
         ServerConfig(prediction_log_hash_texts=True)
-    assert ServerConfig().prediction_log_text == "none"
+    assert ServerConfig().prediction_log_text == "labelled"

@@ -711,7 +711,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         answer = await score_texts(texts, endpoint, request_id, client_request_id,
                                    request.headers.get(settings.rollout.route_header))
         if texts:
-            await remember_ids(request_id, client_request_id, len(texts))
+            await remember_ids(request_id, client_request_id, texts)
         return answer
 
     async def score_texts(texts: list[str], endpoint: str, request_id: str, client_request_id: str | None,
@@ -765,12 +765,14 @@ def create_app(settings: ServerSettings) -> FastAPI:
                        model_name=answered.name, version=answered.version, texts=texts,
                        labels=answered.classifier.labels, scores=scores)
 
-    async def remember_ids(request_id: str, client_request_id: str | None, texts: int) -> None:
-        """Record the request's issued id for feedback and wait until it is written (one short transaction,
-        so feedback sent on the answer finds it on any worker). A failure is counted, never the request's."""
+    async def remember_ids(request_id: str, client_request_id: str | None, texts: list[str]) -> None:
+        """Record the request's issued id for feedback (with its texts under ``prediction_log_text: labelled``)
+        and wait until it is written (one short transaction, so feedback sent on the answer finds it on any
+        worker). A failure is counted, never the request's."""
         if not issued_ids:
             return
-        written = issued_ids[0].add(request_id, client_request_id, texts)
+        kept = texts if settings.prediction_log_text == "labelled" else len(texts)
+        written = issued_ids[0].add(request_id, client_request_id, kept)
         if written is None:
             metrics.issued_ids_unrecorded.labels("queue_full").inc()
             return
@@ -932,7 +934,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
         refusal = _feedback_refusal(found, window_hours=settings.feedback_window_hours, many=len(named) > 1)
         if refusal is not None:
             raise refusal
-        checked = [Feedback(lookup.text_id or "", item.label) for item, lookup in zip(named, found, strict=True)]
+        checked = [Feedback(lookup.text_id or "", item.label, lookup.text)
+                   for item, lookup in zip(named, found, strict=True)]
         if not feedback_log[0].record(checked):
             raise RequestRefused(503, "the feedback log is behind; retry later",
                                  {"Retry-After": str(settings.retry_after_s)})

@@ -7,6 +7,11 @@ that it was issued and how many texts carry a client's id. Feedback is then chec
 the server never issued, or issued more than ``feedback_window_hours`` ago, is refused, and a client's id
 that several scored texts carry is refused as ambiguous rather than joined to one of them.
 
+With ``prediction_log_text: labelled`` (the default) the index also holds the request's texts, and only
+here: a label that arrives within the window is written to the feedback log with its text, and the texts no
+one labels are deleted with their row when the window ends (``secure_delete`` zeroes the freed pages, and
+the write-ahead log is truncated after each prune, so the files keep no copy).
+
 Writes are batched by a thread per worker (one transaction per batch; SQLite's WAL lets the workers write
 and read side by side); a request waits for its own batch, which is one short transaction. The file is
 bounded: rows older than the window, and all but the newest ``max_requests`` rows, are deleted as the
@@ -16,6 +21,7 @@ prediction is still answered, counted, and feedback for it is refused as unknown
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import sqlite3
@@ -42,7 +48,8 @@ CREATE TABLE IF NOT EXISTS issued (
     request_id TEXT PRIMARY KEY,
     client_request_id TEXT,
     texts INTEGER NOT NULL,
-    issued_at REAL NOT NULL
+    issued_at REAL NOT NULL,
+    body TEXT
 );
 CREATE INDEX IF NOT EXISTS issued_by_client ON issued (client_request_id) WHERE client_request_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS issued_by_time ON issued (issued_at);
@@ -57,6 +64,7 @@ class Lookup:
     texts: int  # scored texts it names: 1 is a match, 0 unknown, more ambiguous
     text_ids: tuple[str, ...]  # their issued ids (the first ``LISTED``)
     by_client_id: bool  # it is a client's id (its own X-Request-Id), not one the server issued
+    text: str | None = None  # the one text it names, when the server kept the texts of its request
 
     @property
     def text_id(self) -> str | None:
@@ -66,7 +74,7 @@ class Lookup:
 
 @dataclass
 class _Entry:
-    row: tuple[str, str | None, int, float]
+    row: tuple[str, str | None, int, float, str | None]
     written: Future[bool]
 
 
@@ -89,10 +97,15 @@ class IssuedIds:
         self._thread = threading.Thread(target=self._write_forever, name="langops-issued-ids", daemon=True)
         self._thread.start()
 
-    def add(self, request_id: str, client_request_id: str | None, texts: int) -> Future[bool] | None:
-        """Queue one scored request; the future says whether it was written. None (nothing queued) when the
-        writer is too far behind. Never blocks."""
-        entry = _Entry((request_id, client_request_id, texts, time.time()), Future())
+    def add(self, request_id: str, client_request_id: str | None, texts: int | Sequence[str]) -> Future[bool] | None:
+        """Queue one scored request, by its number of texts or by the texts themselves (kept until the window
+        ends, for the feedback that names them); the future says whether it was written. None (nothing
+        queued) when the writer is too far behind. Never blocks."""
+        if isinstance(texts, int):
+            count, body = texts, None
+        else:
+            count, body = len(texts), json.dumps(list(texts), ensure_ascii=False)
+        entry = _Entry((request_id, client_request_id, count, time.time(), body), Future())
         try:
             self._queue.put_nowait(entry)
         except queue.Full:
@@ -121,31 +134,35 @@ class IssuedIds:
     def _lookup(self, name: str, since: float) -> Lookup:
         db, parts = self._reader, split_text_id(name)
         if parts is not None:
-            row = db.execute("SELECT texts FROM issued WHERE request_id = ? AND issued_at >= ?",
+            row = db.execute("SELECT texts, body FROM issued WHERE request_id = ? AND issued_at >= ?",
                              (parts[0], since)).fetchone()
             if row is not None and parts[1] < row[0]:
-                return Lookup(name, 1, (name,), by_client_id=False)
-        row = db.execute("SELECT texts FROM issued WHERE request_id = ? AND issued_at >= ?", (name, since)).fetchone()
+                return Lookup(name, 1, (name,), by_client_id=False, text=_kept_text(row[1], parts[1]))
+        row = db.execute("SELECT texts, body FROM issued WHERE request_id = ? AND issued_at >= ?",
+                         (name, since)).fetchone()
         if row is not None:
             return Lookup(name, row[0], tuple(text_id(name, index) for index in range(min(row[0], LISTED))),
-                          by_client_id=False)
+                          by_client_id=False, text=_kept_text(row[1], 0) if row[0] == 1 else None)
         found: list[str] = []
         texts = 0
-        for request_id, count in db.execute(
-            "SELECT request_id, texts FROM issued WHERE client_request_id = ? AND issued_at >= ? ORDER BY issued_at",
-            (name, since),
+        single: str | None = None
+        for request_id, count, body in db.execute(
+            "SELECT request_id, texts, body FROM issued WHERE client_request_id = ? AND issued_at >= ? "
+            "ORDER BY issued_at", (name, since),
         ):
             texts += count
             found += [text_id(request_id, index) for index in range(min(count, LISTED - len(found)))]
+            single = _kept_text(body, 0)
         if parts is not None:
-            for (request_id,) in db.execute(
-                "SELECT request_id FROM issued WHERE client_request_id = ? AND texts > ? AND issued_at >= ? "
+            for request_id, body in db.execute(
+                "SELECT request_id, body FROM issued WHERE client_request_id = ? AND texts > ? AND issued_at >= ? "
                 "ORDER BY issued_at", (parts[0], parts[1], since),
             ):
                 texts += 1
                 if len(found) < LISTED:
                     found.append(text_id(request_id, parts[1]))
-        return Lookup(name, texts, tuple(found), by_client_id=True)
+                single = _kept_text(body, parts[1])
+        return Lookup(name, texts, tuple(found), by_client_id=True, text=single if texts == 1 else None)
 
     def _write_forever(self) -> None:
         last_prune = 0.0
@@ -177,7 +194,7 @@ class IssuedIds:
     def _write(self, batch: list[_Entry]) -> None:
         try:
             with self._writer:
-                self._writer.executemany("INSERT OR IGNORE INTO issued VALUES (?, ?, ?, ?)",
+                self._writer.executemany("INSERT OR IGNORE INTO issued VALUES (?, ?, ?, ?, ?)",
                                          [entry.row for entry in batch])
             written = True
         except sqlite3.Error:
@@ -195,17 +212,35 @@ class IssuedIds:
                 self._writer.execute("DELETE FROM issued WHERE issued_at < ?", (time.time() - self.window_s,))
                 self._writer.execute("DELETE FROM issued WHERE rowid <= (SELECT MAX(rowid) FROM issued) - ?",
                                      (self.max_requests,))
+            self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # old copies of deleted texts go too
         except sqlite3.Error:
             logger.exception("could not prune the issued ids in %s", self.path)
 
 
+def _kept_text(body: str | None, index: int) -> str | None:
+    """Text ``index`` of a request whose texts were kept, else None."""
+    if body is None:
+        return None
+    texts = json.loads(body)
+    return texts[index] if 0 <= index < len(texts) else None
+
+
 def _connect(path: Path) -> sqlite3.Connection:
-    """A connection in WAL mode (workers read while one writes), its schema created if missing."""
+    """A connection in WAL mode (workers read while one writes), its schema created if missing; an index
+    written before the server kept texts gains the column."""
     db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, check_same_thread=False)
     try:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")  # WAL: a commit survives a crash of the process, not of the OS
+        db.execute("PRAGMA secure_delete=ON")  # a pruned text is overwritten, not left in a free page
         db.executescript(_SCHEMA)
+        if "body" not in {column[1] for column in db.execute("PRAGMA table_info(issued)")}:
+            try:
+                with db:
+                    db.execute("ALTER TABLE issued ADD COLUMN body TEXT")
+            except sqlite3.OperationalError as exc:  # another worker added it first
+                if "duplicate column" not in str(exc):
+                    raise
     except BaseException:
         db.close()
         raise
