@@ -66,6 +66,9 @@ TASKS: dict[str, Task] = {
 # registry's current state.
 decide_promotion = task(pipeline.decide_promotion, name="promote-decide", cache_policy=NO_CACHE, **RETRY)
 record_promotion = task(pipeline.record_promotion, name="promote-record", cache_policy=NO_CACHE)
+# A retraining run's first step: it reads live logs, so it is never cached; a rerun merges the same labels
+# into the same rows, so it is safe to retry (DVC's push included).
+collect_feedback = task(pipeline.run_collect_feedback, name="collect-feedback", cache_policy=NO_CACHE, **RETRY)
 
 
 @dataclass
@@ -79,9 +82,10 @@ class StageInputs(CachePolicy):
 
 
 def run_stages(
-    params: Params, results: dict[str, Any], *, first: str | None = None, cause: str = ""
+    params: Params, results: dict[str, Any], *, first: str | None = None, last: str | None = None, cause: str = ""
 ) -> dict[str, Any]:
-    """Run the table's stages in order (from ``first``), each with the results of the stages it needs.
+    """Run the table's stages in order (from ``first``, through ``last``), each with the results of the stages
+    it needs.
 
     ``results`` holds the results so far, by stage name; the new ones are added to it. The stages that
     need more than a task (the validation report, the gate's pause for a person) are composed in
@@ -89,7 +93,7 @@ def run_stages(
     (what started the run) goes with the promotion record.
     """
     names = [s.name for s in STAGES]
-    for current in STAGES[names.index(first) if first else 0:]:
+    for current in STAGES[names.index(first) if first else 0:names.index(last) + 1 if last else None]:
         inputs = {stage(need).result: results[need] for need in current.needs}
         crash_point(f"before:{current.name}")
         if current.name in COMPOSED:
@@ -154,11 +158,19 @@ class PipelineSummary:
     shipped_model: str = "int8 ONNX"  # what ships: "int8 ONNX", "fp32 ONNX", "int8 ONNX of the 3-layer student"
 
 
+@dataclass(frozen=True)
+class SkippedRun:
+    """A retraining run that found nothing new to learn, and why."""
+
+    reason: str
+    champion_version: str | None
+
+
 @flow(name="langops-training-pipeline", log_prints=True)
 def training_pipeline(
     params_path: str = "params.yaml", overrides: list[str] | None = None, dataset: str | None = None,
-    trigger: dict[str, str] | None = None,
-) -> PipelineSummary:
+    trigger: dict[str, str] | None = None, retraining: bool = False,
+) -> PipelineSummary | SkippedRun:
     """Train, gate and deploy a text classifier from the dataset and knobs in ``params.yaml``.
 
     Args:
@@ -167,12 +179,25 @@ def training_pipeline(
         dataset: the labelled dataset to train on (a file or folder); shorthand for ``data.source=...``.
         trigger: the event that started this run, filled in by the deployment's trigger in ``prefect.yaml``
             (the event's name, its monitoring run and drift report); kept with the promotion record.
+        retraining: the run was started by itself (the deployment's schedule or trigger): collect the labelled
+            production texts first (``feedback.collect``), and skip training when neither they nor the data
+            changed since the champion was trained.
     """
     params = load_params(params_path, [*(overrides or []), *([f"data.source={dataset}"] if dataset else [])])
+    logger = get_run_logger()
     cause = describe_trigger(trigger) if trigger else ""
     if cause:
-        get_run_logger().info("started by %s", cause)
-    shipped = ship(params, run_stages(params, {}, cause=cause))
+        logger.info("started by %s", cause)
+    if params.feedback.collect == "always" or (retraining and params.feedback.collect == "retraining"):
+        collected = collect_feedback(params)
+        create_markdown_artifact(collected.describe(), key="feedback-collection",
+                                 description="Labelled production texts added to the training data")
+    results = run_stages(params, {}, last="prepare")
+    if retraining and (reason := pipeline.nothing_new(params, results["prepare"])):
+        logger.info(reason)
+        create_markdown_artifact(reason, key="retraining-skipped", description="Nothing new to learn")
+        return SkippedRun(reason, current_alias_version(params.register.model_name, CHAMPION))
+    shipped = ship(params, run_stages(params, results, first="validate", cause=cause))
     evaluation, compression = shipped.evaluation, shipped.compression
     summary = PipelineSummary(
         run_id=shipped.trained.run_id,

@@ -528,7 +528,7 @@ def _deploy(params: Params, args: argparse.Namespace) -> int:
 
 
 def _history(params: Params, args: argparse.Namespace) -> int:
-    from langops.promotions import read_history
+    from langops.promotions import read_history, versions_tag
 
     model = params.register.model_name
     if args.limit < 1:
@@ -542,11 +542,14 @@ def _history(params: Params, args: argparse.Namespace) -> int:
     rows += [(e.at, e.event, f"{e.from_version or '-'} → {e.to_version}", e.actor, e.reason) for e in events]
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     print(f"promotion history of {model}, newest first")
-    causes = ["", *(e.cause for e in events)]
-    for row, cause in zip(rows, causes):
+    learned = versions_tag(params, model, {e.to_version for e in events if e.event == "promote"}, "training_feedback")
+    causes = [("", ""), *((e.cause, learned.get(e.to_version, "") if e.event == "promote" else "") for e in events)]
+    for row, (cause, feedback) in zip(rows, causes):
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[4])
         if cause:
             print(" " * (widths[0] + 2) + f"started by {cause}")
+        if feedback:
+            print(" " * (widths[0] + 2) + f"learned from feedback {feedback}")
     return 0
 
 

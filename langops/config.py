@@ -53,6 +53,7 @@ class PathsConfig(_Section):
     deployment: Path = Path("reports/deployment")
     sweep: Path = Path("models/sweep")  # one folder per sweep trial: <sweep>/<trial>/{trained,checkpoints}
     monitoring: Path = Path("reports/monitoring")  # one folder per monitor run: <monitoring>/<UTC time>/
+    feedback: Path = Path("reports/feedback")  # collection.json: the last feedback collection (rows, md5, times)
 
 
 SPLITS = ("train", "validation", "test")
@@ -77,9 +78,9 @@ class DataConfig(_Section):
     encoding: str = Field("utf-8", description="of CSV/TSV/JSONL files; a UTF-8 byte-order mark is always allowed")
     demo_rows: int = Field(3000, ge=60)
     extra_sources: tuple[str, ...] = Field(
-        (), description="more labelled files with the same columns, e.g. the production rows `langops feedback "
-        "export` writes; their rows are split like one file's and added to every split. A file not there yet is "
-        "skipped with a note",
+        ("data/raw/feedback.csv",), description="more labelled files with the same columns, e.g. the production "
+        "rows the training flow collects into feedback.dataset; their rows are split like one file's and added to "
+        "every split. A file not there yet is skipped with a note",
     )
 
     @field_validator("source")
@@ -722,6 +723,20 @@ def _check_sweep_key(key: str) -> None:
         node = node.model_fields[part].annotation
 
 
+class FeedbackConfig(_Section):
+    """Production labels becoming training data: what a training run does with them before it trains."""
+
+    collect: Literal["retraining", "always", "never"] = Field(
+        "retraining", description="when a training run first adds the labels given through the server to "
+        "feedback.dataset: retraining (runs a deployment starts by itself: the nightly schedule, a monitor event), "
+        "always (langops run too), never",
+    )
+    dataset: Path = Field(Path("data/raw/feedback.csv"), description="the CSV the labels accumulate in (one row "
+                          "per text, its latest label); it must be one of data.extra_sources")
+    dvc: bool = Field(True, description="dvc add and dvc push the dataset after it changes, when the project is a "
+                      "DVC repository")
+
+
 class MonitorConfig(_Section):
     """Production monitoring: which logged predictions make a window and when a window counts as drifted.
 
@@ -806,6 +821,18 @@ with warnings.catch_warnings():
         tracking: TrackingConfig = TrackingConfig()
         sweep: SweepConfig = SweepConfig()
         monitor: MonitorConfig = MonitorConfig()
+        feedback: FeedbackConfig = FeedbackConfig()
+
+        def unread_feedback(self) -> str | None:
+            """Why the collected labels would reach no training (``feedback.dataset`` is none of
+            ``data.extra_sources``), else None; paths compared once resolved, so relative and absolute agree."""
+            if self.feedback.collect == "never" or Path(self.feedback.dataset) in {
+                Path(source) for source in self.data.extra_sources
+            }:
+                return None
+            return (f"feedback.dataset {str(self.feedback.dataset)!r} is not one of data.extra_sources "
+                    f"{list(self.data.extra_sources)}: add it there, so that training reads the labels it collects, "
+                    "or set feedback.collect: never")
 
         def resolved(self, root: Path) -> Params:
             """Make every relative path absolute against ``root`` (the folder holding params.yaml)."""
@@ -827,6 +854,7 @@ with warnings.catch_warnings():
                     "monitor": self.monitor.model_copy(
                         update={"log_dir": None if self.monitor.log_dir is None else _absolute(root, self.monitor.log_dir)}
                     ),
+                    "feedback": self.feedback.model_copy(update={"dataset": _absolute(root, self.feedback.dataset)}),
                 }
             )
 
@@ -880,7 +908,10 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | dict[st
     overridden = _parse_overrides(overrides)
     for key, value in overridden.items():
         _set_dotted(raw, key, value)
-    return parse_params(raw, origin=str(path), overridden=tuple(overridden)).resolved(path.parent)
+    params = parse_params(raw, origin=str(path), overridden=tuple(overridden)).resolved(path.parent)
+    if (problem := params.unread_feedback()) is not None:
+        raise ConfigError(f"invalid {path}: {problem}")
+    return params
 
 
 def parse_params(raw: dict[str, Any], origin: str = "params", overridden: tuple[str, ...] = ()) -> Params:

@@ -29,10 +29,11 @@ from langops.lineage import git_commit
 from langops.promotions import current_alias_version, record_decision
 from langops.tasks import baseline as baseline_step
 from langops.tasks.baseline import BaselineResult
+from langops.tasks.collect_feedback import FeedbackCollection, collect_feedback
 from langops.tasks.compress import REFERENCE_FILE, CompressionResult, compress
 from langops.tasks.distill import BaselineFloor, DistillResult, distill
 from langops.tasks.evaluate import EvaluationResult, evaluate
-from langops.tasks.prepare import PrepareResult, prepare
+from langops.tasks.prepare import SUMMARY_FILE, PrepareResult, prepare
 from langops.tasks.promote import (
     BASELINE_MARGIN,
     BASELINE_NAME,
@@ -53,6 +54,44 @@ log = logging.getLogger(__name__)
 TRAIN_RECORD = "train.json"  # beside the trained model: its MLflow run, lineage and training result
 DEPLOYMENT_RECORD = "deployment.json"
 NO_APPROVER = "nobody"
+
+
+def run_collect_feedback(params: Params) -> FeedbackCollection:
+    """Merge the deployed server's labelled texts into ``feedback.dataset`` and version it (a retraining run's
+    first step; not a DVC stage: it reads live logs, and what it writes is a data source)."""
+    from langops.monitor import prediction_log_dir
+
+    return collect_feedback(params.feedback, log_dir=prediction_log_dir(params), text_column=params.data.text_column,
+                            label_column=params.data.label_column, record_dir=params.paths.feedback)
+
+
+def nothing_new(params: Params, prepared: PrepareResult) -> str | None:
+    """Why training would learn nothing the champion did not (its data version and params are these), else None."""
+    from mlflow import MlflowClient
+
+    tracking.configure_mlflow(params)
+    model = params.register.model_name
+    champion = current_alias_version(model, CHAMPION)
+    if champion is None:
+        return None
+    tags = MlflowClient().get_model_version(model, champion).tags
+    if tags.get("data_version") != prepared.data_version or tags.get("params_hash") != params.section_hash():
+        return None
+    return (f"nothing new to learn: the champion, {model} version {champion}, was trained on this data version "
+            f"({prepared.data_version}) with these params, and no new feedback came; training skipped")
+
+
+def training_feedback(params: Params, prepared: PrepareResult) -> str | None:
+    """The lineage entry of the feedback dataset a model learns from: file, md5, rows and when it was labelled."""
+    dataset = Path(params.feedback.dataset)
+    summary = prepared.out_dir / SUMMARY_FILE
+    found = (read_json(summary).get("extra_sources") or {}).get(dataset.name) if summary.is_file() else None
+    if not isinstance(found, dict):
+        return None
+    collected = FeedbackCollection.load(params.paths.feedback)
+    span = (f", labelled {collected.labelled_from} to {collected.labelled_to}"
+            if collected is not None and collected.md5 == found["md5"] and collected.labelled_from else "")
+    return f"{dataset.name} md5 {found['md5']}: {found['rows']} rows{span}"
 
 
 def run_prepare(params: Params) -> PrepareResult:
@@ -180,6 +219,8 @@ def run_train(params: Params, prepared: PrepareResult) -> TrainRecord:
         "base_model": params.train.base_model,
         "train_method": params.train.method,
     }
+    if (feedback := training_feedback(params, prepared)) is not None:
+        lineage["training_feedback"] = feedback
     with tracking.training_run(params, lineage, validation_dir=params.paths.validation) as run:
         result = train_step(on_evaluation=run.log_evaluation)
         record = TrainRecord(run_id=run.run_id, lineage=lineage, result=result)

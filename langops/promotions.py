@@ -294,6 +294,22 @@ def read_history(params: Params, model_name: str, limit: int = 50) -> list[Promo
     return [_event_from_run(run) for run in runs]
 
 
+def versions_tag(params: Params, model_name: str, versions: set[str], key: str) -> dict[str, str]:
+    """Tag ``key`` of each of ``versions`` that has it (a deleted version, or one without it, is left out)."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client(params)
+    found = {}
+    for version in sorted(versions):
+        try:
+            value = client.get_model_version(model_name, version).tags.get(key)
+        except MlflowException:
+            continue
+        if value:
+            found[version] = value
+    return found
+
+
 def read_evidence(params: Params, record_id: str) -> dict[str, Any]:
     """The evidence logged with one event (``PromotionEvent.record_id``)."""
     import mlflow

@@ -357,6 +357,57 @@ def test_a_challenger_on_grown_data_is_compared_only_on_rows_neither_model_train
     assert f"{compared['compared']} of {compared['test_rows']} test rows (removed as trained on: " in gate["detail"]
 
 
+def test_a_retraining_run_learns_the_labels_given_since_and_skips_when_nothing_is_new(
+    prefect_server, tmp_path, tiny_base_model
+):
+    """No person between the server's feedback and the next model: the run a schedule or a monitor event starts
+    collects the labelled texts into a DVC-versioned dataset, trains on them and records which ones."""
+    import subprocess
+    import sys
+
+    import pandas as pd
+    import yaml
+
+    from langops.demo_data import DEMO_LABELS, generate_demo_dataset
+    from langops.flows.pipeline import SkippedRun, training_pipeline
+    from langops.io import read_json
+
+    params_path = write_params(tmp_path, tiny_project_params(tmp_path, tiny_base_model))
+    for command in (["init", "--no-scm", "-q"], ["remote", "add", "-d", "local", str(tmp_path / ".langops" / "dvc-remote")]):
+        subprocess.run([sys.executable, "-m", "dvc", *command], cwd=tmp_path, check=True, capture_output=True)
+    client = _client(tmp_path)
+
+    first = training_pipeline(params_path=str(params_path), retraining=True)
+    assert (first.version, first.promoted) == ("1", True)  # no champion yet: it trains
+    assert "training_feedback" not in client.get_model_version("langops-classifier", "1").tags
+
+    state_before = _registry_state(client)
+    idle = training_pipeline(params_path=str(params_path), retraining=True, return_state=True)
+    skipped = idle.result()
+    assert isinstance(skipped, SkippedRun) and skipped.champion_version == "1"
+    assert skipped.reason.startswith("nothing new to learn: the champion, langops-classifier version 1, was trained")
+    assert _registry_state(client) == state_before  # no run, no version
+    assert set(_task_run_states(idle.state_details.flow_run_id, expected=("prepare",))) == {"collect-feedback", "prepare"}
+
+    # People label what the server answered; it wrote each label with its text (prediction_log_text: labelled).
+    labelled = generate_demo_dataset(DEMO_LABELS, 40, seed=99)
+    log_dir = tmp_path / ".langops" / "server" / "predictions"
+    log_dir.mkdir(parents=True)
+    (log_dir / "feedback.jsonl").write_text("".join(
+        json.dumps({"time": f"2026-12-0{1 + i // 20}T10:{i % 60:02d}:00.000+00:00", "request_id": f"{i:032x}-0",
+                    "label": label, "text": text}) + "\n"
+        for i, (text, label) in enumerate(zip(labelled["text"], labelled["label"], strict=True))))
+    learned = training_pipeline(params_path=str(params_path), retraining=True)
+    assert learned.version == "2"
+    dataset = tmp_path / "data" / "raw" / "feedback.csv"
+    assert len(pd.read_csv(dataset)) == 40
+    md5 = yaml.safe_load((dataset.parent / "feedback.csv.dvc").read_text())["outs"][0]["md5"]
+    assert any(path.name == md5[2:] for path in (tmp_path / ".langops" / "dvc-remote").rglob("*"))  # pushed
+    assert read_json(tmp_path / "data" / "prepared" / "summary.json")["extra_sources"]["feedback.csv"]["rows"] == 40
+    assert client.get_model_version("langops-classifier", "2").tags["training_feedback"] == (
+        f"feedback.csv md5 {md5}: 40 rows, labelled 2026-12-01T10:00:00.000+00:00 to 2026-12-02T10:39:00.000+00:00")
+
+
 DOOMED_FLOW = """
 import os, signal
 from prefect import flow

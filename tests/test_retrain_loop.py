@@ -3,9 +3,10 @@
 `langops up` runs the Prefect server and worker and the MLflow server; `langops deploy` applies prefect.yaml,
 whose training deployment has a trigger on the monitor's events. A champion serves. Clean traffic is judged
 first (the control: no event, no training). Then traffic with new vocabulary arrives, people label it
-(`POST /feedback`, `langops feedback export` into `data.extra_sources`), and one run of the monitor deployment
-has to do the rest on its own: detect the drift, emit the event, and the trigger's training run on the worker
-trains on the new rows, passes the gate, and the server swaps to it while a client keeps calling it.
+(`POST /feedback`; the server keeps a text only once it is labelled), and one run of the monitor deployment has
+to do the rest on its own: detect the drift, emit the event, and the trigger's training run on the worker
+collects the labelled texts into the feedback dataset, trains on them, passes the gate, and the server swaps to
+it while a client keeps calling it. No person exports anything.
 
 The first champion is deliberately undertrained (a learning rate of 1e-9), so that the retrained model beats it
 beyond noise whatever a tiny random model makes of the new rows; the gate's guards (calibration, per-class
@@ -44,7 +45,7 @@ def served(tmp_path_factory, tiny_base_model):
         root, tiny_base_model,
         data={"source": "demo", "labels": list(DEMO_LABELS), "demo_rows": 360,
               "extra_sources": ["data/raw/feedback.csv"]},
-        deploy={"enabled": True, "port": free_port(), "poll_seconds": 0.5, "prediction_log_text": "raw"},
+        deploy={"enabled": True, "port": free_port(), "poll_seconds": 0.5},  # texts: labelled, the default
         services={"prefect_port": free_port(), "mlflow_port": free_port(), "start_timeout_s": 180.0},
         monitor={"window_hours": 1.0, "min_rows": 200, "cooldown_hours": 6.0, "retrain_feedback_rows": 100_000},
     )
@@ -88,8 +89,7 @@ def test_drift_retrains_gates_and_swaps_by_itself_while_clean_traffic_raises_not
         accepted = httpx.post(f"{urls['server']}/feedback", json=labels[start:start + 100], timeout=30)
         assert accepted.status_code == 202 and accepted.json()["accepted"] == len(labels[start:start + 100])
     wait_for_logged(root, 700)
-    exported = langops(root, "feedback", "export", "--output", "data/raw/feedback.csv")
-    assert exported.returncode == 0 and "wrote 400 labelled texts" in exported.stdout, exported.stdout + exported.stderr
+    assert not (root / "data" / "raw" / "feedback.csv").exists()  # nobody exports
     assert no_manual_training_runs(urls["prefect"]) == []
 
     # One monitor run; everything after it happens by itself, while a client keeps calling the server.
@@ -107,10 +107,10 @@ def test_drift_retrains_gates_and_swaps_by_itself_while_clean_traffic_raises_not
     assert {"1", "2"} <= requests.versions
 
     # The trigger handed the event to the training run, which trained on the labelled production rows.
-    assert training["parameters"]["trigger"]["event"] == EVENT_DRIFT
+    assert training["parameters"]["trigger"]["event"] == EVENT_DRIFT and training["parameters"]["retraining"] is True
     assert training["parameters"]["trigger"]["monitor_run_id"] == drift_run.info.run_id
     summary = json.loads((root / "data" / "prepared" / "summary.json").read_text())
-    assert summary["extra_sources"]["feedback.csv"]["rows"] == 400
+    assert summary["extra_sources"]["feedback.csv"]["rows"] == 400  # collected by the run itself
     version = mlflow.get_model_version(model, "2")
     assert "champion" in version.aliases and version.tags["langops.decision"] == "promoted"
 
@@ -122,6 +122,8 @@ def test_drift_retrains_gates_and_swaps_by_itself_while_clean_traffic_raises_not
     report_dir = drift_run.data.tags["mlflow.runName"].rsplit(" ", 1)[-1]
     assert lines[promoted + 1].strip().startswith(f"started by {EVENT_DRIFT}: drift report "), history.stdout
     assert report_dir in lines[promoted + 1] and drift_run.info.run_id in lines[promoted + 1]
+    assert lines[promoted + 2].strip().startswith("learned from feedback feedback.csv md5 "), history.stdout
+    assert ": 400 rows, labelled " in lines[promoted + 2]
     assert Path(root / "reports" / "monitoring" / report_dir / "drift-report.md").is_file()
 
 
