@@ -164,9 +164,11 @@ def test_feedback_is_checked_by_any_server_sharing_the_log_folder_and_after_a_re
         refused = one.post("/feedback", json={"request_id": "w-1", "label": "billing"})
         assert refused.status_code == 409 and "2 scored texts" in refused.json()["detail"]
     with serving_local(settings_for(compressed_dir, log_dir)) as restarted, restarted.client() as later:
-        for request_id in (issued, again.headers["X-Request-Id"]):
-            accepted = later.post("/feedback", json={"request_id": f"{request_id}-0", "label": "billing"})
+        for request_id, label in ((issued, "shipping"), (again.headers["X-Request-Id"], "billing")):
+            accepted = later.post("/feedback", json={"request_id": f"{request_id}-0", "label": label})
             assert accepted.status_code == 202, accepted.text
+        relabel = later.post("/feedback", json={"request_id": f"{issued}-0", "label": "billing"})
+        assert relabel.status_code == 409 and "was labelled 'shipping'" in relabel.json()["detail"]  # remembered
         assert later.post("/feedback", json={"request_id": "w-1", "label": "billing"}).status_code == 409
 
 
@@ -204,6 +206,54 @@ def test_by_default_a_text_is_kept_only_once_feedback_labels_it(
     exported = langops_cli("feedback", "export", "--log-dir", str(log_dir), "--output", "feedback.csv", cwd=tmp_path)
     assert exported.returncode == 0, exported.stdout + exported.stderr
     assert list(pd.read_csv(tmp_path / "feedback.csv").itertuples(index=False, name=None)) == [(CANCEL, "billing")]
+
+
+@pytest.mark.model
+def test_a_text_is_labelled_once_unless_the_label_is_forced_and_a_retry_is_no_conflict(
+    client: httpx.Client, log_dir: Path
+) -> None:
+    issued = client.post("/predict", json={"texts": [PARCEL, CANCEL]}).headers["X-Request-Id"]
+    first = client.post("/feedback", json={"request_id": f"{issued}-0", "label": "shipping"})
+    assert first.status_code == 202, first.text
+    retried = client.post("/feedback", json={"request_id": f"{issued}-0", "label": "shipping"})
+    assert retried.status_code == 202, retried.text  # the same label again: a client's retry
+
+    other = client.post("/feedback", json=[{"request_id": f"{issued}-1", "label": "billing"},
+                                           {"request_id": f"{issued}-0", "label": "billing"}])
+    detail = other.json()["detail"]
+    assert other.status_code == 409, other.text
+    assert f"'{issued}-0' was labelled 'shipping', not 'billing'" in detail and '"force": true' in detail
+    assert "Nothing was recorded" in detail
+
+    forced = client.post("/feedback", json=[{"request_id": f"{issued}-1", "label": "billing"},
+                                            {"request_id": f"{issued}-0", "label": "billing", "force": True}])
+    assert forced.status_code == 202, forced.text
+    lines = feedback_lines(log_dir, 4)
+    assert [(line["request_id"], line["label"]) for line in lines] == [
+        (f"{issued}-0", "shipping"), (f"{issued}-0", "shipping"), (f"{issued}-1", "billing"), (f"{issued}-0", "billing")]
+    assert client.post("/feedback", json={"request_id": f"{issued}-0", "label": "shipping", "force": "yes"}
+                       ).status_code == 422  # force is a JSON boolean
+
+
+@pytest.mark.unit
+def test_two_workers_claiming_one_text_at_once_record_one_label(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from langops.serving import issued_ids
+
+    path = tmp_path / "ids.sqlite3"
+    workers = [issued_ids.IssuedIds(path, window_hours=1.0, max_requests=100, queue_size=10) for _ in range(2)]
+    try:
+        text = f"{new_request_id()}-0"
+        with ThreadPoolExecutor(2) as pool:
+            outcomes = list(pool.map(lambda pair: pair[0].claim_labels([(text, pair[1])]),
+                                     zip(workers, ["billing", "shipping"], strict=True)))
+        assert sorted(len(conflicts) for conflicts in outcomes) == [0, 1]  # one won, the other was told
+        (conflict,) = next(conflicts for conflicts in outcomes if conflicts)
+        assert conflict[0] == text and {conflict[1], conflict[2]} == {"billing", "shipping"}
+    finally:
+        for worker in workers:
+            worker.close()
 
 
 @pytest.mark.unit

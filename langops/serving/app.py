@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError, model_validator
 from starlette.concurrency import run_in_threadpool
 
 from langops.aliases import CHAMPION
@@ -514,6 +514,8 @@ class FeedbackItem(BaseModel):
         "carries it", max_length=80,
     )
     label: StrictStr = Field(description="the true label: one of the served model's labels", max_length=200)
+    force: StrictBool = Field(False, description="replace a label given to this text before (without it, a "
+                              "different label for a text already labelled is refused with 409)")
 
 
 EXAMPLE_ID = "0192f3a1b2c4d5e6f708192a3b4c5d6e"
@@ -936,6 +938,18 @@ def create_app(settings: ServerSettings) -> FastAPI:
             raise refusal
         checked = [Feedback(lookup.text_id or "", item.label, lookup.text)
                    for item, lookup in zip(named, found, strict=True)]
+        forced = {text.request_id for text, item in zip(checked, items, strict=True) if item.force}
+        try:
+            conflicts = await run_in_threadpool(issued_ids[0].claim_labels,
+                                                [(item.request_id, item.label) for item in checked], forced=forced)
+        except Exception as exc:  # a damaged index refuses feedback, never answers 500
+            logger.exception("cannot record labels in the index of issued ids")
+            raise RequestRefused(503, f"feedback cannot be recorded: the index of issued ids cannot be written "
+                                 f"({type(exc).__name__}); see the server log") from exc
+        if conflicts:
+            shown = "; ".join(f"{name!r} was labelled {before!r}, not {now!r}" for name, before, now in conflicts[:5])
+            raise RequestRefused(409, f"{len(conflicts)} text(s) already labelled otherwise: {shown}. Send "
+                                 '"force": true with an item to replace its label. Nothing was recorded.')
         if not feedback_log[0].record(checked):
             raise RequestRefused(503, "the feedback log is behind; retry later",
                                  {"Retry-After": str(settings.retry_after_s)})

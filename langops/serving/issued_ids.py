@@ -27,7 +27,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +53,11 @@ CREATE TABLE IF NOT EXISTS issued (
 );
 CREATE INDEX IF NOT EXISTS issued_by_client ON issued (client_request_id) WHERE client_request_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS issued_by_time ON issued (issued_at);
+CREATE TABLE IF NOT EXISTS labelled (
+    text_id TEXT PRIMARY KEY,
+    label TEXT NOT NULL,
+    labelled_at REAL NOT NULL
+);
 """
 
 
@@ -94,6 +99,8 @@ class IssuedIds:
         self._read_lock = threading.Lock()
         self._queue: queue.Queue[object] = queue.Queue(maxsize=queue_size)
         self._writer = _connect(self.path)
+        self._labels = _connect(self.path)
+        self._labels_lock = threading.Lock()
         self._thread = threading.Thread(target=self._write_forever, name="langops-issued-ids", daemon=True)
         self._thread.start()
 
@@ -124,12 +131,37 @@ class IssuedIds:
         with self._read_lock:
             return [self._lookup(name, since) for name in names]
 
+    def claim_labels(self, labels: Sequence[tuple[str, str]], *, forced: Collection[str] = ()) -> list[tuple[str, str, str]]:
+        """Record each ``(text id, label)`` as given, once per text: all or none, in one transaction.
+
+        A text labelled before with another label is a conflict unless its id is in ``forced`` (then the new
+        label replaces the old); the same label again is none (a client's retry). Returns the conflicts, as
+        ``(text id, label given before, label sent)``; when there are any, nothing is recorded.
+
+        Raises:
+            sqlite3.Error: the file cannot be written.
+        """
+        now = time.time()
+        with self._labels_lock, self._labels:
+            self._labels.execute("BEGIN IMMEDIATE")  # no other worker claims between the check and the write
+            conflicts = []
+            for name, label in labels:
+                row = self._labels.execute("SELECT label FROM labelled WHERE text_id = ?", (name,)).fetchone()
+                if row is not None and row[0] != label and name not in forced:
+                    conflicts.append((name, row[0], label))
+            if not conflicts:
+                self._labels.executemany("INSERT OR REPLACE INTO labelled VALUES (?, ?, ?)",
+                                         [(name, label, now) for name, label in labels])
+        return conflicts
+
     def close(self, timeout: float = 10.0) -> None:
         """Write what is queued, then stop the writer and close the file."""
         self._queue.put(_STOP)
         self._thread.join(timeout)
         with self._read_lock:
             self._reader.close()
+        with self._labels_lock:
+            self._labels.close()
 
     def _lookup(self, name: str, since: float) -> Lookup:
         db, parts = self._reader, split_text_id(name)
@@ -210,6 +242,7 @@ class IssuedIds:
         try:
             with self._writer:
                 self._writer.execute("DELETE FROM issued WHERE issued_at < ?", (time.time() - self.window_s,))
+                self._writer.execute("DELETE FROM labelled WHERE labelled_at < ?", (time.time() - self.window_s,))
                 self._writer.execute("DELETE FROM issued WHERE rowid <= (SELECT MAX(rowid) FROM issued) - ?",
                                      (self.max_requests,))
             self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # old copies of deleted texts go too
