@@ -251,6 +251,25 @@ def test_the_model_server_commands_parse_with_the_langops_cli(compose):
 
 
 @pytest.mark.unit
+def test_the_model_server_and_the_worker_share_the_prediction_log_folder(compose):
+    """The worker runs `langops monitor` and the retraining run's feedback collection: both read the folder the
+    model server writes its prediction log, feedback and issued ids to, which must be one volume for both."""
+    from langops.config import load_params
+    from langops.monitor import prediction_log_dir
+
+    params = load_params(REPO / "params.yaml")
+    folder = "/app/" + prediction_log_dir(params).relative_to(REPO).as_posix()  # both containers work in /app
+
+    def volume_at(service: str) -> str | None:
+        mounts = [entry.split(":") for entry in compose["services"][service].get("volumes", [])]
+        return next((source for source, target, *_ in mounts if target == folder), None)
+
+    shared = volume_at("model-server")
+    assert shared is not None and shared == volume_at("prefect-worker"), (folder, shared, volume_at("prefect-worker"))
+    assert shared in compose["volumes"]  # a named volume, not a path on one host
+
+
+@pytest.mark.unit
 def test_the_image_pins_cpu_torch_like_the_makefile_and_copies_what_exists():
     dockerfile = (INFRA / "Dockerfile").read_text()
     makefile_torch = re.search(
