@@ -33,9 +33,12 @@ log_report = task(monitor.log_report, name="monitor-log-report", cache_policy=NO
 
 @task(name="monitor-publish-report", cache_policy=NO_CACHE)
 def publish_report(model: MonitoredModel, checked: WindowCheck, run_id: str) -> None:
-    """The report as the flow run's markdown artifact ``drift-report``."""
+    """The report as the flow run's markdown artifact ``drift-report``, naming the HTML page to open."""
+    from langops.monitoring import REPORT_HTML
+
     header = (f"**{model.model_name} version {model.version}**: MLflow run `{run_id}`, report files in "
-              f"`{checked.report_dir}`\n\n")
+              f"`{checked.report_dir}`; the page to open: `{checked.report_dir / REPORT_HTML}` (also the run's "
+              f"artifact `{monitor.REPORT_ARTIFACTS}/{REPORT_HTML}`)\n\n")
     create_markdown_artifact(header + checked.markdown, key=ARTIFACT_KEY,
                              description=f"Drift report: {checked.verdict} on {checked.rows} rows")
 

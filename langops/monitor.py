@@ -216,6 +216,8 @@ def log_report(params: Params, model: MonitoredModel, checked: WindowCheck) -> s
     """
     from mlflow.entities import Metric, Param
 
+    from langops.monitoring import REPORT_HTML
+
     client = _client(params)
     experiment_id = _monitoring_experiment(client, params)
     tags = {MODEL_TAG: model.model_name, VERSION_TAG: model.version, VERDICT_TAG: checked.verdict,
@@ -232,6 +234,7 @@ def log_report(params: Params, model: MonitoredModel, checked: WindowCheck) -> s
     )
     client.set_tag(run_id, "langops.monitor.reasons", "\n".join(checked.reasons)[:5000])
     client.log_artifacts(run_id, str(checked.report_dir), REPORT_ARTIFACTS)
+    client.set_tag(run_id, "langops.monitor.report_html", f"{REPORT_ARTIFACTS}/{REPORT_HTML}")  # the page to open
     client.set_terminated(run_id)
     return run_id
 

@@ -773,6 +773,7 @@ def _reason(check: Check, cfg: MonitorConfig) -> str:
 
 REPORT_MD = "drift-report.md"
 REPORT_JSON = "drift-report.json"
+REPORT_HTML = "drift-report.html"  # one page with the plots inside it: open it, attach it, mail it
 PLOTS = {"confidence": "confidence.png", "text_length": "text_length.png", "scores": "scores.png"}
 
 
@@ -845,7 +846,8 @@ def plot_scores(report: DriftReport, path: Path) -> Path:
 
 
 def write_report(report: DriftReport, folder: Path) -> Path:
-    """``drift-report.md`` (with the plots linked), ``drift-report.json`` and the PNGs under ``folder``; returns drift-report.md."""
+    """``drift-report.md`` (with the plots linked), ``drift-report.html`` (the same, the plots inside it),
+    ``drift-report.json`` and the PNGs under ``folder``; returns drift-report.md."""
     folder.mkdir(parents=True, exist_ok=True)
     text = report.to_markdown()
     if report.checks:
@@ -863,5 +865,51 @@ def write_report(report: DriftReport, folder: Path) -> Path:
         links.append(f"![drift scores]({PLOTS['scores']})")
         text += "\n".join(links) + "\n"
     (folder / REPORT_JSON).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    (folder / REPORT_HTML).write_text(report_html(text, folder, verdict=report.verdict))
     (folder / REPORT_MD).write_text(text)
     return folder / REPORT_MD
+
+
+_HTML_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{font: 15px/1.5 system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222}}
+h1 {{border-left: 8px solid {colour}; padding-left: .5em}}
+table {{border-collapse: collapse; font-size: 13px}} th, td {{border: 1px solid #ccc; padding: 3px 8px}}
+th {{background: #f3f3f3}} img {{max-width: 100%; display: block; margin: 1em 0}}
+</style></head>
+<body data-verdict="{verdict}">
+{body}
+<script>
+// Counts the plots the browser decoded, so a check in a real browser can tell the page is whole.
+window.addEventListener("load", () => {{
+  const shown = [...document.images].filter((img) => img.complete && img.naturalWidth > 0).length;
+  document.body.dataset.imagesShown = String(shown);
+}});
+</script>
+</body></html>
+"""
+_VERDICT_COLOURS = {"ok": "#2e7d32", "drift": "#c62828", "no_verdict": "#9e9e9e"}
+
+
+def report_html(markdown_text: str, folder: Path, *, verdict: str) -> str:
+    """The markdown report as one HTML page, each plot it links embedded (a data: URI), nothing fetched."""
+    import base64
+    import html
+    import re
+
+    import markdown
+
+    # The text holds labels and reasons from the data: escaped, so none of it is markup the page would run.
+    body = markdown.markdown(html.escape(markdown_text, quote=False), extensions=["tables"])
+
+    def embed(match: re.Match[str]) -> str:
+        path = folder / html.unescape(match.group(1))
+        if not path.is_file():
+            return match.group(0)
+        return f'src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}"'
+
+    body = re.sub(r'src="([^"/:]+\.png)"', embed, body)
+    title = html.escape(markdown_text.splitlines()[0].lstrip("# ") if markdown_text else "Monitoring")
+    return _HTML_PAGE.format(title=title, colour=_VERDICT_COLOURS.get(verdict, "#9e9e9e"), verdict=html.escape(verdict),
+                             body=body)

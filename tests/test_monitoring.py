@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
 import numpy as np
@@ -242,6 +243,20 @@ def test_write_report_writes_markdown_json_and_plots(reference, tmp_path):
     summary = json.loads((tmp_path / "report" / "drift-report.json").read_text())
     assert summary["verdict"] == "drift"
     assert {c["name"] for c in summary["checks"]} >= {"embedding_mmd", "estimated_accuracy"}
+
+
+def test_the_html_report_holds_the_verdict_the_checks_and_the_plots_and_runs_no_markup_from_the_data(
+    reference, tmp_path
+):
+    window = synthetic(800, seed=30, drift="new_topic")
+    report = detect_drift(reference, window, CFG)
+    report = replace(report, reasons=[*report.reasons, "label <script>alert(1)</script> & co"])
+    write_report(report, tmp_path / "report")
+    page = (tmp_path / "report" / "drift-report.html").read_text()
+    assert page.startswith("<!doctype html>") and '<body data-verdict="drift">' in page
+    assert "<h1>Monitoring: DRIFT</h1>" in page and "<table>" in page and "embedding_mmd" in page
+    assert page.count('src="data:image/png;base64,') == 3 and ".png\"" not in page  # every plot inside the page
+    assert "<script>alert(1)</script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt; &amp; co" in page
 
 
 def test_a_drop_within_the_noise_of_few_feedback_labels_is_not_flagged(reference):
