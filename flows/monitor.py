@@ -15,7 +15,7 @@ from datetime import datetime, timedelta, timezone
 from uuid import UUID
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from langops import monitor
@@ -32,15 +32,22 @@ log_report = task(monitor.log_report, name="monitor-log-report", cache_policy=NO
 
 
 @task(name="monitor-publish-report", cache_policy=NO_CACHE)
-def publish_report(model: MonitoredModel, checked: WindowCheck, run_id: str) -> None:
-    """The report as the flow run's markdown artifact ``drift-report``, naming the HTML page to open."""
+def publish_report(params: Params, model: MonitoredModel, checked: WindowCheck, run_id: str) -> None:
+    """The report as the flow run's markdown artifact ``drift-report``, naming the HTML page to open; with an
+    MLflow server, also a link artifact ``drift-report-page`` to that page in the run's artifacts."""
     from langops.monitoring import REPORT_HTML
+    from langops.tracking import ui_links
 
+    page = f"{monitor.REPORT_ARTIFACTS}/{REPORT_HTML}"
     header = (f"**{model.model_name} version {model.version}**: MLflow run `{run_id}`, report files in "
               f"`{checked.report_dir}`; the page to open: `{checked.report_dir / REPORT_HTML}` (also the run's "
-              f"artifact `{monitor.REPORT_ARTIFACTS}/{REPORT_HTML}`)\n\n")
+              f"artifact `{page}`)\n\n")
     create_markdown_artifact(header + checked.markdown, key=ARTIFACT_KEY,
                              description=f"Drift report: {checked.verdict} on {checked.rows} rows")
+    links = ui_links(params.tracking_uri(), run_id=run_id, model_name=model.model_name, version=model.version)
+    if "mlflow-run" in links:
+        create_link_artifact(f"{links['mlflow-run']}/artifacts/{page}", link_text="the drift report page in MLflow",
+                             key="drift-report-page")
 
 
 @task(name="monitor-decide-and-emit", cache_policy=NO_CACHE)
@@ -102,7 +109,7 @@ def monitor_pipeline(params_path: str = "params.yaml", overrides: list[str] | No
     model = find_model(params, version)
     checked = check_window(params, model, now=now)
     run_id = log_report(params, model, checked)
-    publish_report(model, checked, run_id)
+    publish_report(params, model, checked, run_id)
     decision, event_id = decide_and_emit(params, model, checked, run_id, now)
     logger.info("%s version %s: %s on %d rows; %s", model.model_name, model.version, checked.verdict, checked.rows,
                 f"emitted {decision.event}" if decision.event else "; ".join(decision.reasons))

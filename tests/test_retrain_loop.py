@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 from mlflow import MlflowClient
-from pipeline_helpers import free_port, tiny_project_params, write_params
+from pipeline_helpers import flow_run_artifacts, free_port, tiny_project_params, write_params
 from services_helpers import down_and_kill_leftovers, langops, ok_json
 from serving_helpers import RequestLoop, wait_for_version
 
@@ -80,6 +80,12 @@ def test_drift_retrains_gates_and_swaps_by_itself_while_clean_traffic_raises_not
     assert control_run.data.tags["langops.monitor.verdict"] == "ok", control_run.data.tags["langops.monitor.reasons"]
     assert control_run.data.tags["langops.monitor.event"] == "none"
     assert control["state_type"] == "COMPLETED"
+    # Its report is one page, served by the MLflow server and linked from the flow run.
+    link = flow_run_artifacts(control["id"], api_url=urls["prefect"])["drift-report-page"]["data"]
+    assert f"/runs/{control_run.info.run_id}/artifacts/report/drift-report.html" in link, link
+    page = httpx.get(f"{urls['mlflow']}/get-artifact", timeout=30,
+                     params={"path": "report/drift-report.html", "run_uuid": control_run.info.run_id})
+    assert page.status_code == 200 and page.text.startswith("<!doctype html>") and 'data-verdict="ok"' in page.text
 
     # The world changes: new products, devices and slang. People label what the model met.
     drifted = generate_demo_dataset(DEMO_LABELS, 400, seed=202, drift="new_vocabulary")
