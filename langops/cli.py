@@ -294,12 +294,31 @@ def _feedback_import(params: Params, args: argparse.Namespace) -> int:
 
     log_dir = _prediction_log_dir(params, args)
     try:
-        added = import_feedback(args.file, log_dir)
+        added = import_feedback(args.file, log_dir, kept_texts=_kept_texts(params, log_dir))
     except FeedbackError as exc:
         print(f"langops: {exc}", file=sys.stderr)
         return 2
     print(f"imported {added} feedback labels into {log_dir / FEEDBACK_IMPORT_FILE}")
     return 0
+
+
+def _kept_texts(params: Params, log_dir: Path):
+    """What ``import_feedback`` asks the server's index of issued ids: the one text each id names, if kept."""
+    from langops.serving.issued_ids import INDEX_FILE, IssuedIds
+
+    if not (log_dir / INDEX_FILE).is_file():
+        return None
+
+    def look_up(names: list[str]) -> list[tuple[str, str] | None]:
+        index = IssuedIds(log_dir / INDEX_FILE, window_hours=params.deploy.feedback_window_hours,
+                          max_requests=params.deploy.feedback_max_requests, queue_size=1)
+        try:
+            return [(found.text_id, found.text) if found.text_id and found.text is not None else None
+                    for found in index.lookup(names)]
+        finally:
+            index.close()
+
+    return look_up
 
 
 def _feedback_export(params: Params, args: argparse.Namespace) -> int:

@@ -23,7 +23,7 @@ import json
 import os
 import re
 import time as clock
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -195,13 +195,22 @@ def read_feedback_file(path: Path) -> list[Feedback]:
     return items
 
 
-def import_feedback(path: Path, log_dir: Path) -> int:
+def import_feedback(
+    path: Path, log_dir: Path, *, kept_texts: Callable[[list[str]], list[tuple[str, str] | None]] | None = None
+) -> int:
     """Append the feedback in ``path`` to ``feedback-import.jsonl`` in ``log_dir``; returns the rows added.
 
     A file of its own beside the server's ``feedback.jsonl``: the server rotates its file, which is not
-    safe to share across processes. Every row is checked before any is written.
+    safe to share across processes. Every row is checked before any is written. ``kept_texts`` maps the ids
+    to ``(issued text id, text)`` where the server still keeps the one text an id names (the index of issued
+    ids, ``prediction_log_text: labelled``), else None: such a label is written as the server writes one, with
+    its text, so it becomes data without a raw prediction log.
     """
     items = read_feedback_file(path)
+    if kept_texts is not None:
+        found = kept_texts([item.request_id for item in items])
+        items = [item if kept is None else Feedback(kept[0], item.label, kept[1])
+                 for item, kept in zip(items, found, strict=True)]
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     lines = feedback_lines(items, time=utc_now())

@@ -236,6 +236,33 @@ def test_a_text_is_labelled_once_unless_the_label_is_forced_and_a_retry_is_no_co
 
 
 @pytest.mark.unit
+def test_imported_labels_take_the_text_the_server_still_keeps_and_become_data(tmp_path: Path) -> None:
+    from langops.serving import issued_ids
+
+    log_dir = tmp_path / "predictions"
+    index = issued_ids.IssuedIds(log_dir / issued_ids.INDEX_FILE, window_hours=1.0, max_requests=100, queue_size=10)
+    try:
+        pair, single = new_request_id(), new_request_id()
+        assert index.add(pair, "batch-7", [PARCEL, CANCEL]).result(timeout=10)
+        assert index.add(single, "ticket-3", ["the app crashes at login"]).result(timeout=10)
+    finally:
+        index.close()
+    labels = tmp_path / "labels.csv"
+    labels.write_text(f"request_id,label\n{pair}-1,billing\nticket-3,technical\nbatch-7,shipping\n")
+    imported = langops_cli("feedback", "import", str(labels), "--log-dir", str(log_dir), cwd=tmp_path)
+    assert imported.returncode == 0, imported.stdout + imported.stderr
+    lines = [json.loads(line) for line in (log_dir / "feedback-import.jsonl").read_text().splitlines()]
+    assert [(line["request_id"], line.get("text")) for line in lines] == [
+        (f"{pair}-1", CANCEL), (f"{single}-0", "the app crashes at login"),
+        ("batch-7", None)]  # a client's id of two texts names no one text: kept as given, no text
+
+    exported = langops_cli("feedback", "export", "--log-dir", str(log_dir), "--output", "feedback.csv", cwd=tmp_path)
+    assert exported.returncode == 0, exported.stdout + exported.stderr  # no prediction log at all
+    assert sorted(pd.read_csv(tmp_path / "feedback.csv").itertuples(index=False, name=None)) == [
+        (CANCEL, "billing"), ("the app crashes at login", "technical")]
+
+
+@pytest.mark.unit
 def test_two_workers_claiming_one_text_at_once_record_one_label(tmp_path: Path) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
