@@ -169,7 +169,7 @@ def test_drift_is_reported_emitted_and_retrains_once_while_a_clean_window_emits_
     runs = wait_for(lambda: training_runs(prefect_api), 1)
     assert len(runs) == 1
     assert runs[0]["parameters"] == {
-        "params_path": "params.yaml", "overrides": [], "dataset": None,
+        "params_path": "params.yaml", "overrides": [], "dataset": None, "retraining": True,
         "trigger": {"event": EVENT_DRIFT, "monitor_run_id": drifted.run_id,
                     "report_dir": drifted.report_dir},  # rendered from the event: history links the report
     }

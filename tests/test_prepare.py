@@ -291,7 +291,7 @@ def test_extra_sources_are_split_like_the_source_and_a_missing_one_is_noted(tmp_
     feedback = source_frame(rows_per_class=20).assign(body=lambda f: "production " + f["body"])
     extra = write_source(feedback, tmp_path / "feedback.csv")
     cfg = PrepareConfig(validation_size=0.2, test_size=0.25)
-    without = prepare(data_config(source), cfg, seed=3, out_dir=tmp_path / "a")
+    without = prepare(data_config(source, extra_sources=()), cfg, seed=3, out_dir=tmp_path / "a")
     grown = prepare(data_config(source, extra_sources=(str(extra), str(tmp_path / "later.csv"))), cfg, seed=3,
                     out_dir=tmp_path / "b")
 

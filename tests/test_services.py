@@ -161,7 +161,7 @@ def test_the_training_deployment_runs_on_the_worker_and_registers_through_the_ml
     assert deployment["pull_steps"] == [
         {"prefect.deployments.steps.set_working_directory": {"directory": str(root.resolve())}}
     ]
-    assert deployment["parameters"] == {"params_path": "params.yaml", "overrides": [], "dataset": None}
+    assert deployment["parameters"] == {"params_path": "params.yaml", "overrides": [], "dataset": None, "retraining": True}
     schedules = httpx.get(f"{api}/deployments/{deployment['id']}/schedules", timeout=30).json()
     assert [(s["schedule"]["cron"], s["schedule"]["timezone"], s["active"]) for s in schedules] == [
         ("0 2 * * *", "UTC", True)
