@@ -304,9 +304,10 @@ class NoTextsKept(RuntimeError):
     """Feedback matched logged predictions, but none kept its text: nothing to write a dataset from."""
 
 
-def read_feedback_labels(paths: Iterable[Path]) -> dict[str, Feedback]:
+def read_feedback_labels(paths: Iterable[Path]) -> tuple[dict[str, Feedback], list[str]]:
     """The latest feedback given to each id in feedback logs, by ``time`` where lines carry one, else by file
-    order; with the text the server kept for it, if any (a later label without one keeps the earlier text)."""
+    order; with the text the server kept for it, if any (a later label without one keeps the earlier text);
+    and the ``time`` of every line read."""
     records = [record for record in read_jsonl(paths)
                if isinstance(record.get("request_id"), str) and isinstance(record.get("label"), str)]
     records.sort(key=lambda record: str(record.get("time") or ""))  # stable: ties keep file order
@@ -316,11 +317,46 @@ def read_feedback_labels(paths: Iterable[Path]) -> dict[str, Feedback]:
         text = record.get("text") if isinstance(record.get("text"), str) else None
         labels[record["request_id"]] = Feedback(record["request_id"], record["label"],
                                                 text if text is not None else earlier.text if earlier else None)
-    return labels
+    return labels, [str(record["time"]) for record in records if isinstance(record.get("time"), str)]
 
 
 def export_feedback(log_dir: Path, output: Path) -> FeedbackExport:
-    """Join feedback labels to logged predictions and write a labelled ``text,label`` CSV.
+    """Write ``labelled_texts(log_dir)`` as a ``text,label`` CSV, never half written.
+
+    Raises:
+        FileNotFoundError: no feedback in ``log_dir``.
+        NoTextsKept: feedback matched predictions, but neither it nor they kept the text.
+    """
+    found = labelled_texts(log_dir)
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = output.with_name(output.name + ".partial")
+    with partial.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        writer.writerows(found.rows)
+    partial.replace(output)
+    return FeedbackExport(output=output, rows=len(found.rows), feedback=found.feedback, unmatched=found.unmatched,
+                          without_text=found.without_text, unknown_label=found.unknown_label,
+                          ambiguous=len(found.ambiguous), ambiguous_examples=tuple(list(found.ambiguous.items())[:5]))
+
+
+@dataclass(frozen=True)
+class LabelledTexts:
+    """The ``(text, label)`` rows feedback gives, what it could not use (counted), and when it was given."""
+
+    rows: list[tuple[str, str]]
+    feedback: int
+    unmatched: int
+    without_text: int
+    unknown_label: int
+    ambiguous: dict[str, int]  # id -> logged texts it names
+    first_label_at: str | None  # the earliest and latest ``time`` of the feedback lines read
+    last_label_at: str | None
+
+
+def labelled_texts(log_dir: Path) -> LabelledTexts:
+    """Join feedback labels to logged predictions: the labelled texts a dataset is made of.
 
     A label the server wrote with its text (``prediction_log_text: labelled``) is a row as it is. Each other
     label joins the one logged text its id names (``LoggedTexts``): the server records feedback under
@@ -328,14 +364,14 @@ def export_feedback(log_dir: Path, output: Path) -> FeedbackExport:
     id that exactly one logged text carries. An id that names several logged texts (a client id reused or
     retried, in logs written before the server issued its own ids) is left out and counted, never joined to
     one of them. The latest label for a text wins. Texts are in the prediction log only with
-    ``prediction_log_text: raw``. The CSV is written to a temporary file and renamed, so it is never half written.
+    ``prediction_log_text: raw``.
 
     Raises:
         FileNotFoundError: no feedback in ``log_dir``.
         NoTextsKept: feedback matched predictions, but neither it nor they kept the text.
     """
-    log_dir, output = Path(log_dir), Path(output)
-    labels = read_feedback_labels(log_files(log_dir, FEEDBACK_FILES))
+    log_dir = Path(log_dir)
+    labels, times = read_feedback_labels(log_files(log_dir, FEEDBACK_FILES))
     if not labels:
         raise FileNotFoundError(f"no feedback in {log_dir} (looked for {FEEDBACK_FILES})")
     predictions = list(read_jsonl(log_files(log_dir, PREDICTION_FILES)))
@@ -370,13 +406,6 @@ def export_feedback(log_dir: Path, output: Path) -> FeedbackExport:
             "keeps a text for feedback with deploy.prediction_log_text: labelled (the default) or raw. Set "
             "one, restart the server (langops deploy-model), and export the feedback given after that."
         )
-    output.parent.mkdir(parents=True, exist_ok=True)
-    partial = output.with_name(output.name + ".partial")
-    with partial.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["text", "label"])
-        writer.writerows(rows)
-    partial.replace(output)
-    return FeedbackExport(output=output, rows=len(rows), feedback=len(labels), unmatched=unmatched,
-                          without_text=without_text, unknown_label=unknown_label, ambiguous=len(ambiguous),
-                          ambiguous_examples=tuple(list(ambiguous.items())[:5]))
+    return LabelledTexts(rows=rows, feedback=len(labels), unmatched=unmatched, without_text=without_text,
+                         unknown_label=unknown_label, ambiguous=ambiguous, first_label_at=min(times, default=None),
+                         last_label_at=max(times, default=None))

@@ -17,7 +17,6 @@ import logging
 import os
 import subprocess
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,13 +26,7 @@ import yaml
 from langops.config import FeedbackConfig
 from langops.io import write_json
 from langops.lineage import file_md5
-from langops.prediction_records import (
-    FEEDBACK_FILES,
-    NoTextsKept,
-    export_feedback,
-    log_files,
-    read_jsonl,
-)
+from langops.prediction_records import LabelledTexts, NoTextsKept, labelled_texts
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +87,7 @@ def collect_feedback(
     exported = _export(Path(log_dir))
     merged = dict(held)
     added = relabelled = 0
-    for text, label in exported.items():
+    for text, label in dict(exported.rows if exported else []).items():  # a text's latest label
         if text not in merged:
             added += 1
         elif merged[text] != label:
@@ -105,11 +98,10 @@ def collect_feedback(
         _write_dataset(dataset, merged, text_column, label_column)
     md5 = file_md5(dataset) if dataset.is_file() else None
     versioned = _version(dataset, md5) if cfg.dvc else "DVC versioning off (feedback.dvc: false)"
-    times = [str(line["time"]) for line in read_jsonl(log_files(Path(log_dir), FEEDBACK_FILES))
-             if isinstance(line.get("time"), str)] if Path(log_dir).is_dir() else []
     collection = FeedbackCollection(
         dataset=str(dataset), rows=len(merged), added=added, relabelled=relabelled, md5=md5,
-        labelled_from=min(times) if times else None, labelled_to=max(times) if times else None, versioned=versioned,
+        labelled_from=exported.first_label_at if exported else None,
+        labelled_to=exported.last_label_at if exported else None, versioned=versioned,
     )
     write_json(Path(record_dir) / RECORD_FILE, asdict(collection))
     log.info(collection.describe())
@@ -128,23 +120,20 @@ def _read_dataset(path: Path, text_column: str, label_column: str) -> dict[str, 
     return dict(zip(frame[text_column], frame[label_column], strict=True))
 
 
-def _export(log_dir: Path) -> dict[str, str]:
-    """text -> latest label of the feedback in the server's logs; empty when there is none to use."""
+def _export(log_dir: Path) -> LabelledTexts | None:
+    """The labelled texts in the server's logs (``langops feedback export``'s rows); None when there are none."""
     if not log_dir.is_dir():
-        return {}
-    with tempfile.TemporaryDirectory(prefix="langops-feedback-") as tmp:
-        output = Path(tmp) / "feedback.csv"
-        try:
-            result = export_feedback(log_dir, output)
-        except FileNotFoundError:
-            return {}
-        except NoTextsKept as exc:
-            log.warning("feedback: %s", exc)
-            return {}
-        if result.ambiguous:
-            log.warning("feedback: %d labels left out: their id names several logged texts", result.ambiguous)
-        frame = pd.read_csv(output, dtype=str, keep_default_na=False)
-    return dict(zip(frame["text"], frame["label"], strict=True))
+        return None
+    try:
+        found = labelled_texts(log_dir)
+    except FileNotFoundError:
+        return None
+    except NoTextsKept as exc:
+        log.warning("feedback: %s", exc)
+        return None
+    if found.ambiguous:
+        log.warning("feedback: %d labels left out: their id names several logged texts", len(found.ambiguous))
+    return found
 
 
 def _write_dataset(path: Path, rows: dict[str, str], text_column: str, label_column: str) -> None:
