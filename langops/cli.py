@@ -22,6 +22,8 @@ from langops.stages import STAGES, render_dvc_yaml, run_stage
 if TYPE_CHECKING:
     import httpx
 
+    from langops.prediction_records import Logs
+
 log = logging.getLogger("langops.cli")
 
 
@@ -234,7 +236,8 @@ def _parser() -> argparse.ArgumentParser:
 
     feedback = sub.add_parser("feedback", help="true labels for served predictions: import them, export a dataset")
     feedback_sub = feedback.add_subparsers(dest="feedback_command", required=True)
-    log_dir_help = ("the server's prediction log folder (default: monitor.log_dir, else <state_dir>/server/predictions, "
+    log_dir_help = ("the server's prediction log folder (default: the fleet's store when deploy.prediction_store or "
+                    "$LANGOPS_PREDICTION_STORE names one, else monitor.log_dir, else <state_dir>/server/predictions, "
                     "where deploy-model puts it)")
     feedback_import = feedback_sub.add_parser(
         "import", parents=[common], help="append request_id,label rows (CSV or JSONL) to the feedback log",
@@ -259,10 +262,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _prediction_log_dir(params: Params, args: argparse.Namespace) -> Path:
-    from langops.monitor import prediction_log_dir
+def _prediction_logs(params: Params, args: argparse.Namespace) -> Logs:
+    from langops.monitor import prediction_logs
 
-    return args.log_dir or prediction_log_dir(params)
+    return prediction_logs(params, args.log_dir)
 
 
 def _monitor(params: Params, args: argparse.Namespace) -> int:
@@ -290,27 +293,33 @@ def _monitor(params: Params, args: argparse.Namespace) -> int:
 
 
 def _feedback_import(params: Params, args: argparse.Namespace) -> int:
-    from langops.prediction_records import FEEDBACK_IMPORT_FILE, FeedbackError, import_feedback
+    from langops.prediction_records import FeedbackError, import_feedback
 
-    log_dir = _prediction_log_dir(params, args)
+    logs = _prediction_logs(params, args)
     try:
-        added = import_feedback(args.file, log_dir, kept_texts=_kept_texts(params, log_dir))
+        added = import_feedback(args.file, logs, kept_texts=_kept_texts(params, logs))
     except FeedbackError as exc:
         print(f"langops: {exc}", file=sys.stderr)
         return 2
-    print(f"imported {added} feedback labels into {log_dir / FEEDBACK_IMPORT_FILE}")
+    print(f"imported {added} feedback labels into {logs.imported_to()}")
     return 0
 
 
-def _kept_texts(params: Params, log_dir: Path):
+def _kept_texts(params: Params, logs: Logs):
     """What ``import_feedback`` asks the server's index of issued ids: the one text each id names, if kept."""
+    from langops.prediction_records import LogFiles
     from langops.serving.issued_ids import INDEX_FILE, IssuedIds
 
-    if not (log_dir / INDEX_FILE).is_file():
-        return None
+    index_at: Path | str
+    if isinstance(logs, LogFiles):
+        index_at = logs.log_dir / INDEX_FILE
+        if not index_at.is_file():
+            return None
+    else:
+        index_at = logs.url
 
     def look_up(names: list[str]) -> list[tuple[str, str] | None]:
-        index = IssuedIds(log_dir / INDEX_FILE, window_hours=params.deploy.feedback_window_hours,
+        index = IssuedIds(index_at, window_hours=params.deploy.feedback_window_hours,
                           max_requests=params.deploy.feedback_max_requests, queue_size=1)
         try:
             return [(found.text_id, found.text) if found.text_id and found.text is not None else None
@@ -327,7 +336,7 @@ def _feedback_export(params: Params, args: argparse.Namespace) -> int:
     from langops.prediction_records import NoTextsKept, export_feedback
 
     try:
-        result = export_feedback(_prediction_log_dir(params, args), args.output)
+        result = export_feedback(_prediction_logs(params, args), args.output)
     except (FileNotFoundError, NoTextsKept) as exc:
         print(f"langops: {exc}", file=sys.stderr)
         return 1

@@ -554,6 +554,9 @@ class RolloutConfig(_Section):
         return steps
 
 
+PREDICTION_STORE_ENV = "LANGOPS_PREDICTION_STORE"
+
+
 class ServerConfig(_Section):
     """How the model server runs: where it binds, its processes, batching, request limits, auth, prediction log.
 
@@ -619,7 +622,21 @@ class ServerConfig(_Section):
         1_000_000, ge=1, description="issued ids the server remembers for feedback, newest first (about 150 bytes "
         "each on disk): bounds the window under heavy traffic",
     )
+    prediction_store: str | None = Field(
+        None, description="SQLAlchemy URL of the database every replica, worker and the monitor share for the "
+        "prediction log, feedback and issued ids (a team's PostgreSQL: postgresql+psycopg2://user:password@host/db); "
+        "null: files in the server's prediction log folder, one machine's. $LANGOPS_PREDICTION_STORE, when set, "
+        "wins (it keeps the password out of params.yaml)",
+    )
+    prediction_store_rows: int = Field(
+        2_000_000, ge=1000, description="prediction rows the store keeps, newest first (its prediction_log_max_bytes "
+        "× prediction_log_backups); feedback rows are all kept",
+    )
     rollout: RolloutConfig = RolloutConfig()
+
+    def prediction_store_url(self) -> str | None:
+        """The store's URL: ``$LANGOPS_PREDICTION_STORE`` when set, else ``prediction_store`` (None: files)."""
+        return os.environ.get(PREDICTION_STORE_ENV) or self.prediction_store
 
     @model_validator(mode="before")
     @classmethod

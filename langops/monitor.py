@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
 
     from langops.monitoring import DriftReport
+    from langops.prediction_records import Logs
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,19 @@ def prediction_log_dir(params: Params) -> Path:
     from langops.serving.app import PREDICTION_LOG_DIR, SERVER_DIR
 
     return params.monitor.log_dir or params.project.state_dir / SERVER_DIR / PREDICTION_LOG_DIR
+
+
+def prediction_logs(params: Params, log_dir: Path | None = None) -> Logs:
+    """Where the served model's predictions and feedback are read: the fleet's store when one is configured
+    (``deploy.prediction_store``, ``$LANGOPS_PREDICTION_STORE``), else the log folder (``log_dir``, else
+    ``prediction_log_dir``)."""
+    from langops.fleet_store import StoreLogs
+    from langops.prediction_records import LogFiles
+
+    store = params.deploy.prediction_store_url()
+    if store is not None and log_dir is None:
+        return StoreLogs(store)
+    return LogFiles(log_dir or prediction_log_dir(params))
 
 
 # ----------------------------------------------------------------------------------------------- the model
@@ -146,7 +160,6 @@ def check_window(params: Params, model: MonitoredModel, *, now: datetime | None 
     import pandas as pd
 
     from langops.monitoring import detect_drift, load_window, read_feedback, write_report
-    from langops.prediction_records import FEEDBACK_FILES, log_files
     from langops.tasks.compress import REFERENCE_FILE
 
     cfg = params.monitor
@@ -156,9 +169,9 @@ def check_window(params: Params, model: MonitoredModel, *, now: datetime | None 
         raise MonitorError(f"{model.model_name} version {model.version} has no {REFERENCE_FILE} to compare with: "
                            "it was compressed before monitoring existed; retrain to get one")
     reference = pd.read_parquet(reference_file)
-    log_dir = prediction_log_dir(params)
-    feedback = read_feedback(log_files(log_dir, FEEDBACK_FILES)) if log_dir.is_dir() else read_feedback([])
-    loaded = load_window(log_dir, cfg, now=now, version=model.version, model_name=model.model_name, feedback=feedback)
+    logs = prediction_logs(params)
+    feedback = read_feedback(logs.feedback_lines() if logs.exists() else [])
+    loaded = load_window(logs, cfg, now=now, version=model.version, model_name=model.model_name, feedback=feedback)
     if loaded.ambiguous_feedback:
         logger.warning("%d feedback ids left out of the window's accuracy: each names more than one logged text "
                        "(e.g. %s)", loaded.ambiguous_feedback,

@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -66,9 +66,8 @@ import numpy as np
 import pandas as pd
 
 from langops.config import MonitorConfig
-from langops.prediction_records import LoggedTexts
+from langops.prediction_records import LoggedLine, LoggedTexts, Logs, as_logs, file_lines, read_records
 
-LOG_GLOB = "predictions*.jsonl*"  # predictions.jsonl and its rotations predictions.jsonl.1, .2, ...
 TRUE_LABEL = "true_label"  # the feedback label joined onto a window, and the reference's real label
 ISSUED = "issued_id"  # read from a record with client_request_id: its request_id is the server's own
 ID_COLUMNS = ("client_request_id", ISSUED)  # optional in a record (logs before issued ids lack both)
@@ -101,7 +100,7 @@ class LoadedWindow:
     """The rows of one window and what reading them found."""
 
     frame: pd.DataFrame
-    files: tuple[Path, ...]
+    source: str  # the log folder or the store it was read from
     lines: int
     skipped_lines: int
     skipped_examples: tuple[str, ...]
@@ -111,40 +110,45 @@ class LoadedWindow:
     ambiguous_examples: tuple[tuple[str, int], ...] = ()  # a few of them, with how many texts each names
 
 
-def read_prediction_logs(paths: Iterable[Path]) -> tuple[pd.DataFrame, int, int, tuple[str, ...]]:
-    """Parse JSON-lines prediction logs; a corrupt or incomplete line is skipped and counted, never fatal.
+def read_prediction_logs(lines: Iterable[LoggedLine] | Iterable[Path]) -> tuple[pd.DataFrame, int, int, tuple[str, ...]]:
+    """Parse prediction log lines (or JSONL files); a corrupt or incomplete line is skipped and counted, never
+    fatal.
 
     Returns:
         (frame with ``COLUMNS``, ``ID_COLUMNS`` and any ``text``/``text_sha256``, lines read, lines skipped, a
         few skipped lines' reasons).
     """
     rows: list[dict[str, Any]] = []
-    lines = skipped = 0
+    lines_read = skipped = 0
     examples: list[str] = []
-    for path in paths:
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                lines += 1
-                reason = None
-                try:
-                    record = json.loads(line)
-                    reason = _problem(record)
-                except json.JSONDecodeError as error:
-                    reason = f"not JSON ({error.msg})"
-                if reason is None:
-                    record[ISSUED] = "client_request_id" in record
-                    rows.append(record)
-                else:
-                    skipped += 1
-                    if len(examples) < 5:
-                        examples.append(f"{path.name}:{number}: {reason}")
+    for logged in _logged_lines(lines):
+        lines_read += 1
+        reason = None
+        try:
+            record = json.loads(logged.line)
+            reason = _problem(record)
+        except json.JSONDecodeError as error:
+            reason = f"not JSON ({error.msg})"
+        if reason is None:
+            record[ISSUED] = "client_request_id" in record
+            rows.append(record)
+        else:
+            skipped += 1
+            if len(examples) < 5:
+                examples.append(f"{logged.where}: {reason}")
     frame = pd.DataFrame(rows, columns=[*COLUMNS, *ID_COLUMNS, *_optional(rows)])
     frame["time"] = pd.to_datetime(frame["time"], utc=True, format="ISO8601")
     frame["confidence"] = frame["confidence"].astype(float)
     frame["unknown_share"] = frame["unknown_share"].astype(float)
-    return frame, lines, skipped, tuple(examples)
+    return frame, lines_read, skipped, tuple(examples)
+
+
+def _logged_lines(lines: Iterable[LoggedLine] | Iterable[Path]) -> Iterator[LoggedLine]:
+    for item in lines:
+        if isinstance(item, LoggedLine):
+            yield item
+        else:
+            yield from file_lines([Path(item)])
 
 
 def _optional(rows: list[dict[str, Any]]) -> list[str]:
@@ -168,22 +172,11 @@ def _problem(record: Any) -> str | None:
     return None
 
 
-def read_feedback(paths: Iterable[Path]) -> pd.DataFrame:
-    """Feedback rows ``{"request_id", "label", "time"}`` (JSON lines); the latest label of a request wins."""
-    rows = []
-    for path in paths:
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(record, dict) and isinstance(record.get("request_id"), str) and isinstance(
-                    record.get("label"), str
-                ):
-                    rows.append(record)
-    frame = pd.DataFrame(rows, columns=["request_id", "label", "time"])
-    return frame
+def read_feedback(lines: Iterable[LoggedLine] | Iterable[Path]) -> pd.DataFrame:
+    """Feedback rows ``{"request_id", "label", "time"}`` from feedback log lines (or JSONL files)."""
+    rows = [record for record in read_records(_logged_lines(lines))
+            if isinstance(record.get("request_id"), str) and isinstance(record.get("label"), str)]
+    return pd.DataFrame(rows, columns=["request_id", "label", "time"])
 
 
 @dataclass(frozen=True)
@@ -236,7 +229,7 @@ def join_feedback(window: pd.DataFrame, feedback: pd.DataFrame) -> pd.DataFrame:
 
 
 def load_window(
-    log_dir: Path,
+    logs: Logs | Path,
     cfg: MonitorConfig,
     *,
     now: datetime | None = None,
@@ -247,7 +240,8 @@ def load_window(
     """The window the monitor judges: the last ``window_hours`` of the logs, one version, newest ``max_rows``.
 
     Args:
-        log_dir: the server's prediction-log folder (``predictions.jsonl`` and its rotations).
+        logs: the server's prediction log: its folder (``predictions*.jsonl`` and their rotations), or the
+            fleet's store.
         cfg: the ``monitor`` section.
         now: the window's end (default: the current UTC time).
         version: keep this model version only (default: every version in the window).
@@ -261,8 +255,8 @@ def load_window(
     """
     end = now or datetime.now(timezone.utc)
     start = end - timedelta(hours=cfg.window_hours)
-    files = tuple(sorted(Path(log_dir).glob(LOG_GLOB)))
-    frame, lines, skipped, examples = read_prediction_logs(files)
+    logs = as_logs(logs)
+    frame, lines, skipped, examples = read_prediction_logs(logs.prediction_lines())
     match = match_feedback(frame, feedback if feedback is not None else pd.DataFrame(columns=["request_id", "label",
                                                                                               "time"]))
     frame = frame.assign(**{TRUE_LABEL: match.labels})
@@ -272,7 +266,7 @@ def load_window(
     if model_name is not None:
         keep &= frame["model_name"] == model_name
     frame = frame[keep].sort_values("time", kind="stable").tail(cfg.max_rows).reset_index(drop=True)
-    return LoadedWindow(frame=frame, files=files, lines=lines, skipped_lines=skipped,
+    return LoadedWindow(frame=frame, source=str(logs), lines=lines, skipped_lines=skipped,
                         skipped_examples=examples, start=start, end=end, ambiguous_feedback=len(match.ambiguous),
                         ambiguous_examples=tuple(list(match.ambiguous.items())[:5]))
 

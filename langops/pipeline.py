@@ -59,9 +59,9 @@ NO_APPROVER = "nobody"
 def run_collect_feedback(params: Params) -> FeedbackCollection:
     """Merge the deployed server's labelled texts into ``feedback.dataset`` and version it (a retraining run's
     first step; not a DVC stage: it reads live logs, and what it writes is a data source)."""
-    from langops.monitor import prediction_log_dir
+    from langops.monitor import prediction_logs
 
-    return collect_feedback(params.feedback, log_dir=prediction_log_dir(params), text_column=params.data.text_column,
+    return collect_feedback(params.feedback, logs=prediction_logs(params), text_column=params.data.text_column,
                             label_column=params.data.label_column, record_dir=params.paths.feedback)
 
 

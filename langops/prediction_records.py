@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 if TYPE_CHECKING:
     from langops.onnx_model import Scores
@@ -196,39 +196,101 @@ def read_feedback_file(path: Path) -> list[Feedback]:
 
 
 def import_feedback(
-    path: Path, log_dir: Path, *, kept_texts: Callable[[list[str]], list[tuple[str, str] | None]] | None = None
+    path: Path, logs: Logs | Path, *, kept_texts: Callable[[list[str]], list[tuple[str, str] | None]] | None = None
 ) -> int:
-    """Append the feedback in ``path`` to ``feedback-import.jsonl`` in ``log_dir``; returns the rows added.
+    """Add the feedback in ``path`` to the logs (``feedback-import.jsonl`` in a log folder, or the fleet's
+    store); returns the rows added.
 
-    A file of its own beside the server's ``feedback.jsonl``: the server rotates its file, which is not
-    safe to share across processes. Every row is checked before any is written. ``kept_texts`` maps the ids
-    to ``(issued text id, text)`` where the server still keeps the one text an id names (the index of issued
-    ids, ``prediction_log_text: labelled``), else None: such a label is written as the server writes one, with
-    its text, so it becomes data without a raw prediction log.
+    Every row is checked before any is written. ``kept_texts`` maps the ids to ``(issued text id, text)``
+    where the server still keeps the one text an id names (the index of issued ids, ``prediction_log_text:
+    labelled``), else None: such a label is written as the server writes one, with its text, so it becomes
+    data without a raw prediction log.
     """
     items = read_feedback_file(path)
     if kept_texts is not None:
         found = kept_texts([item.request_id for item in items])
         items = [item if kept is None else Feedback(kept[0], item.label, kept[1])
                  for item, kept in zip(items, found, strict=True)]
-    log_dir = Path(log_dir)
-    log_dir.mkdir(parents=True, exist_ok=True)
     lines = feedback_lines(items, time=utc_now())
-    with (log_dir / FEEDBACK_IMPORT_FILE).open("a", encoding="utf-8") as handle:
-        handle.write("".join(line + "\n" for line in lines))
+    as_logs(logs).add_feedback(lines)
     return len(lines)
 
 
-def read_jsonl(paths: Iterable[Path]) -> Iterator[dict[str, Any]]:
-    """Records of JSONL files, oldest file first; a line cut short by a crash is skipped."""
+def read_records(lines: Iterable[LoggedLine]) -> Iterator[dict[str, Any]]:
+    """The JSON objects among logged lines; a line cut short by a crash is skipped."""
+    for logged in lines:
+        try:
+            record = json.loads(logged.line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            yield record
+
+
+@dataclass(frozen=True)
+class LoggedLine:
+    """One logged record as its JSON text, and where it was read (for messages about a bad one)."""
+
+    where: str
+    line: str
+
+
+def file_lines(paths: Iterable[Path]) -> Iterator[LoggedLine]:
+    """The non-blank lines of JSONL files, in order, each named ``<file>:<line number>``."""
     for path in paths:
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict):
-                yield record
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            for number, line in enumerate(handle, 1):
+                if line.strip():
+                    yield LoggedLine(f"{path.name}:{number}", line)
+
+
+class Logs(Protocol):
+    """Where a server's prediction log and feedback are read: its folder (``LogFiles``), or the fleet's
+    database (``langops.fleet_store.StoreLogs``)."""
+
+    def exists(self) -> bool: ...
+
+    def prediction_lines(self) -> Iterator[LoggedLine]: ...
+
+    def feedback_lines(self) -> Iterator[LoggedLine]: ...
+
+    def add_feedback(self, lines: list[str]) -> None: ...
+
+    def imported_to(self) -> str: ...
+
+
+class LogFiles:
+    """The prediction log folder of one server: ``predictions*.jsonl*`` and ``feedback*.jsonl*``, oldest first."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = Path(log_dir)
+
+    def __str__(self) -> str:
+        return str(self.log_dir)
+
+    def exists(self) -> bool:
+        return self.log_dir.is_dir()
+
+    def prediction_lines(self) -> Iterator[LoggedLine]:
+        return file_lines(log_files(self.log_dir, PREDICTION_FILES))
+
+    def feedback_lines(self) -> Iterator[LoggedLine]:
+        return file_lines(log_files(self.log_dir, FEEDBACK_FILES))
+
+    def imported_to(self) -> str:
+        return str(self.log_dir / FEEDBACK_IMPORT_FILE)
+
+    def add_feedback(self, lines: list[str]) -> None:
+        """Append to ``feedback-import.jsonl``, a file of its own beside the server's: the server rotates its
+        files, which is not safe to share across processes."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        with (self.log_dir / FEEDBACK_IMPORT_FILE).open("a", encoding="utf-8") as handle:
+            handle.write("".join(line + "\n" for line in lines))
+
+
+def as_logs(logs: Logs | Path) -> Logs:
+    """A log folder's ``LogFiles``; ``Logs`` as they are."""
+    return LogFiles(logs) if isinstance(logs, (str, Path)) else logs
 
 
 def log_files(log_dir: Path, pattern: str) -> list[Path]:
@@ -304,11 +366,11 @@ class NoTextsKept(RuntimeError):
     """Feedback matched logged predictions, but none kept its text: nothing to write a dataset from."""
 
 
-def read_feedback_labels(paths: Iterable[Path]) -> tuple[dict[str, Feedback], list[str]]:
-    """The latest feedback given to each id in feedback logs, by ``time`` where lines carry one, else by file
+def read_feedback_labels(lines: Iterable[LoggedLine]) -> tuple[dict[str, Feedback], list[str]]:
+    """The latest feedback given to each id in feedback logs, by ``time`` where lines carry one, else by log
     order; with the text the server kept for it, if any (a later label without one keeps the earlier text);
     and the ``time`` of every line read."""
-    records = [record for record in read_jsonl(paths)
+    records = [record for record in read_records(lines)
                if isinstance(record.get("request_id"), str) and isinstance(record.get("label"), str)]
     records.sort(key=lambda record: str(record.get("time") or ""))  # stable: ties keep file order
     labels: dict[str, Feedback] = {}
@@ -320,14 +382,14 @@ def read_feedback_labels(paths: Iterable[Path]) -> tuple[dict[str, Feedback], li
     return labels, [str(record["time"]) for record in records if isinstance(record.get("time"), str)]
 
 
-def export_feedback(log_dir: Path, output: Path) -> FeedbackExport:
-    """Write ``labelled_texts(log_dir)`` as a ``text,label`` CSV, never half written.
+def export_feedback(logs: Logs | Path, output: Path) -> FeedbackExport:
+    """Write ``labelled_texts(logs)`` as a ``text,label`` CSV, never half written.
 
     Raises:
-        FileNotFoundError: no feedback in ``log_dir``.
+        FileNotFoundError: no feedback in ``logs``.
         NoTextsKept: feedback matched predictions, but neither it nor they kept the text.
     """
-    found = labelled_texts(log_dir)
+    found = labelled_texts(logs)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(output.name + ".partial")
@@ -355,7 +417,7 @@ class LabelledTexts:
     last_label_at: str | None
 
 
-def labelled_texts(log_dir: Path) -> LabelledTexts:
+def labelled_texts(logs: Logs | Path) -> LabelledTexts:
     """Join feedback labels to logged predictions: the labelled texts a dataset is made of.
 
     A label the server wrote with its text (``prediction_log_text: labelled``) is a row as it is. Each other
@@ -367,14 +429,15 @@ def labelled_texts(log_dir: Path) -> LabelledTexts:
     ``prediction_log_text: raw``.
 
     Raises:
-        FileNotFoundError: no feedback in ``log_dir``.
+        FileNotFoundError: no feedback in ``logs``.
         NoTextsKept: feedback matched predictions, but neither it nor they kept the text.
     """
-    log_dir = Path(log_dir)
-    labels, times = read_feedback_labels(log_files(log_dir, FEEDBACK_FILES))
+    logs = as_logs(logs)
+    labels, times = read_feedback_labels(logs.feedback_lines())
     if not labels:
-        raise FileNotFoundError(f"no feedback in {log_dir} (looked for {FEEDBACK_FILES})")
-    predictions = list(read_jsonl(log_files(log_dir, PREDICTION_FILES)))
+        where = f"{logs} (looked for {FEEDBACK_FILES})" if isinstance(logs, LogFiles) else str(logs)
+        raise FileNotFoundError(f"no feedback in {where}")
+    predictions = list(read_records(logs.prediction_lines()))
     logged = LoggedTexts.of_records(predictions)
     joined: dict[int, Feedback] = {}
     unmatched, ambiguous = 0, {}

@@ -26,7 +26,7 @@ import yaml
 from langops.config import FeedbackConfig
 from langops.io import write_json
 from langops.lineage import file_md5
-from langops.prediction_records import LabelledTexts, NoTextsKept, labelled_texts
+from langops.prediction_records import LabelledTexts, Logs, NoTextsKept, as_logs, labelled_texts
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +70,12 @@ class FeedbackCollection:
 
 
 def collect_feedback(
-    cfg: FeedbackConfig, *, log_dir: Path, text_column: str, label_column: str, record_dir: Path
+    cfg: FeedbackConfig, *, logs: Logs | Path, text_column: str, label_column: str, record_dir: Path
 ) -> FeedbackCollection:
     """Merge the server's labelled texts into ``cfg.dataset`` and version it; the record goes to ``record_dir``.
 
     Args:
-        log_dir: the server's prediction log folder (its feedback files and index).
+        logs: the server's prediction log and feedback: its folder, or the fleet's store.
         text_column, label_column: the dataset's column names (``data.text_column``, ``data.label_column``),
             as for every other source.
 
@@ -84,7 +84,7 @@ def collect_feedback(
     """
     dataset = Path(cfg.dataset)
     held = _read_dataset(dataset, text_column, label_column)
-    exported = _export(Path(log_dir))
+    exported = _export(as_logs(logs))
     merged = dict(held)
     added = relabelled = 0
     for text, label in dict(exported.rows if exported else []).items():  # a text's latest label
@@ -120,12 +120,12 @@ def _read_dataset(path: Path, text_column: str, label_column: str) -> dict[str, 
     return dict(zip(frame[text_column], frame[label_column], strict=True))
 
 
-def _export(log_dir: Path) -> LabelledTexts | None:
+def _export(logs: Logs) -> LabelledTexts | None:
     """The labelled texts in the server's logs (``langops feedback export``'s rows); None when there are none."""
-    if not log_dir.is_dir():
+    if not logs.exists():
         return None
     try:
-        found = labelled_texts(log_dir)
+        found = labelled_texts(logs)
     except FileNotFoundError:
         return None
     except NoTextsKept as exc:

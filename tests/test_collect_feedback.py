@@ -27,7 +27,7 @@ def give_labels(log_dir: Path, labels: list[tuple[str, str, str]], *, file: str 
 
 def collect(tmp_path: Path, **config: object) -> FeedbackCollection:
     cfg = FeedbackConfig(dataset=tmp_path / "data" / "raw" / "feedback.csv", **{"dvc": False, **config})
-    return collect_feedback(cfg, log_dir=tmp_path / "log", text_column="ticket", label_column="topic",
+    return collect_feedback(cfg, logs=tmp_path / "log", text_column="ticket", label_column="topic",
                             record_dir=tmp_path / "reports" / "feedback")
 
 

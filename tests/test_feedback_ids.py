@@ -22,7 +22,7 @@ pytest_plugins = ["serving_helpers"]
 from pipeline_helpers import REPO_PARAMS
 from serving_helpers import free_port, serving_local, wait_until
 
-from langops.config import ServerConfig
+from langops.config import MonitorConfig, ServerConfig
 from langops.prediction_records import new_request_id
 from langops.serving.app import ServerSettings
 
@@ -367,3 +367,64 @@ def test_an_index_that_cannot_open_leaves_predictions_served_and_refuses_feedbac
         refused = http.post("/feedback", json={"request_id": f"{answer.headers['X-Request-Id']}-0", "label": "billing"})
         assert refused.status_code == 503 and "the index of issued ids did not open" in refused.json()["detail"]
         assert "unable to open database file" in refused.json()["detail"]
+
+
+@pytest.mark.model
+def test_servers_on_two_machines_sharing_the_store_check_feedback_and_export_as_one(
+    compressed_dir: Path, tmp_path: Path
+) -> None:
+    """Two servers with their own log folders stand for two replicas on different machines; one store (a
+    SQLite file standing in for the team's PostgreSQL) is all they share."""
+    from langops.fleet_store import StoreLogs
+    from langops.monitoring import load_window, read_feedback
+    from langops.prediction_records import labelled_texts
+
+    store = f"sqlite:///{tmp_path / 'fleet.sqlite3'}"
+    here, there = tmp_path / "machine-a", tmp_path / "machine-b"
+    labelled = settings_for(compressed_dir, here, prediction_store=store, prediction_log_text="labelled")
+    with serving_local(labelled) as first, first.client() as one, \
+            serving_local(settings_for(compressed_dir, there, prediction_store=store)) as second, \
+            second.client() as other:
+        pair = one.post("/predict", json={"texts": [PARCEL, CANCEL]}, headers={"X-Request-Id": "ticket-9"})
+        single = other.post("/predict", json={"text": "the app crashes at login"})
+        assert pair.status_code == single.status_code == 200
+        issued = pair.headers["X-Request-Id"]
+        accepted = other.post("/feedback", json=[{"request_id": f"{issued}-1", "label": "billing"},
+                                                 {"request_id": f"{issued}-0", "label": "shipping"}])
+        assert accepted.status_code == 202, accepted.text  # scored on one machine, labelled through the other
+        relabel = one.post("/feedback", json={"request_id": f"{issued}-1", "label": "shipping"})
+        assert relabel.status_code == 409 and "was labelled 'billing'" in relabel.json()["detail"]
+        ambiguous = other.post("/predict", json={"text": CANCEL}, headers={"X-Request-Id": "ticket-9"})
+        assert ambiguous.status_code == 200
+        refused = one.post("/feedback", json={"request_id": "ticket-9", "label": "billing"})
+        assert refused.status_code == 409 and "3 scored texts" in refused.json()["detail"]  # both machines' texts
+    logs = StoreLogs(store)
+    wait_until(lambda: sum(1 for _ in logs.prediction_lines()) == 4, what="4 predictions in the store")
+    found = labelled_texts(logs)  # texts kept by machine A's index, labels taken by machine B
+    assert sorted(found.rows) == [(PARCEL, "shipping"), (CANCEL, "billing")]
+    window = load_window(logs, MonitorConfig(), version="local", feedback=read_feedback(logs.feedback_lines())).frame
+    assert len(window) == 4 and window["true_label"].notna().sum() == 2
+    written = sorted(path.name for folder in (here, there) if folder.exists() for path in folder.iterdir())
+    assert written == [], f"the store was configured, yet files were written: {written}"
+
+
+@pytest.mark.unit
+def test_the_store_comes_from_the_environment_before_params_and_never_shows_its_password(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from langops.config import load_params
+    from langops.fleet_store import StoreLogs, redacted
+    from langops.monitor import prediction_logs
+    from langops.prediction_records import LogFiles
+
+    monkeypatch.delenv("LANGOPS_PREDICTION_STORE", raising=False)
+    params = load_params(REPO_PARAMS)
+    assert isinstance(prediction_logs(params), LogFiles)  # the embedded default: the log folder
+    secret = "postgresql+psycopg2://langops:s3cret@db.internal:5432/langops"
+    monkeypatch.setenv("LANGOPS_PREDICTION_STORE", secret)
+    chosen = prediction_logs(params)
+    assert isinstance(chosen, StoreLogs) and chosen.url == secret
+    assert isinstance(prediction_logs(params, tmp_path / "logs"), LogFiles)  # an explicit --log-dir wins
+    assert "s3cret" not in str(chosen) and "s3cret" not in redacted(secret) and "db.internal" in redacted(secret)
+    settings = ServerSettings(model_dir=tmp_path, prediction_store="sqlite:///elsewhere.db")
+    assert settings.tuning()["prediction_store"] == redacted(secret)  # the environment wins, shown redacted

@@ -191,7 +191,7 @@ def test_load_window_reads_rotated_files_filters_time_and_version_and_skips_corr
     assert loaded.skipped_lines == 2
     assert loaded.lines == 50 + 30 + 80 + 2
     assert any("not JSON" in e for e in loaded.skipped_examples)
-    assert len(loaded.files) == 2
+    assert loaded.source == str(tmp_path)
     assert len(load_window(tmp_path, CFG, now=now).frame) == 110  # both versions
     capped = load_window(tmp_path, CFG.model_copy(update={"max_rows": 25}), now=now, version="3").frame
     assert list(capped["request_id"]) == list(current["request_id"][-25:])  # the newest rows

@@ -136,8 +136,14 @@ class ServerSettings(ServerConfig):
         return cls(**{**values, **serve})
 
     def tuning(self) -> dict[str, Any]:
-        """How the server runs (the ``ServerConfig`` fields), as JSON values: what ``/version`` reports."""
-        return self.model_dump(mode="json", include=set(ServerConfig.model_fields))
+        """How the server runs (the ``ServerConfig`` fields), as JSON values: what ``/version`` reports (the
+        store's password hidden)."""
+        from langops.fleet_store import redacted
+
+        tuning = self.model_dump(mode="json", include=set(ServerConfig.model_fields))
+        store = self.prediction_store_url()
+        tuning["prediction_store"] = None if store is None else redacted(store)
+        return tuning
 
     def fingerprint(self) -> str:
         """A short hash of every setting: equal fingerprints, same settings (``/version`` reports it)."""
@@ -654,12 +660,17 @@ def create_app(settings: ServerSettings) -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         batcher.start()
         if settings.prediction_log_dir is not None:
-            prediction_log.append(_open_prediction_log(settings, metrics))
-            feedback_log.append(_open_feedback_log(settings))
+            # Predictions are served without the log and the index (a store that does not answer, a broken
+            # file); the failure is logged, and feedback is refused saying why.
             try:
+                prediction_log.append(_open_prediction_log(settings, metrics))
+            except Exception:
+                logger.exception("cannot open the prediction log: predictions are served but not logged")
+            try:
+                feedback_log.append(_open_feedback_log(settings))
                 issued_ids.append(_open_issued_ids(settings))
-            except Exception as exc:  # predictions are served without it; feedback says why not
-                index_broken.append(f"{type(exc).__name__}: {exc}")
+            except Exception as exc:
+                index_broken.append(_short_error(exc))
                 logger.exception("cannot open the index of issued ids: feedback will be refused (503)")
         rollout.start()
         cache_check = CacheCheck(holder, every_s=settings.cache_check_s, on_repair=metrics.cache_repairs.inc)
@@ -913,7 +924,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         from langops.prediction_records import Feedback, FeedbackError, check_feedback
 
         items = _parse_feedback_request(await request.body(), max_items=settings.max_request_texts)
-        if not feedback_log:
+        if settings.prediction_log_dir is None:
             raise RequestRefused(409, "feedback is off: this server keeps no prediction log (prediction_log_dir "
                                  "unset; deploy.prediction_log: false), so there is nothing to join labels to")
         live = holder.current
@@ -924,7 +935,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
                      for index, item in enumerate(items)]
         except FeedbackError as exc:
             raise RequestRefused(422, str(exc)) from exc
-        if not issued_ids:
+        if not issued_ids or not feedback_log:
             raise RequestRefused(503, "feedback cannot be checked: the index of issued ids did not open ("
                                  f"{'; '.join(index_broken) or 'not open yet'}); see the server log")
         try:
@@ -950,7 +961,13 @@ def create_app(settings: ServerSettings) -> FastAPI:
             shown = "; ".join(f"{name!r} was labelled {before!r}, not {now!r}" for name, before, now in conflicts[:5])
             raise RequestRefused(409, f"{len(conflicts)} text(s) already labelled otherwise: {shown}. Send "
                                  '"force": true with an item to replace its label. Nothing was recorded.')
-        if not feedback_log[0].record(checked):
+        try:
+            queued = await run_in_threadpool(feedback_log[0].record, checked)
+        except Exception as exc:  # the store does not answer: the client retries (the claim above allows it)
+            logger.exception("cannot write feedback to the prediction store")
+            raise RequestRefused(503, f"feedback cannot be stored ({_short_error(exc)}); retry later",
+                                 {"Retry-After": str(settings.retry_after_s)}) from exc
+        if not queued:
             raise RequestRefused(503, "the feedback log is behind; retry later",
                                  {"Retry-After": str(settings.retry_after_s)})
         metrics.feedback.inc(len(checked))
@@ -1146,8 +1163,10 @@ def _open_prediction_log(settings: ServerSettings, metrics: ServerMetrics) -> Pr
         max_bytes=settings.prediction_log_max_bytes,
         backups=settings.prediction_log_backups,
         queue_size=settings.prediction_log_queue,
-        # Worker processes each rotate their own file: rotation is not safe across processes.
+        # Several workers must not rotate one file: each writes its own (the monitor reads them all).
         file_name=LOG_FILE if settings.workers == 1 else f"predictions-{os.getpid()}.jsonl",
+        store=settings.prediction_store_url(),
+        store_rows=settings.prediction_store_rows,
     )
     return PredictionLog(config, on_dropped=metrics.prediction_log_dropped.inc,
                          on_written=metrics.prediction_log_written.inc)
@@ -1157,17 +1176,29 @@ def _open_feedback_log(settings: ServerSettings) -> FeedbackLog:
     from langops.serving.prediction_log import FeedbackLog, feedback_file_name
 
     assert settings.prediction_log_dir is not None
-    return FeedbackLog(settings.prediction_log_dir / feedback_file_name(settings.workers, os.getpid()),
-                       max_bytes=settings.prediction_log_max_bytes, backups=settings.prediction_log_backups,
-                       queue_size=settings.prediction_log_queue)
+    store = settings.prediction_store_url()
+    if store is not None:
+        return FeedbackLog.in_store(store, queue_size=settings.prediction_log_queue)
+    return FeedbackLog.in_file(settings.prediction_log_dir / feedback_file_name(settings.workers, os.getpid()),
+                               max_bytes=settings.prediction_log_max_bytes, backups=settings.prediction_log_backups,
+                               queue_size=settings.prediction_log_queue)
 
 
 def _open_issued_ids(settings: ServerSettings) -> IssuedIds:
     from langops.serving.issued_ids import INDEX_FILE, IssuedIds
 
     assert settings.prediction_log_dir is not None
-    return IssuedIds(settings.prediction_log_dir / INDEX_FILE, window_hours=settings.feedback_window_hours,
-                     max_requests=settings.feedback_max_requests, queue_size=settings.prediction_log_queue)
+    return IssuedIds(settings.prediction_store_url() or settings.prediction_log_dir / INDEX_FILE,
+                     window_hours=settings.feedback_window_hours, max_requests=settings.feedback_max_requests,
+                     queue_size=settings.prediction_log_queue)
+
+
+def _short_error(exc: BaseException) -> str:
+    """An exception as one line for a client: its type and the driver's own message, without SQLAlchemy's
+    statement and background link."""
+    original = getattr(exc, "orig", None) or exc
+    first = str(original).strip().splitlines()[0] if str(original).strip() else ""
+    return f"{type(original).__name__}: {first}"
 
 
 def _invocations_openapi() -> dict[str, Any]:

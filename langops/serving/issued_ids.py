@@ -17,6 +17,10 @@ and read side by side); a request waits for its own batch, which is one short tr
 bounded: rows older than the window, and all but the newest ``max_requests`` rows, are deleted as the
 writer goes. The index is a guard, not a log: when it cannot be written (queue full, disk error) the
 prediction is still answered, counted, and feedback for it is refused as unknown.
+
+The same tables can live in the fleet's database instead of the file (``deploy.prediction_store``,
+``langops.fleet_store``): then every replica of the server, on any machine, checks feedback against the ids
+any of them issued. The code is the same through SQLAlchemy; only the lock a label claim takes differs.
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import sqlite3
 import threading
 import time
 from collections.abc import Collection, Sequence
@@ -32,6 +35,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
+import sqlalchemy as sa
+
+from langops import fleet_store
+from langops.fleet_store import issued, labelled
 from langops.prediction_records import split_text_id, text_id
 
 logger = logging.getLogger(__name__)
@@ -39,26 +46,8 @@ logger = logging.getLogger(__name__)
 INDEX_FILE = "issued-ids.sqlite3"  # in the prediction log folder (it matches neither log's file pattern)
 WRITE_BATCH = 512  # requests written in one transaction at most
 PRUNE_EVERY_S = 60.0
-BUSY_TIMEOUT_S = 10.0  # how long a connection waits for another worker's transaction
 LISTED = 5  # text ids a lookup keeps of a name that names several
 _STOP = object()
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS issued (
-    request_id TEXT PRIMARY KEY,
-    client_request_id TEXT,
-    texts INTEGER NOT NULL,
-    issued_at REAL NOT NULL,
-    body TEXT
-);
-CREATE INDEX IF NOT EXISTS issued_by_client ON issued (client_request_id) WHERE client_request_id IS NOT NULL;
-CREATE INDEX IF NOT EXISTS issued_by_time ON issued (issued_at);
-CREATE TABLE IF NOT EXISTS labelled (
-    text_id TEXT PRIMARY KEY,
-    label TEXT NOT NULL,
-    labelled_at REAL NOT NULL
-);
-"""
 
 
 @dataclass(frozen=True)
@@ -79,28 +68,32 @@ class Lookup:
 
 @dataclass
 class _Entry:
-    row: tuple[str, str | None, int, float, str | None]
+    row: dict[str, object]
     written: Future[bool]
 
 
 class IssuedIds:
     """The shared index of issued ids (see the module docstring), one instance per worker process.
 
+    ``target`` is the index file (SQLite), or the fleet store's SQLAlchemy URL.
+
     Raises:
-        sqlite3.Error, OSError: the file cannot be created or opened (a corrupt file, a read-only folder).
+        sqlalchemy.exc.SQLAlchemyError, OSError: the index cannot be created or opened (a corrupt file, a
+            read-only folder, a database that does not answer).
     """
 
-    def __init__(self, path: Path, *, window_hours: float, max_requests: int, queue_size: int) -> None:
-        self.path = Path(path)
+    def __init__(self, target: Path | str, *, window_hours: float, max_requests: int, queue_size: int) -> None:
+        if isinstance(target, Path):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            url = fleet_store.sqlite_url(target)
+        else:
+            url = target
+        self.where = str(target) if isinstance(target, Path) else fleet_store.redacted(target)
         self.window_s = window_hours * 3600
         self.max_requests = max_requests
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._reader = _connect(self.path)
-        self._read_lock = threading.Lock()
+        self._engine = fleet_store.open_engine(url, fleet_store.INDEX_TABLES)
+        self._sqlite = self._engine.dialect.name == "sqlite"
         self._queue: queue.Queue[object] = queue.Queue(maxsize=queue_size)
-        self._writer = _connect(self.path)
-        self._labels = _connect(self.path)
-        self._labels_lock = threading.Lock()
         self._thread = threading.Thread(target=self._write_forever, name="langops-issued-ids", daemon=True)
         self._thread.start()
 
@@ -112,7 +105,8 @@ class IssuedIds:
             count, body = texts, None
         else:
             count, body = len(texts), json.dumps(list(texts), ensure_ascii=False)
-        entry = _Entry((request_id, client_request_id, count, time.time(), body), Future())
+        entry = _Entry({"request_id": request_id, "client_request_id": client_request_id, "texts": count,
+                        "issued_at": time.time(), "body": body}, Future())
         try:
             self._queue.put_nowait(entry)
         except queue.Full:
@@ -125,11 +119,11 @@ class IssuedIds:
         or a client's ``<id>-<index>``.
 
         Raises:
-            sqlite3.Error: the file cannot be read.
+            sqlalchemy.exc.SQLAlchemyError: the index cannot be read.
         """
         since = (time.time() if now is None else now) - self.window_s
-        with self._read_lock:
-            return [self._lookup(name, since) for name in names]
+        with self._engine.connect() as connection:
+            return [_lookup(connection, name, since) for name in names]
 
     def claim_labels(self, labels: Sequence[tuple[str, str]], *, forced: Collection[str] = ()) -> list[tuple[str, str, str]]:
         """Record each ``(text id, label)`` as given, once per text: all or none, in one transaction.
@@ -139,62 +133,33 @@ class IssuedIds:
         ``(text id, label given before, label sent)``; when there are any, nothing is recorded.
 
         Raises:
-            sqlite3.Error: the file cannot be written.
+            sqlalchemy.exc.SQLAlchemyError: the index cannot be written.
         """
         now = time.time()
-        with self._labels_lock, self._labels:
-            self._labels.execute("BEGIN IMMEDIATE")  # no other worker claims between the check and the write
+        with self._engine.connect().execution_options(immediate=True) as connection, connection.begin():
+            # No other worker, process or replica claims between the check and the write.
+            if not self._sqlite:
+                connection.exec_driver_sql("LOCK TABLE labelled IN SHARE ROW EXCLUSIVE MODE")
             conflicts = []
             for name, label in labels:
-                row = self._labels.execute("SELECT label FROM labelled WHERE text_id = ?", (name,)).fetchone()
-                if row is not None and row[0] != label and name not in forced:
-                    conflicts.append((name, row[0], label))
+                before = connection.execute(sa.select(labelled.c.label).where(labelled.c.text_id == name)).scalar()
+                if before is not None and before != label and name not in forced:
+                    conflicts.append((name, before, label))
             if not conflicts:
-                self._labels.executemany("INSERT OR REPLACE INTO labelled VALUES (?, ?, ?)",
-                                         [(name, label, now) for name, label in labels])
+                insert = fleet_store.insert_for(connection)(labelled)
+                connection.execute(
+                    insert.on_conflict_do_update(index_elements=[labelled.c.text_id],
+                                                 set_={"label": insert.excluded.label,
+                                                       "labelled_at": insert.excluded.labelled_at}),
+                    [{"text_id": name, "label": label, "labelled_at": now} for name, label in labels],
+                )
         return conflicts
 
     def close(self, timeout: float = 10.0) -> None:
-        """Write what is queued, then stop the writer and close the file."""
+        """Write what is queued, then stop the writer and close the connections."""
         self._queue.put(_STOP)
         self._thread.join(timeout)
-        with self._read_lock:
-            self._reader.close()
-        with self._labels_lock:
-            self._labels.close()
-
-    def _lookup(self, name: str, since: float) -> Lookup:
-        db, parts = self._reader, split_text_id(name)
-        if parts is not None:
-            row = db.execute("SELECT texts, body FROM issued WHERE request_id = ? AND issued_at >= ?",
-                             (parts[0], since)).fetchone()
-            if row is not None and parts[1] < row[0]:
-                return Lookup(name, 1, (name,), by_client_id=False, text=_kept_text(row[1], parts[1]))
-        row = db.execute("SELECT texts, body FROM issued WHERE request_id = ? AND issued_at >= ?",
-                         (name, since)).fetchone()
-        if row is not None:
-            return Lookup(name, row[0], tuple(text_id(name, index) for index in range(min(row[0], LISTED))),
-                          by_client_id=False, text=_kept_text(row[1], 0) if row[0] == 1 else None)
-        found: list[str] = []
-        texts = 0
-        single: str | None = None
-        for request_id, count, body in db.execute(
-            "SELECT request_id, texts, body FROM issued WHERE client_request_id = ? AND issued_at >= ? "
-            "ORDER BY issued_at", (name, since),
-        ):
-            texts += count
-            found += [text_id(request_id, index) for index in range(min(count, LISTED - len(found)))]
-            single = _kept_text(body, 0)
-        if parts is not None:
-            for request_id, body in db.execute(
-                "SELECT request_id, body FROM issued WHERE client_request_id = ? AND texts > ? AND issued_at >= ? "
-                "ORDER BY issued_at", (parts[0], parts[1], since),
-            ):
-                texts += 1
-                if len(found) < LISTED:
-                    found.append(text_id(request_id, parts[1]))
-                single = _kept_text(body, parts[1])
-        return Lookup(name, texts, tuple(found), by_client_id=True, text=single if texts == 1 else None)
+        self._engine.dispose()
 
     def _write_forever(self) -> None:
         last_prune = 0.0
@@ -220,34 +185,68 @@ class IssuedIds:
                 last_prune = time.monotonic()
                 self._prune()
             if stop:
-                self._writer.close()
                 return
 
     def _write(self, batch: list[_Entry]) -> None:
         try:
-            with self._writer:
-                self._writer.executemany("INSERT OR IGNORE INTO issued VALUES (?, ?, ?, ?, ?)",
-                                         [entry.row for entry in batch])
+            with self._engine.begin() as connection:
+                insert = fleet_store.insert_for(connection)(issued).on_conflict_do_nothing()
+                connection.execute(insert, [entry.row for entry in batch])
             written = True
-        except sqlite3.Error:
+        except sa.exc.SQLAlchemyError:
             logger.exception("could not record %d issued ids in %s: feedback naming them will be refused",
-                             len(batch), self.path)
+                             len(batch), self.where)
             written = False
         for entry in batch:
             if entry.written.set_running_or_notify_cancel():  # False: the request stopped waiting
                 entry.written.set_result(written)
 
     def _prune(self) -> None:
-        """Forget ids older than the window, and all but the newest ``max_requests``: the file stays bounded."""
+        """Forget ids older than the window, and all but the newest ``max_requests``: the index stays bounded."""
+        oldest = time.time() - self.window_s
         try:
-            with self._writer:
-                self._writer.execute("DELETE FROM issued WHERE issued_at < ?", (time.time() - self.window_s,))
-                self._writer.execute("DELETE FROM labelled WHERE labelled_at < ?", (time.time() - self.window_s,))
-                self._writer.execute("DELETE FROM issued WHERE rowid <= (SELECT MAX(rowid) FROM issued) - ?",
-                                     (self.max_requests,))
-            self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # old copies of deleted texts go too
-        except sqlite3.Error:
-            logger.exception("could not prune the issued ids in %s", self.path)
+            with self._engine.begin() as connection:
+                connection.execute(sa.delete(issued).where(issued.c.issued_at < oldest))
+                connection.execute(sa.delete(labelled).where(labelled.c.labelled_at < oldest))
+                cutoff = (sa.select(issued.c.issued_at).order_by(issued.c.issued_at.desc())
+                          .offset(self.max_requests).limit(1).scalar_subquery())
+                connection.execute(sa.delete(issued).where(issued.c.issued_at <= cutoff))
+            if self._sqlite:  # old copies of deleted texts leave the write-ahead log too
+                with self._engine.connect() as connection:
+                    connection.connection.dbapi_connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sa.exc.SQLAlchemyError:
+            logger.exception("could not prune the issued ids in %s", self.where)
+
+
+def _lookup(db: sa.Connection, name: str, since: float) -> Lookup:
+    parts = split_text_id(name)
+    recent = issued.c.issued_at >= since
+    if parts is not None:
+        row = db.execute(sa.select(issued.c.texts, issued.c.body)
+                         .where(issued.c.request_id == parts[0], recent)).first()
+        if row is not None and parts[1] < row[0]:
+            return Lookup(name, 1, (name,), by_client_id=False, text=_kept_text(row[1], parts[1]))
+    row = db.execute(sa.select(issued.c.texts, issued.c.body).where(issued.c.request_id == name, recent)).first()
+    if row is not None:
+        return Lookup(name, row[0], tuple(text_id(name, index) for index in range(min(row[0], LISTED))),
+                      by_client_id=False, text=_kept_text(row[1], 0) if row[0] == 1 else None)
+    found: list[str] = []
+    texts = 0
+    single: str | None = None
+    by_client = sa.select(issued.c.request_id, issued.c.texts, issued.c.body).order_by(issued.c.issued_at)
+    for request_id, count, body in db.execute(by_client.where(issued.c.client_request_id == name, recent)):
+        texts += count
+        found += [text_id(request_id, index) for index in range(min(count, LISTED - len(found)))]
+        single = _kept_text(body, 0)
+    if parts is not None:
+        for request_id, _count, body in db.execute(
+            by_client.where(issued.c.client_request_id == parts[0], issued.c.texts > parts[1], recent)
+        ):
+            texts += 1
+            if len(found) < LISTED:
+                found.append(text_id(request_id, parts[1]))
+            single = _kept_text(body, parts[1])
+    return Lookup(name, texts, tuple(found), by_client_id=True, text=single if texts == 1 else None)
 
 
 def _kept_text(body: str | None, index: int) -> str | None:
@@ -256,25 +255,3 @@ def _kept_text(body: str | None, index: int) -> str | None:
         return None
     texts = json.loads(body)
     return texts[index] if 0 <= index < len(texts) else None
-
-
-def _connect(path: Path) -> sqlite3.Connection:
-    """A connection in WAL mode (workers read while one writes), its schema created if missing; an index
-    written before the server kept texts gains the column."""
-    db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, check_same_thread=False)
-    try:
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")  # WAL: a commit survives a crash of the process, not of the OS
-        db.execute("PRAGMA secure_delete=ON")  # a pruned text is overwritten, not left in a free page
-        db.executescript(_SCHEMA)
-        if "body" not in {column[1] for column in db.execute("PRAGMA table_info(issued)")}:
-            try:
-                with db:
-                    db.execute("ALTER TABLE issued ADD COLUMN body TEXT")
-            except sqlite3.OperationalError as exc:  # another worker added it first
-                if "duplicate column" not in str(exc):
-                    raise
-    except BaseException:
-        db.close()
-        raise
-    return db

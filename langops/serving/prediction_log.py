@@ -1,4 +1,4 @@
-"""Sampled, size-bounded JSONL logs written off the request path: predictions and feedback.
+"""Sampled, size-bounded logs written off the request path: predictions and feedback.
 
 Each scored text of a sampled request becomes one JSON line in ``predictions.jsonl`` (the schema is
 ``langops.prediction_records``'s); each feedback label one line in ``feedback.jsonl`` beside it. A file rotates at
@@ -6,6 +6,10 @@ Each scored text of a sampled request becomes one JSON line in ``predictions.jso
 on a bounded queue; a background thread formats and writes them. When the writer falls behind, new
 entries are refused and counted instead of slowing requests down (predictions are dropped; feedback is
 answered 503, since the client can retry it).
+
+With the fleet's store (``deploy.prediction_store``, ``langops.fleet_store``) the same lines go to its tables
+instead: predictions through the same queue, in one transaction per batch, the table kept to its newest rows;
+feedback written before the label is answered, so an accepted label is stored.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import logging.handlers
 import queue
 import random
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +39,8 @@ if TYPE_CHECKING:
     from langops.onnx_model import Scores
 
 LOG_FILE = "predictions.jsonl"
+WRITE_BATCH_LINES = 2048  # lines written in one call (one transaction in the store) at most
+PRUNE_EVERY_S = 60.0
 _STOP = object()
 
 
@@ -46,6 +53,8 @@ class PredictionLogConfig:
     backups: int
     queue_size: int
     file_name: str = LOG_FILE
+    store: str | None = None  # the fleet's database (``langops.fleet_store``) instead of the folder's files
+    store_rows: int = 2_000_000  # prediction rows the store keeps, newest first
 
 
 class JsonlLog:
@@ -64,42 +73,131 @@ class JsonlLog:
         queue_size: int,
         on_written: Callable[[int], None] = lambda n: None,
     ) -> None:
-        self._on_written = on_written
-        self._queue: queue.Queue[object] = queue.Queue(maxsize=queue_size)
         path.parent.mkdir(parents=True, exist_ok=True)
         self._handler = logging.handlers.RotatingFileHandler(
             path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8", delay=True,
         )
         self._handler.setFormatter(logging.Formatter("%(message)s"))
-        self._thread = threading.Thread(target=self._write_forever, name=f"langops-log-{path.stem}", daemon=True)
-        self._thread.start()
+        self._writer = _QueuedWriter(self._emit, name=f"langops-log-{path.stem}", queue_size=queue_size,
+                                     on_written=on_written)
 
     def put(self, make_lines: Callable[[], list[str]]) -> bool:
         """Queue lines to write; False (nothing queued) when the writer is too far behind. Never blocks."""
+        return self._writer.put(make_lines)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Write what is queued, then stop the writer."""
+        self._writer.close(timeout)
+        self._handler.close()
+
+    def _emit(self, lines: list[str]) -> None:
+        for line in lines:
+            self._handler.emit(logging.makeLogRecord({"msg": line, "args": None}))
+
+
+class StoreLog:
+    """A log table of the fleet's store (``langops.fleet_store``) fed like ``JsonlLog``: the writer thread
+    inserts what is queued in one transaction, and keeps the table to its newest ``keep`` rows.
+
+    Raises:
+        sqlalchemy.exc.SQLAlchemyError: the store cannot be reached or its tables created.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        table: str,
+        *,
+        keep: int,
+        queue_size: int,
+        on_written: Callable[[int], None] = lambda n: None,
+        on_failed: Callable[[int], None] = lambda n: None,
+    ) -> None:
+        from langops import fleet_store
+
+        self._engine = fleet_store.open_engine(url, fleet_store.LOG_TABLES)
+        self._table = fleet_store.metadata.tables[table]
+        self._keep = keep
+        self._last_prune = 0.0
+        self._writer = _QueuedWriter(self._insert, name=f"langops-store-{table}", queue_size=queue_size,
+                                     on_written=on_written, on_failed=on_failed)
+
+    def put(self, make_lines: Callable[[], list[str]]) -> bool:
+        return self._writer.put(make_lines)
+
+    def write_now(self, lines: list[str]) -> None:
+        """Insert on the caller's thread (feedback: answered only once it is stored)."""
+        from langops.fleet_store import append_lines
+
+        append_lines(self._engine, self._table, lines)
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._writer.close(timeout)
+        self._engine.dispose()
+
+    def _insert(self, lines: list[str]) -> None:
+        from langops.fleet_store import append_lines, prune_log
+
+        append_lines(self._engine, self._table, lines)
+        if time.monotonic() - self._last_prune > PRUNE_EVERY_S:
+            self._last_prune = time.monotonic()
+            prune_log(self._engine, self._table, keep=self._keep)
+
+
+class _QueuedWriter:
+    """A bounded queue of line makers and the thread that writes them, what is queued at once in one call."""
+
+    def __init__(
+        self,
+        write: Callable[[list[str]], None],
+        *,
+        name: str,
+        queue_size: int,
+        on_written: Callable[[int], None] = lambda n: None,
+        on_failed: Callable[[int], None] = lambda n: None,
+    ) -> None:
+        self._write, self._on_written, self._on_failed = write, on_written, on_failed
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=queue_size)
+        self._thread = threading.Thread(target=self._write_forever, name=name, daemon=True)
+        self._thread.start()
+
+    def put(self, make_lines: Callable[[], list[str]]) -> bool:
         try:
             self._queue.put_nowait(make_lines)
         except queue.Full:
             return False
         return True
 
-    def close(self, timeout: float = 10.0) -> None:
-        """Write what is queued, then stop the writer."""
+    def close(self, timeout: float) -> None:
         self._queue.put(_STOP)
         self._thread.join(timeout)
-        self._handler.close()
 
     def _write_forever(self) -> None:
         while True:
-            entry = self._queue.get()
-            if entry is _STOP:
+            entry, lines, stop = self._queue.get(), [], False
+            while True:
+                if entry is _STOP:
+                    stop = True
+                    break
+                try:
+                    lines += entry()  # type: ignore[operator]
+                except Exception:  # a bad record must not stop the writer
+                    logging.getLogger(__name__).exception("could not format a log record")
+                if len(lines) >= WRITE_BATCH_LINES:
+                    break
+                try:
+                    entry = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            if lines:
+                try:
+                    self._write(lines)
+                    self._on_written(len(lines))
+                except Exception:
+                    logging.getLogger(__name__).exception("could not write %d log records", len(lines))
+                    self._on_failed(len(lines))
+            if stop:
                 return
-            try:
-                lines = entry()  # type: ignore[operator]
-                for line in lines:
-                    self._handler.emit(logging.makeLogRecord({"msg": line, "args": None}))
-                self._on_written(len(lines))
-            except Exception:  # a bad record must not stop the writer
-                logging.getLogger(__name__).exception("could not write a log record")
 
 
 class PredictionLog:
@@ -116,8 +214,13 @@ class PredictionLog:
         self.config = config
         self._on_dropped = on_dropped
         self._rng = rng or random.Random()
-        self._log = JsonlLog(config.directory / config.file_name, max_bytes=config.max_bytes,
-                             backups=config.backups, queue_size=config.queue_size, on_written=on_written)
+        self._log: JsonlLog | StoreLog
+        if config.store is not None:
+            self._log = StoreLog(config.store, "prediction_log", keep=config.store_rows, queue_size=config.queue_size,
+                                 on_written=on_written, on_failed=on_dropped)
+        else:
+            self._log = JsonlLog(config.directory / config.file_name, max_bytes=config.max_bytes,
+                                 backups=config.backups, queue_size=config.queue_size, on_written=on_written)
 
     def record(
         self,
@@ -134,12 +237,12 @@ class PredictionLog:
         """Queue one request's predictions if it is sampled; never blocks."""
         if self.config.sample_rate < 1.0 and self._rng.random() >= self.config.sample_rate:
             return
-        time, texts, labels = utc_now(), list(texts), list(labels)
+        at, texts, labels = utc_now(), list(texts), list(labels)
 
         def lines() -> list[str]:
             rows = prediction_rows(request_id=request_id, client_request_id=client_request_id, endpoint=endpoint,
                                    model_name=model_name, version=version, texts=texts, labels=labels, scores=scores,
-                                   text_policy=self.config.text, time=time)
+                                   text_policy=self.config.text, time=at)
             return [json.dumps(row, ensure_ascii=False) for row in rows]
 
         if not self._log.put(lines):
@@ -150,15 +253,32 @@ class PredictionLog:
 
 
 class FeedbackLog:
-    """Feedback labels as ``{"time", "request_id", "label"}`` lines in ``feedback.jsonl``, off the request path."""
+    """Feedback labels as ``{"time", "request_id", "label"}`` lines (and ``text`` where kept): in a JSONL file,
+    off the request path, or in the fleet's store before the label is answered."""
 
-    def __init__(self, path: Path, *, max_bytes: int, backups: int, queue_size: int) -> None:
-        self._log = JsonlLog(path, max_bytes=max_bytes, backups=backups, queue_size=queue_size)
+    def __init__(self, log: JsonlLog | StoreLog) -> None:
+        self._log = log
+
+    @classmethod
+    def in_file(cls, path: Path, *, max_bytes: int, backups: int, queue_size: int) -> FeedbackLog:
+        return cls(JsonlLog(path, max_bytes=max_bytes, backups=backups, queue_size=queue_size))
+
+    @classmethod
+    def in_store(cls, url: str, *, queue_size: int) -> FeedbackLog:
+        return cls(StoreLog(url, "feedback_log", keep=2**62, queue_size=queue_size))
 
     def record(self, items: Sequence[Feedback]) -> bool:
-        """Queue the items; False when the writer is too far behind (nothing queued)."""
-        time, items = utc_now(), list(items)
-        return self._log.put(lambda: feedback_lines(items, time=time))
+        """Write the items (the store) or queue them (a file); False when the file's writer is too far behind
+        (nothing queued).
+
+        Raises:
+            sqlalchemy.exc.SQLAlchemyError: the store cannot be written.
+        """
+        at, items = utc_now(), list(items)
+        if isinstance(self._log, StoreLog):
+            self._log.write_now(feedback_lines(items, time=at))
+            return True
+        return self._log.put(lambda: feedback_lines(items, time=at))
 
     def close(self, timeout: float = 10.0) -> None:
         self._log.close(timeout)
