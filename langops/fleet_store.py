@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from langops.prediction_records import LoggedLine
 
 logger = logging.getLogger(__name__)
 
+SCHEMA_LOCK_KEY = 7_316_022  # PostgreSQL advisory lock held while the tables are created
 BUSY_TIMEOUT_S = 10.0  # how long a SQLite connection waits for another process's transaction
 READ_CHUNK = 5000  # rows fetched per round trip when reading a log
 
@@ -82,31 +84,55 @@ def sqlite_url(path: Path) -> str:
     return f"sqlite:///{Path(path).resolve()}"
 
 
-def open_engine(url: str, tables: tuple[sa.Table, ...]) -> sa.Engine:
-    """An engine on ``url`` with ``tables`` created if missing.
+class Database:
+    """An engine on ``url`` whose ``tables`` are created on first use, and again until that succeeds: a server
+    starts, and serves, while its store is down, and uses it once it answers.
 
     SQLite runs in WAL mode (one process writes while others read), waits ``BUSY_TIMEOUT_S`` for another's
     transaction, zeroes what it deletes (``secure_delete``: a pruned text leaves no copy in a free page), and
     starts a transaction with ``BEGIN IMMEDIATE`` when the connection's ``immediate`` option is set.
-
-    Raises:
-        sqlalchemy.exc.SQLAlchemyError: the database cannot be reached or its tables created.
     """
-    parsed = sa.make_url(url)
-    if parsed.get_backend_name() == "sqlite":
-        engine = sa.create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_S, "check_same_thread": False})
-        event.listen(engine, "connect", _sqlite_pragmas)
-        event.listen(engine, "begin", _sqlite_begin)
-    else:
-        engine = sa.create_engine(url, pool_pre_ping=True, pool_size=4, max_overflow=4)
-    try:
-        metadata.create_all(engine, tables=list(tables))
-        if parsed.get_backend_name() == "sqlite" and issued in tables:
-            _add_body_column(engine)
-    except BaseException:
-        engine.dispose()
-        raise
-    return engine
+
+    def __init__(self, url: str, tables: tuple[sa.Table, ...]) -> None:
+        parsed = sa.make_url(url)
+        self.sqlite = parsed.get_backend_name() == "sqlite"
+        if self.sqlite:
+            self._engine = sa.create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_S, "check_same_thread": False})
+            event.listen(self._engine, "connect", _sqlite_pragmas)
+            event.listen(self._engine, "begin", _sqlite_begin)
+        else:
+            self._engine = sa.create_engine(url, pool_pre_ping=True, pool_size=4, max_overflow=4)
+        self._tables = tables
+        self._created = False
+        self._lock = threading.Lock()
+
+    def engine(self) -> sa.Engine:
+        """The engine, its tables created.
+
+        Raises:
+            sqlalchemy.exc.SQLAlchemyError: the database cannot be reached or its tables created.
+        """
+        if not self._created:
+            with self._lock:
+                if not self._created:
+                    self._create_tables()
+                    self._created = True
+        return self._engine
+
+    def dispose(self) -> None:
+        self._engine.dispose()
+
+    def _create_tables(self) -> None:
+        """One process at a time: workers and replicas start together, and two ``CREATE TABLE`` of one name
+        at once fail on PostgreSQL."""
+        with self._engine.connect().execution_options(immediate=True) as connection, connection.begin():
+            if not self.sqlite:
+                connection.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+            metadata.create_all(connection, tables=list(self._tables))
+            if self.sqlite and issued in self._tables:
+                columns = {column["name"] for column in sa.inspect(connection).get_columns("issued")}
+                if "body" not in columns:  # an index written before the server kept texts
+                    connection.exec_driver_sql("ALTER TABLE issued ADD COLUMN body TEXT")
 
 
 def _sqlite_pragmas(connection: Any, _record: Any) -> None:
@@ -120,20 +146,6 @@ def _sqlite_pragmas(connection: Any, _record: Any) -> None:
 
 def _sqlite_begin(connection: sa.Connection) -> None:
     connection.exec_driver_sql("BEGIN IMMEDIATE" if connection.get_execution_options().get("immediate") else "BEGIN")
-
-
-def _add_body_column(engine: sa.Engine) -> None:
-    """An index written before the server kept texts gains the column (another process may add it first)."""
-    with engine.connect() as connection:
-        columns = {column["name"] for column in sa.inspect(connection).get_columns("issued")}
-    if "body" in columns:
-        return
-    try:
-        with engine.begin() as connection:
-            connection.exec_driver_sql("ALTER TABLE issued ADD COLUMN body TEXT")
-    except sa.exc.OperationalError as exc:
-        if "duplicate column" not in str(exc):
-            raise
 
 
 class StoreLogs:
@@ -159,14 +171,16 @@ class StoreLogs:
 
     def add_feedback(self, lines: list[str]) -> None:
         """Append feedback lines (``langops feedback import``) in one transaction."""
-        append_lines(self._engine(), feedback_log, lines)
-
-    def _engine(self) -> sa.Engine:
-        return open_engine(self.url, LOG_TABLES)
+        database = Database(self.url, LOG_TABLES)
+        try:
+            append_lines(database.engine(), feedback_log, lines)
+        finally:
+            database.dispose()
 
     def _lines(self, table: sa.Table) -> Iterator[LoggedLine]:
-        engine = self._engine()
+        database = Database(self.url, LOG_TABLES)
         try:
+            engine = database.engine()
             last = 0
             while True:
                 with engine.connect() as connection:
@@ -180,7 +194,7 @@ class StoreLogs:
                     return
                 last = rows[-1][0]
         finally:
-            engine.dispose()
+            database.dispose()
 
 
 def insert_for(connection: sa.Connection) -> Any:

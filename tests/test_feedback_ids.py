@@ -357,7 +357,7 @@ def test_the_index_forgets_the_oldest_ids_beyond_its_bound(tmp_path: Path, monke
 
 
 @pytest.mark.model
-def test_an_index_that_cannot_open_leaves_predictions_served_and_refuses_feedback_with_the_reason(
+def test_an_index_that_cannot_open_leaves_predictions_served_refuses_feedback_with_the_reason_and_heals(
     compressed_dir: Path, log_dir: Path
 ) -> None:
     (log_dir / "issued-ids.sqlite3").mkdir(parents=True)  # a folder where the file should be: SQLite cannot open it
@@ -365,8 +365,12 @@ def test_an_index_that_cannot_open_leaves_predictions_served_and_refuses_feedbac
         answer = http.post("/predict", json={"text": PARCEL})
         assert answer.status_code == 200, answer.text
         refused = http.post("/feedback", json={"request_id": f"{answer.headers['X-Request-Id']}-0", "label": "billing"})
-        assert refused.status_code == 503 and "the index of issued ids did not open" in refused.json()["detail"]
+        assert refused.status_code == 503 and "the index of issued ids cannot be read" in refused.json()["detail"]
         assert "unable to open database file" in refused.json()["detail"]
+        (log_dir / "issued-ids.sqlite3").rmdir()  # the folder is moved away: the index opens on the next use
+        again = http.post("/predict", json={"text": PARCEL})
+        labelled = http.post("/feedback", json={"request_id": f"{again.headers['X-Request-Id']}-0", "label": "billing"})
+        assert labelled.status_code == 202, labelled.text
 
 
 @pytest.mark.model
@@ -428,3 +432,19 @@ def test_the_store_comes_from_the_environment_before_params_and_never_shows_its_
     assert "s3cret" not in str(chosen) and "s3cret" not in redacted(secret) and "db.internal" in redacted(secret)
     settings = ServerSettings(model_dir=tmp_path, prediction_store="sqlite:///elsewhere.db")
     assert settings.tuning()["prediction_store"] == redacted(secret)  # the environment wins, shown redacted
+
+
+@pytest.mark.model
+def test_a_store_that_does_not_answer_leaves_predictions_served_and_refuses_feedback_naming_it(
+    compressed_dir: Path, log_dir: Path
+) -> None:
+    down = f"postgresql+psycopg2://langops:s3cret@127.0.0.1:{free_port()}/langops"  # nothing listens there
+    with serving_local(settings_for(compressed_dir, log_dir, prediction_store=down)) as live, live.client() as http:
+        answer = http.post("/predict", json={"text": PARCEL})
+        assert answer.status_code == 200, answer.text
+        refused = http.post("/feedback", json={"request_id": f"{answer.headers['X-Request-Id']}-0", "label": "billing"})
+        assert refused.status_code == 503 and "OperationalError" in refused.json()["detail"], refused.text
+        assert "s3cret" not in refused.text
+        wait_until(lambda: 'langops_prediction_log_dropped_total 1.0' in http.get("/metrics").text,
+                   what="the unlogged prediction to be counted")
+        assert http.get("/ready").status_code == 200

@@ -943,7 +943,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         except Exception as exc:  # a damaged index refuses feedback, never answers 500
             logger.exception("cannot read the index of issued ids")
             raise RequestRefused(503, f"feedback cannot be checked: the index of issued ids cannot be read "
-                                 f"({type(exc).__name__}); see the server log") from exc
+                                 f"({_short_error(exc)}); see the server log") from exc
         refusal = _feedback_refusal(found, window_hours=settings.feedback_window_hours, many=len(named) > 1)
         if refusal is not None:
             raise refusal
@@ -956,7 +956,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         except Exception as exc:  # a damaged index refuses feedback, never answers 500
             logger.exception("cannot record labels in the index of issued ids")
             raise RequestRefused(503, f"feedback cannot be recorded: the index of issued ids cannot be written "
-                                 f"({type(exc).__name__}); see the server log") from exc
+                                 f"({_short_error(exc)}); see the server log") from exc
         if conflicts:
             shown = "; ".join(f"{name!r} was labelled {before!r}, not {now!r}" for name, before, now in conflicts[:5])
             raise RequestRefused(409, f"{len(conflicts)} text(s) already labelled otherwise: {shown}. Send "

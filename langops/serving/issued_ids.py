@@ -75,11 +75,12 @@ class _Entry:
 class IssuedIds:
     """The shared index of issued ids (see the module docstring), one instance per worker process.
 
-    ``target`` is the index file (SQLite), or the fleet store's SQLAlchemy URL.
+    ``target`` is the index file (SQLite), or the fleet store's SQLAlchemy URL. The index is opened on first
+    use, and again after a failure (a database that did not answer, a file that could not be opened), so a
+    server started while its store is down checks feedback once the store answers.
 
     Raises:
-        sqlalchemy.exc.SQLAlchemyError, OSError: the index cannot be created or opened (a corrupt file, a
-            read-only folder, a database that does not answer).
+        OSError: the index file's folder cannot be created.
     """
 
     def __init__(self, target: Path | str, *, window_hours: float, max_requests: int, queue_size: int) -> None:
@@ -91,8 +92,8 @@ class IssuedIds:
         self.where = str(target) if isinstance(target, Path) else fleet_store.redacted(target)
         self.window_s = window_hours * 3600
         self.max_requests = max_requests
-        self._engine = fleet_store.open_engine(url, fleet_store.INDEX_TABLES)
-        self._sqlite = self._engine.dialect.name == "sqlite"
+        self._database = fleet_store.Database(url, fleet_store.INDEX_TABLES)
+        self._sqlite = self._database.sqlite
         self._queue: queue.Queue[object] = queue.Queue(maxsize=queue_size)
         self._thread = threading.Thread(target=self._write_forever, name="langops-issued-ids", daemon=True)
         self._thread.start()
@@ -122,7 +123,7 @@ class IssuedIds:
             sqlalchemy.exc.SQLAlchemyError: the index cannot be read.
         """
         since = (time.time() if now is None else now) - self.window_s
-        with self._engine.connect() as connection:
+        with self._database.engine().connect() as connection:
             return [_lookup(connection, name, since) for name in names]
 
     def claim_labels(self, labels: Sequence[tuple[str, str]], *, forced: Collection[str] = ()) -> list[tuple[str, str, str]]:
@@ -136,7 +137,7 @@ class IssuedIds:
             sqlalchemy.exc.SQLAlchemyError: the index cannot be written.
         """
         now = time.time()
-        with self._engine.connect().execution_options(immediate=True) as connection, connection.begin():
+        with self._database.engine().connect().execution_options(immediate=True) as connection, connection.begin():
             # No other worker, process or replica claims between the check and the write.
             if not self._sqlite:
                 connection.exec_driver_sql("LOCK TABLE labelled IN SHARE ROW EXCLUSIVE MODE")
@@ -159,7 +160,7 @@ class IssuedIds:
         """Write what is queued, then stop the writer and close the connections."""
         self._queue.put(_STOP)
         self._thread.join(timeout)
-        self._engine.dispose()
+        self._database.dispose()
 
     def _write_forever(self) -> None:
         last_prune = 0.0
@@ -189,7 +190,7 @@ class IssuedIds:
 
     def _write(self, batch: list[_Entry]) -> None:
         try:
-            with self._engine.begin() as connection:
+            with self._database.engine().begin() as connection:
                 insert = fleet_store.insert_for(connection)(issued).on_conflict_do_nothing()
                 connection.execute(insert, [entry.row for entry in batch])
             written = True
@@ -205,14 +206,14 @@ class IssuedIds:
         """Forget ids older than the window, and all but the newest ``max_requests``: the index stays bounded."""
         oldest = time.time() - self.window_s
         try:
-            with self._engine.begin() as connection:
+            with self._database.engine().begin() as connection:
                 connection.execute(sa.delete(issued).where(issued.c.issued_at < oldest))
                 connection.execute(sa.delete(labelled).where(labelled.c.labelled_at < oldest))
                 cutoff = (sa.select(issued.c.issued_at).order_by(issued.c.issued_at.desc())
                           .offset(self.max_requests).limit(1).scalar_subquery())
                 connection.execute(sa.delete(issued).where(issued.c.issued_at <= cutoff))
             if self._sqlite:  # old copies of deleted texts leave the write-ahead log too
-                with self._engine.connect() as connection:
+                with self._database.engine().connect() as connection:
                     connection.connection.dbapi_connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sa.exc.SQLAlchemyError:
             logger.exception("could not prune the issued ids in %s", self.where)

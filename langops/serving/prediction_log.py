@@ -97,11 +97,8 @@ class JsonlLog:
 
 class StoreLog:
     """A log table of the fleet's store (``langops.fleet_store``) fed like ``JsonlLog``: the writer thread
-    inserts what is queued in one transaction, and keeps the table to its newest ``keep`` rows.
-
-    Raises:
-        sqlalchemy.exc.SQLAlchemyError: the store cannot be reached or its tables created.
-    """
+    inserts what is queued in one transaction, and keeps the table to its newest ``keep`` rows. A batch the
+    store does not take (it is down) is counted as failed, and the next batch tries again."""
 
     def __init__(
         self,
@@ -115,7 +112,7 @@ class StoreLog:
     ) -> None:
         from langops import fleet_store
 
-        self._engine = fleet_store.open_engine(url, fleet_store.LOG_TABLES)
+        self._database = fleet_store.Database(url, fleet_store.LOG_TABLES)
         self._table = fleet_store.metadata.tables[table]
         self._keep = keep
         self._last_prune = 0.0
@@ -129,19 +126,20 @@ class StoreLog:
         """Insert on the caller's thread (feedback: answered only once it is stored)."""
         from langops.fleet_store import append_lines
 
-        append_lines(self._engine, self._table, lines)
+        append_lines(self._database.engine(), self._table, lines)
 
     def close(self, timeout: float = 10.0) -> None:
         self._writer.close(timeout)
-        self._engine.dispose()
+        self._database.dispose()
 
     def _insert(self, lines: list[str]) -> None:
         from langops.fleet_store import append_lines, prune_log
 
-        append_lines(self._engine, self._table, lines)
+        engine = self._database.engine()
+        append_lines(engine, self._table, lines)
         if time.monotonic() - self._last_prune > PRUNE_EVERY_S:
             self._last_prune = time.monotonic()
-            prune_log(self._engine, self._table, keep=self._keep)
+            prune_log(engine, self._table, keep=self._keep)
 
 
 class _QueuedWriter:
