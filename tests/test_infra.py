@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,6 +138,7 @@ def test_published_ports_bind_loopback_unless_the_env_file_says_otherwise(raw_co
             "POSTGRES_PASSWORD",
             "MLFLOW_DB_PASSWORD",
             "PREFECT_DB_PASSWORD",
+            "LANGOPS_DB_PASSWORD",
             "MINIO_ROOT_USER",
             "MINIO_ROOT_PASSWORD",
         )
@@ -157,7 +159,8 @@ def test_published_ports_bind_loopback_unless_the_env_file_says_otherwise(raw_co
 @pytest.mark.unit
 def test_secrets_have_no_defaults_and_compose_names_the_missing_one(raw_compose):
     env = read_env_file(ENV_EXAMPLE)
-    for secret in ("POSTGRES_PASSWORD", "MLFLOW_DB_PASSWORD", "PREFECT_DB_PASSWORD", "MINIO_ROOT_PASSWORD"):
+    for secret in ("POSTGRES_PASSWORD", "MLFLOW_DB_PASSWORD", "PREFECT_DB_PASSWORD", "LANGOPS_DB_PASSWORD",
+                   "MINIO_ROOT_PASSWORD"):
         assert re.search(r"\$\{" + secret + r":\?[^}]+\}", COMPOSE.read_text()), f"{secret} must be required"
         with pytest.raises(KeyError, match=secret):
             interpolate(raw_compose, {k: v for k, v in env.items() if k != secret})
@@ -250,23 +253,50 @@ def test_the_model_server_commands_parse_with_the_langops_cli(compose):
         assert args.model_uri == "models:/langops-classifier@champion"
 
 
+def _store_url(value: str) -> sqlalchemy.URL:
+    """A compose value with its ``${VAR:?...}`` interpolations filled in, parsed as SQLAlchemy would."""
+    return sqlalchemy.make_url(re.sub(r"\$\{[^}]*\}", "filled-in", value))
+
+
 @pytest.mark.unit
-def test_the_model_server_and_the_worker_share_the_prediction_log_folder(compose):
-    """The worker runs `langops monitor` and the retraining run's feedback collection: both read the folder the
-    model server writes its prediction log, feedback and issued ids to, which must be one volume for both."""
+def test_the_model_server_and_the_flow_runs_share_one_prediction_store_in_compose(compose, monkeypatch):
+    """The model server writes its prediction log, feedback and issued ids to the store; the worker's flow runs
+    (monitor, the retraining run's feedback collection) read it: one database, which the init script creates."""
     from langops.config import load_params
-    from langops.monitor import prediction_log_dir
+    from langops.fleet_store import StoreLogs
+    from langops.monitor import prediction_logs
 
-    params = load_params(REPO / "params.yaml")
-    folder = "/app/" + prediction_log_dir(params).relative_to(REPO).as_posix()  # both containers work in /app
+    services = compose["services"]
+    server_store = services["model-server"]["environment"]["LANGOPS_PREDICTION_STORE"]
+    assert services["prefect-worker"]["environment"]["LANGOPS_PREDICTION_STORE"] == server_store
+    url = _store_url(server_store)
+    assert (url.get_backend_name(), url.host, url.database, url.username) == ("postgresql", "postgres", "langops",
+                                                                              "langops")
+    assert "postgres" in services["model-server"]["depends_on"]
+    assert "LANGOPS_DB_PASSWORD" in services["postgres"]["environment"]
+    init = (INFRA / "postgres" / "init-databases.sh").read_text()
+    assert "CREATE ROLE langops LOGIN PASSWORD :'langops_password';" in init
+    assert "CREATE DATABASE langops OWNER langops;" in init
+    assert re.search(r"^LANGOPS_DB_PASSWORD=\S+$", (INFRA / ".env.example").read_text(), re.MULTILINE)
+    monkeypatch.setenv("LANGOPS_PREDICTION_STORE", str(url))  # what the monitor reads in the worker's flow runs
+    assert isinstance(prediction_logs(load_params(REPO / "params.yaml")), StoreLogs)
 
-    def volume_at(service: str) -> str | None:
-        mounts = [entry.split(":") for entry in compose["services"][service].get("volumes", [])]
-        return next((source for source, target, *_ in mounts if target == folder), None)
 
-    shared = volume_at("model-server")
-    assert shared is not None and shared == volume_at("prefect-worker"), (folder, shared, volume_at("prefect-worker"))
-    assert shared in compose["volumes"]  # a named volume, not a path on one host
+@pytest.mark.unit
+def test_every_kubernetes_replica_and_flow_run_reads_the_prediction_store_secret():
+    """Two model-server replicas on their own emptyDir share nothing but the store; the flow-run jobs (monitor,
+    retraining) get the same secret."""
+    deployment = next(d for d in yaml.safe_load_all((K8S / "model-server.yaml").read_text())
+                      if d["kind"] == "Deployment")
+    assert deployment["spec"]["replicas"] >= 2
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert {"secretRef": {"name": "langops-prediction-store"}} in container["envFrom"]  # required, not optional
+    secret = next(d for d in yaml.safe_load_all((K8S / "secret.example.yaml").read_text())
+                  if d["metadata"]["name"] == "langops-prediction-store")
+    assert _store_url(secret["stringData"]["LANGOPS_PREDICTION_STORE"]).get_backend_name() == "postgresql"
+    job = json.loads((K8S / "base-job-template.json").read_text())["job_configuration"]["job_manifest"]
+    (job_container,) = job["spec"]["template"]["spec"]["containers"]
+    assert {"secretRef": {"name": "langops-prediction-store", "optional": True}} in job_container["envFrom"]
 
 
 @pytest.mark.unit
@@ -306,6 +336,7 @@ def test_the_kubernetes_manifests_parse_and_probe_the_model_server(tmp_path):
     assert {
         ("ConfigMap", "langops-endpoints"),
         ("Secret", "langops-s3"),
+        ("Secret", "langops-prediction-store"),
         ("Deployment", "prefect-worker"),
         ("Deployment", "langops-model-server"),
         ("Service", "langops-model-server"),
@@ -325,7 +356,8 @@ def test_the_kubernetes_manifests_parse_and_probe_the_model_server(tmp_path):
     assert container["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
     assert container["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
     assert ports["http"] == int(container["args"][container["args"].index("--port") + 1])
-    assert container["envFrom"] == [{"configMapRef": {"name": "langops-endpoints"}}]
+    assert container["envFrom"] == [{"configMapRef": {"name": "langops-endpoints"}},
+                                    {"secretRef": {"name": "langops-prediction-store"}}]
     service = next(d for d in documents["model-server.yaml"] if d["kind"] == "Service")
     assert service["spec"]["selector"] == server["spec"]["selector"]["matchLabels"]
 
@@ -361,6 +393,7 @@ def test_the_work_pool_template_is_accepted_by_prefect_and_renders_cpu_and_gpu_j
     assert container["envFrom"] == [
         {"configMapRef": {"name": "langops-endpoints"}},
         {"secretRef": {"name": "langops-s3"}},
+        {"secretRef": {"name": "langops-prediction-store", "optional": True}},
     ]
     assert container["image"].endswith("/langops:latest") and defaults["namespace"] == "langops"
 
@@ -399,7 +432,7 @@ def test_the_postgres_init_script_creates_one_database_and_role_per_service():
         pytest.skip(reason)
     import psycopg2
 
-    with running_postgres([]) as cluster:
+    with running_postgres([], user="tester") as cluster:  # not the "langops" role the script creates
         script = INFRA / "postgres" / "init-databases.sh"
         env = {
             "POSTGRES_USER": "postgres",
@@ -407,6 +440,7 @@ def test_the_postgres_init_script_creates_one_database_and_role_per_service():
             "PGPORT": str(cluster.port),
             "MLFLOW_DB_PASSWORD": "mlflow-pw",
             "PREFECT_DB_PASSWORD": "prefect-pw",
+            "LANGOPS_DB_PASSWORD": "langops-pw",
             "PATH": f"{cluster.bin_dir}:/usr/bin:/bin",
         }
         result = subprocess.run(
@@ -432,7 +466,7 @@ def test_the_postgres_init_script_creates_one_database_and_role_per_service():
                 host="127.0.0.1", port=cluster.port, user=role, password=password, dbname=database
             )
 
-        for role, password in (("mlflow", "mlflow-pw"), ("prefect", "prefect-pw")):
+        for role, password in (("mlflow", "mlflow-pw"), ("prefect", "prefect-pw"), ("langops", "langops-pw")):
             with connect(role, password, role) as conn, conn.cursor() as cur:
                 cur.execute(
                     "SELECT current_user, pg_get_userbyid(datdba) FROM pg_database WHERE datname = %s",
@@ -448,6 +482,14 @@ def test_the_postgres_init_script_creates_one_database_and_role_per_service():
             pytest.raises(psycopg2.errors.InsufficientPrivilege),
         ):
             cur.execute("SELECT * FROM owned")  # the prefect role's table
+        from langops.fleet_store import LOG_TABLES, Database
+
+        store = Database(f"postgresql+psycopg2://langops:langops-pw@127.0.0.1:{cluster.port}/langops", LOG_TABLES)
+        try:
+            with store.engine().connect() as connection:  # the model server's role creates the store's tables
+                assert connection.execute(sqlalchemy.text("SELECT count(*) FROM prediction_log")).scalar() == 0
+        finally:
+            store.dispose()
 
         missing = subprocess.run(
             ["sh", str(script)], check=False, capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"}
