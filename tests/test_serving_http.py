@@ -439,11 +439,16 @@ def _in_group(process: psutil.Process, group: int) -> bool:
 
 
 @pytest.mark.services
-def test_workers_share_the_port(compressed_dir: Path) -> None:
+def test_workers_share_the_port_and_each_scrape_counts_what_all_of_them_did(compressed_dir: Path) -> None:
     with _two_workers(compressed_dir) as (process, url, output):
-        with httpx.Client(base_url=url, timeout=30, trust_env=False) as client:
-            answers = [client.post("/predict", json={"text": f"hello {i}"}) for i in range(6)]
+        # A connection per request, as separate clients: the kernel deals them to both workers.
+        answers = [httpx.post(f"{url}/predict", json={"text": f"hello {i}"}, timeout=30, trust_env=False)
+                   for i in range(20)]
         assert all(a.status_code == 200 for a in answers), [(a.status_code, a.text[:300]) for a in answers]
+        for _ in range(8):  # whichever worker answers the scrape
+            scrape = httpx.get(f"{url}/metrics", timeout=30, trust_env=False).text
+            assert 'langops_texts_scored_total{endpoint="/predict"} 20.0' in scrape, scrape[:3000]
+            assert 'langops_model_info{model_name="compressed",version="local"} 1.0' in scrape
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) in (0, -signal.SIGTERM)
     assert output.read_text().count("Application startup complete") == 2, output.read_text()

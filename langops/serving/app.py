@@ -688,6 +688,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
                 feedback.close()
             for index in issued_ids:  # last: requests scored during shutdown still record their ids
                 index.close()
+            metrics.close()
 
     app = FastAPI(
         title="langops text classifier",

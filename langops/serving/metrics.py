@@ -1,13 +1,19 @@
 """Prometheus metrics of one server app, kept in the app's own registry.
 
 A registry per app (not prometheus_client's global one) lets a process build many apps, as the tests
-do, and keeps ``/metrics`` to what this server did. With ``--workers N`` each worker process has its
-own registry, so a scrape sees the worker that answered it.
+do, and keeps ``/metrics`` to what this server did. With ``--workers N`` the server runs prometheus_client's
+multiprocess mode (``serve`` sets ``PROMETHEUS_MULTIPROC_DIR`` before the workers start): each worker writes
+its values to files in that folder, and a scrape, whichever worker answers it, reads them all: counters and
+histograms summed over the workers, the queue depth summed over the live ones, the info gauges their maximum.
 """
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -36,14 +42,14 @@ class ServerMetrics:
             buckets=BATCH_BUCKETS, registry=self.registry,
         )
         self.queue_depth = Gauge(
-            "langops_queue_depth", "texts waiting for inference", registry=self.registry,
+            "langops_queue_depth", "texts waiting for inference", registry=self.registry, multiprocess_mode="livesum",
         )
         self.texts = Counter(
             "langops_texts_scored", "texts scored, by endpoint", ["endpoint"], registry=self.registry,
         )
         self.model_info = Gauge(
-            "langops_model_info", "1 for the model version being served", ["model_name", "version"],
-            registry=self.registry,
+            "langops_model_info", "1 for the model version being served (by any worker)", ["model_name", "version"],
+            registry=self.registry, multiprocess_mode="livemax",
         )
         self.prediction_log_dropped = Counter(
             "langops_prediction_log_dropped", "prediction log records dropped because the writer lagged",
@@ -95,7 +101,7 @@ class ServerMetrics:
         )
         self.rollout_info = Gauge(
             "langops_rollout_info", "the rollout in progress: the challenger's traffic percent (0 for a "
-            "shadow), by mode and version", ["mode", "version"], registry=self.registry,
+            "shadow), by mode and version", ["mode", "version"], registry=self.registry, multiprocess_mode="livemax",
         )
         self._live: tuple[str, str] | None = None
         self._rollout: tuple[str, str] | None = None
@@ -112,6 +118,7 @@ class ServerMetrics:
         if self._live == (model_name, version):
             return
         if self._live is not None:
+            self.model_info.labels(*self._live).set(0)  # a worker's file keeps a removed series: 0 says it is gone
             self.model_info.remove(*self._live)
         self.model_info.labels(model_name, version).set(1)
         self._live = (model_name, version)
@@ -120,10 +127,26 @@ class ServerMetrics:
         """Point the rollout gauge at the rollout in progress (none: no series)."""
         wanted = (mode, version) if mode and version else None
         if self._rollout is not None and self._rollout != wanted:
+            self.rollout_info.labels(*self._rollout).set(0)
             self.rollout_info.remove(*self._rollout)
         if wanted is not None:
             self.rollout_info.labels(*wanted).set(percent)
         self._rollout = wanted
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """The exposition text: this app's registry, or every worker's values in multiprocess mode."""
+        folder = os.environ.get(MULTIPROCESS_ENV)
+        if not folder:
+            return generate_latest(self.registry)
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        every_worker = CollectorRegistry()
+        MultiProcessCollector(every_worker, path=folder)
+        return generate_latest(every_worker)
+
+    def close(self) -> None:
+        """A worker that stops takes its live gauges out of the aggregate (multiprocess mode)."""
+        if os.environ.get(MULTIPROCESS_ENV):
+            from prometheus_client.multiprocess import mark_process_dead
+
+            mark_process_dead(os.getpid())

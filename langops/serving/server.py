@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 from typing import Any
 
 from langops.serving.app import SETTINGS_ENV, ServerSettings, create_app
+from langops.serving.metrics import MULTIPROCESS_ENV
 from langops.serving.protocol import HeaderDeadlineProtocol
 
 __all__ = ["ServerSettings", "serve"]
@@ -33,7 +36,8 @@ def serve(settings: ServerSettings) -> None:
     within ``shutdown_timeout_s``, then the alias poller and prediction log stop. With ``workers > 1``
     uvicorn starts that many processes, each building the app from the settings it inherits whole, as the
     same JSON the deploy step's settings file holds, in ``LANGOPS_SERVER_SETTINGS`` (an import string is
-    the only way to hand an app to its workers).
+    the only way to hand an app to its workers), and writing its metrics to a folder they share (``/metrics``
+    of any worker is the server's).
     """
     import uvicorn
 
@@ -43,4 +47,10 @@ def serve(settings: ServerSettings) -> None:
         uvicorn.run(create_app(settings), **options)
         return
     os.environ[SETTINGS_ENV] = settings.model_dump_json()
-    uvicorn.run("langops.serving.app:app_from_env", factory=True, workers=settings.workers, **options)
+    # One /metrics for all workers: each writes its values to this folder, and any of them reads them all.
+    metrics_dir = tempfile.mkdtemp(prefix="langops-metrics-")
+    os.environ[MULTIPROCESS_ENV] = metrics_dir
+    try:
+        uvicorn.run("langops.serving.app:app_from_env", factory=True, workers=settings.workers, **options)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
