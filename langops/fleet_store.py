@@ -11,7 +11,9 @@ the monitor, the feedback export and the retraining run read and write the same 
 - ``prediction_log`` and ``feedback_log``: one row per JSON line the files would hold (``record``, the same
   schema, ``langops.prediction_records``), with its ``time`` and an increasing ``id`` for order;
 - ``issued`` and ``labelled``: the ids the fleet issued (with the texts kept for feedback) and the labels
-  claimed, as in the SQLite index (``langops.serving.issued_ids``, which runs on either).
+  claimed, as in the SQLite index (``langops.serving.issued_ids``, which runs on either);
+- ``rollout_windows``: each worker's counts for the canary step in progress, so that every worker judges the
+  fleet's window (``langops.serving.fleet_windows``).
 
 PostgreSQL is the database meant here (``postgresql+psycopg2://user:password@host/db``); any SQLAlchemy URL
 works, so a SQLite file stands in for it in tests. The tables are created when missing.
@@ -68,8 +70,17 @@ labelled = sa.Table(
     sa.Column("label", sa.Text, nullable=False),
     sa.Column("labelled_at", sa.Float, nullable=False),
 )
+rollout_windows = sa.Table(
+    "rollout_windows", metadata,
+    sa.Column("worker", sa.String(300), primary_key=True),  # <host>:<pid>
+    sa.Column("rollout_id", sa.String(80), nullable=False),
+    sa.Column("step", sa.Integer, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("counts", sa.Text, nullable=False),
+)
 LOG_TABLES = (prediction_log, feedback_log)
 INDEX_TABLES = (issued, labelled)
+ROLLOUT_TABLES = (rollout_windows, feedback_log)
 
 
 def redacted(url: str) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -217,3 +219,62 @@ def test_canary_steps_must_be_increasing_percents(steps, message):
 def test_a_bad_threshold_is_refused_with_its_key_named():
     with pytest.raises(ConfigError, match="deploy.rollout.min_agreement"):
         parse_params({"deploy": {"rollout": {"min_agreement": 1.5}}})
+
+
+# ---- the fleet's window
+
+
+def _worker(store: str, name: str, rollout: Rollout):
+    """One server worker's rollout controller on the fleet's store, following ``rollout`` (no registry)."""
+    from langops.serving.fleet_windows import FleetWindows
+    from langops.serving.metrics import ServerMetrics
+    from langops.serving.rollout import RolloutController
+
+    fleet = FleetWindows(store, judge_every_s=60.0, worker=name)
+    classifier = SimpleNamespace(labels=["billing", "shipping"], max_length=16)
+    challenger = SimpleNamespace(classifier=classifier, name="langops-classifier", version=rollout.version)
+    controller = RolloutController(LIMITS, champion=lambda: None, load=lambda version, threads: challenger, actions=None,
+                                   metrics=ServerMetrics(), num_threads=1, max_batch_size=8, max_batch_tokens=512,
+                                   max_wait_ms=1.0, max_queue=8, fleet=fleet)
+    controller.rollout = rollout
+    return controller
+
+
+def test_every_worker_judges_the_fleets_window_and_feedback_counts_once_where_the_answer_was_given(tmp_path):
+    from langops.prediction_records import Feedback
+    from langops.serving.prediction_log import FeedbackLog
+
+    store = f"sqlite:///{tmp_path / 'fleet.sqlite3'}"
+    rollout = Rollout(mode="canary", version="3", champion_version="2", steps=(5.0, 50.0), step=0,
+                      started_at="t0", step_started_at="t0", rollout_id="r-1")
+    here, there = _worker(store, "host-a:1", rollout), _worker(store, "host-b:2", rollout)
+    for worker in (here, there):
+        assert worker.judge_once().outcome == "wait"  # nothing measured yet; the feedback tail starts here
+    for index in range(60):  # each worker answers 60 of the 120 challenger requests the step needs
+        for worker, prefix in ((here, "a"), (there, "b")):
+            worker.window.record_answers("challenger", latency_ms=5.0, labels=["billing"], confidences=[0.9],
+                                         request_id=f"{prefix}{index}")
+            worker.window.record_answers("champion", latency_ms=5.0, labels=["billing"], confidences=[0.9],
+                                         request_id=None)
+    alone = here.window.snapshot()
+    assert alone.challenger.requests == 60 and judge_canary(alone, LIMITS).outcome == "wait"
+
+    labels = FeedbackLog.in_store(store, queue_size=10)  # what /feedback of any replica writes
+    try:
+        assert labels.record([Feedback("a0-0", "billing"), Feedback("b1-0", "shipping")])
+    finally:
+        labels.close()
+    there.judge_once()
+    verdict = here.judge_once()  # with the other worker's counts, written just before
+    fleet = here.window.snapshot(here._fleet_others)
+    assert fleet.challenger.requests == 120 and fleet.champion.requests == 120
+    assert (fleet.challenger.feedback, fleet.challenger.feedback_correct) == (2, 1)  # each label once
+    assert verdict.outcome == "pass"  # where each worker alone would still wait for evidence
+    assert there.judge_once() is not None
+    assert there.window.snapshot(there._fleet_others).challenger.requests == 120  # the same window there
+
+    stepped = Rollout(mode="canary", version="3", champion_version="2", steps=(5.0, 50.0), step=1,
+                      started_at="t0", step_started_at="t1", rollout_id="r-1")
+    here.apply(stepped)  # a new step: a new window, and the other worker's counts of the old step are not its
+    here.judge_once()
+    assert here.window.snapshot(here._fleet_others).challenger.requests == 0

@@ -68,6 +68,7 @@ from langops.text_checks import BLANK_DESCRIPTION, is_blank
 if TYPE_CHECKING:
     from langops.config import Params
     from langops.onnx_model import OnnxClassifier, Scores
+    from langops.serving.fleet_windows import FleetWindows
     from langops.serving.issued_ids import IssuedIds, Lookup
     from langops.serving.prediction_log import FeedbackLog, PredictionLog
 
@@ -649,7 +650,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         actions=RolloutActions(settings.rollout_params) if settings.follows_alias() else None,
         num_threads=settings.onnx_threads(), max_batch_size=settings.max_batch_size,
         max_batch_tokens=settings.max_batch_tokens, max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue,
-        on_promoted=lambda: _refresh_quietly(holder),
+        on_promoted=lambda: _refresh_quietly(holder), fleet=_fleet_windows(settings),
     )
     prediction_log: list[PredictionLog] = []  # filled while the app runs
     feedback_log: list[FeedbackLog] = []
@@ -1183,6 +1184,16 @@ def _open_feedback_log(settings: ServerSettings) -> FeedbackLog:
     return FeedbackLog.in_file(settings.prediction_log_dir / feedback_file_name(settings.workers, os.getpid()),
                                max_bytes=settings.prediction_log_max_bytes, backups=settings.prediction_log_backups,
                                queue_size=settings.prediction_log_queue)
+
+
+def _fleet_windows(settings: ServerSettings) -> FleetWindows | None:
+    """The fleet's canary windows, for a server that runs rollouts and has the fleet's store."""
+    from langops.serving.fleet_windows import FleetWindows
+
+    store = settings.prediction_store_url()
+    if store is None or settings.prediction_log_dir is None or not settings.follows_alias():
+        return None
+    return FleetWindows(store, judge_every_s=settings.rollout.judge_every_s)
 
 
 def _open_issued_ids(settings: ServerSettings) -> IssuedIds:

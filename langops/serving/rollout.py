@@ -14,13 +14,15 @@
 - **Judgement**: ``judge_canary`` is a pure function of a ``Window`` (the stats since the step began)
   and the thresholds. ``RolloutController`` runs it every ``judge_every_s`` and acts: a failed check
   stops routing to the challenger at once, then records the rollback in the registry; a passed step
-  steps up; a passed last step is promoted through ``move_champion``.
+  steps up; a passed last step is promoted through ``move_champion``. With the fleet's store the window
+  is every worker's of every replica (``langops.serving.fleet_windows``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import os
 import queue
@@ -44,6 +46,7 @@ if TYPE_CHECKING:
     from langops.config import Params, RolloutConfig
     from langops.onnx_model import Scores
     from langops.rollouts import Rollout
+    from langops.serving.fleet_windows import FleetWindows
     from langops.serving.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
@@ -64,6 +67,7 @@ class LoadedModel(Protocol):
 CHAMPION_ROLE: Role = "champion"
 CHALLENGER_ROLE: Role = "challenger"
 LATENCY_SAMPLES = 50_000  # latencies kept per role and window for the percentiles
+LATENCIES_SHARED = 5_000  # of those, the newest a worker shares with the fleet's other workers
 ANSWERS_KEPT = 100_000  # text ids whose labels are kept for feedback
 MIRROR_BATCH = 64  # mirrored texts scored in one call
 BACKGROUND_NICE = 10  # CPU priority of the mirror threads, below the request path (Linux: per thread)
@@ -354,25 +358,85 @@ class RolloutWindow:
         while len(self._trained_on) > ANSWERS_KEPT:
             self._trained_on.pop()
 
-    def snapshot(self) -> Window:
+    def counts(self) -> WindowCounts:
+        """What this process measured, in a form another process can add to its own (the fleet's window)."""
         with self._lock:
-            stats = {}
-            for role in (CHAMPION_ROLE, CHALLENGER_ROLE):
-                latencies = np.fromiter(self._latencies[role], dtype=float)
-                p50, p99 = (np.percentile(latencies, [50, 99]).tolist() if latencies.size else (None, None))
-                texts = self._texts[role]
-                stats[role] = ModelStats(
-                    requests=self._requests[role], errors=self._errors[role], texts=texts, p50_ms=p50, p99_ms=p99,
-                    low_confidence_rate=self._low[role] / texts if texts else None,
-                    feedback=self._feedback[role], feedback_correct=self._correct[role],
-                )
-            return Window(
-                champion=stats[CHAMPION_ROLE], challenger=stats[CHALLENGER_ROLE], compared=self._compared,
-                agreed=self._agreed, disagreements=dict(self._disagreements),
-                confidence_shift=self._shift_sum / self._compared if self._compared else None,
-                dropped=self._dropped, seconds=time.monotonic() - self.started,
-                trained_on=len(self._trained_on),
+            return WindowCounts(
+                requests=dict(self._requests), errors=dict(self._errors), texts=dict(self._texts),
+                low=dict(self._low), feedback=dict(self._feedback), correct=dict(self._correct),
+                latencies={role: list(samples)[-LATENCIES_SHARED:] for role, samples in self._latencies.items()},
+                compared=self._compared, agreed=self._agreed, dropped=self._dropped,
+                trained_on=len(self._trained_on), shift_sum=self._shift_sum,
+                disagreements=dict(self._disagreements), seconds=time.monotonic() - self.started,
             )
+
+    def snapshot(self, others: Sequence[WindowCounts] = ()) -> Window:
+        """The window: this process's counts, plus ``others`` (the fleet's other workers) when given."""
+        return WindowCounts.total([self.counts(), *others]).window()
+
+
+@dataclass(frozen=True)
+class WindowCounts:
+    """A ``RolloutWindow``'s counters as plain values: summed over the workers of a fleet, they are its window
+    (latency percentiles over the pooled samples, each worker's newest ``LATENCIES_SHARED``)."""
+
+    requests: dict[str, int]
+    errors: dict[str, int]
+    texts: dict[str, int]
+    low: dict[str, int]
+    feedback: dict[str, int]
+    correct: dict[str, int]
+    latencies: dict[str, list[float]]
+    compared: int = 0
+    agreed: int = 0
+    dropped: int = 0
+    trained_on: int = 0
+    shift_sum: float = 0.0
+    disagreements: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @classmethod
+    def total(cls, parts: Sequence[WindowCounts]) -> WindowCounts:
+        def add(name: str) -> dict[str, int]:
+            summed: dict[str, int] = {}
+            for part in parts:
+                for key, value in getattr(part, name).items():
+                    summed[key] = summed.get(key, 0) + value
+            return summed
+
+        return cls(requests=add("requests"), errors=add("errors"), texts=add("texts"), low=add("low"),
+                   feedback=add("feedback"), correct=add("correct"),
+                   latencies={role: [ms for part in parts for ms in part.latencies.get(role, [])]
+                              for role in (CHAMPION_ROLE, CHALLENGER_ROLE)},
+                   compared=sum(part.compared for part in parts), agreed=sum(part.agreed for part in parts),
+                   dropped=sum(part.dropped for part in parts), trained_on=sum(part.trained_on for part in parts),
+                   shift_sum=sum(part.shift_sum for part in parts), disagreements=add("disagreements"),
+                   seconds=max((part.seconds for part in parts), default=0.0))
+
+    @classmethod
+    def from_json(cls, raw: str) -> WindowCounts:
+        return cls(**json.loads(raw))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    def window(self) -> Window:
+        stats = {}
+        for role in (CHAMPION_ROLE, CHALLENGER_ROLE):
+            latencies = np.asarray(self.latencies.get(role, []), dtype=float)
+            p50, p99 = (np.percentile(latencies, [50, 99]).tolist() if latencies.size else (None, None))
+            texts = self.texts.get(role, 0)
+            stats[role] = ModelStats(
+                requests=self.requests.get(role, 0), errors=self.errors.get(role, 0), texts=texts, p50_ms=p50,
+                p99_ms=p99, low_confidence_rate=self.low.get(role, 0) / texts if texts else None,
+                feedback=self.feedback.get(role, 0), feedback_correct=self.correct.get(role, 0),
+            )
+        return Window(
+            champion=stats[CHAMPION_ROLE], challenger=stats[CHALLENGER_ROLE], compared=self.compared,
+            agreed=self.agreed, disagreements=dict(self.disagreements),
+            confidence_shift=self.shift_sum / self.compared if self.compared else None,
+            dropped=self.dropped, seconds=self.seconds, trained_on=self.trained_on,
+        )
 
 
 # ---------------------------------------------------------------- the challenger and its isolation
@@ -465,8 +529,10 @@ class RolloutController:
     def __init__(self, cfg: RolloutConfig, *, champion: Callable[[], LoadedModel | None],
                  load: Callable[[str, int], LoadedModel], actions: RolloutActions | None, metrics: ServerMetrics,
                  num_threads: int, max_batch_size: int, max_batch_tokens: int, max_wait_ms: float, max_queue: int,
-                 on_promoted: Callable[[], None] = lambda: None) -> None:
+                 on_promoted: Callable[[], None] = lambda: None, fleet: FleetWindows | None = None) -> None:
         self.cfg = cfg
+        self.fleet = fleet  # the fleet's store: judge every worker's window, count feedback any worker took
+        self._fleet_others: list[WindowCounts] = []  # the other workers' counts, as last read
         self._champion = champion
         self._load = load
         self.actions = actions
@@ -516,6 +582,8 @@ class RolloutController:
         self._mirror_executor.shutdown(wait=False, cancel_futures=True)
         for thread in self._threads:
             await asyncio.to_thread(thread.join, 5)
+        if self.fleet is not None:
+            self.fleet.close()
 
     # -- following the registry
 
@@ -560,6 +628,7 @@ class RolloutController:
                 self.rollout = wanted
             if previous is None or (previous.rollout_id, previous.step) != (wanted.rollout_id, wanted.step):
                 self.window = RolloutWindow(low_confidence=self.cfg.low_confidence)
+                self._fleet_others = []
                 logger.info("%s of version %s%s: new window", wanted.mode, wanted.version,
                             f" at {wanted.percent:g}%" if wanted.mode == "canary" else "")
             self.metrics.set_rollout(wanted.mode, wanted.version, wanted.percent)
@@ -656,7 +725,10 @@ class RolloutController:
             self.metrics.mirror_dropped.labels("queue_full").inc()
 
     def feedback(self, request_id: str, label: str) -> None:
-        self.window.record_feedback(request_id, label)
+        """A label ``/feedback`` took; with the fleet's store it is counted from there instead (once, by the
+        worker that gave the answer)."""
+        if self.fleet is None:
+            self.window.record_feedback(request_id, label)
 
     # -- the mirror thread
 
@@ -755,7 +827,9 @@ class RolloutController:
         rollout = self.rollout
         if rollout is None:
             return None
-        window = self.window.snapshot()
+        if self.fleet is not None:
+            self._exchange_with_fleet(rollout)
+        window = self.window.snapshot(self._fleet_others)
         if rollout.version in self.refused:
             verdict = Verdict("fail", (Check("loads", False, None, None,
                                              f"version {rollout.version} was refused: {self.refused[rollout.version]}"),))
@@ -773,6 +847,22 @@ class RolloutController:
         elif verdict.outcome == "pass" and self.cfg.auto_promote:
             self._promote(rollout, evidence)
         return verdict
+
+    def _exchange_with_fleet(self, rollout: Rollout) -> None:
+        """Count the labels the fleet took for answers given here, share this worker's counts, read the others'.
+        A store that does not answer leaves the last counts read (and the error in ``/rollout``)."""
+        assert self.fleet is not None
+        window = self.window
+        try:
+            for request_id, label in self.fleet.new_feedback():
+                window.record_feedback(request_id, label)
+            others = self.fleet.exchange(rollout.rollout_id, rollout.step, window.counts())
+        except Exception as exc:  # noqa: BLE001 - the judge goes on with what it has
+            self.last_error = f"the fleet's windows cannot be read: {type(exc).__name__}: {exc}"
+            logger.warning("%s", self.last_error)
+            return
+        if window is self.window:  # not a window of an earlier step, replaced meanwhile
+            self._fleet_others = others
 
     def _roll_back(self, rollout: Rollout, verdict: Verdict, evidence: dict[str, Any]) -> None:
         from langops.rollouts import RolloutError, end_rollout
@@ -828,7 +918,7 @@ class RolloutController:
 
     def status(self) -> dict[str, Any]:
         rollout, challenger = self.rollout, self.challenger
-        window = self.window.snapshot()
+        window = self.window.snapshot(self._fleet_others)
         return {
             "rollout": rollout.summary() if rollout else None,
             "challenger_version": challenger.version if challenger else None,
