@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -37,15 +39,14 @@ MONITOR = "langops-monitor/langops-monitor"
 TRAINING = "langops-training-pipeline/langops-training"
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory, tiny_base_model):
+@contextmanager
+def serving_project(root: Path, tiny_base_model: Path, **deploy: object) -> Iterator[tuple[Path, dict, dict]]:
     """`langops up`, `langops deploy`, and an undertrained first champion serving: (root, params, URLs)."""
-    root = tmp_path_factory.mktemp("retrain-loop")
     params = tiny_project_params(
         root, tiny_base_model,
         data={"source": "demo", "labels": list(DEMO_LABELS), "demo_rows": 360,
               "extra_sources": ["data/raw/feedback.csv"]},
-        deploy={"enabled": True, "port": free_port(), "poll_seconds": 0.5},  # texts: labelled, the default
+        deploy={"enabled": True, "port": free_port(), "poll_seconds": 0.5, **deploy},  # texts: labelled, the default
         services={"prefect_port": free_port(), "mlflow_port": free_port(), "start_timeout_s": 180.0},
         monitor={"window_hours": 1.0, "min_rows": 200, "cooldown_hours": 6.0, "retrain_feedback_rows": 100_000},
     )
@@ -66,15 +67,32 @@ def served(tmp_path_factory, tiny_base_model):
         down_and_kill_leftovers(root)
 
 
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_base_model):
+    with serving_project(tmp_path_factory.mktemp("retrain-loop"), tiny_base_model) as project:
+        yield project
+
+
+def logged_in_files(root: Path) -> Callable[[], int]:
+    """Predictions in the server's log folder (the embedded default)."""
+    folder = root / ".langops" / "server" / "predictions"
+    return lambda: sum(len(path.read_text().splitlines()) for path in folder.glob("predictions*.jsonl"))
+
+
 def test_drift_retrains_gates_and_swaps_by_itself_while_clean_traffic_raises_nothing(served):
-    root, params, urls = served
+    root, _, _ = served
+    closes_the_loop(*served, logged=logged_in_files(root))
+
+
+def closes_the_loop(root: Path, params: dict, urls: dict, *, logged: Callable[[], int]) -> None:
+    """Clean traffic raises nothing; drifted, labelled traffic retrains, gates and swaps by itself."""
     mlflow = MlflowClient(tracking_uri=urls["mlflow"], registry_uri=urls["mlflow"])
     model = params["register"]["model_name"]
 
     # The control: traffic like the training data. A verdict, a report, no event, no training.
     clean = generate_demo_dataset(DEMO_LABELS, 300, seed=101)
     predict_each(urls["server"], clean["text"], prefix="clean")
-    wait_for_logged(root, 300)
+    wait_for_logged(logged, 300)
     control = run_deployment(urls["prefect"], MONITOR)
     control_run = latest_monitoring_run(mlflow, params)
     assert control_run.data.tags["langops.monitor.verdict"] == "ok", control_run.data.tags["langops.monitor.reasons"]
@@ -91,10 +109,12 @@ def test_drift_retrains_gates_and_swaps_by_itself_while_clean_traffic_raises_not
     drifted = generate_demo_dataset(DEMO_LABELS, 400, seed=202, drift="new_vocabulary")
     predict_each(urls["server"], drifted["text"], prefix="drift")
     labels = [{"request_id": f"drift-{i}-0", "label": label} for i, label in enumerate(drifted["label"])]
-    for start in range(0, len(labels), 100):
+    for start in range(0, len(labels), 100):  # a connection each: any worker takes them
         accepted = httpx.post(f"{urls['server']}/feedback", json=labels[start:start + 100], timeout=30)
         assert accepted.status_code == 202 and accepted.json()["accepted"] == len(labels[start:start + 100])
-    wait_for_logged(root, 700)
+    held_back = generate_demo_dataset(DEMO_LABELS, 200, seed=404, drift="new_vocabulary")  # never labelled
+    before = accuracy(urls["server"], held_back, expected_version="1")
+    wait_for_logged(logged, 900)
     assert not (root / "data" / "raw" / "feedback.csv").exists()  # nobody exports
     assert no_manual_training_runs(urls["prefect"]) == []
 
@@ -111,6 +131,10 @@ def test_drift_retrains_gates_and_swaps_by_itself_while_clean_traffic_raises_not
         wait_for_version(server, "2")
     assert requests.failures == [], requests.failures[:5]
     assert {"1", "2"} <= requests.versions
+    wait_for_every_worker(urls["server"], "2")
+    after = accuracy(urls["server"], held_back, expected_version="2")
+    print(f"held-back drifted rows, accuracy: version 1 {before:.3f}, version 2 {after:.3f}")
+    assert after > before + 0.1, f"drifted rows held back: {before:.3f} before, {after:.3f} after retraining"
 
     # The trigger handed the event to the training run, which trained on the labelled production rows.
     assert training["parameters"]["trigger"]["event"] == EVENT_DRIFT and training["parameters"]["retraining"] is True
@@ -143,14 +167,35 @@ def predict_each(url: str, texts, *, prefix: str) -> None:
             ok_json(client.post("/predict", json={"text": text}, headers={"X-Request-Id": f"{prefix}-{i}"}))
 
 
-def wait_for_logged(root: Path, rows: int, timeout: float = 60.0) -> None:
+def wait_for_every_worker(url: str, version: str, timeout: float = 60.0) -> None:
+    """Until ten answers in a row, each on a connection of its own (any worker), come from ``version``."""
+    deadline, in_a_row = time.monotonic() + timeout, 0
+    while in_a_row < 10:
+        assert time.monotonic() < deadline, f"not every worker serves version {version}"
+        served = httpx.get(f"{url}/version", timeout=30).json()["version"]
+        in_a_row = in_a_row + 1 if served == version else 0
+        time.sleep(0.1)
+
+
+def accuracy(url: str, rows, *, expected_version: str) -> float:
+    """Share of ``rows`` (text, label) the served model labels right, every answer from ``expected_version``."""
+    right = 0
+    with httpx.Client(base_url=url, timeout=30) as client:
+        for start in range(0, len(rows), 50):
+            chunk = rows.iloc[start:start + 50]
+            answer = ok_json(client.post("/predict", json={"texts": list(chunk["text"])}))
+            assert answer["version"] == expected_version, answer["version"]
+            right += sum(p["label"] == label for p, label in zip(answer["predictions"], chunk["label"], strict=True))
+    return right / len(rows)
+
+
+def wait_for_logged(logged: Callable[[], int], rows: int, timeout: float = 60.0) -> None:
     """The prediction log is written off the request path: wait until it holds ``rows`` records."""
-    folder = root / ".langops" / "server" / "predictions"
     deadline = time.monotonic() + timeout
     while True:
-        logged = sum(len(path.read_text().splitlines()) for path in folder.glob("predictions*.jsonl"))
-        if logged >= rows or time.monotonic() > deadline:
-            assert logged >= rows, f"{logged} predictions logged, expected {rows}"
+        count = logged()
+        if count >= rows or time.monotonic() > deadline:
+            assert count >= rows, f"{count} predictions logged, expected {rows}"
             return
         time.sleep(0.5)
 
