@@ -104,3 +104,50 @@ def test_a_fleet_on_one_postgresql_store_takes_labels_anywhere_and_is_read_as_on
     )
     assert exported.returncode == 0, exported.stdout + exported.stderr
     assert f"wrote {len(TEXTS)} labelled texts" in exported.stdout
+
+
+def test_two_replicas_claiming_one_text_at_once_on_postgresql_record_one_label(store: str) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from langops.prediction_records import new_request_id
+    from langops.serving.issued_ids import IssuedIds
+
+    replicas = [IssuedIds(store, window_hours=1.0, max_requests=100, queue_size=10) for _ in range(2)]
+    try:
+        for attempt in range(20):  # the claims race every time; exactly one wins every time
+            text = f"{new_request_id()}-0"
+            with ThreadPoolExecutor(2) as pool:
+                outcomes = list(pool.map(lambda pair: pair[0].claim_labels([(text, pair[1])]),
+                                         zip(replicas, ["billing", "shipping"], strict=True)))
+            assert sorted(len(conflicts) for conflicts in outcomes) == [0, 1], (attempt, outcomes)
+    finally:
+        for replica_ids in replicas:
+            replica_ids.close()
+
+
+def test_workers_on_postgresql_share_their_canary_counts_and_read_the_fleets_new_feedback(store: str) -> None:
+    from langops.prediction_records import Feedback
+    from langops.serving.fleet_windows import FleetWindows
+    from langops.serving.prediction_log import FeedbackLog
+    from langops.serving.rollout import RolloutWindow
+
+    here, there = (FleetWindows(store, judge_every_s=60.0, worker=name) for name in ("pod-a:7", "pod-b:7"))
+    try:
+        assert here.new_feedback() == []  # the tail starts now: labels given before are not this window's
+        window = RolloutWindow(low_confidence=0.5)
+        window.record_answers("challenger", latency_ms=12.0, labels=["billing"], confidences=[0.9], request_id="x")
+        assert there.exchange("r-9", 0, RolloutWindow(low_confidence=0.5).counts()) == []
+        (theirs,) = here.exchange("r-9", 0, window.counts())  # the same step: pod-b's counts
+        assert theirs.requests == {"champion": 0, "challenger": 0}
+        (mine,) = there.exchange("r-9", 0, RolloutWindow(low_confidence=0.5).counts())
+        assert mine.requests["challenger"] == 1 and mine.latencies["challenger"] == [12.0]
+        assert there.exchange("r-9", 1, window.counts()) == []  # pod-a has not reached step 1
+        labels = FeedbackLog.in_store(store, queue_size=10)
+        try:
+            labels.record([Feedback("x-0", "shipping")])
+        finally:
+            labels.close()
+        assert here.new_feedback() == [("x-0", "shipping")] and here.new_feedback() == []
+    finally:
+        here.close()
+        there.close()
