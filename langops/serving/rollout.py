@@ -46,7 +46,6 @@ if TYPE_CHECKING:
     from langops.config import Params, RolloutConfig
     from langops.onnx_model import Scores
     from langops.rollouts import Rollout
-    from langops.serving.fleet_windows import FleetWindows
     from langops.serving.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
@@ -518,6 +517,16 @@ class RolloutActions:
         return read_rollout(_client(self.params), self.params.register.model_name)
 
 
+class FleetExchange(Protocol):
+    """How a worker shares its window with the fleet's other workers (``langops.serving.fleet_windows``)."""
+
+    def new_feedback(self) -> list[tuple[str, str]]: ...
+
+    def exchange(self, rollout_id: str, step: int, counts: WindowCounts) -> list[WindowCounts]: ...
+
+    def close(self) -> None: ...
+
+
 class RolloutController:
     """Follows the registry's rollout, holds the challenger, routes, mirrors, measures and judges.
 
@@ -529,7 +538,7 @@ class RolloutController:
     def __init__(self, cfg: RolloutConfig, *, champion: Callable[[], LoadedModel | None],
                  load: Callable[[str, int], LoadedModel], actions: RolloutActions | None, metrics: ServerMetrics,
                  num_threads: int, max_batch_size: int, max_batch_tokens: int, max_wait_ms: float, max_queue: int,
-                 on_promoted: Callable[[], None] = lambda: None, fleet: FleetWindows | None = None) -> None:
+                 on_promoted: Callable[[], None] = lambda: None, fleet: FleetExchange | None = None) -> None:
         self.cfg = cfg
         self.fleet = fleet  # the fleet's store: judge every worker's window, count feedback any worker took
         self._fleet_others: list[WindowCounts] = []  # the other workers' counts, as last read
