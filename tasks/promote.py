@@ -467,7 +467,8 @@ def _paired_difference(
     delta = point_ours - point_theirs
     detail = (
         f"{point_ours:.4f} vs {against} {point_theirs:.4f}: difference {delta:+.4f}, {policy.confidence:.0%} "
-        f"interval [{low:+.4f}, {high:+.4f}] (lower bound needs >= {required:+.4f})"
+        f"interval [{low:+.4f}, {high:+.4f}] (lower bound needs >= {required:+.4f}"
+        + (", and a point difference above 0" if required < 0 else "") + ")"
     )
     return Check(name, low >= required and delta > 0, detail, point_ours, point_theirs, (low, high))
 

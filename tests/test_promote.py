@@ -391,3 +391,11 @@ def test_without_a_margin_there_is_no_floor_and_without_a_baseline_a_margin_refu
     assert not missing.promote and "run the baseline step" in missing.reason
     other_rows = decide(evidence("1", y, y), None, floor, baseline=evidence("baseline", gold(300, seed=9), y))
     assert "scored on other test rows" in other_rows.reason
+
+
+def test_a_negative_baseline_margin_still_needs_the_model_ahead_and_says_so():
+    y = gold(1000)
+    baseline = evidence("TF-IDF + logistic regression", y, predictions(y, 0.90, 3))
+    tie_allowed = POLICY.model_copy(update={"thresholds": {**POLICY.thresholds, "baseline_margin": -1.0}})
+    behind = decide(evidence("1", y, predictions(y, 0.80, 1)), None, tie_allowed, baseline=baseline)
+    assert not behind.promote and "lower bound needs >= -1.0000, and a point difference above 0" in behind.reason
