@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -66,7 +66,7 @@ import numpy as np
 import pandas as pd
 
 from langops.config import MonitorConfig
-from langops.prediction_records import LoggedLine, LoggedTexts, Logs, as_logs, file_lines, read_records
+from langops.prediction_records import LoggedLine, LoggedTexts, Logs, as_logs, read_records
 
 TRUE_LABEL = "true_label"  # the feedback label joined onto a window, and the reference's real label
 ISSUED = "issued_id"  # read from a record with client_request_id: its request_id is the server's own
@@ -110,9 +110,8 @@ class LoadedWindow:
     ambiguous_examples: tuple[tuple[str, int], ...] = ()  # a few of them, with how many texts each names
 
 
-def read_prediction_logs(lines: Iterable[LoggedLine] | Iterable[Path]) -> tuple[pd.DataFrame, int, int, tuple[str, ...]]:
-    """Parse prediction log lines (or JSONL files); a corrupt or incomplete line is skipped and counted, never
-    fatal.
+def read_prediction_logs(lines: Iterable[LoggedLine]) -> tuple[pd.DataFrame, int, int, tuple[str, ...]]:
+    """Parse prediction log lines; a corrupt or incomplete line is skipped and counted, never fatal.
 
     Returns:
         (frame with ``COLUMNS``, ``ID_COLUMNS`` and any ``text``/``text_sha256``, lines read, lines skipped, a
@@ -121,7 +120,7 @@ def read_prediction_logs(lines: Iterable[LoggedLine] | Iterable[Path]) -> tuple[
     rows: list[dict[str, Any]] = []
     lines_read = skipped = 0
     examples: list[str] = []
-    for logged in _logged_lines(lines):
+    for logged in lines:
         lines_read += 1
         reason = None
         try:
@@ -141,14 +140,6 @@ def read_prediction_logs(lines: Iterable[LoggedLine] | Iterable[Path]) -> tuple[
     frame["confidence"] = frame["confidence"].astype(float)
     frame["unknown_share"] = frame["unknown_share"].astype(float)
     return frame, lines_read, skipped, tuple(examples)
-
-
-def _logged_lines(lines: Iterable[LoggedLine] | Iterable[Path]) -> Iterator[LoggedLine]:
-    for item in lines:
-        if isinstance(item, LoggedLine):
-            yield item
-        else:
-            yield from file_lines([Path(item)])
 
 
 def _optional(rows: list[dict[str, Any]]) -> list[str]:
@@ -172,9 +163,9 @@ def _problem(record: Any) -> str | None:
     return None
 
 
-def read_feedback(lines: Iterable[LoggedLine] | Iterable[Path]) -> pd.DataFrame:
-    """Feedback rows ``{"request_id", "label", "time"}`` from feedback log lines (or JSONL files)."""
-    rows = [record for record in read_records(_logged_lines(lines))
+def read_feedback(lines: Iterable[LoggedLine]) -> pd.DataFrame:
+    """Feedback rows ``{"request_id", "label", "time"}`` from feedback log lines."""
+    rows = [record for record in read_records(lines)
             if isinstance(record.get("request_id"), str) and isinstance(record.get("label"), str)]
     return pd.DataFrame(rows, columns=["request_id", "label", "time"])
 

@@ -23,6 +23,7 @@ from langops.monitoring import (
     read_feedback,
     write_report,
 )
+from langops.prediction_records import file_lines
 
 pytestmark = pytest.mark.unit
 
@@ -149,7 +150,7 @@ def test_feedback_joins_by_request_id_and_the_latest_label_wins(reference, tmp_p
     rows.append({"request_id": window["request_id"][0], "label": "not-a-label", "time": "2025-01-01T00:00:00Z"})
     rows.append({"request_id": "unknown-request", "label": "billing", "time": "2025-01-02T00:00:00Z"})
     feedback_file.write_text("\n".join(json.dumps(r) for r in rows) + "\n{broken\n")
-    joined = join_feedback(window, read_feedback([feedback_file]))
+    joined = join_feedback(window, read_feedback(file_lines([feedback_file])))
     assert joined[TRUE_LABEL].notna().sum() == 120
     assert joined.loc[0, TRUE_LABEL] == window.loc[0, "label"]  # the later feedback wins over the earlier one
     check = detect_drift(reference, joined, CFG).check("feedback_accuracy")
@@ -215,7 +216,7 @@ def test_feedback_naming_several_logged_texts_is_left_out_and_counted(reference,
         for rid, label in labels.items()))
 
     loaded = load_window(tmp_path, CFG, now=T0 + timedelta(hours=1), version="3",
-                         feedback=read_feedback([tmp_path / "feedback.jsonl"]))
+                         feedback=read_feedback(file_lines([tmp_path / "feedback.jsonl"])))
     assert loaded.ambiguous_feedback == 2
     assert dict(loaded.ambiguous_examples) == {"order-4711-0": 2, "retry-1": 2}
     joined = loaded.frame.set_index("request_id")[TRUE_LABEL].dropna().to_dict()
