@@ -142,7 +142,7 @@ def test_workers_on_postgresql_share_their_canary_counts_and_read_the_fleets_new
         (mine,) = there.exchange("r-9", 0, RolloutWindow(low_confidence=0.5).counts())
         assert mine.requests["challenger"] == 1 and mine.latencies["challenger"] == [12.0]
         assert there.exchange("r-9", 1, window.counts()) == []  # pod-a has not reached step 1
-        labels = FeedbackLog.in_store(store, queue_size=10)
+        labels = FeedbackLog.in_store(store)
         try:
             labels.record([Feedback("x-0", "shipping")])
         finally:

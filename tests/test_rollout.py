@@ -259,7 +259,7 @@ def test_every_worker_judges_the_fleets_window_and_feedback_counts_once_where_th
     alone = here.window.snapshot()
     assert alone.challenger.requests == 60 and judge_canary(alone, LIMITS).outcome == "wait"
 
-    labels = FeedbackLog.in_store(store, queue_size=10)  # what /feedback of any replica writes
+    labels = FeedbackLog.in_store(store)  # what /feedback of any replica writes
     try:
         assert labels.record([Feedback("a0-0", "billing"), Feedback("b1-0", "shipping")])
     finally:

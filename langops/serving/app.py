@@ -1180,7 +1180,7 @@ def _open_feedback_log(settings: ServerSettings) -> FeedbackLog:
     assert settings.prediction_log_dir is not None
     store = settings.prediction_store_url()
     if store is not None:
-        return FeedbackLog.in_store(store, queue_size=settings.prediction_log_queue)
+        return FeedbackLog.in_store(store)
     return FeedbackLog.in_file(settings.prediction_log_dir / feedback_file_name(settings.workers, os.getpid()),
                                max_bytes=settings.prediction_log_max_bytes, backups=settings.prediction_log_backups,
                                queue_size=settings.prediction_log_queue)

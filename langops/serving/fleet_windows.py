@@ -12,7 +12,6 @@ compare-and-set (``langops.rollouts``) lets one step, roll back or promote, and 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -23,6 +22,7 @@ import sqlalchemy as sa
 
 from langops import fleet_store
 from langops.fleet_store import feedback_log, rollout_windows
+from langops.prediction_records import LoggedLine, read_records
 from langops.serving.rollout import WindowCounts
 
 logger = logging.getLogger(__name__)
@@ -52,16 +52,11 @@ class FleetWindows:
                 return []
             rows = connection.execute(sa.select(feedback_log.c.id, feedback_log.c.record)
                                       .where(feedback_log.c.id > self._feedback_seen).order_by(feedback_log.c.id)).all()
-        labels = []
-        for row_id, record in rows:
-            self._feedback_seen = row_id
-            try:
-                item = json.loads(record)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(item, dict) and isinstance(item.get("request_id"), str) and isinstance(item.get("label"), str):
-                labels.append((item["request_id"], item["label"]))
-        return labels
+        if rows:
+            self._feedback_seen = rows[-1][0]
+        return [(item["request_id"], item["label"])
+                for item in read_records(LoggedLine(f"feedback_log row {row_id}", record) for row_id, record in rows)
+                if isinstance(item.get("request_id"), str) and isinstance(item.get("label"), str)]
 
     def exchange(self, rollout_id: str, step: int, counts: WindowCounts) -> list[WindowCounts]:
         """Write this worker's counts; return the other workers' fresh counts for the same rollout step."""

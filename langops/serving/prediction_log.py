@@ -36,6 +36,7 @@ from langops.prediction_records import (
 )
 
 if TYPE_CHECKING:
+    from langops.fleet_store import Database
     from langops.onnx_model import Scores
 
 LOG_FILE = "predictions.jsonl"
@@ -121,12 +122,6 @@ class StoreLog:
 
     def put(self, make_lines: Callable[[], list[str]]) -> bool:
         return self._writer.put(make_lines)
-
-    def write_now(self, lines: list[str]) -> None:
-        """Insert on the caller's thread (feedback: answered only once it is stored)."""
-        from langops.fleet_store import append_lines
-
-        append_lines(self._database.engine(), self._table, lines)
 
     def close(self, timeout: float = 10.0) -> None:
         self._writer.close(timeout)
@@ -252,9 +247,9 @@ class PredictionLog:
 
 class FeedbackLog:
     """Feedback labels as ``{"time", "request_id", "label"}`` lines (and ``text`` where kept): in a JSONL file,
-    off the request path, or in the fleet's store before the label is answered."""
+    off the request path, or in the fleet's store, written before the label is answered."""
 
-    def __init__(self, log: JsonlLog | StoreLog) -> None:
+    def __init__(self, log: JsonlLog | Database) -> None:
         self._log = log
 
     @classmethod
@@ -262,8 +257,10 @@ class FeedbackLog:
         return cls(JsonlLog(path, max_bytes=max_bytes, backups=backups, queue_size=queue_size))
 
     @classmethod
-    def in_store(cls, url: str, *, queue_size: int) -> FeedbackLog:
-        return cls(StoreLog(url, "feedback_log", keep=2**62, queue_size=queue_size))
+    def in_store(cls, url: str) -> FeedbackLog:
+        from langops.fleet_store import LOG_TABLES, Database
+
+        return cls(Database(url, LOG_TABLES))
 
     def record(self, items: Sequence[Feedback]) -> bool:
         """Write the items (the store) or queue them (a file); False when the file's writer is too far behind
@@ -273,13 +270,18 @@ class FeedbackLog:
             sqlalchemy.exc.SQLAlchemyError: the store cannot be written.
         """
         at, items = utc_now(), list(items)
-        if isinstance(self._log, StoreLog):
-            self._log.write_now(feedback_lines(items, time=at))
-            return True
-        return self._log.put(lambda: feedback_lines(items, time=at))
+        if isinstance(self._log, JsonlLog):
+            return self._log.put(lambda: feedback_lines(items, time=at))
+        from langops.fleet_store import append_lines, feedback_log
+
+        append_lines(self._log.engine(), feedback_log, feedback_lines(items, time=at))
+        return True
 
     def close(self, timeout: float = 10.0) -> None:
-        self._log.close(timeout)
+        if isinstance(self._log, JsonlLog):
+            self._log.close(timeout)
+        else:
+            self._log.dispose()
 
 
 def feedback_file_name(workers: int, pid: int) -> str:
