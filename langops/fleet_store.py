@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -149,10 +151,25 @@ class Database:
 def _sqlite_pragmas(connection: Any, _record: Any) -> None:
     connection.isolation_level = None  # SQLAlchemy's "begin" event below starts the transactions
     cursor = connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
+    _switch_to_wal(cursor)
     cursor.execute("PRAGMA synchronous=NORMAL")  # WAL: a commit survives a crash of the process, not of the OS
     cursor.execute("PRAGMA secure_delete=ON")
     cursor.close()
+
+
+def _switch_to_wal(cursor: Any) -> None:
+    """WAL mode, kept in the file once set. Setting it on a new file while another connection holds a
+    transaction fails at once with "database is locked" (SQLite's busy timeout does not wait for it), as when
+    workers open a new index together: retried for ``BUSY_TIMEOUT_S``."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 def _sqlite_begin(connection: sa.Connection) -> None:
